@@ -1,0 +1,1 @@
+"""Block formats, GGUF reading and writing, quantizers and the kernels that compute on quantized blocks."""
