@@ -27,3 +27,31 @@ def smollm2_gguf(smollm2_path):
     from quant.gguf_file import read_gguf
 
     return read_gguf(smollm2_path)
+
+
+def write_hf_copy(gguf_path: Path, out: Path) -> Path:
+    """SmolLM2 in Hugging Face format (config.json, f16 model.safetensors, tokenizer files), written by
+    transformers from the GGUF: the source for conversion tests and the test Hub's safetensors repo."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_path) -> Path:
+    """HF-format SmolLM2 (f16 safetensors), cached in .test-models/hf/SmolLM2-135M-Instruct."""
+    out = TEST_HOME / "hf" / "SmolLM2-135M-Instruct"
+    if not (out / "model.safetensors").exists():
+        write_hf_copy(smollm2_path, out)
+    return out
