@@ -1,9 +1,234 @@
-"""Commands: (to be written)."""
+"""Commands: run, chat, tokenize, show."""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from llmcli import options as opt
+from quant.errors import PromptError
+
+
+def _gen_config(max_tokens, stop, sampling: dict):
+    from llmcli.engine import GenerationConfig
+    from llmcli.sampling import SamplingConfig
+
+    kwargs = {"sampling": SamplingConfig.from_options(**sampling), "stop": tuple(stop or ())}
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    return GenerationConfig(**kwargs)
+
+
+def _is_model_ref(ref: str) -> bool:
+    from llmcli.store import DEFAULT_MODEL, find_model
+
+    return Path(ref).is_file() or ref.endswith(".gguf") or ref.lower() == DEFAULT_MODEL or find_model(ref) is not None
+
+
+def _split_model_and_text(model: str | None, text: str | None, stdin_ok: bool) -> tuple[str | None, str | None]:
+    """`cmd [MODEL] [TEXT]`: with one argument it is the model when the text comes from stdin, else the text."""
+    if text is None and model is not None:
+        if stdin_ok and not sys.stdin.isatty():
+            return model, None
+        if not _is_model_ref(model):
+            return None, model
+    return model, text
+
+
+def _open(model: str | None, backend, threads, template=None):
+    from llmcli import engine
+    from llmcli.store import resolve_model
+
+    return engine.load(resolve_model(model), backend, threads, template)
+
+
+def run(
+    model: opt.ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (default: read from stdin).",
+                                                    show_default=False)] = None,
+    system: opt.System = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as-is, without the chat template.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print statistics on stderr.")] = False,
+    template: opt.Template = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
+    repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
+    frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
+    seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+) -> None:
+    """One-shot generation; only the generated text goes to stdout.
+
+    Example: llm run smollm2 "Write a haiku about the sea" --temperature 0
+    """
+    from llmcli.engine import Session
+
+    model, prompt = _split_model_and_text(model, prompt, stdin_ok=True)
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise PromptError("no prompt: give it as an argument or on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise PromptError("the prompt is empty")
+    config = _gen_config(max_tokens, stop, opt.sampling_options(
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    lm = _open(model, backend, threads, template)
+    session = Session(lm, ctx)
+    if raw:
+        ids = lm.tokenizer.encode(prompt)
+    else:
+        from llmcli.chat import encode_chat
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = encode_chat(session, messages)
+    last = None
+    for r in session.generate(ids, config):
+        if r.text:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        last = r
+    if not raw or sys.stdout.isatty():
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and last is not None:
+        print(f"model: {lm.gguf.path} ({lm.model.name} backend, load {lm.load_s:.2f} s)\n"
+              f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s, TTFT {last.ttft_s * 1000:.0f} ms\n"
+              f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s\n"
+              f"finish: {last.finish_reason}", file=sys.stderr)
+    if last is not None and last.finish_reason == "interrupted":
+        raise typer.Exit(130)
+
+
+def chat(
+    model: opt.ModelArg = None,
+    system: opt.System = None,
+    template: opt.Template = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
+    repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
+    frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
+    seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+) -> None:
+    """Chat in the terminal, streaming replies; the KV cache is reused across turns.
+
+    Example: llm chat smollm2 --system "You are terse."
+    """
+    from rich.console import Console
+
+    from llmcli.chat import ChatLoop
+    from llmcli.engine import Session
+
+    config = _gen_config(max_tokens, stop, opt.sampling_options(
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    err = Console(stderr=True, highlight=False)
+    with err.status("loading model…"):
+        lm = _open(model, backend, threads, template)
+    session = Session(lm, ctx)
+    err.print(f"[dim]{lm.gguf.path.name} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
+    ChatLoop(session, config, Console(highlight=False), err, system=system).run()
+
+
+def tokenize(
+    model: opt.ModelArg = None,
+    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (default: stdin).", show_default=False)] = None,
+    as_json: opt.Json = False,
+) -> None:
+    """Token ids of TEXT, exactly as `llm run --raw` feeds them.
+
+    Example: llm tokenize smollm2 "Hello, world!" --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmcli.store import resolve_model
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    model, text = _split_model_and_text(model, text, stdin_ok=True)
+    if text is None:
+        if sys.stdin.isatty():
+            raise PromptError("no text: give it as an argument or on stdin")
+        text = sys.stdin.read()
+    tok = Tokenizer.from_gguf(read_gguf(resolve_model(model)))
+    ids = tok.encode(text)
+    if as_json:
+        print(json.dumps({"ids": ids, "count": len(ids)}))
+        return
+    table = Table("#", "id", "piece", title=f"{len(ids)} tokens")
+    for i, t in enumerate(ids):
+        table.add_row(str(i), str(t), repr(tok.piece(t)))
+    Console().print(table)
+
+
+def describe(model: str | None, template: Path | None = None) -> dict:
+    """What `llm show` prints, as a dict."""
+    from backends.base import count_params, read_hparams
+    from llmcli.store import resolve_model
+    from llmcli.template import ChatTemplate
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    gguf = read_gguf(resolve_model(model))
+    hp = read_hparams(gguf)
+    tok = Tokenizer.from_gguf(gguf)
+    tmpl = ChatTemplate.from_gguf(gguf, override=template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    special = {"bos": tok.bos_token, "eos": tok.eos_token,
+               "stop": sorted(tok.piece(i) for i in tok.stop_ids), "add_bos": tok.add_bos}
+    return {
+        "file": str(gguf.path),
+        "name": gguf.get("general.name"),
+        "architecture": hp.arch,
+        "parameters": count_params(gguf),
+        "context_length": hp.n_ctx_train,
+        "embedding_length": hp.n_embd, "layers": hp.n_layers, "heads": hp.n_heads, "kv_heads": hp.n_kv_heads,
+        "vocab_size": hp.n_vocab, "rope_base": hp.rope_base, "tied_embeddings": hp.tied_embeddings,
+        "tensor_types": dict(Counter(t.qtype.name for t in gguf.tensors.values()).most_common()),
+        "file_size": gguf.file_size,
+        "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
+        "special_tokens": special,
+        "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
+    }
+
+
+def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt.Json = False) -> None:
+    """Architecture, size, tensor types, chat template and special tokens of a model.
+
+    Example: llm show smollm2
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    info = describe(model, template)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console = Console(highlight=False)
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    for key in ("name", "file", "architecture", "parameters", "context_length", "embedding_length", "layers",
+                "heads", "kv_heads", "vocab_size", "rope_base", "tied_embeddings", "tokenizer", "pre_tokenizer"):
+        value = info[key]
+        if key == "parameters":
+            value = f"{value / 1e6:.1f} M"
+        table.add_row(key.replace("_", " "), str(value))
+    table.add_row("file size", f"{info['file_size'] / 2**20:.1f} MiB")
+    table.add_row("tensor types", ", ".join(f"{k} × {v}" for k, v in info["tensor_types"].items()))
+    sp = info["special_tokens"]
+    table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
+    ct = info["chat_template"]
+    note = " — the model has no template; ChatML is used" if ct["fallback"] else ""
+    table.add_row("chat template", ct["origin"] + note)
+    console.print(table)
+    console.rule("chat template", style="dim")
+    console.print(ct["source"], markup=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    app.command()(run)
+    app.command()(chat)
+    app.command()(tokenize)
+    app.command()(show)
+

@@ -1,0 +1,51 @@
+"""CLI options shared by every command: one name, one help text. Defaults are None here and
+live in the dataclasses (SamplingConfig, GenerationConfig) and in engine.context_size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="A .gguf path, a name from `llm list`, or `smollm2` (the default).", show_default=False)]
+Backend = Annotated[Optional[str], typer.Option(
+    "--backend", help="numba (CPU, default), mlx (Apple GPU) or numpy (reference).", show_default=False)]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="CPU threads (default: physical cores).", show_default=False)]
+Ctx = Annotated[Optional[int], typer.Option(
+    "--ctx", help="Context length (default: the model's, capped at 4096).", show_default=False)]
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", help="0 = greedy (default 0.8).", show_default=False)]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0 = off (default 40).",
+                                             show_default=False)]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling; 1 = off (default 0.95).",
+                                               show_default=False)]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p", help="Drop tokens below min-p × the top probability; 0 = off (default 0.05).", show_default=False)]
+RepeatPenalty = Annotated[Optional[float], typer.Option(
+    "--repeat-penalty", help="Penalise recent tokens; 1 = off (default).", show_default=False)]
+RepeatLastN = Annotated[Optional[int], typer.Option(
+    "--repeat-last-n", help="How many recent tokens the penalties look at (default 64).", show_default=False)]
+FrequencyPenalty = Annotated[Optional[float], typer.Option(
+    "--frequency-penalty", help="Subtract per occurrence (default 0).", show_default=False)]
+PresencePenalty = Annotated[Optional[float], typer.Option(
+    "--presence-penalty", help="Subtract once if present (default 0).", show_default=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed: same seed, same text.",
+                                             show_default=False)]
+MaxTokens = Annotated[Optional[int], typer.Option(
+    "--max-tokens", "-n", help="Most tokens to generate (default 512).", show_default=False)]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", help="Stop at this string (repeatable; never printed).", show_default=False)]
+Template = Annotated[Optional[Path], typer.Option(
+    "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
+System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def sampling_options(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
+                     presence_penalty, seed) -> dict:
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty, seed=seed)

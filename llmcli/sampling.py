@@ -1,0 +1,131 @@
+"""Sampling: a chain of pure filters (logits -> logits) and one draw.
+
+Order as in llama.cpp: penalties, top-k, top-p, min-p, temperature, draw. A removed token has
+logit -inf. Temperature 0 means greedy (argmax after penalties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from quant.errors import LlmError
+
+Filter = Callable[[np.ndarray], np.ndarray]
+
+
+class SamplingError(LlmError):
+    """A sampling option is out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Every sampling default lives here (the CLI passes None for 'not given')."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise SamplingError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise SamplingError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise SamplingError(f"--repeat-last-n must be >= 0, got {self.repeat_last_n}")
+
+    @classmethod
+    def from_options(cls, **options) -> SamplingConfig:
+        """Build from CLI options, ignoring those left at None."""
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+def apply_penalties(logits: np.ndarray, history: Sequence[int], cfg: SamplingConfig) -> np.ndarray:
+    """Repeat penalty (llama.cpp style: divide positive logits, multiply negative ones) and OpenAI-style
+    frequency/presence penalties, over the last `repeat_last_n` tokens."""
+    if not history or cfg.repeat_last_n == 0 or (
+        cfg.repeat_penalty == 1.0 and cfg.frequency_penalty == 0.0 and cfg.presence_penalty == 0.0
+    ):
+        return logits
+    ids, counts = np.unique(np.asarray(history[-cfg.repeat_last_n:], dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    seen = out[ids]
+    seen = np.where(seen > 0, seen / cfg.repeat_penalty, seen * cfg.repeat_penalty)
+    out[ids] = seen - counts * cfg.frequency_penalty - cfg.presence_penalty
+    return out
+
+
+def top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - np.max(logits))
+    return e / e.sum()
+
+
+def top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability adds up to at least p."""
+    if p >= 1.0:
+        return logits
+    live = np.flatnonzero(np.isfinite(logits))  # after top-k only k tokens are left to sort
+    probs = softmax(logits[live])
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    keep = live[order[: int(np.searchsorted(cum, p) + 1)]]
+    out = np.full_like(logits, -np.inf)
+    out[keep] = logits[keep]
+    return out
+
+
+def min_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep tokens whose probability is at least p times that of the most likely token."""
+    if p <= 0.0:
+        return logits
+    threshold = np.max(logits) + np.log(p)
+    return np.where(logits >= threshold, logits, -np.inf)
+
+
+def make_filters(cfg: SamplingConfig) -> list[Filter]:
+    return [
+        lambda x: top_k(x, cfg.top_k),
+        lambda x: top_p(x, cfg.top_p),
+        lambda x: min_p(x, cfg.min_p),
+    ]
+
+
+class Sampler:
+    """Draws the next token from logits and the token history. Same seed, same tokens."""
+
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.filters = make_filters(cfg)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, self.cfg)
+        if self.cfg.temperature == 0.0:
+            return int(np.argmax(logits))
+        for f in self.filters:
+            logits = f(logits)
+        live = np.flatnonzero(np.isfinite(logits))
+        cdf = np.cumsum(softmax(logits[live].astype(np.float64) / self.cfg.temperature))
+        pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)
+        return int(live[pick])

@@ -1,0 +1,100 @@
+"""Our GGUF reader against gguf-py's GGUFReader, and its validation of bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from backends import read_hparams
+from quant.errors import ModelFileError, UnsupportedError
+from quant.gguf_file import read_gguf
+
+
+def test_reader_equals_gguf_py(smollm2_path, smollm2_gguf):
+    ref = GGUFReader(smollm2_path)
+    assert len(ref.tensors) == len(smollm2_gguf.tensors) == 272
+    for t in ref.tensors:
+        ours = smollm2_gguf.tensors[t.name]
+        assert ours.qtype == t.tensor_type
+        assert ours.shape == tuple(int(d) for d in reversed(t.shape.tolist()))
+        assert np.array_equal(np.asarray(ours.data).view(np.uint8).ravel(), np.asarray(t.data).view(np.uint8).ravel())
+    for key, field in ref.fields.items():
+        if not key.startswith("GGUF."):
+            assert smollm2_gguf.metadata[key] == pytest.approx(field.contents()), key
+
+
+def test_tensors_are_views_of_the_file_not_copies(smollm2_gguf):
+    t = smollm2_gguf.tensors["blk.0.ffn_up.weight"]
+    assert isinstance(t.data.base, np.memmap) or isinstance(t.data, np.memmap)
+    assert not t.data.flags.writeable
+
+
+def test_hparams_of_smollm2(smollm2_gguf):
+    hp = read_hparams(smollm2_gguf)
+    assert (hp.arch, hp.n_layers, hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim) == ("llama", 30, 576, 9, 3, 64)
+    assert (hp.n_ff, hp.n_vocab, hp.n_ctx_train, hp.rope_base) == (1536, 49152, 8192, 100000.0)
+    assert hp.tied_embeddings and not hp.qkv_bias and not hp.qk_norm and not hp.rope_neox
+
+
+def write_tiny(path, arch="llama", qtype=GGMLQuantizationType.F32):
+    """A one-layer model file with the given architecture and weight type."""
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_context_length(64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.normal(size=(16, 32)).astype(np.float32))
+    if qtype == GGMLQuantizationType.F32:
+        w.add_tensor("blk.0.attn_q.weight", rng.normal(size=(32, 32)).astype(np.float32))
+    else:
+        # one 256-weight Q2_K block (84 bytes) per row
+        w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 84), dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="no such file"):
+        read_gguf(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("this is a text file, not a model " * 10)
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        read_gguf(p)
+
+
+def test_truncated_gguf(tmp_path, smollm2_path):
+    p = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src:
+        p.write_bytes(src.read(20_000_000))
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_gguf(p)
+    p.write_bytes(p.read_bytes()[:100_000])  # cut inside the metadata
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_gguf(p)
+
+
+def test_unsupported_architecture(tmp_path):
+    gguf = read_gguf(write_tiny(tmp_path / "neox.gguf", arch="gptneox"))
+    with pytest.raises(UnsupportedError, match="unsupported architecture 'gptneox'"):
+        read_hparams(gguf)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    p = write_tiny(tmp_path / "q2k.gguf", qtype=GGMLQuantizationType.Q2_K)
+    with pytest.raises(UnsupportedError, match="Q2_K"):
+        read_gguf(p)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    gguf = read_gguf(write_tiny(tmp_path / "tiny.gguf"))
+    with pytest.raises(ModelFileError, match="tensor .* is missing"):
+        read_hparams(gguf)
