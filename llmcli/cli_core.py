@@ -219,7 +219,7 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt
     sp = info["special_tokens"]
     table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
     ct = info["chat_template"]
-    note = " — the model has no template; ChatML is used" if ct["fallback"] else ""
+    note = " (the model has none)" if ct["fallback"] else ""
     table.add_row("chat template", ct["origin"] + note)
     console.print(table)
     console.rule("chat template", style="dim")

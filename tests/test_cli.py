@@ -1,0 +1,194 @@
+"""The CLI as a user runs it: real processes, the real model, one clean error line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_gguf_file import write_tiny
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def llm(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_help_lists_the_commands():
+    r = llm("--help")
+    assert r.returncode == 0
+    for cmd in ("run", "chat", "tokenize", "show"):
+        assert cmd in r.stdout
+
+
+def test_tokenize_json_equals_what_run_raw_feeds(smollm2_path):
+    text = "<|im_start|>user\nHi there 👋 — ça va? 1234<|im_end|>"
+    r = llm("tokenize", str(smollm2_path), text, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    ids = Tokenizer.from_gguf(read_gguf(smollm2_path)).encode(text)
+    assert out == {"ids": ids, "count": len(ids)}
+    assert out["ids"][0] == 1 and out["ids"][-1] == 2  # special-token strings became special tokens
+    r = llm("run", str(smollm2_path), text, "--raw", "--temperature", "0", "-n", "1", "--verbose",
+            "--backend", "numpy")
+    assert f"prompt: {len(ids)} tokens" in r.stderr
+
+
+def test_run_raw_greedy_is_deterministic_and_stops_at_max_tokens(smollm2_path):
+    args = ("run", str(smollm2_path), "The capital of France is", "--raw", "--temperature", "0", "-n", "6",
+            "--backend", "numpy", "--verbose")
+    a, b = llm(*args), llm(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and "Paris" in a.stdout
+    assert "finish: length" in a.stderr and "decode: 6 tokens" in a.stderr
+
+
+def test_run_reads_the_prompt_from_stdin_and_uses_the_chat_template(smollm2_path):
+    r = llm("run", str(smollm2_path), "--temperature", "0", "-n", "40", "--backend", "numpy", "--verbose",
+            input="What is the capital of France? Answer in one word.")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "finish: stop" in r.stderr  # the reply ends with <|im_end|>, which is never printed
+    assert "<|im_end|>" not in r.stdout
+
+
+def test_stop_strings_end_the_reply_and_are_not_printed(smollm2_path):
+    r = llm("run", str(smollm2_path), "1, 2, 3, 4, 5,", "--raw", "--temperature", "0", "-n", "30",
+            "--stop", " 9", "--backend", "numpy", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "8," in r.stdout and "9" not in r.stdout
+    assert "finish: stop" in r.stderr
+
+
+def test_same_seed_same_text(smollm2_path):
+    args = ("run", str(smollm2_path), "Tell me a story.", "--temperature", "1.0", "--seed", "7", "-n", "12",
+            "--backend", "numpy")
+    a, b = llm(*args), llm(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_show_json(smollm2_path):
+    r = llm("show", str(smollm2_path), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "llama" and info["context_length"] == 8192
+    assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert 130e6 < info["parameters"] < 140e6
+    assert info["chat_template"]["origin"] == "model" and not info["chat_template"]["fallback"]
+    assert info["special_tokens"]["eos"] == "<|im_end|>"
+
+
+def test_show_says_when_chatml_is_the_fallback(tmp_path, smollm2_gguf):
+    from gguf import GGUFValueType, GGUFWriter
+
+    # SmolLM2 rewritten without its chat template
+    w = GGUFWriter(str(tmp_path / "notemplate.gguf"), "llama")
+    for key, value in smollm2_gguf.metadata.items():
+        if key in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, GGUFValueType.get_type(value))
+    for t in smollm2_gguf.tensors.values():
+        w.add_tensor(t.name, t.data, raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = llm("show", str(tmp_path / "notemplate.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert "fallback (ChatML)" in r.stdout and "the model has none" in r.stdout
+
+
+def test_chat_session_with_commands(tmp_path, smollm2_path):
+    save = tmp_path / "chat.json"
+    script = "\n".join([
+        "/system You answer in one short sentence.",
+        "What is the capital of France?",
+        "And of Italy?",
+        "/stats",
+        f"/save {save}",
+        "/clear",
+        f"/load {save}",
+        "/help",
+        "/exit",
+    ]) + "\n"
+    r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "40", "--backend", "numpy", input=script)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Rome" in r.stdout
+    transcript = json.loads(save.read_text())
+    assert transcript["system"] == "You answer in one short sentence."
+    assert [m["role"] for m in transcript["messages"]] == ["user", "assistant", "user", "assistant"]
+    # the second turn reused the cache: only its new tokens were prefilled
+    assert "context:" in r.stderr and "new," in r.stderr
+    assert "loaded 4 messages" in r.stderr and "/clear" in r.stdout
+
+
+def test_chat_drops_the_oldest_turns_visibly_when_the_context_fills(smollm2_path):
+    msgs = [f"Tell me one fact about the number {i}." for i in range(6)]
+    r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "24", "--ctx", "160", "--backend", "numpy",
+            "--system", "Be brief.", input="\n".join(msgs) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert "dropped the" in r.stderr and "system prompt is kept" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch", "tensor_type", "directory"])
+def test_bad_model_files_get_one_clear_line(tmp_path, smollm2_path, case):
+    path = tmp_path / "model.gguf"
+    word = {"missing": "no such file", "not_gguf": "not a GGUF", "truncated": "truncated",
+            "arch": "unsupported architecture", "tensor_type": "Q2_K", "directory": "directory"}[case]
+    if case == "not_gguf":
+        path.write_text("hello " * 100)
+    elif case == "truncated":
+        path.write_bytes(Path(smollm2_path).read_bytes()[:30_000_000])
+    elif case == "arch":
+        write_tiny(path, arch="gptneox")
+    elif case == "tensor_type":
+        from gguf import GGMLQuantizationType
+
+        write_tiny(path, qtype=GGMLQuantizationType.Q2_K)
+    elif case == "directory":
+        path = tmp_path
+    r = llm("run", str(path), "hello", "--backend", "numpy")
+    assert_one_line_error(r, word)
+
+
+def test_unknown_model_name():
+    r = llm("show", "no-such-model")
+    assert_one_line_error(r, "'no-such-model' not found")
+
+
+def test_empty_prompt(smollm2_path):
+    assert_one_line_error(llm("run", str(smollm2_path), "   ", "--backend", "numpy"), "empty")
+    assert_one_line_error(llm("run", str(smollm2_path), "--backend", "numpy", input=""), "empty")
+
+
+def test_prompt_longer_than_the_context(smollm2_path):
+    r = llm("run", str(smollm2_path), "word " * 300, "--raw", "--ctx", "64", "--backend", "numpy")
+    assert_one_line_error(r, "context holds 64")
+
+
+def test_bad_options(smollm2_path):
+    assert_one_line_error(llm("run", str(smollm2_path), "hi", "--temperature", "-1"), "--temperature")
+    assert_one_line_error(llm("run", str(smollm2_path), "hi", "--backend", "gpu"), "unknown backend")
+    assert_one_line_error(llm("run", str(smollm2_path), "hi", "--template", "/nonexistent.jinja",
+                              "--backend", "numpy"), "nonexistent.jinja")
