@@ -1,0 +1,195 @@
+"""The forward pass on MLX: the same transformer as backends/numpy, built as a lazy MLX graph.
+
+Weights stay quantized (see weights.py); activations are float32 on the CPU build (for accuracy:
+logits track the numpy reference) and float16 on a GPU. The token loop lives in the engine; besides
+forward(), `decode_stream` lets it overlap its own per-token work with the next MLX step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from backends.base import HParams, output_tensor, rope_inv_freq
+from backends.mlx.cache import MlxKVCache
+from backends.mlx.weights import Linear, fuse, linear, vector
+from quant.gguf_file import GGUFFile
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One transformer block. `qkv` is one matmul with the q, k, v rows stacked when the three share a
+    layout, else the three matmuls; `gate_up` likewise."""
+
+    attn_norm: mx.array  # (n_embd,)
+    ffn_norm: mx.array  # (n_embd,)
+    qkv: tuple[Linear, ...]  # (n_heads * head_dim + 2 * n_kv_heads * head_dim, n_embd) stacked
+    wo: Linear  # (n_embd, n_heads * head_dim)
+    gate_up: tuple[Linear, ...]  # (2 * n_ff, n_embd) stacked
+    down: Linear  # (n_embd, n_ff)
+    q_bias: mx.array | None = None  # (n_heads * head_dim,)
+    k_bias: mx.array | None = None  # (n_kv_heads * head_dim,)
+    v_bias: mx.array | None = None
+    q_norm: mx.array | None = None  # (head_dim,)
+    k_norm: mx.array | None = None
+
+    def arrays(self) -> list[mx.array]:
+        """Every array the block holds (for mx.eval and byte counts)."""
+        out = [self.attn_norm, self.ffn_norm, self.q_bias, self.k_bias, self.v_bias, self.q_norm, self.k_norm]
+        for m in (*self.qkv, self.wo, *self.gate_up, self.down):
+            out += m.arrays()
+        return [a for a in out if a is not None]
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU build (accuracy), float16 on a GPU (bandwidth)."""
+    return mx.float32 if mx.default_device().type == mx.cpu else mx.float16
+
+
+def load_layer(gguf: GGUFFile, hp: HParams, i: int, dtype: mx.Dtype) -> Layer:
+    t = gguf.tensors
+    p = f"blk.{i}."
+    extras = {}
+    if hp.qkv_bias:
+        extras |= {f"{x}_bias": vector(t[f"{p}attn_{x}.bias"], dtype) for x in "qkv"}
+    if hp.qk_norm:
+        extras |= {f"{x}_norm": vector(t[f"{p}attn_{x}_norm.weight"], dtype) for x in "qk"}
+    return Layer(
+        attn_norm=vector(t[p + "attn_norm.weight"], dtype),
+        ffn_norm=vector(t[p + "ffn_norm.weight"], dtype),
+        qkv=fuse([linear(t[p + f"attn_{x}.weight"]) for x in "qkv"]),
+        wo=linear(t[p + "attn_output.weight"]),
+        gate_up=fuse([linear(t[p + "ffn_gate.weight"]), linear(t[p + "ffn_up.weight"])]),
+        down=linear(t[p + "ffn_down.weight"]),
+        **extras,
+    )
+
+
+class MlxModel:
+    name = "mlx"
+
+    def __init__(self, gguf: GGUFFile, hp: HParams, dtype: mx.Dtype | None = None):
+        self.hparams = hp
+        self.dtype = dtype or default_dtype()
+        self.embed = linear(gguf.tensors["token_embd.weight"])  # (n_vocab, n_embd); rows() is the lookup
+        self.output = self.embed if hp.tied_embeddings else linear(output_tensor(gguf, hp))
+        self.output_norm = vector(gguf.tensors["output_norm.weight"], self.dtype)
+        self.layers: list[Layer] = []
+        for i in range(hp.n_layers):  # evaluated one by one, so the unfused matrices are freed as we go
+            self.layers.append(load_layer(gguf, hp, i, self.dtype))
+            mx.eval(self.layers[-1].arrays())
+        # mx.fast.rope wants the period of each pair: 1 / inv_freq (llama3 factors, scaling folded in)
+        self.rope_periods = mx.array(1.0 / rope_inv_freq(hp, gguf))
+        self.attn_scale = 1.0 / float(np.sqrt(hp.head_dim))
+        mx.eval(self.arrays())
+
+    def new_cache(self, max_seq: int) -> MlxKVCache:
+        return MlxKVCache(self.hparams, max_seq, self.dtype)
+
+    def arrays(self) -> list[mx.array]:
+        out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, self.rope_periods]
+        for layer in self.layers:
+            out += layer.arrays()
+        return out
+
+    def weight_bytes_per_token(self) -> int:
+        """Every block, the output matrix and norm, and one embedding row."""
+        blocks = sum(a.nbytes for layer in self.layers for a in layer.arrays())
+        output = sum(a.nbytes for a in self.output.arrays()) + self.output_norm.nbytes
+        embed_row = sum(a.nbytes for a in self.embed.arrays()) // self.hparams.n_vocab
+        return blocks + output + embed_row
+
+    # -- the graph --------------------------------------------------------------------------------
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        """x: (1, heads, T, head_dim) at positions offset..; neox rotates halves, llama GGUF adjacent ones."""
+        hp = self.hparams
+        return mx.fast.rope(x, hp.rope_dim, traditional=not hp.rope_neox, base=None, scale=1.0, offset=offset,
+                            freqs=self.rope_periods)
+
+    def attention(self, layer: Layer, i: int, h: mx.array, cache: MlxKVCache) -> mx.array:
+        """h: (T, n_embd) -> (T, n_embd); writes this layer's keys and values into the cache."""
+        hp = self.hparams
+        T = h.shape[0]
+        q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
+        if len(layer.qkv) == 1:
+            q, k, v = mx.split(layer.qkv[0](h), [q_dim, q_dim + kv_dim], axis=-1)
+        else:
+            q, k, v = (w(h) for w in layer.qkv)
+        if layer.q_bias is not None:
+            q, k, v = q + layer.q_bias, k + layer.k_bias, v + layer.v_bias
+        q = q.reshape(1, T, hp.n_heads, hp.head_dim).transpose(0, 2, 1, 3)  # (1, n_heads, T, head_dim)
+        k = k.reshape(1, T, hp.n_kv_heads, hp.head_dim).transpose(0, 2, 1, 3)  # (1, n_kv_heads, T, head_dim)
+        v = v.reshape(1, T, hp.n_kv_heads, hp.head_dim).transpose(0, 2, 1, 3)
+        if layer.q_norm is not None:
+            q = mx.fast.rms_norm(q, layer.q_norm, hp.norm_eps)
+            k = mx.fast.rms_norm(k, layer.k_norm, hp.norm_eps)
+        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
+        keys, values = cache.update(i, k, v)  # (1, n_kv_heads, offset + T, head_dim)
+        # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.attn_scale,
+                                                   mask="causal" if T > 1 else None)
+        return layer.wo(out.transpose(0, 2, 1, 3).reshape(T, q_dim))
+
+    def mlp(self, layer: Layer, h: mx.array) -> mx.array:
+        if len(layer.gate_up) == 1:
+            g, u = mx.split(layer.gate_up[0](h), 2, axis=-1)
+        else:
+            g, u = (w(h) for w in layer.gate_up)
+        return layer.down(g * mx.sigmoid(g) * u)
+
+    def logits(self, tokens: mx.array, cache: MlxKVCache, all_logits: bool = False) -> mx.array:
+        """The lazy graph of forward(): tokens (T,) int32 -> (T, n_vocab) or (n_vocab,); advances cache."""
+        hp = self.hparams
+        T = tokens.shape[0]
+        cache.reserve(T)
+        x = self.embed.rows(tokens, self.dtype)  # (T, n_embd): the residual stream
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(layer, i, mx.fast.rms_norm(x, layer.attn_norm, hp.norm_eps), cache)
+            x = x + self.mlp(layer, mx.fast.rms_norm(x, layer.ffn_norm, hp.norm_eps))
+        cache.offset += T
+        if not all_logits:
+            x = x[-1]
+        return self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
+
+    # -- the interface the engine uses -------------------------------------------------------------
+
+    def forward(self, tokens: np.ndarray, cache: MlxKVCache, all_logits: bool = False) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.hparams.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.hparams.n_vocab}), got {tokens.min()}..."
+                             f"{tokens.max()}")
+        logits = self.logits(mx.array(tokens), cache, all_logits)
+        mx.eval(logits, cache.state())
+        return np.array(logits, copy=True)
+
+    def decode_stream(self, first_token: int, cache: MlxKVCache, sample: Callable[[np.ndarray], int],
+                      n: int) -> Iterator[int]:
+        """Decode up to `n` tokens after `first_token` (already sampled, not yet in the cache), pipelined:
+        the step that feeds a token is queued with mx.async_eval before that token is yielded, so the
+        caller's work on it (detokenize, print, stop checks) overlaps the MLX computation.
+
+        `sample(logits)` gets float32 (n_vocab,) logits and returns the next token id. Whenever the
+        generator stops (exhausted, closed, or garbage-collected), the cache holds what the plain
+        forward() loop would hold: every token before the last one yielded."""
+        if n <= 0:
+            return
+        keep = cache.offset  # what the cache should hold if we stop now: first_token is not fed yet
+        step = self._queue(first_token, cache)
+        try:
+            for i in range(n):
+                token = sample(np.array(step, copy=True))  # waits for the queued step
+                keep = cache.offset  # every token before `token`
+                if i + 1 < n:
+                    step = self._queue(token, cache)
+                yield token
+        finally:  # drop a step queued for a token the caller did not come back for
+            cache.trim(cache.offset - keep)
+
+    def _queue(self, token: int, cache: MlxKVCache) -> mx.array:
+        logits = self.logits(mx.array([token], dtype=mx.int32), cache)
+        mx.async_eval(logits, cache.state())
+        return logits
