@@ -6,7 +6,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -49,7 +49,7 @@ def _open(model: str | None, backend, threads, template=None):
 
 def run(
     model: opt.ModelArg = None,
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (default: read from stdin).",
+    prompt: Annotated[str | None, typer.Argument(help="The prompt (default: read from stdin).",
                                                     show_default=False)] = None,
     system: opt.System = None,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as-is, without the chat template.")] = False,
@@ -134,7 +134,7 @@ def chat(
 
 def tokenize(
     model: opt.ModelArg = None,
-    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (default: stdin).", show_default=False)] = None,
+    text: Annotated[str | None, typer.Argument(help="Text to tokenize (default: stdin).", show_default=False)] = None,
     as_json: opt.Json = False,
 ) -> None:
     """Token ids of TEXT, exactly as `llm run --raw` feeds them.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class Session:
     def _sync_cache(self, prompt: Sequence[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one token is left to run); return its length."""
         n = 0
-        for a, b in zip(self.tokens, prompt):
+        for a, b in zip(self.tokens, prompt, strict=False):
             if a != b:
                 break
             n += 1
@@ -158,6 +159,26 @@ class Session:
             self.tokens.extend(chunk)
         return logits
 
+    def _decode(self, logits: np.ndarray, sampler: Sampler, history: list[int], n: int) -> Iterator[int]:
+        """Sample up to `n` tokens, each fed back through the model. Every token yielded but the last is
+        in the cache (self.tokens tracks it); the caller appends each token to `history` before asking for
+        the next. A backend with `decode_stream` (MLX) pipelines the steps asynchronously."""
+        token = sampler(logits, history)
+        yield token
+        stream = getattr(self.lm.model, "decode_stream", None)
+        if stream is not None:
+            with closing(stream(token, self.cache, lambda x: sampler(x, history), n - 1)) as steps:
+                for nxt in steps:
+                    self.tokens.append(token)
+                    token = nxt
+                    yield token
+            return
+        for _ in range(n - 1):
+            logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
+            self.tokens.append(token)
+            token = sampler(logits, history)
+            yield token
+
     def generate(self, prompt: Sequence[int], config: GenerationConfig | None = None) -> Iterator[GenerationResponse]:
         """Yield text pieces as they are decoded; the last record carries the finish reason and timings."""
         config = config or GenerationConfig()
@@ -170,26 +191,22 @@ class Session:
         try:
             logits = self.prefill(prompt)
             t_first = time.perf_counter()
-            while True:
-                token = sampler(logits, history)
-                n_gen += 1
-                history.append(token)
-                if token in tok.stop_ids:
-                    finish = "stop"
-                    break
-                text, stopped = stops.feed(detok.add(token))
-                if stopped:
-                    finish = "stop"
+            budget = min(config.max_tokens, self.n_ctx - len(self.tokens))
+            with closing(self._decode(logits, sampler, history, budget)) as tokens:
+                for token in tokens:
+                    n_gen += 1
+                    history.append(token)
+                    if token in tok.stop_ids:
+                        finish = "stop"
+                        break
+                    text, stopped = stops.feed(detok.add(token))
                     if text:
                         yield GenerationResponse(text, token)
-                    break
-                if text:
-                    yield GenerationResponse(text, token)
-                if n_gen >= config.max_tokens or len(self.tokens) + 1 >= self.n_ctx:
+                    if stopped:
+                        finish = "stop"
+                        break
+                else:
                     finish = "length"
-                    break
-                logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
-                self.tokens.append(token)
         except KeyboardInterrupt:
             finish = "interrupted"
         if finish != "stop":

@@ -4,43 +4,43 @@ live in the dataclasses (SamplingConfig, GenerationConfig) and in engine.context
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-ModelArg = Annotated[Optional[str], typer.Argument(
+ModelArg = Annotated[str | None, typer.Argument(
     help="A .gguf path, a name from `llm list`, or `smollm2` (the default).", show_default=False)]
-Backend = Annotated[Optional[str], typer.Option(
+Backend = Annotated[str | None, typer.Option(
     "--backend", help="numba (CPU, default), mlx (Apple GPU) or numpy (reference).", show_default=False)]
-Threads = Annotated[Optional[int], typer.Option(
+Threads = Annotated[int | None, typer.Option(
     "--threads", help="CPU threads (default: physical cores).", show_default=False)]
-Ctx = Annotated[Optional[int], typer.Option(
+Ctx = Annotated[int | None, typer.Option(
     "--ctx", help="Context length (default: the model's, capped at 4096).", show_default=False)]
-Temperature = Annotated[Optional[float], typer.Option(
+Temperature = Annotated[float | None, typer.Option(
     "--temperature", help="0 = greedy (default 0.8).", show_default=False)]
-TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0 = off (default 40).",
+TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens; 0 = off (default 40).",
                                              show_default=False)]
-TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling; 1 = off (default 0.95).",
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling; 1 = off (default 0.95).",
                                                show_default=False)]
-MinP = Annotated[Optional[float], typer.Option(
+MinP = Annotated[float | None, typer.Option(
     "--min-p", help="Drop tokens below min-p × the top probability; 0 = off (default 0.05).", show_default=False)]
-RepeatPenalty = Annotated[Optional[float], typer.Option(
+RepeatPenalty = Annotated[float | None, typer.Option(
     "--repeat-penalty", help="Penalise recent tokens; 1 = off (default).", show_default=False)]
-RepeatLastN = Annotated[Optional[int], typer.Option(
+RepeatLastN = Annotated[int | None, typer.Option(
     "--repeat-last-n", help="How many recent tokens the penalties look at (default 64).", show_default=False)]
-FrequencyPenalty = Annotated[Optional[float], typer.Option(
+FrequencyPenalty = Annotated[float | None, typer.Option(
     "--frequency-penalty", help="Subtract per occurrence (default 0).", show_default=False)]
-PresencePenalty = Annotated[Optional[float], typer.Option(
+PresencePenalty = Annotated[float | None, typer.Option(
     "--presence-penalty", help="Subtract once if present (default 0).", show_default=False)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed: same seed, same text.",
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same text.",
                                              show_default=False)]
-MaxTokens = Annotated[Optional[int], typer.Option(
+MaxTokens = Annotated[int | None, typer.Option(
     "--max-tokens", "-n", help="Most tokens to generate (default 512).", show_default=False)]
-Stop = Annotated[Optional[list[str]], typer.Option(
+Stop = Annotated[list[str] | None, typer.Option(
     "--stop", help="Stop at this string (repeatable; never printed).", show_default=False)]
-Template = Annotated[Optional[Path], typer.Option(
+Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
-System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.", show_default=False)]
+System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 

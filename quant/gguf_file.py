@@ -79,6 +79,24 @@ class _Cursor:
         n = self.scalar("<Q")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` length-prefixed strings: the vocabulary and merges, so this loop is kept tight."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            n = unpack(buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                break
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        if len(out) < count:
+            raise ModelFileError(f"{self.path}: truncated GGUF header (string array cut off)")
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
         if vtype == GGUFValueType.STRING:
@@ -91,6 +109,8 @@ class _Cursor:
             if item_type in _NUMPY:
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            if item_type == GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         raise ModelFileError(f"{self.path}: unknown GGUF value type {vtype}")
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_gguf_file import write_tiny
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -192,3 +191,27 @@ def test_bad_options(smollm2_path):
     assert_one_line_error(llm("run", str(smollm2_path), "hi", "--backend", "gpu"), "unknown backend")
     assert_one_line_error(llm("run", str(smollm2_path), "hi", "--template", "/nonexistent.jinja",
                               "--backend", "numpy"), "nonexistent.jinja")
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(tmp_path, smollm2_path):
+    import select
+    import signal
+    import time
+
+    save = tmp_path / "after.json"
+    p = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", str(smollm2_path), "--backend", "numpy",
+                          "--temperature", "0", "-n", "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0)
+    p.stdin.write("Count from 1 to 500, one number per line.\n")
+    p.stdin.flush()
+    seen, deadline = b"", time.time() + 240
+    while b"5" not in seen and time.time() < deadline:  # wait until the reply is well under way
+        if select.select([p.stdout], [], [], 1.0)[0]:
+            seen += os.read(p.stdout.fileno(), 1024)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(f"/save {save}\n/exit\n", timeout=120)
+    assert p.returncode == 0, err
+    assert "(reply stopped)" in err
+    transcript = json.loads(save.read_text())  # the chat went on after Ctrl-C and kept the partial reply
+    assert [m["role"] for m in transcript["messages"]] == ["user", "assistant"]
+    assert transcript["messages"][1]["content"].strip()

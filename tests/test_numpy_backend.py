@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oracle import hf_greedy, hf_logits, hf_tokenizer
 
 from backends import load_model
-from oracle import hf_greedy, hf_logits, hf_tokenizer
 
 TEXT = ("The history of the printing press begins in 1440, when Johannes Gutenberg combined movable "
         "metal type, oil-based ink and a screw press. Within fifty years presses were running in more than "
