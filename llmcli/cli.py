@@ -27,26 +27,24 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    """Entry point: every LlmError becomes one line on stderr and exit code 1."""
+    """Entry point: every LlmError or usage error becomes one line on stderr and a non-zero exit."""
+    from typer._click import exceptions as click_exceptions  # typer ships its own click
+
     _register_commands()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except LlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except click_exceptions.NoArgsIsHelpError as e:
+        e.show()  # plain `llm`: the help
+        sys.exit(e.exit_code)
+    except click_exceptions.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

