@@ -44,5 +44,10 @@ def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None =
     hp = read_hparams(gguf)
     if backend == "mlx" and not mlx_available():
         raise BackendError("backend 'mlx' needs MLX: pip install 'llmcli[mlx]'")
+    threads = threads or physical_cores()
+    # --threads bounds BLAS too (numpy matmuls, prefill tiles); idle spinning BLAS threads cost decode speed
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads, user_api="blas")
     module = importlib.import_module(f"backends.{backend}")
-    return module.load(gguf, hp, threads or physical_cores())
+    return module.load(gguf, hp, threads)

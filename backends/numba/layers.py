@@ -1,0 +1,212 @@
+"""The transformer's non-matmul pieces in Numba (RMSNorm, RoPE, SwiGLU, attention over the KV cache with GQA),
+and `forward_stack`: the whole layer stack for a few tokens in one jitted call, so decoding a token costs one
+dispatch from Python.
+
+Weights are addressed through the views of the memory map (quant.kernels.weight_views) and a table of byte
+offsets and type codes built at load:
+
+  layer_tab: (n_layers, N_KINDS, 2) int64  (byte offset, qtype) of each per-layer tensor, -1 when absent
+  glob_tab:  (3, 2) int64                  token_embd, output_norm, output
+  dims:      (N_DIMS,) int64               the integer hyper-parameters (indices below)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from quant.kernels import block_sums, dequant_row, matvec, matvec_multi, row_bytes
+
+# kinds of per-layer tensors (columns of layer_tab)
+ATTN_NORM, WQ, WK, WV, WO, FFN_NORM, GATE, UP, DOWN, BQ, BK, BV, Q_NORM, K_NORM = range(14)
+N_KINDS = 14
+# global tensors (rows of glob_tab)
+EMBD, OUT_NORM, OUTPUT = range(3)
+# dims entries
+D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS, D_LANES = range(10)
+N_DIMS = 10
+
+
+@njit(cache=True, fastmath=True)
+def rms_norm(x, f32, w_off, eps, out):
+    """out[t] = x[t] / rms(x[t]) * w for x: (T, n); w: float32 (n,) at byte w_off of the f32 view."""
+    n = x.shape[1]
+    w = f32[w_off // 4: w_off // 4 + n]
+    for t in range(x.shape[0]):
+        ss = 0.0
+        for j in range(n):
+            ss += np.float64(x[t, j]) * x[t, j]
+        inv = np.float32(1.0 / math.sqrt(ss / n + eps))
+        for j in range(n):
+            out[t, j] = x[t, j] * inv * w[j]
+
+
+@njit(cache=True, fastmath=True)
+def rope_tables(start, inv_freq, cos, sin):
+    """cos, sin: (T, rope_dim/2) float32 for positions start .. start + T."""
+    for t in range(cos.shape[0]):
+        pos = np.float32(start + t)
+        for i in range(inv_freq.size):
+            angle = pos * inv_freq[i]
+            cos[t, i] = math.cos(angle)
+            sin[t, i] = math.sin(angle)
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, cos, sin, neox):
+    """Rotate x: (T, n_heads, head_dim) in place by position. neox rotates the pairs (i, i + rope_dim/2)
+    (Qwen), otherwise the adjacent pairs (2i, 2i + 1) (llama GGUF, whose Q/K rows are permuted for it)."""
+    half = cos.shape[1]
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            v = x[t, h]
+            for i in range(half):
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                c, s = cos[t, i], sin[t, i]
+                va, vb = v[a], v[b]
+                v[a] = va * c - vb * s
+                v[b] = va * s + vb * c
+
+
+@njit(cache=True, fastmath=True)
+def head_norm(x, f32, w_off, eps):
+    """RMSNorm of every head vector of x: (T, n_heads, head_dim), in place (Qwen3 q/k norm)."""
+    T, H, D = x.shape
+    w = f32[w_off // 4: w_off // 4 + D]
+    for t in range(T):
+        for h in range(H):
+            ss = 0.0
+            for j in range(D):
+                ss += np.float64(x[t, h, j]) * x[t, h, j]
+            inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+            for j in range(D):
+                x[t, h, j] = x[t, h, j] * inv * w[j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention(q, k_cache, v_cache, start, out):
+    """Causal attention of T new queries over the cache, grouped-query.
+    q: (T, n_heads, head_dim); k_cache, v_cache: (max_seq, n_kv_heads, head_dim) of one layer, holding
+    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t."""
+    T, H, D = q.shape
+    group = H // k_cache.shape[1]
+    scale = np.float32(1.0 / math.sqrt(D))
+    for i in prange(T * H):
+        t, h = i // H, i % H
+        kv = h // group
+        n = start + t + 1
+        qv = q[t, h]
+        scores = np.empty(n, dtype=np.float32)
+        top = np.float32(-np.inf)
+        for s in range(n):
+            kr = k_cache[s, kv]
+            acc = np.float32(0.0)
+            for j in range(D):
+                acc += qv[j] * kr[j]
+            scores[s] = acc * scale
+            top = max(top, scores[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            scores[s] = math.exp(scores[s] - top)
+            total += scores[s]
+        o = out[t, h]
+        o[:] = 0.0
+        for s in range(n):
+            p = scores[s] / total
+            vr = v_cache[s, kv]
+            for j in range(D):
+                o[j] += p * vr[j]
+
+
+@njit(cache=True, fastmath=True)
+def swiglu(gu, out):
+    """out = silu(gate) * up, with gu: (T, 2 * n_ff) = [gate | up] side by side."""
+    n = out.shape[1]
+    for t in range(out.shape[0]):
+        for j in range(n):
+            g = gu[t, j]
+            out[t, j] = g / (np.float32(1.0) + math.exp(-g)) * gu[t, n + j]
+
+
+@njit(cache=True)
+def embed(wv, qtype, off, n, tokens, out):
+    """out[t] = row tokens[t] of the embedding table (n columns), dequantized."""
+    rb = row_bytes(qtype, n)
+    for t in range(tokens.size):
+        dequant_row(wv, qtype, off + tokens[t] * rb, n, out[t])
+
+
+@njit(cache=True, fastmath=True)
+def add_bias(x, f32, off):
+    n = x.shape[1]
+    b = f32[off // 4: off // 4 + n]
+    for t in range(x.shape[0]):
+        for j in range(n):
+            x[t, j] += b[j]
+
+
+@njit(cache=True, fastmath=True)
+def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k_cache, v_cache, all_logits,
+                  scratch, logits):
+    """All layers for T tokens at positions start.. with the quantized matvec kernels; writes K/V into the
+    cache and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see Scratch)."""
+    x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
+    T = tokens.size
+    E, H, KVH, D, _F = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM], dims[D_FF]
+    lanes = dims[D_LANES]
+    nq, nkv = H * D, KVH * D
+    x, h, qkv, q3, k3, att = x[:T], h[:T], qkv[:T], q3[:T], k3[:T], att[:T]
+    gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:T], sin[:T]
+    xs_e, xs_q, xs_f = xs_e[:T], xs_q[:T], xs_f[:T]
+    f32 = wv[2]
+
+    embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, x)
+    rope_tables(start, inv_freq, cos, sin)
+    for layer in range(dims[D_LAYERS]):
+        lt = layer_tab[layer]
+        # attention block: x += Wo . attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)
+        rms_norm(x, f32, lt[ATTN_NORM, 0], eps, h)
+        block_sums(h, xs_e)
+        for i in range(3):
+            qkv_desc[i, 0], qkv_desc[i, 1] = lt[WQ + i, 0], lt[WQ + i, 1]
+        matvec_multi(wv, qkv_desc, h, xs_e, qkv, lanes)
+        q = qkv[:, :nq]
+        k = qkv[:, nq:nq + nkv]
+        v = qkv[:, nq + nkv:]
+        if lt[BQ, 0] >= 0:
+            add_bias(q, f32, lt[BQ, 0])
+            add_bias(k, f32, lt[BK, 0])
+            add_bias(v, f32, lt[BV, 0])
+        q3.reshape(T, nq)[:] = q
+        k3.reshape(T, nkv)[:] = k
+        if lt[Q_NORM, 0] >= 0:
+            head_norm(q3, f32, lt[Q_NORM, 0], eps)
+            head_norm(k3, f32, lt[K_NORM, 0], eps)
+        rope(q3, cos, sin, dims[D_NEOX] != 0)
+        rope(k3, cos, sin, dims[D_NEOX] != 0)
+        for t in range(T):
+            k_cache[layer, start + t] = k3[t]
+            for kh in range(KVH):
+                v_cache[layer, start + t, kh] = v[t, kh * D:(kh + 1) * D]
+        att3 = att.reshape(T, H, D)
+        attention(q3, k_cache[layer], v_cache[layer], start, att3)
+        block_sums(att, xs_q)
+        matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp, lanes)
+        x += tmp
+        # feed-forward block: x += Wdown . (silu(Wgate h) * Wup h), h = norm(x)
+        rms_norm(x, f32, lt[FFN_NORM, 0], eps, h)
+        block_sums(h, xs_e)
+        for i in range(2):
+            gu_desc[i, 0], gu_desc[i, 1] = lt[GATE + i, 0], lt[GATE + i, 1]
+        matvec_multi(wv, gu_desc, h, xs_e, gu, lanes)
+        swiglu(gu, ff)
+        block_sums(ff, xs_f)
+        matvec(wv, lt[DOWN, 1], lt[DOWN, 0], E, ff, xs_f, tmp, lanes)
+        x += tmp
+
+    first = 0 if all_logits else T - 1
+    rms_norm(x[first:], f32, glob_tab[OUT_NORM, 0], eps, h[first:])
+    block_sums(h[first:], xs_e[first:])
+    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xs_e[first:], logits, lanes)

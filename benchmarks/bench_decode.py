@@ -1,0 +1,218 @@
+"""Numba backend vs llama.cpp (llama-cpp-python) on the same GGUF files and the same thread count, in one run.
+
+Measures, per model: decode (tg: N single-token forwards after a 1-token prompt) and prefill (pp: one forward of
+N tokens on an empty cache), as medians over repetitions with the spread (min..max); warm-up runs excluded.
+Also the machine's read bandwidth (parallel sum over 1 GiB) and, for the 1B-shape random Q4_0 model, the
+decode bandwidth as a fraction of it; and the warm start of `llm run` (process start -> first token).
+
+    python benchmarks/bench_decode.py --threads 2 [--reps 3] [--json out.json] [--skip-llama]
+
+Models are generated into .test-models/numba/ on first use (never committed): SmolLM2-135M Q4_0 and Q8_0
+copies of the store's Q4_1 file, and a random-weight model with the 1B shape (hidden 2048, 16 layers,
+32/8 heads, ffn 8192, vocab 49152) carrying SmolLM2's tokenizer so llama.cpp loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+MODELS = REPO / ".test-models" / "numba"
+
+
+def prepare_models() -> dict[str, Path]:
+    from gguf import GGMLQuantizationType as Q
+    from make_bench_models import requantize, write_random_model
+
+    from llmcli.store import ensure_smollm2
+
+    os.environ.setdefault("LLMCLI_HOME", str(REPO / ".test-models"))
+    src = ensure_smollm2()
+    MODELS.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in ("q4_0", "q8_0"):
+        dst = MODELS / f"smollm2-{name}.gguf"
+        if not dst.exists():
+            requantize(src, dst, Q[name.upper()])
+        paths[f"SmolLM2-135M {name.upper()}"] = dst
+    big = MODELS / "random-1b-q4_0.gguf"
+    if not big.exists():
+        write_random_model(big, n_embd=2048, n_layers=16, n_heads=32, n_kv_heads=8, n_ff=8192, n_vocab=49152,
+                           qtype=Q.Q4_0, tokenizer_from=src)
+    paths["1B-shape random Q4_0"] = big
+    return paths
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Bytes per second of a parallel sum over 1 GiB (well beyond any cache), best of 5, in GB/s."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=False)  # fastmath: a vectorized sum, so memory is the limit
+    def psum(a, chunks):
+        n = a.size // chunks
+        total = np.float32(0.0)
+        for c in prange(chunks):
+            chunk = a[c * n:(c + 1) * n]  # a slice: indices known non-negative, so the loop vectorizes
+            s = np.float32(0.0)
+            for j in range(chunk.size):
+                s += chunk[j]
+            total += s
+        return total
+
+    numba.set_num_threads(threads)
+    a = np.ones((1 << 30) // 4, dtype=np.float32)
+    psum(a, 64)
+    best = min(_timed(lambda: psum(a, 64)) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def summarize(times: list[float], n_tokens: int) -> dict:
+    rates = sorted(n_tokens / t for t in times)
+    return {"tok_s": statistics.median(rates), "min": rates[0], "max": rates[-1], "reps": len(rates)}
+
+
+def bench_numba(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: np.ndarray) -> dict:
+    from backends import load_model
+    from quant.gguf_file import read_gguf
+
+    model = load_model(read_gguf(path), "numba", threads)
+    cache = model.new_cache(max(pp, tg + 1) + 1)
+
+    def decode():
+        cache.reset()
+        model.forward(tokens[:1], cache)
+        for i in range(tg):
+            model.forward(tokens[1 + i: 2 + i], cache)
+
+    def prefill():
+        cache.reset()
+        model.forward(tokens[:pp], cache)
+
+    out = {"weight_bytes_per_token": model.weight_bytes_per_token()}
+    decode()  # warm-up (and JIT)
+    out["tg"] = summarize([_timed(decode) for _ in range(reps)], tg + 1)
+    if pp:
+        prefill()
+        out["pp"] = summarize([_timed(prefill) for _ in range(reps)], pp)
+    return out
+
+
+def bench_llama(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: np.ndarray) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max(pp, tg + 1) + 16,
+                n_batch=max(pp, 1), verbose=False)
+    ids = [int(t) for t in tokens]
+
+    def decode():
+        llm.reset()
+        llm.eval(ids[:1])
+        for i in range(tg):
+            llm.eval(ids[1 + i: 2 + i])
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids[:pp])
+
+    out = {}
+    decode()
+    out["tg"] = summarize([_timed(decode) for _ in range(reps)], tg + 1)
+    if pp:
+        prefill()
+        out["pp"] = summarize([_timed(prefill) for _ in range(reps)], pp)
+    llm.close()
+    return out
+
+
+def warm_start_s(path: Path, threads: int, reps: int) -> float:
+    """Wall time of `llm run MODEL "Hi" -n 1` (process start -> first token -> exit), median; JIT cache warm."""
+    cmd = [sys.executable, "-m", "llmcli", "run", str(path), "Hi", "-n", "1", "--temperature", "0",
+           "--backend", "numba", "--threads", str(threads)]
+    subprocess.run(cmd, capture_output=True, check=True, cwd=REPO)  # warms the JIT and page caches
+    return statistics.median(_timed(lambda: subprocess.run(cmd, capture_output=True, check=True, cwd=REPO))
+                             for _ in range(reps))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--big-tg", type=int, default=32, help="decode tokens for the 1B-shape model")
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--only", default=None, help="run only models whose name contains this")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--llama-lib", type=Path, default=None,
+                    help="directory with a libllama.so built for this CPU (sets LLAMA_CPP_LIB_PATH)")
+    args = ap.parse_args()
+    if args.llama_lib:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(args.llama_lib.resolve())
+
+    paths = prepare_models()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(100, 49152, size=max(args.pp, args.tg + 1) + 1).astype(np.int64)
+    results: dict = {"threads": args.threads, "models": {}}
+    results["read_bandwidth_gbs"] = read_bandwidth_gbs(args.threads)
+    for name, path in paths.items():
+        if args.only and args.only not in name:
+            continue
+        big = name.startswith("1B")
+        tg, pp = (args.big_tg, 0) if big else (args.tg, args.pp)
+        entry = {"file": str(path.relative_to(REPO)), "tg_tokens": tg + 1, "pp_tokens": pp}
+        entry["numba"] = bench_numba(path, args.threads, tg, pp, args.reps, tokens)
+        if not args.skip_llama:
+            entry["llama.cpp"] = bench_llama(path, args.threads, tg, pp, args.reps, tokens)
+        if big:
+            gbs = entry["numba"]["weight_bytes_per_token"] * entry["numba"]["tg"]["tok_s"] / 1e9
+            entry["numba"]["decode_gbs"] = gbs
+            entry["numba"]["fraction_of_read_bandwidth"] = gbs / results["read_bandwidth_gbs"]
+        results["models"][name] = entry
+        print(f"done: {name}", file=sys.stderr, flush=True)
+    if not args.only:
+        results["warm_start_s"] = warm_start_s(paths["SmolLM2-135M Q4_0"], args.threads, args.reps)
+
+    print(f"\nthreads={args.threads}  read bandwidth {results['read_bandwidth_gbs']:.1f} GB/s")
+    print(f"{'model':24} {'test':6} {'numba tok/s':>20} {'llama.cpp tok/s':>20} {'ratio':>6}")
+    for name, e in results["models"].items():
+        for test in ("tg", "pp"):
+            if test not in e["numba"]:
+                continue
+            ours = e["numba"][test]
+            row = f"{name:24} {test}{e[test + '_tokens'] - (test == 'tg'):<4} " \
+                  f"{ours['tok_s']:8.1f} ({ours['min']:.0f}-{ours['max']:.0f})".ljust(20)
+            theirs = e.get("llama.cpp", {}).get(test)
+            if theirs:
+                row += f" {theirs['tok_s']:8.1f} ({theirs['min']:.0f}-{theirs['max']:.0f})".rjust(20)
+                row += f" {ours['tok_s'] / theirs['tok_s']:6.2f}"
+            print(row)
+        if "decode_gbs" in e["numba"]:
+            print(f"{'':24} decode reads {e['numba']['decode_gbs']:.1f} GB/s = "
+                  f"{100 * e['numba']['fraction_of_read_bandwidth']:.0f} % of the read bandwidth")
+    if "warm_start_s" in results:
+        print(f"warm start, llm run -> first token (whole process): {results['warm_start_s']:.2f} s")
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

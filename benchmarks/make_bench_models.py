@@ -1,0 +1,135 @@
+"""GGUF files for the numba backend's tests and benchmarks (kept out of git, in .test-models/):
+
+- `requantize(src, dst, qtype)`: a copy of a GGUF model whose matrices are re-quantized to `qtype` from their
+  dequantized weights (gguf-py's quantizers, bit-exact with ggml). The token embedding keeps its type.
+- `write_random_model(dst, ...)`: a model of any shape with random blocks, for bandwidth benchmarks and for
+  architecture features SmolLM2 lacks (NeoX RoPE, Q/K/V biases, Q/K norms); it can borrow the tokenizer of
+  another GGUF so that llama.cpp loads it too.
+
+    python benchmarks/make_bench_models.py SRC.gguf q4_0 DST.gguf
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import quants as gguf_quants
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from quant.formats import dequantize  # noqa: E402
+
+Q = GGMLQuantizationType
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip=lambda key: False) -> None:
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or skip(field.name):
+            continue
+        vtype = GGUFValueType(field.types[0])
+        sub = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def requantize(src: Path, dst: Path, qtype: GGMLQuantizationType) -> Path:
+    """Copy of `src` with every 2-D tensor except token_embd re-quantized to `qtype`."""
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_name(dst.name + ".tmp")
+    writer = GGUFWriter(tmp, arch)
+    _copy_metadata(reader, writer, skip=lambda key: key == "general.file_type")
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))  # numpy order
+        data = np.asarray(t.data)
+        if len(shape) == 2 and t.name != "token_embd.weight":
+            w = dequantize(data, t.tensor_type).reshape(shape)
+            writer.add_tensor(t.name, gguf_quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(dst)
+    return dst
+
+
+def _random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random raw blocks (rows, row_bytes) whose weights have a standard deviation of about 1/sqrt(cols)."""
+    if qtype in (Q.F32, Q.F16):
+        w = rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)
+        return w.astype(np.float32 if qtype == Q.F32 else np.float16)
+    if qtype not in (Q.Q4_0, Q.Q8_0):
+        w = rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)
+        return gguf_quants.quantize(w, qtype)
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    nb = cols // bs
+    raw = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
+    q_std = 4.6 if qtype == Q.Q4_0 else 74.0  # std of a uniform nibble / int8
+    d = np.full((rows, nb, 1), 1.0 / np.sqrt(cols) / q_std, dtype=np.float16)
+    raw[:, :, 0:2] = d.view(np.uint8)
+    return raw.reshape(rows, nb * ts)
+
+
+def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers: int, n_heads: int,
+                       n_kv_heads: int, n_ff: int, n_vocab: int, qtype: GGMLQuantizationType = Q.Q4_0,
+                       qkv_bias: bool = False, qk_norm: bool = False, tied: bool = True,
+                       tokenizer_from: Path | None = None, seed: int = 0) -> Path:
+    """A model of the given shape with random weights (norm weights around 1)."""
+    rng = np.random.default_rng(seed)
+    head_dim = n_embd // n_heads
+    tmp = dst.with_name(dst.name + ".tmp")
+    writer = GGUFWriter(tmp, arch)
+    writer.add_name(f"random-{arch}-{n_embd}x{n_layers}")
+    writer.add_block_count(n_layers)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(n_vocab)
+    if tokenizer_from is not None:
+        _copy_metadata(GGUFReader(tokenizer_from), writer, skip=lambda key: not key.startswith("tokenizer."))
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", _random_blocks(qtype, n_vocab, n_embd, rng), raw_dtype=qtype)
+    writer.add_tensor("output_norm.weight", norm(n_embd))
+    if not tied:
+        writer.add_tensor("output.weight", _random_blocks(qtype, n_vocab, n_embd, rng), raw_dtype=qtype)
+    nq, nkv = n_heads * head_dim, n_kv_heads * head_dim
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        mats = {"attn_q.weight": (nq, n_embd), "attn_k.weight": (nkv, n_embd), "attn_v.weight": (nkv, n_embd),
+                "attn_output.weight": (n_embd, nq), "ffn_gate.weight": (n_ff, n_embd),
+                "ffn_up.weight": (n_ff, n_embd), "ffn_down.weight": (n_embd, n_ff)}
+        writer.add_tensor(p + "attn_norm.weight", norm(n_embd))
+        writer.add_tensor(p + "ffn_norm.weight", norm(n_embd))
+        for name, (rows, cols) in mats.items():
+            writer.add_tensor(p + name, _random_blocks(qtype, rows, cols, rng), raw_dtype=qtype)
+        if qkv_bias:
+            for name, n in (("attn_q.bias", nq), ("attn_k.bias", nkv), ("attn_v.bias", nkv)):
+                writer.add_tensor(p + name, (0.1 * rng.standard_normal(n)).astype(np.float32))
+        if qk_norm:
+            writer.add_tensor(p + "attn_q_norm.weight", norm(head_dim))
+            writer.add_tensor(p + "attn_k_norm.weight", norm(head_dim))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(dst)
+    return dst
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    requantize(Path(sys.argv[1]), Path(sys.argv[3]), GGMLQuantizationType[sys.argv[2].upper()])

@@ -1,0 +1,90 @@
+"""The numba block kernels against gguf-py (bit-exact with ggml): dequantization must match exactly, and every
+matrix-vector product must equal dequantize(W) @ x within a stated bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+from quant.formats import block_size, type_size
+from quant.kernels import dequantize_raw, matvec_raw
+
+# gguf-py quantizes these; K-quants it only dequantizes, so their blocks are random bytes with sane scales
+QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+ROWS = 37  # not divisible by the thread count
+
+
+def random_k_blocks(qtype: Q, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random super-blocks whose float16 scales are small normal numbers (random bytes there could be inf)."""
+    nb, ts = n // 256, type_size(qtype)
+    raw = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
+    scale = rng.uniform(0.001, 0.01, size=(rows, nb, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[:, :, 208:210] = scale[:, :, 0:2]
+    else:  # d and dmin
+        raw[:, :, 0:4] = scale.reshape(rows, nb, 4)
+    return raw.reshape(rows, nb * ts)
+
+
+def weights(qtype: Q, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    if qtype in K_QUANTS:
+        return random_k_blocks(qtype, rows, n, rng)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    return w if qtype == Q.F32 else gguf_quants.quantize(w, qtype)
+
+
+def reference(raw: np.ndarray, qtype: Q, n: int) -> np.ndarray:
+    if qtype == Q.F32:
+        return raw.astype(np.float32)
+    return gguf_quants.dequantize(raw, qtype).reshape(raw.shape[0], n).astype(np.float32)
+
+
+def widths(qtype: Q) -> list[int]:
+    # multiples of 32 that are not multiples of 256, where the format allows it
+    return [256, 512] if block_size(qtype) == 256 else [96, 576]
+
+
+CASES = [(t, n) for t in QUANTIZABLE + K_QUANTS for n in widths(t)]
+
+
+@pytest.mark.parametrize("qtype,n", CASES, ids=[f"{t.name}-{n}" for t, n in CASES])
+def test_dequantize_matches_gguf(qtype, n):
+    rng = np.random.default_rng(1)
+    raw = weights(qtype, ROWS, n, rng)
+    np.testing.assert_array_equal(dequantize_raw(raw, qtype, n), reference(raw, qtype, n))
+
+
+@pytest.mark.parametrize("qtype,n", CASES, ids=[f"{t.name}-{n}" for t, n in CASES])
+def test_matvec_equals_dequantized_product(qtype, n):
+    """|W x - dequantize(W) @ x| <= 2e-5 * (|W| @ |x|) + 1e-6: float32 rounding of a length-n sum, nothing more
+    (the kernels multiply the float activation; no 8-bit copy of x)."""
+    rng = np.random.default_rng(2)
+    raw = weights(qtype, ROWS, n, rng)
+    w = reference(raw, qtype, n).astype(np.float64)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    y = matvec_raw(raw, qtype, x)  # (3, ROWS)
+    exact = x.astype(np.float64) @ w.T
+    mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+    assert np.all(np.abs(y - exact) <= 2e-5 * mag + 1e-6)
+
+
+def test_single_vector_and_threads():
+    """A 1-D x gives a 1-D result, and the product does not depend on the thread count."""
+    import numba
+
+    rng = np.random.default_rng(3)
+    raw = weights(Q.Q4_0, 101, 64, rng)
+    x = rng.standard_normal(64).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = matvec_raw(raw, Q.Q4_0, x)
+        numba.set_num_threads(before)
+        many = matvec_raw(raw, Q.Q4_0, x)
+    finally:
+        numba.set_num_threads(before)
+    assert one.shape == (101,)
+    np.testing.assert_array_equal(one, many)

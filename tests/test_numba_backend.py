@@ -1,0 +1,163 @@
+"""The numba backend against the numpy reference: same logits (per-position KL) and the same greedy tokens on the
+real SmolLM2 (its Q4_1 file and Q4_0 / Q8_0 copies), and on small random models for the features SmolLM2
+lacks (NeoX RoPE with Q/K/V biases, Q/K norms)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends import load_model
+from backends.numba import SMALL_T, jit_cache_is_cold
+from quant.errors import PromptError
+from quant.gguf_file import read_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = REPO / ".test-models"
+
+PROMPTS = [
+    [1, 504, 3458, 282, 4195, 314, 253, 1345, 30, 216, 701, 3124, 28, 3, 99, 1412, 30, 2052, 314, 260],
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 30, 2],
+]
+
+
+def _bench_models():
+    spec = importlib.util.spec_from_file_location("make_bench_models", REPO / "benchmarks" / "make_bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2_variants(smollm2_path):
+    """{'q4_1': original, 'q4_0': copy, 'q8_0': copy} paths; the copies are made once into .test-models."""
+    from gguf import GGMLQuantizationType
+
+    paths = {"q4_1": smollm2_path}
+    for name in ("q4_0", "q8_0"):
+        dst = TEST_HOME / "numba" / f"smollm2-{name}.gguf"
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _bench_models().requantize(smollm2_path, dst, GGMLQuantizationType[name.upper()])
+        paths[name] = dst
+    return paths
+
+
+def kl_per_position(logits, ref):
+    """KL(ref || logits) for each row, in float64."""
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def greedy(model, prompt, n):
+    cache = model.new_cache(len(prompt) + n)
+    logits = model.forward(np.array(prompt), cache)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward(np.array(out[-1:]), cache)
+    return out
+
+
+@pytest.fixture(scope="session")
+def models(smollm2_variants):
+    """(numba, numpy) model pairs per variant, loaded lazily and shared."""
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            gguf = read_gguf(smollm2_variants[name])
+            loaded[name] = (load_model(gguf, "numba", threads=2), load_model(gguf, "numpy"))
+        return loaded[name]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
+def test_logits_match_numpy(models, variant):
+    """Both numba paths (one GEMM call for the prompt; chunks of <= SMALL_T through the matvec kernels) give the
+    reference's distribution at every position."""
+    fast, ref = models(variant)
+    tokens = np.array(PROMPTS[0])
+    want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
+    assert len(tokens) > SMALL_T
+    whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
+    cache = fast.new_cache(32)
+    pieces = np.concatenate([fast.forward(tokens[i:i + 5], cache, all_logits=True) for i in range(0, 20, 5)])
+    for got in (whole, pieces):
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert kl_per_position(got, want).max() < 1e-3
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
+def test_greedy_tokens_match_numpy(models, variant):
+    """64 tokens on the store's file for every prompt; a shorter check on the copies keeps the suite lean."""
+    fast, ref = models(variant)
+    n, prompts = (64, PROMPTS) if variant == "q4_1" else (16, PROMPTS[:1])
+    for prompt in prompts:
+        assert greedy(fast, prompt, n) == greedy(ref, prompt, n)
+
+
+@pytest.mark.slow
+def test_cache_trim_reset_and_threads(models, smollm2_path):
+    """Trimming the cache and running again reproduces the logits; the thread count does not change them."""
+    fast, _ = models("q4_1")
+    tokens = np.array(PROMPTS[1])
+    cache = fast.new_cache(32)
+    first = fast.forward(tokens, cache)
+    nxt = fast.forward(np.array([42]), cache)
+    assert cache.offset == len(tokens) + 1
+    assert cache.trim(1) == 1
+    np.testing.assert_array_equal(fast.forward(np.array([42]), cache), nxt)
+    cache.reset()
+    np.testing.assert_array_equal(fast.forward(tokens, cache), first)
+    import numba
+
+    before = numba.get_num_threads()  # numba's thread count is per process
+    try:
+        one = load_model(read_gguf(smollm2_path), "numba", threads=1)
+        c1 = one.new_cache(32)
+        np.testing.assert_array_equal(one.forward(tokens, c1), first)
+        np.testing.assert_array_equal(one.forward(np.array([42]), c1), nxt)
+    finally:
+        numba.set_num_threads(before)
+    assert not jit_cache_is_cold()
+
+
+def test_context_full_is_a_clean_error(models):
+    fast, _ = models("q4_1")
+    cache = fast.new_cache(4)
+    with pytest.raises(PromptError, match="context full"):
+        fast.forward(np.arange(5), cache)
+    with pytest.raises(PromptError, match="out of range"):
+        fast.forward(np.array([fast.hparams.n_vocab]), cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,opts", [("qwen2", {"qkv_bias": True}), ("qwen3", {"qk_norm": True}),
+                                       ("llama", {"tied": False})])
+def test_architecture_features_match_numpy(arch, opts, tmp_path):
+    """NeoX RoPE, Q/K/V biases, Q/K norms, an untied output, GQA with 4 query heads per KV head, on a random
+    model with rows that are not multiples of 256."""
+    path = _bench_models().write_random_model(tmp_path / f"{arch}.gguf", arch=arch, n_embd=128, n_layers=2,
+                                              n_heads=8, n_kv_heads=2, n_ff=96, n_vocab=160, **opts)
+    gguf = read_gguf(path)
+    fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
+    assert fast.hparams.rope_neox == (arch != "llama")
+    tokens = np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 150])
+    want = ref.forward(tokens, ref.new_cache(16), all_logits=True)
+    cache = fast.new_cache(16)
+    got = np.concatenate([fast.forward(tokens[:10], cache, all_logits=True),
+                          fast.forward(tokens[10:], cache, all_logits=True)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
