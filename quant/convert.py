@@ -1,0 +1,507 @@
+"""Write a block-quantized GGUF from a Hugging Face folder or a float GGUF, one tensor at a time.
+
+A source is a list of tensors under their GGUF names, each able to hand out row ranges, plus a
+function that writes its metadata. The plan gives every tensor a type (the policy below); the
+writer streams: header first, then each tensor read in row chunks, quantized, written, dropped.
+Nothing holds more than one output tensor and one input chunk at a time.
+
+Type policy (as llama.cpp's): 1-D tensors stay F32; the token embedding and the output matrix get
+q8_0 (or the requested type when it is q8_0 or a float type); every other matrix gets the requested
+type. --embedding-type / --output-type / --tensor-type REGEX=TYPE override, --pure turns the q8_0
+exception off. A row length that does not split into 32-weight blocks falls back to f16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import struct
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
+
+from quant.errors import LlmError, ModelFileError, UnsupportedError
+from quant.formats import dequantize
+from quant.gguf_file import _Cursor, read_gguf
+from quant.hf_tokenizer import read_hf_tokenizer
+from quant.quantize import BLOCK_TYPES, QK, QUANTIZE_TYPES, quantize_rows
+from quant.safetensors_file import SafeTensor, read_safetensors
+
+Q = GGMLQuantizationType
+ARCHS = ("llama", "qwen2", "qwen3")  # what the engine runs (backends.base.SUPPORTED_ARCHS)
+FLOAT_KINDS = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
+TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES, key=lambda t: t.value)}
+_FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
+              Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+              Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+              Q.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+CHUNK_WEIGHTS = 1 << 22  # weights read per chunk: bounds the float32 working set to ~16 MB
+
+
+def parse_type(name: str) -> GGMLQuantizationType:
+    """'q4_0' -> Q4_0, for the types this writer produces; one clear error otherwise."""
+    t = TYPE_NAMES.get(name.strip().lower())
+    if t is None:
+        raise LlmError(f"unknown quantization type '{name}' (choose from {', '.join(TYPE_NAMES)})")
+    return t
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to write. Defaults live here."""
+
+    qtype: GGMLQuantizationType = Q.Q4_0
+    embedding_type: GGMLQuantizationType | None = None
+    output_type: GGMLQuantizationType | None = None
+    tensor_types: tuple[tuple[str, GGMLQuantizationType], ...] = ()  # (regex, type), first match wins
+    pure: bool = False
+    optimize: bool = False
+    allow_requantize: bool = False
+
+
+def parse_tensor_types(specs: list[str] | None) -> tuple[tuple[str, GGMLQuantizationType], ...]:
+    """['attn_v=q8_0', ...] -> (('attn_v', Q8_0), ...) with the regexes checked."""
+    out = []
+    for spec in specs or []:
+        pattern, sep, tname = spec.rpartition("=")
+        if not sep or not pattern:
+            raise LlmError(f"--tensor-type needs REGEX=TYPE, got '{spec}'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LlmError(f"--tensor-type '{spec}': bad regular expression ({e})") from None
+        out.append((pattern, parse_type(tname)))
+    return tuple(out)
+
+
+# ---- sources -------------------------------------------------------------------------------------------------
+
+@dataclass
+class SourceTensor:
+    """A tensor under its GGUF name. `read(r0, r1)` -> (rows r0..r1 (2-D), kind) with kind 'f32' (float32),
+    'f16' / 'bf16' (uint16 bits); 1-D tensors are one row. `qtype` is the stored type (for same-type copies)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    read: Callable[[int, int], tuple[np.ndarray, str]]
+    raw: Callable[[], np.ndarray] | None = None  # the stored bytes, for a tensor kept in its own type
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if len(self.shape) == 2 else 1
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Source:
+    arch: str
+    name: str
+    tensors: list[SourceTensor]
+    write_metadata: Callable[[GGUFWriter], None]
+    quantized: list[str] = field(default_factory=list)  # names of tensors already block-quantized
+
+
+def _rows_reader(data: np.ndarray, kind: str, perm: np.ndarray | None = None):
+    """Reader over a 1-D or 2-D array view; `perm` reorders rows (the Q/K permutation)."""
+    two_d = data if data.ndim == 2 else data.reshape(1, -1)
+
+    def read(r0: int, r1: int) -> tuple[np.ndarray, str]:
+        if perm is not None:
+            if data.ndim == 1:
+                return np.ascontiguousarray(data[perm]).reshape(1, -1), kind
+            return np.ascontiguousarray(two_d[perm[r0:r1]]), kind
+        return np.ascontiguousarray(two_d[r0:r1]), kind
+
+    return read
+
+
+def qk_permutation(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that turns HF's rotate-half Q/K rows into GGUF llama's interleaved pairs:
+    within each head, output row 2i + j comes from input row j * head_dim / 2 + i."""
+    head_dim = n_rows // n_head
+    half = head_dim // 2
+    h, i, j = np.meshgrid(np.arange(n_head), np.arange(half), np.arange(2), indexing="ij")
+    return (h * head_dim + j * half + i).reshape(-1)
+
+
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """HF tensor name -> GGUF name; None for buffers that are not weights."""
+    if hf_name in _TOP_MAP:
+        return _TOP_MAP[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    if _IGNORED.fullmatch(hf_name):
+        return None
+    raise UnsupportedError(f"tensor {hf_name} has no GGUF counterpart (not a llama/qwen2/qwen3 weight)")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelFileError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFileError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise UnsupportedError(f"{folder}: weights are in pickle format ({pickles[0]}), which can run code "
+                               f"when loaded; llm reads only .safetensors")
+    raise ModelFileError(f"{folder}: no *.safetensors weights")
+
+
+def _rope_config(config: dict) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) from either form of config.json (`rope_theta` + `rope_scaling`,
+    or the newer `rope_parameters`)."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or {}
+    if not scaling and params.get("rope_type", "default") != "default":
+        scaling = params
+    return float(theta), scaling
+
+
+def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """Llama 3.1 frequency factors (divide each inverse frequency): (head_dim / 2,) float32."""
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(wavelen < old_ctx / high, 1.0,
+                   np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def hf_source(folder: Path, name: str | None = None) -> Source:
+    """A Hugging Face model folder: config.json, safetensors (one or sharded), tokenizer files."""
+    import json
+
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: not a directory")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
+    arch = config.get("model_type")
+    if arch not in ARCHS:
+        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+
+    def need(key: str):
+        if key not in config:
+            raise ModelFileError(f"{cfg_path}: '{key}' is missing")
+        return config[key]
+
+    n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    head_dim = int(config.get("head_dim") or n_embd // n_head)
+    n_layers, n_vocab = int(need("num_hidden_layers")), int(need("vocab_size"))
+    theta, scaling = _rope_config(config)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise UnsupportedError(f"{cfg_path}: rope scaling '{rope_type}' is not supported (linear, llama3)")
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    tensors: dict[str, SafeTensor] = {}
+    for f in _weight_files(folder):
+        tensors.update(read_safetensors(f))
+    if tied or "lm_head.weight" not in tensors:
+        if not tied:
+            warnings.warn("no lm_head.weight: tying the output to the token embedding", stacklevel=2)
+        tensors.pop("lm_head.weight", None)
+    tokenizer = read_hf_tokenizer(folder, n_vocab)
+
+    out: list[SourceTensor] = []
+    if rope_type == "llama3":
+        factors = llama3_rope_factors(scaling, head_dim, theta)
+        out.append(SourceTensor("rope_freqs.weight", factors.shape, Q.F32, _rows_reader(factors, "f32")))
+    for hf_name, t in tensors.items():
+        gname = gguf_name(hf_name)
+        if gname is None:
+            continue
+        perm = None
+        if arch == "llama" and re.search(r"attn_[qk]\.(weight|bias)$", gname):
+            perm = qk_permutation(t.shape[0], n_head if ".attn_q." in gname else n_kv)
+        qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[t.kind]
+        raw = None if perm is not None else (lambda t=t: t.data.view(np.uint8))
+        out.append(SourceTensor(gname, t.shape, qtype, _rows_reader(t.data, t.kind, perm), raw))
+    _check_complete(out, n_layers, arch, folder)
+    out.sort(key=_tensor_order)
+
+    def write_metadata(w: GGUFWriter) -> None:
+        w.add_name(name or folder.name)
+        w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+        w.add_embedding_length(n_embd)
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(int(need("intermediate_size")))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+        w.add_rope_freq_base(theta)
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != n_embd // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_vocab_size(n_vocab)
+        if rope_type == "linear":
+            w.add_rope_scaling_type(RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        tokenizer.add_to(w)
+
+    return Source(arch, name or folder.name, out, write_metadata)
+
+
+def _check_complete(tensors: list[SourceTensor], n_layers: int, arch: str, folder: Path) -> None:
+    names = {t.name for t in tensors}
+    need = ["token_embd.weight", "output_norm.weight"]
+    for i in range(n_layers):
+        need += [f"blk.{i}.{n}" for n in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                          "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight",
+                                          "ffn_up.weight", "ffn_down.weight")]
+        if arch == "qwen3":
+            need += [f"blk.{i}.attn_q_norm.weight", f"blk.{i}.attn_k_norm.weight"]
+    missing = [n for n in need if n not in names]
+    if missing:
+        raise ModelFileError(f"{folder}: {len(missing)} weight(s) missing from the safetensors, e.g. {missing[0]}")
+
+
+def _tensor_order(t: SourceTensor) -> tuple:
+    m = re.match(r"blk\.(\d+)\.", t.name)
+    if m:
+        return (1, int(m.group(1)), t.name)
+    return (0 if t.name in ("rope_freqs.weight", "token_embd.weight") else 2, 0, t.name)
+
+
+def _typed_metadata(path: Path) -> list[tuple[str, GGUFValueType, GGUFValueType | None, Any]]:
+    """Every metadata key of a GGUF with its value type (and element type for arrays), in file order."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        n_kv = struct.unpack_from("<Q", head, 16)[0]
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm), path)
+    cur.pos = 24
+    out = []
+    for _ in range(n_kv):
+        key = cur.string()
+        vtype = GGUFValueType(cur.scalar("<I"))
+        sub = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0]) if vtype == GGUFValueType.ARRAY else None
+        out.append((key, vtype, sub, cur.value(vtype)))
+    return out
+
+
+_REWRITTEN_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
+
+
+def gguf_source(path: Path, allow_requantize: bool = False) -> Source:
+    """A GGUF file: float tensors are re-encoded; block-quantized ones only with allow_requantize."""
+    g = read_gguf(path)
+    arch = g.get("general.architecture")
+    if arch not in ARCHS:
+        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    quantized = [t.name for t in g.tensors.values() if t.qtype not in FLOAT_KINDS]
+    if quantized and not allow_requantize:
+        kinds = sorted({g.tensors[n].qtype.name for n in quantized})
+        raise LlmError(f"{path} is already quantized ({', '.join(kinds)}); quantizing it again loses quality — "
+                       f"pass --allow-requantize to do it anyway, or start from the F16/BF16/F32 model")
+    tensors = []
+    for t in g.tensors.values():
+        tensors.append(SourceTensor(t.name, t.shape, t.qtype, _gguf_reader(t), lambda t=t: t.data.view(np.uint8)))
+    kvs = [kv for kv in _typed_metadata(path) if kv[0] not in _REWRITTEN_KEYS]
+
+    def write_metadata(w: GGUFWriter) -> None:
+        for key, vtype, sub, value in kvs:
+            w.add_key_value(key, value, vtype, sub_type=sub)
+
+    return Source(arch, g.get("general.name") or path.stem, tensors, write_metadata, quantized)
+
+
+def _gguf_reader(t):
+    if t.qtype in FLOAT_KINDS:  # f16 and bf16 as their uint16 bits
+        return _rows_reader(t.data if t.qtype == Q.F32 else t.data.view(np.uint16), FLOAT_KINDS[t.qtype])
+    two_d = t.data if t.data.ndim == 2 else t.data.reshape(1, -1)
+
+    def read(r0: int, r1: int) -> tuple[np.ndarray, str]:
+        return dequantize(np.ascontiguousarray(two_d[r0:r1]), t.qtype).reshape(r1 - r0, -1), "f32"
+
+    return read
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorPlan:
+    source: SourceTensor
+    qtype: GGMLQuantizationType
+    note: str = ""  # why the type differs from the policy (e.g. a fallback)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return self.source.n_elements // block * size
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.n_bytes / self.source.n_elements
+
+
+def choose_type(t: SourceTensor, opts: ConvertOptions, tied: bool) -> tuple[GGMLQuantizationType, str]:
+    """The policy: which type tensor `t` gets (and a note when it falls back)."""
+    if len(t.shape) == 1:
+        return Q.F32, ""
+    chosen = None
+    for pattern, qtype in opts.tensor_types:
+        if re.search(pattern, t.name):
+            chosen = qtype
+            break
+    if chosen is None:
+        keep_high = Q.Q8_0 if not opts.pure and opts.qtype in BLOCK_TYPES and opts.qtype != Q.Q8_0 else opts.qtype
+        if t.name == "token_embd.weight":
+            chosen = opts.embedding_type or (opts.output_type if tied else None) or keep_high
+        elif t.name == "output.weight":
+            chosen = opts.output_type or keep_high
+        else:
+            chosen = opts.qtype
+    if chosen in BLOCK_TYPES and t.shape[-1] % QK:
+        return Q.F16, f"rows of {t.shape[-1]} do not split into {QK}-weight blocks"
+    return chosen, ""
+
+
+def make_plan(source: Source, opts: ConvertOptions) -> list[TensorPlan]:
+    tied = not any(t.name == "output.weight" for t in source.tensors)
+    plans = []
+    for t in source.tensors:
+        qtype, note = choose_type(t, opts, tied)
+        plans.append(TensorPlan(t, qtype, note))
+    return plans
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+
+def encode_tensor(t: SourceTensor, qtype: GGMLQuantizationType, optimize: bool = False) -> np.ndarray:
+    """The bytes of tensor `t` in `qtype`: read in row chunks, quantized, gathered into one uint8 array."""
+    if t.qtype == qtype and t.raw is not None:
+        return np.ascontiguousarray(t.raw()).reshape(-1)
+    cols = t.shape[-1]
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.empty((t.n_rows, cols // block * size), dtype=np.uint8)
+    step = max(1, CHUNK_WEIGHTS // cols)
+    for r0 in range(0, t.n_rows, step):
+        r1 = min(t.n_rows, r0 + step)
+        rows, kind = t.read(r0, r1)
+        if qtype in BLOCK_TYPES:
+            quantize_rows(rows, qtype, optimize, kind, out=out[r0:r1])
+        else:
+            out[r0:r1] = quantize_rows(rows, qtype, optimize, kind).reshape(r1 - r0, -1)
+    return out.reshape(-1)
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    plan: list[TensorPlan]
+    n_bytes: int  # file size
+    n_weights: int
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.n_bytes / max(1, self.n_weights)
+
+
+def _temp_output(output: Path) -> Path:
+    """Create the temporary file next to `output` (checks that it is writable before any work).
+    Made with the usual permissions (0666 less the umask), unlike mkstemp's 0600."""
+    folder = output.parent
+    if not folder.is_dir():
+        raise LlmError(f"cannot write {output}: folder {folder} does not exist")
+    tmp = folder / f".{output.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:
+        raise LlmError(f"cannot write {output}: {e.strerror or e}") from None
+    return tmp
+
+
+def write_gguf(source: Source, opts: ConvertOptions, output: Path,
+               on_tensor: Callable[[TensorPlan], None] | None = None) -> ConvertResult:
+    """Write `source` as a GGUF at `output` (via a temporary file renamed at the end)."""
+    t0 = time.perf_counter()
+    plan = make_plan(source, opts)
+    if output.is_dir():
+        raise LlmError(f"cannot write {output}: it is a directory")
+    tmp = _temp_output(output)
+    writer = GGUFWriter(tmp, source.arch)
+    try:
+        source.write_metadata(writer)
+        writer.add_file_type(_FILE_TYPE[opts.qtype])
+        writer.add_quantization_version(2)
+        for p in plan:
+            writer.add_tensor_info(p.name, (p.n_bytes,) if len(p.shape) == 1 else
+                                   (p.shape[0], p.n_bytes // p.shape[0]), np.dtype(np.uint8), p.n_bytes,
+                                   raw_dtype=p.qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plan:
+            writer.write_tensor_data(encode_tensor(p.source, p.qtype, opts.optimize))
+            if on_tensor is not None:
+                on_tensor(p)
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return ConvertResult(output, plan, output.stat().st_size, sum(p.source.n_elements for p in plan),
+                         time.perf_counter() - t0)
