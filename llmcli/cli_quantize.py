@@ -49,7 +49,7 @@ def _plan_table(report):
 def quantize(
     source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a repo id in the HF cache, a F16/BF16/"
                                                "F32 .gguf, or a model name from `llm list`.", show_default=False)],
-    qtype: Annotated[str, typer.Argument(help=f"Target type: {QTYPE_HELP}", show_default=False)] = "q4_0",
+    qtype: Annotated[str, typer.Option("--type", "-t", help=f"Target type: {QTYPE_HELP}")] = "q4_0",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the GGUF (default: the "
                                                    "model store, as <source>:<type>).", show_default=False)] = None,
     embedding_type: Annotated[str | None, typer.Option("--embedding-type", help="Type of the token embedding "

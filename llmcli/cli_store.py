@@ -50,7 +50,7 @@ def pull(
     if quantize:
         from llmcli.quantize import quantize as convert
 
-        path = convert(repo_id, quantize)
+        path = convert(repo_id, quantize, revision=revision)
         print(f"quantized {repo_id} to {quantize}: {path}")
 
 

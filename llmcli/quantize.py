@@ -45,18 +45,20 @@ class QuantizeReport:
         return sum(p.source.n_elements for p in self.plan)
 
 
-def _hf_cache_folder(repo_id: str) -> Path | None:
+def _hf_cache_folder(repo_id: str, revision: str | None = None) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
         return None
 
 
-def resolve_source(source: str, allow_requantize: bool = False) -> tuple[Source, str]:
-    """-> (the source, the name its result is stored under before ':<type>')."""
+def resolve_source(source: str, allow_requantize: bool = False,
+                   revision: str | None = None) -> tuple[Source, str]:
+    """-> (the source, the name its result is stored under before ':<type>'). `revision` picks the
+    cached snapshot of a Hub repo id (default: main)."""
     from llmcli import store
 
     path = Path(source).expanduser()
@@ -74,7 +76,7 @@ def resolve_source(source: str, allow_requantize: bool = False) -> tuple[Source,
         gguf = store.resolve_model(source)
         return gguf_source(gguf, allow_requantize), (found.name if found else source).split(":")[0]
     if "/" in source and not source.endswith(".gguf"):
-        folder = _hf_cache_folder(source)
+        folder = _hf_cache_folder(source, revision)
         if folder is not None:
             return hf_source(folder, name=source.split("/")[-1]), source
         raise ModelNotFoundError(f"'{source}' is not a folder, a GGUF file, a stored model, or a repo in the "
@@ -97,11 +99,12 @@ def _options(qtype: str, embedding_type: str | None = None, output_type: str | N
 
 def run_quantize(source: str, qtype: str, output: Path | None = None, *, dry_run: bool = False,
                  on_plan: Callable[[QuantizeReport], None] | None = None,
-                 on_tensor: Callable[[TensorPlan], None] | None = None, **options) -> QuantizeReport:
+                 on_tensor: Callable[[TensorPlan], None] | None = None, revision: str | None = None,
+                 **options) -> QuantizeReport:
     """Quantize `source` to `qtype`; see `quantize`. With dry_run, only plan (nothing is written).
     `on_plan(report)` is called once the plan is made, `on_tensor(plan entry)` after each tensor."""
     opts = _options(qtype, **options)
-    src, base_name = resolve_source(source, opts.allow_requantize)
+    src, base_name = resolve_source(source, opts.allow_requantize, revision)
     report = QuantizeReport(source, opts.qtype.name.lower(), make_plan(src, opts))
     if src.quantized:
         report.warnings.append(f"{len(src.quantized)} tensors are already quantized: requantizing them loses "
@@ -135,7 +138,7 @@ def quantize(source: str, qtype: str, output: Path | None = None, **options) -> 
     ('q4_0', 'q8_0', 'f16', ...); returns the path of the GGUF written (in the store without `output`).
 
     Options: embedding_type, output_type, tensor_types (['REGEX=TYPE']), pure, optimize, allow_requantize,
-    on_tensor (called after each tensor is written).
+    revision (of a Hub repo id in the cache), on_tensor (called after each tensor is written).
     """
     report = run_quantize(source, qtype, output, **options)
     if report.result is None:

@@ -158,7 +158,8 @@ def test_dry_run_table_matches_the_written_file(smollm2_hf_dir, tmp_path, monkey
     from llmcli.cli import main
 
     out = tmp_path / "m.gguf"
-    monkeypatch.setattr(sys, "argv", ["llm", "quantize", str(smollm2_hf_dir), "q5_0", "-o", str(out), "--dry-run"])
+    argv = ["llm", "quantize", str(smollm2_hf_dir), "-t", "q5_0", "-o", str(out), "--dry-run"]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exc:  # main() always exits
         main()
     assert exc.value.code == 0

@@ -297,7 +297,7 @@ def test_pull_q_converts_from_the_cache_and_runs(hub, env):
     ok(env, "pull", ST_REPO, "-q", "q4_0")
     sent = hub.bytes_sent(ST_REPO)
     hub.reset()
-    ok(env, "quantize", ST_REPO, "q8_0")  # from the cache, no network (the issue says `-t q8_0`)
+    ok(env, "quantize", ST_REPO, "-t", "q8_0")  # from the cache, no network
     assert hub.bytes_sent(ST_REPO) == 0 and sent > 0
     models = listed(env)
     assert {f"{ST_REPO}:safetensors", f"{ST_REPO}:q4_0", f"{ST_REPO}:q8_0"} <= set(models)

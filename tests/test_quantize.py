@@ -136,7 +136,7 @@ def test_bad_input_one_line_and_no_file(case, expected, tmp_path, monkeypatch, c
         out = blocker / "model.gguf"  # a path below a regular file
     else:
         source, out = smollm2_hf_dir, tmp_path / "nowhere" / "model.gguf"
-    code, err = _cli(["quantize", str(source), qtype, "-o", str(out)], monkeypatch, capsys)
+    code, err = _cli(["quantize", str(source), "-t", qtype, "-o", str(out)], monkeypatch, capsys)
     assert code == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
