@@ -138,6 +138,13 @@ def rope_inv_freq(hp: HParams, gguf: GGUFFile) -> np.ndarray:
     return (inv / hp.rope_scale).astype(np.float32)
 
 
+def weight_bytes_per_token(gguf: GGUFFile, hp: HParams) -> int:
+    """Bytes of weights a decoded token reads: every tensor, except that the embedding table is read one
+    row per token unless it is also the output matrix."""
+    total = sum(t.n_bytes for t in gguf.tensors.values())
+    return total if hp.tied_embeddings else total - gguf.tensors["token_embd.weight"].n_bytes
+
+
 def output_tensor(gguf: GGUFFile, hp: HParams) -> Tensor:
     return gguf.tensors["token_embd.weight" if hp.tied_embeddings else "output.weight"]
 
@@ -172,7 +179,22 @@ class Model(Protocol):
         """Bytes of weights read to decode one token (for bandwidth figures)."""
 
 
-class SimpleKVCache:
+class OffsetCache:
+    """The bookkeeping every KV cache shares: positions past `offset` are free and get overwritten."""
+
+    offset: int
+    max_seq: int
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    def reset(self) -> None:
+        self.offset = 0
+
+
+class SimpleKVCache(OffsetCache):
     """KV cache as two numpy arrays; used by the numpy and numba backends.
 
     k, v: (n_layers, max_seq, n_kv_heads, head_dim) float32
@@ -184,11 +206,3 @@ class SimpleKVCache:
         shape = (hp.n_layers, max_seq, hp.n_kv_heads, hp.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
-
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    def reset(self) -> None:
-        self.offset = 0

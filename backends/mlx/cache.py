@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from backends.base import HParams
+from backends.base import HParams, OffsetCache
 
 
-class MlxKVCache:
+class MlxKVCache(OffsetCache):
     """keys[i], values[i]: (1, n_kv_heads, capacity, head_dim) in the compute dtype.
 
     capacity grows in multiples of `step` (never past max_seq) as tokens arrive, so a short chat does not
@@ -51,10 +51,3 @@ class MlxKVCache:
     def state(self) -> list[mx.array]:
         return self.keys + self.values
 
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    def reset(self) -> None:
-        self.offset = 0

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import HParams, SimpleKVCache, layer_tensor_names, output_tensor, rope_inv_freq
+from backends.base import (
+    HParams,
+    SimpleKVCache,
+    layer_tensor_names,
+    output_tensor,
+    rope_inv_freq,
+    weight_bytes_per_token,
+)
 from backends.numba import layers as L
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
@@ -152,11 +159,7 @@ class NumbaModel:
         return SimpleKVCache(self.hparams, max_seq)
 
     def weight_bytes_per_token(self) -> int:
-        hp = self.hparams
-        total = sum(t.n_bytes for t in self.gguf.tensors.values())
-        embd = self.gguf.tensors["token_embd.weight"]
-        # the embedding table is read one row per token, unless it is also the output matrix
-        return total if hp.tied_embeddings else total - embd.n_bytes
+        return weight_bytes_per_token(self.gguf, self.hparams)
 
     def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.base import HParams, SimpleKVCache, output_tensor, rope_inv_freq
+from backends.base import HParams, SimpleKVCache, output_tensor, rope_inv_freq, weight_bytes_per_token
 from quant.formats import dequantize
 from quant.gguf_file import GGUFFile
 
@@ -66,11 +66,7 @@ class NumpyModel:
         return SimpleKVCache(self.hparams, max_seq)
 
     def weight_bytes_per_token(self) -> int:
-        hp = self.hparams
-        total = sum(t.n_bytes for t in self.gguf.tensors.values())
-        embd = self.gguf.tensors["token_embd.weight"]
-        # the embedding table is read one row per token, unless it is also the output matrix
-        return total if hp.tied_embeddings else total - embd.n_bytes
+        return weight_bytes_per_token(self.gguf, self.hparams)
 
     def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
         hp = self.hparams
