@@ -301,3 +301,31 @@ def test_missing_mlx_is_one_clear_error(smollm2_gguf, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx", None)  # what Python does for a package that is not installed
     with pytest.raises(BackendError, match=r"backend 'mlx' needs MLX: pip install 'llmcli\[mlx\]'"):
         load_model(smollm2_gguf, "mlx")
+
+
+# ---- through the CLI: the engine's pipelined decode path, and llm bench ---------------------------------
+
+def _llm(*args: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_llm_run_on_mlx_prints_what_numpy_prints(mx, smollm2_path):
+    args = ("run", str(smollm2_path), "Name three colours.", "--temperature", "0", "-n", "24", "--verbose")
+    mlx_run, numpy_run = _llm(*args, "--backend", "mlx"), _llm(*args, "--backend", "numpy")
+    assert mlx_run.returncode == 0, mlx_run.stderr
+    assert mlx_run.stdout == numpy_run.stdout and mlx_run.stdout.strip()
+    assert "(mlx backend" in mlx_run.stderr
+
+
+@pytest.mark.slow
+def test_llm_bench_on_mlx(mx, smollm2_path):
+    import json
+
+    r = _llm("bench", str(smollm2_path), "--backend", "mlx", "-p", "16", "-n", "4", "-r", "1", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["backend"] == "mlx" and row["n_prompt"] == 16 and row["n_gen"] == 4
+    assert row["pp_tok_s"] > 0 and row["tg_tok_s"] > 0 and row["decode_gbps"] > 0
