@@ -7,8 +7,6 @@ dequantized weight tiles with BLAS (faster than the matvec kernels once many tok
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import sys
 from pathlib import Path
@@ -70,21 +68,6 @@ def jit_cache_is_cold() -> bool:
     return index is None or not Path(index).exists()
 
 
-def _single_thread_blas() -> None:
-    """Run numpy's OpenBLAS on the calling thread only. Its own busy-waiting pool fights numba's threads for
-    the cores between the GEMMs of the prompt path (measured: 3-9 s instead of 0.25 s for a 31-token prompt
-    on 2 cores). Best effort: other BLAS builds (Accelerate, MKL) are left alone."""
-    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs", "*openblas*"))
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                       "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(1))
-                return
-
-
 def _mmap_root(gguf: GGUFFile) -> np.ndarray:
     """The uint8 array of the whole file that every tensor views."""
     data = next(iter(gguf.tensors.values())).data
@@ -123,7 +106,6 @@ class NumbaModel:
             hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim // 2,
             int(hp.rope_neox), hp.n_layers, LANES]
         self.inv_freq = rope_inv_freq(hp, gguf)
-        _single_thread_blas()
         self._scratch = self._make_scratch(SMALL_T)
         self._tile = np.empty(TILE_FLOATS, dtype=np.float32)
 
