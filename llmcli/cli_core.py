@@ -121,6 +121,7 @@ def chat(
 
     from llmcli.chat import ChatLoop
     from llmcli.engine import Session
+    from llmcli.store import DEFAULT_MODEL
 
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
@@ -128,7 +129,8 @@ def chat(
     with err.status("loading model…"):
         lm = _open(model, backend, threads, template)
     session = Session(lm, ctx)
-    err.print(f"[dim]{lm.gguf.path.name} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
+    label = model or DEFAULT_MODEL
+    err.print(f"[dim]{label} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
     ChatLoop(session, config, Console(highlight=False), err, system=system).run()
 
 
