@@ -46,10 +46,12 @@ _KIND_NAMES = {
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
-    # Idle OpenMP workers sleep instead of spinning (unless the user says otherwise). Measured on 2 shared
-    # cores: spinning workers starve the thread doing real work; decode fell from 36 to 5-16 tok/s and a
-    # 31-token prompt took 10 s instead of 0.25 s. Read by libgomp when numba first starts its threads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Idle OpenMP workers spin briefly, then sleep (unless the user chose a policy). Decode runs ~150 short
+    # parallel regions per token, back to back: a sleeping pool (OMP_WAIT_POLICY=PASSIVE) halves decode speed
+    # on 2 cores, while long spinning (ACTIVE) starves BLAS's threads during the prefill GEMMs (pp128: 50
+    # instead of 450 tok/s). 1000 spins serve both (benchmarks/RESULTS.md). Read when numba starts its pool.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "1000"
     import numba
 
     if threads > numba.config.NUMBA_NUM_THREADS:
