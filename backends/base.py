@@ -8,10 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
-from quant.errors import ModelFileError, UnsupportedError
-from quant.gguf_file import GGUFFile, Tensor
-
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+from quant.errors import ModelFileError
+from quant.gguf_file import GGUFFile, Tensor, check_arch
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,7 @@ def read_hparams(gguf: GGUFFile) -> HParams:
     arch = gguf.get("general.architecture")
     if arch is None:
         raise ModelFileError(f"{gguf.path}: no general.architecture in metadata")
-    if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+    check_arch(arch)
 
     def need(key: str):
         value = gguf.get(f"{arch}.{key}")

@@ -17,26 +17,23 @@ import math
 import os
 import re
 import secrets
-import struct
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
 from quant.errors import LlmError, ModelFileError, UnsupportedError
 from quant.formats import dequantize
-from quant.gguf_file import _Cursor, read_gguf
+from quant.gguf_file import check_arch, read_gguf
 from quant.hf_tokenizer import read_hf_tokenizer
 from quant.quantize import BLOCK_TYPES, QK, QUANTIZE_TYPES, quantize_rows
 from quant.safetensors_file import SafeTensor, read_safetensors
 
 Q = GGMLQuantizationType
-ARCHS = ("llama", "qwen2", "qwen3")  # what the engine runs (backends.base.SUPPORTED_ARCHS)
 FLOAT_KINDS = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
 TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES, key=lambda t: t.value)}
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
@@ -227,8 +224,7 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
     except ValueError as e:
         raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
     arch = config.get("model_type")
-    if arch not in ARCHS:
-        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    check_arch(arch)
 
     def need(key: str):
         if key not in config:
@@ -315,23 +311,6 @@ def _tensor_order(t: SourceTensor) -> tuple:
     return (0 if t.name in ("rope_freqs.weight", "token_embd.weight") else 2, 0, t.name)
 
 
-def _typed_metadata(path: Path) -> list[tuple[str, GGUFValueType, GGUFValueType | None, Any]]:
-    """Every metadata key of a GGUF with its value type (and element type for arrays), in file order."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-        n_kv = struct.unpack_from("<Q", head, 16)[0]
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(memoryview(mm), path)
-    cur.pos = 24
-    out = []
-    for _ in range(n_kv):
-        key = cur.string()
-        vtype = GGUFValueType(cur.scalar("<I"))
-        sub = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0]) if vtype == GGUFValueType.ARRAY else None
-        out.append((key, vtype, sub, cur.value(vtype)))
-    return out
-
-
 _REWRITTEN_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
 
 
@@ -339,8 +318,7 @@ def gguf_source(path: Path, allow_requantize: bool = False) -> Source:
     """A GGUF file: float tensors are re-encoded; block-quantized ones only with allow_requantize."""
     g = read_gguf(path)
     arch = g.get("general.architecture")
-    if arch not in ARCHS:
-        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    check_arch(arch)
     quantized = [t.name for t in g.tensors.values() if t.qtype not in FLOAT_KINDS]
     if quantized and not allow_requantize:
         kinds = sorted({g.tensors[n].qtype.name for n in quantized})
@@ -349,7 +327,7 @@ def gguf_source(path: Path, allow_requantize: bool = False) -> Source:
     tensors = []
     for t in g.tensors.values():
         tensors.append(SourceTensor(t.name, t.shape, t.qtype, _gguf_reader(t), lambda t=t: t.data.view(np.uint8)))
-    kvs = [kv for kv in _typed_metadata(path) if kv[0] not in _REWRITTEN_KEYS]
+    kvs = [(key, *g.types[key], value) for key, value in g.metadata.items() if key not in _REWRITTEN_KEYS]
 
     def write_metadata(w: GGUFWriter) -> None:
         for key, vtype, sub, value in kvs:

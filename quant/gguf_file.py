@@ -21,6 +21,7 @@ from quant.errors import ModelFileError, UnsupportedError
 from quant.formats import READABLE_TYPES
 
 GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # the architectures the engine runs (and the converter writes)
 DEFAULT_ALIGNMENT = 32
 
 _SCALAR = {
@@ -58,6 +59,12 @@ class Tensor:
     @property
     def n_bytes(self) -> int:
         return int(self.data.nbytes)
+
+
+def check_arch(arch: str | None) -> None:
+    """Refuse, in one line, an architecture the engine does not run."""
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
 class _Cursor:
@@ -124,6 +131,8 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, Tensor]
     file_size: int
+    # key -> (value type, element type for arrays): what a rewrite needs to store each value as it was
+    types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -154,10 +163,14 @@ def read_gguf(path: str | os.PathLike, check_types: bool = True) -> GGUFFile:
         raise ModelFileError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
 
     metadata: dict[str, Any] = {}
+    types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
     try:
         for _ in range(n_kv):
             key = cur.string()
-            metadata[key] = cur.value(cur.scalar("<I"))
+            vtype = GGUFValueType(cur.scalar("<I"))
+            sub = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0]) if vtype == GGUFValueType.ARRAY else None
+            types[key] = (vtype, sub)
+            metadata[key] = cur.value(vtype)
     except ValueError as e:
         raise ModelFileError(f"{path}: corrupt GGUF metadata: {e}") from None
 
@@ -201,4 +214,4 @@ def read_gguf(path: str | os.PathLike, check_types: bool = True) -> GGUFFile:
         else:
             data = raw.reshape(*shape[:-1], shape[-1] // block * tsize)
         tensors[name] = Tensor(name, qtype, shape, data)
-    return GGUFFile(path, version, metadata, tensors, size)
+    return GGUFFile(path, version, metadata, tensors, size, types)
