@@ -20,9 +20,10 @@ Conventions shared by every kernel:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
+from quant import simd
 from quant.errors import UnsupportedError
+from quant.jit import njit, prange
 
 # GGML type codes (gguf.GGMLQuantizationType values), as plain ints for the kernels.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
@@ -103,81 +104,6 @@ def block_sums(x, xs):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _dot_f32(wv, off, n, x):
-    w = wv[2][off // 4: off // 4 + n]
-    acc = np.float32(0.0)
-    for j in range(n):
-        acc += w[j] * x[j]
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_half(wv, off, n, x, table):
-    w = wv[1][off // 2: off // 2 + n]
-    acc = np.float32(0.0)
-    for j in range(n):
-        acc += table[w[j]] * x[j]
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_q4(u8, off, n, x, xs, lanes, bs, has_min):
-    # Q4_0 (bs 18): d f16 | 16 B nibbles (low = weights 0..15, high = 16..31); w = d * (q - 8)
-    # Q4_1 (bs 20): d f16 | m f16 | 16 B nibbles;                            w = d * q + m
-    acc = np.float32(0.0)
-    for b in range(n // 32):
-        blk = u8[off + b * bs: off + b * bs + bs]
-        qs = blk[bs - 16: bs]
-        xb = x[b * 32: b * 32 + 32]
-        s = np.float32(0.0)
-        for j in range(lanes):
-            q = qs[j]
-            s += np.float32(np.uint8(q & 15)) * xb[j] + np.float32(np.uint8(q >> 4)) * xb[16 + j]
-        d = _f16(blk, 0)
-        m = _f16(blk, 2) if has_min else np.float32(-8.0) * d
-        acc += d * s + m * xs[b]
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_q5(u8, off, n, x, xs, lanes, bs, has_min):
-    # Q5_0 (bs 22): d f16 | qh u32 (bit j = 5th bit of weight j) | 16 B nibbles; w = d * (q - 16)
-    # Q5_1 (bs 24): d f16 | m f16 | qh u32 | 16 B nibbles;                       w = d * q + m
-    acc = np.float32(0.0)
-    h0 = bs - 20
-    for b in range(n // 32):
-        blk = u8[off + b * bs: off + b * bs + bs]
-        qs = blk[bs - 16: bs]
-        xb = x[b * 32: b * 32 + 32]
-        qh = (np.int32(blk[h0]) | (np.int32(blk[h0 + 1]) << 8) | (np.int32(blk[h0 + 2]) << 16)
-              | (np.int32(blk[h0 + 3]) << 24))
-        s = np.float32(0.0)
-        for j in range(lanes):
-            q = np.int32(qs[j])
-            lo = (q & 15) | (((qh >> j) & 1) << 4)
-            hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            s += np.float32(lo) * xb[j] + np.float32(hi) * xb[16 + j]
-        d = _f16(blk, 0)
-        m = _f16(blk, 2) if has_min else np.float32(-16.0) * d
-        acc += d * s + m * xs[b]
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_q8_0(u8, off, n, x, lanes):
-    # block: d f16 | 32 int8; w = d * q
-    acc = np.float32(0.0)
-    for b in range(n // 32):
-        blk = u8[off + b * 34: off + b * 34 + 34]
-        xb = x[b * 32: b * 32 + 32]
-        s = np.float32(0.0)
-        for j in range(2 * lanes):
-            s += np.float32(np.int8(blk[2 + j])) * xb[j]
-        acc += _f16(blk, 0) * s
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
 def _dot_q45_k(u8, off, n, x, xs, lanes, five):
     # Q4_K super-block of 256 (144 B): d f16 | dmin f16 | 12 B 6-bit scales/mins | 128 B nibbles. Group g of
     # 32 bytes holds sub-block 2g in the low nibbles and 2g+1 in the high ones; w = d * sc * q - dmin * m.
@@ -242,30 +168,50 @@ def _dot_q6_k(u8, off, n, x, lanes):
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _dot_tail(wv, qtype, off, n, x, j0):
+    """Float rows whose length is not a multiple of 32: the last n - j0 weights."""
+    acc = np.float32(0.0)
+    for j in range(j0, n):
+        if qtype == F32:
+            w = wv[2][off // 4 + j]
+        elif qtype == F16:
+            w = _F16_TABLE[wv[1][off // 2 + j]]
+        else:
+            w = _BF16_TABLE[wv[1][off // 2 + j]]
+        acc += w * x[j]
+    return acc
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def dot_row(wv, qtype, off, n, x, xs, lanes):
     """Row of `qtype` at byte `off` (n weights) . x, given xs = block_sums(x); float32."""
     u8 = wv[0]
+    nb = n // 32
     if qtype == Q4_0:
-        return _dot_q4(u8, off, n, x, xs, lanes, 18, False)
-    if qtype == Q4_1:
-        return _dot_q4(u8, off, n, x, xs, lanes, 20, True)
+        return simd.dot_q4_0(u8, off, x, 0, nb)
     if qtype == Q8_0:
-        return _dot_q8_0(u8, off, n, x, lanes)
+        return simd.dot_q8_0(u8, off, x, 0, nb)
+    if qtype == Q4_1:
+        return simd.dot_q4_1(u8, off, x, 0, nb)
+    if qtype == Q5_0:
+        return simd.dot_q5_0(u8, off, x, 0, nb)
+    if qtype == Q5_1:
+        return simd.dot_q5_1(u8, off, x, 0, nb)
     if qtype == Q4_K:
         return _dot_q45_k(u8, off, n, x, xs, lanes, False)
     if qtype == Q5_K:
         return _dot_q45_k(u8, off, n, x, xs, lanes, True)
     if qtype == Q6_K:
         return _dot_q6_k(u8, off, n, x, lanes)
-    if qtype == Q5_0:
-        return _dot_q5(u8, off, n, x, xs, lanes, 22, False)
-    if qtype == Q5_1:
-        return _dot_q5(u8, off, n, x, xs, lanes, 24, True)
     if qtype == F32:
-        return _dot_f32(wv, off, n, x)
-    if qtype == F16:
-        return _dot_half(wv, off, n, x, _F16_TABLE)
-    return _dot_half(wv, off, n, x, _BF16_TABLE)
+        acc = simd.dot_f32(u8, off, x, 0, nb)
+    elif qtype == F16:
+        acc = simd.dot_f16(u8, off, x, 0, nb)
+    else:
+        acc = simd.dot_bf16(u8, off, x, 0, nb)
+    if nb * 32 < n:
+        acc += _dot_tail(wv, qtype, off, n, x, nb * 32)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
 
+from quant.jit import njit, prange
 from quant.kernels import block_sums, dequant_row, matvec, matvec_multi, row_bytes
 
 # kinds of per-layer tensors (columns of layer_tab)
@@ -118,6 +118,28 @@ def attention(q, k_cache, v_cache, start, out):
             vr = v_cache[s, kv]
             for j in range(D):
                 o[j] += p * vr[j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def causal_softmax(scores, T, start):
+    """Softmax in place over each row of scores: (rows, S) of one query block, row r holding query r % T
+    (the heads of a group stacked, T queries each) at position start + r % T, which sees keys 0 .. itself;
+    later keys get probability 0."""
+    for r in prange(scores.shape[0]):
+        row = scores[r]
+        n = start + r % T + 1
+        top = np.float32(-np.inf)
+        for s in range(n):
+            top = max(top, row[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            e = math.exp(row[s] - top)
+            row[s] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for s in range(n):
+            row[s] *= inv
+        row[n:] = 0.0
 
 
 @njit(cache=True, fastmath=True)
