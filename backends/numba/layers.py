@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from quant import simd
 from quant.jit import njit, prange
 from quant.kernels import block_sums, dequant_row, matvec, matvec_multi, row_bytes
 
@@ -89,9 +90,12 @@ def head_norm(x, f32, w_off, eps):
 def attention(q, k_cache, v_cache, start, out):
     """Causal attention of T new queries over the cache, grouped-query.
     q: (T, n_heads, head_dim); k_cache, v_cache: (max_seq, n_kv_heads, head_dim) of one layer, holding
-    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t."""
+    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t.
+    Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place."""
     T, H, D = q.shape
-    group = H // k_cache.shape[1]
+    KVH = k_cache.shape[1]
+    group = H // KVH
+    nb = D // 32  # whole 32-float blocks of a head vector; the rest (head_dim not a multiple of 32) below
     scale = np.float32(1.0 / math.sqrt(D))
     for i in prange(T * H):
         t, h = i // H, i % H
@@ -101,23 +105,25 @@ def attention(q, k_cache, v_cache, start, out):
         scores = np.empty(n, dtype=np.float32)
         top = np.float32(-np.inf)
         for s in range(n):
-            kr = k_cache[s, kv]
-            acc = np.float32(0.0)
-            for j in range(D):
-                acc += qv[j] * kr[j]
+            acc = simd.dot_f32(k_cache, ((s * KVH + kv) * D) * 4, q, (t * H + h) * D, nb)
+            for j in range(nb * 32, D):
+                acc += qv[j] * k_cache[s, kv, j]
             scores[s] = acc * scale
             top = max(top, scores[s])
         total = np.float32(0.0)
         for s in range(n):
-            scores[s] = math.exp(scores[s] - top)
+            scores[s] = simd.exp_f32(scores[s] - top)
             total += scores[s]
-        o = out[t, h]
-        o[:] = 0.0
+        inv = np.float32(1.0) / total
         for s in range(n):
-            p = scores[s] / total
-            vr = v_cache[s, kv]
-            for j in range(D):
-                o[j] += p * vr[j]
+            scores[s] *= inv
+        d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
+        simd.weighted_rows(v_cache, kv * D * 4, KVH * D * 4, scores, n, d16, out, (t * H + h) * D)
+        for j in range(d16, D):
+            acc = np.float32(0.0)
+            for s in range(n):
+                acc += scores[s] * v_cache[s, kv, j]
+            out[t, h, j] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -133,7 +139,7 @@ def causal_softmax(scores, T, start):
             top = max(top, row[s])
         total = np.float32(0.0)
         for s in range(n):
-            e = math.exp(row[s] - top)
+            e = simd.exp_f32(row[s] - top)
             row[s] = e
             total += e
         inv = np.float32(1.0) / total
@@ -149,7 +155,7 @@ def swiglu(gu, out):
     for t in range(out.shape[0]):
         for j in range(n):
             g = gu[t, j]
-            out[t, j] = g / (np.float32(1.0) + math.exp(-g)) * gu[t, n + j]
+            out[t, j] = g / (np.float32(1.0) + simd.exp_f32(-g)) * gu[t, n + j]
 
 
 @njit(cache=True)
