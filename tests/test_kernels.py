@@ -44,7 +44,9 @@ def reference(raw: np.ndarray, qtype: Q, n: int) -> np.ndarray:
 
 def widths(qtype: Q) -> list[int]:
     # multiples of 32 that are not multiples of 256, where the format allows it
-    return [256, 512] if block_size(qtype) == 256 else [96, 576]
+    if block_size(qtype) == 256:
+        return [256, 512]
+    return [96, 576, 70] if block_size(qtype) == 1 else [96, 576]  # float rows of any length (70: a tail)
 
 
 CASES = [(t, n) for t in QUANTIZABLE + K_QUANTS for n in widths(t)]
@@ -88,3 +90,55 @@ def test_single_vector_and_threads():
         numba.set_num_threads(before)
     assert one.shape == (101,)
     np.testing.assert_array_equal(one, many)
+
+
+def naive_attention(q, k, v, start):
+    """Causal grouped-query attention in float64 numpy: query t sees cache positions 0 .. start + t."""
+    T, H, D = q.shape
+    group = H // k.shape[1]
+    out = np.empty((T, H, D))
+    for t in range(T):
+        for h in range(H):
+            keys, values = k[: start + t + 1, h // group], v[: start + t + 1, h // group]
+            s = keys.astype(np.float64) @ q[t, h] / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = p / p.sum() @ values
+    return out
+
+
+@pytest.mark.parametrize("T,start,D", [(1, 0, 64), (1, 300, 64), (3, 37, 80), (8, 5, 40), (20, 0, 128)])
+def test_attention_kernels_match_numpy(T, start, D):
+    """The decode attention (vector score and value kernels; head_dim not a multiple of 16 or 32 takes the tail
+    paths) and the prompt path's masked softmax, against float64 numpy, GQA with 6 heads over 2 KV heads."""
+    from backends.numba import NumbaModel
+    from backends.numba.layers import attention
+
+    rng = np.random.default_rng(4)
+    H, KVH = 6, 2
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
+    v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
+    want = naive_attention(q, k, v, start)
+    for kernel in (attention, NumbaModel._attention):
+        out = np.full((T, H, D), np.nan, dtype=np.float32)
+        kernel(q, k, v, start, out)
+        np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
+
+
+def test_vector_exp():
+    """exp_f32 (plain arithmetic, so loops over it vectorize) within 5e-7 of e^x; clamped at the ends."""
+    from numba import njit
+
+    from quant.simd import exp_f32
+
+    @njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = exp_f32(x[i])
+
+    x = np.concatenate([np.linspace(-87, 88, 100_001), [-1000.0, 0.0, 1000.0]]).astype(np.float32)
+    y = np.empty_like(x)
+    apply(x, y)
+    want = np.exp(x[:-3].astype(np.float64))
+    assert np.max(np.abs(y[:-3] - want) / want) < 5e-7
+    assert 0 < y[-3] < 1e-37 and y[-2] == 1.0 and np.isfinite(y[-1])
