@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import backends.numba
 from backends import load_model
-from backends.numba import SMALL_T, jit_cache_is_cold
+from backends.numba import GEMM_MIN_T, SMALL_T, jit_cache_is_cold
 from quant.errors import PromptError
 from quant.gguf_file import read_gguf
 
@@ -83,17 +84,23 @@ def models(smollm2_variants):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
-def test_logits_match_numpy(models, variant):
-    """Both numba paths (one GEMM call for the prompt; chunks of <= SMALL_T through the matvec kernels) give the
-    reference's distribution at every position."""
+def test_logits_match_numpy(models, variant, monkeypatch):
+    """Every numba path gives the reference's distribution at every position: the prompt in one GEMM pass, the
+    prompt through the matvec kernels in chunks of SMALL_T (what prompts shorter than GEMM_MIN_T take), and
+    pieces of 5 tokens through the cache."""
     fast, ref = models(variant)
     tokens = np.array(PROMPTS[0])
     want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
-    assert len(tokens) > SMALL_T
+    assert GEMM_MIN_T <= len(tokens) and len(tokens) % SMALL_T  # GEMM path; chunks with a partial last one
     whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", len(tokens) + 1)
+    chunked = fast.forward(tokens, fast.new_cache(32), all_logits=True)
+    last = fast.forward(tokens, fast.new_cache(32))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(last, chunked[-1])
     cache = fast.new_cache(32)
     pieces = np.concatenate([fast.forward(tokens[i:i + 5], cache, all_logits=True) for i in range(0, 20, 5)])
-    for got in (whole, pieces):
+    for got in (whole, chunked, pieces):
         assert got.shape == want.shape and got.dtype == np.float32
         assert kl_per_position(got, want).max() < 1e-3
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99

@@ -1,7 +1,7 @@
 """The Numba CPU backend: kernels that read the quantized blocks in the memory map.
 
 Decoding (a few tokens per call) runs the whole layer stack in one jitted call (layers.forward_stack) with
-integer block dot products; a prompt longer than SMALL_T goes through `_forward_gemm`, which multiplies
+integer block dot products; a prompt of GEMM_MIN_T tokens or more goes through `_forward_gemm`, which multiplies
 dequantized weight tiles with BLAS (faster than the matvec kernels once many tokens share each weight).
 """
 
@@ -34,7 +34,13 @@ from quant.kernels import (
     weight_views,
 )
 
-SMALL_T = 8  # up to this many tokens per call: matvec kernels; more: dequantized tiles + BLAS
+SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many)
+# Prompts of at least GEMM_MIN_T tokens multiply dequantized weight tiles with BLAS (a fixed cost of dequantizing
+# every weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed
+# cost, the matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
+# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md).
+GEMM_MIN_T = 9
+QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
 
 _KIND_NAMES = {
@@ -54,13 +60,42 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
         os.environ["GOMP_SPINCOUNT"] = "1000"
     import numba
 
+    _import_numba_registries_without_scipy()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
                            "can start on this machine")
     numba.set_num_threads(threads)
     if jit_cache_is_cold():
         print("compiling kernels… (first run only)", file=sys.stderr, flush=True)
+    # The first jitted call of a process, even one served from the cache, makes numba import its implementation
+    # registries (~0.2 s, once). Pay it here, with a call the prompt path makes anyway (same types), so that
+    # loading is loading and the first token's time is the forward pass.
+    block_sums(np.zeros((1, 32), dtype=np.float32), np.zeros((1, 1), dtype=np.float32))
     return NumbaModel(gguf, hp, threads)
+
+
+def _import_numba_registries_without_scipy() -> None:
+    """Spare the start-up the ~0.25 s of importing scipy.linalg that numba would spend for nothing.
+
+    The first jitted call (even one loaded from the cache) imports all of numba's implementation modules; one of
+    them, numba.np.arraymath, imports scipy.linalg at import time only to decide whether np.correlate and
+    np.convolve may call BLAS (our kernels call neither). It is imported here with scipy's BLAS module marked
+    not importable (a None entry in sys.modules), then the mark is removed. The only effect: jitted
+    np.correlate/np.convolve use numba's plain loop in this process. Everything else in numba that needs BLAS
+    (np.dot, np.linalg) imports scipy itself when compiled, as before. Nothing to do when scipy.linalg or that
+    module is already imported.
+    """
+    blas = "scipy.linalg.cython_blas"
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules[blas] = None
+    try:
+        import numba.np.arraymath  # noqa: F401
+    except ImportError:
+        pass  # a numba that cannot do without it here: the first jitted call imports everything as usual
+    finally:
+        if blas in sys.modules and sys.modules[blas] is None:
+            del sys.modules[blas]
 
 
 def jit_cache_is_cold() -> bool:
@@ -154,12 +189,15 @@ class NumbaModel:
             raise PromptError(f"context full: the KV cache holds {cache.max_seq} positions, {start + T} needed")
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
-        if T > SMALL_T:
+        if T >= GEMM_MIN_T:
             logits = self._forward_gemm(tokens, cache, all_logits)
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
-            L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps,
-                            self.inv_freq, tokens, start, cache.k, cache.v, all_logits, self._scratch, logits)
+            for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
+                chunk = tokens[c0:c0 + SMALL_T]
+                out = logits[c0:c0 + len(chunk)] if all_logits else logits
+                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps,
+                                self.inv_freq, chunk, start + c0, cache.k, cache.v, all_logits, self._scratch, out)
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 
@@ -186,6 +224,45 @@ class NumbaModel:
                 out[:, r0:r1] = x @ tile.T
         return out
 
+    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up), as one BLAS product over their
+        dequantized rows stacked in one tile when they fit: (T, sum of rows), the outputs side by side."""
+        n, total = x.shape[1], sum(rows for _, rows in parts)
+        out = np.empty((x.shape[0], total), dtype=np.float32)
+        if total * n > TILE_FLOATS or any(int(desc[1]) == F32 for desc, _ in parts):
+            c0 = 0
+            for desc, rows in parts:
+                self._gemm(x, desc, rows, out[:, c0:c0 + rows])
+                c0 += rows
+            return out
+        tile = self._tile[: total * n].reshape(total, n)
+        r0 = 0
+        for desc, rows in parts:
+            dequant_rows(self.wv, int(desc[1]), int(desc[0]), n, 0, tile[r0:r0 + rows])
+            r0 += rows
+        np.matmul(x, tile.T, out=out)
+        return out
+
+    @staticmethod
+    def _attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray) -> None:
+        """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its
+        heads stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks
+        see more keys). BLAS for the two products, numba for the masked softmax: 9 ms per SmolLM2 layer at
+        pp512 on one thread, against 25 ms for a numba kernel vectorized along the keys (RESULTS.md)."""
+        T, H, D = q.shape
+        KVH = k_cache.shape[1]
+        group = H // KVH
+        scale = np.float32(1.0 / np.sqrt(D))
+        for t0 in range(0, T, QUERY_BLOCK):
+            t1 = min(T, t0 + QUERY_BLOCK)
+            S = start + t1  # keys seen by the block's last query
+            for kv in range(KVH):
+                qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
+                scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
+                L.causal_softmax(scores, t1 - t0, start + t0)
+                o = scores @ v_cache[:S, kv]
+                out[t0:t1, kv * group:(kv + 1) * group] = o.reshape(group, t1 - t0, D).transpose(1, 0, 2)
+
     def _forward_gemm(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool) -> np.ndarray:
         hp = self.hparams
         T, start = len(tokens), cache.offset
@@ -194,7 +271,6 @@ class NumbaModel:
         x = np.empty((T, E), dtype=np.float32)  # residual stream
         h = np.empty((T, E), dtype=np.float32)
         att = np.empty((T, H, D), dtype=np.float32)
-        gu = np.empty((T, 2 * F), dtype=np.float32)
         ff = np.empty((T, F), dtype=np.float32)
         cos = np.empty((T, hp.rope_dim // 2), dtype=np.float32)
         sin = np.empty_like(cos)
@@ -203,9 +279,9 @@ class NumbaModel:
         for i in range(hp.n_layers):
             lt = self.layer_tab[i]
             L.rms_norm(x, f32, lt[L.ATTN_NORM, 0], eps, h)
-            q = self._gemm(h, lt[L.WQ], H * D)
-            k = self._gemm(h, lt[L.WK], KVH * D)
-            v = self._gemm(h, lt[L.WV], KVH * D)
+            qkv = self._gemm_cat(h, [(lt[L.WQ], H * D), (lt[L.WK], KVH * D), (lt[L.WV], KVH * D)])
+            q, k, v = np.split(qkv, [H * D, (H + KVH) * D], axis=1)
+            q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
             if lt[L.BQ, 0] >= 0:
                 L.add_bias(q, f32, lt[L.BQ, 0])
                 L.add_bias(k, f32, lt[L.BK, 0])
@@ -218,11 +294,10 @@ class NumbaModel:
             L.rope(k3, cos, sin, hp.rope_neox)
             cache.k[i, start:start + T] = k3
             cache.v[i, start:start + T] = v.reshape(T, KVH, D)
-            L.attention(q3, cache.k[i], cache.v[i], start, att)
+            self._attention(q3, cache.k[i], cache.v[i], start, att)
             x += self._gemm(att.reshape(T, H * D), lt[L.WO], E)
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
-            self._gemm(h, lt[L.GATE], F, out=gu[:, :F])
-            self._gemm(h, lt[L.UP], F, out=gu[:, F:])
+            gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
             L.swiglu(gu, ff)
             x += self._gemm(ff, lt[L.DOWN], E)
 
