@@ -7,14 +7,12 @@ Conventions shared by every kernel:
   so a kernel can read block bytes, float16/bfloat16 halves or float32 words without copying.
 - A tensor is addressed by its byte offset in that buffer, its qtype code (GGML's enum value), its row
   count and its row length `n` (a multiple of the block size). Row `r` starts at `off + r * row_bytes`.
-- Block formats (layouts in quant/formats.py) are decoded to small integers in registers and multiplied
-  with the float32 activation; scales are applied once per block and offsets/minimums through the
-  activation's sums per block of 32 (`block_sums`, computed once per product). 8-bit activations (the
-  llama.cpp way) were measured: no faster here (LLVM emits no int8 dot-product instructions from this
-  code) and they move SmolLM2's next-token distribution by a KL of up to 0.02 versus float32.
-- `lanes` is always 16. It is passed at run time on purpose: with a compile-time trip count LLVM
-  unrolls the inner per-block loop and then vectorizes across blocks with byte gathers, which measured
-  3x slower than vectorizing the inner loop.
+- Block formats (layouts in quant/formats.py) are decoded in vector registers by quant/simd.py (portable LLVM
+  vector IR) and multiplied with the float32 activation, scales applied once per block or sub-block, offsets
+  and minimums through the activation's sums per block of 32 (`block_sums`, computed once per product).
+  Activations stay float32: 8-bit copies (the llama.cpp way) move SmolLM2's next-token distribution by a KL of
+  up to 0.02 versus float32, and even int16 copies (tried: 10-20 % faster) by up to 3e-4, because its outlier
+  activations set each block's scale.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from quant.jit import njit, prange
 # GGML type codes (gguf.GGMLQuantizationType values), as plain ints for the kernels.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 KERNEL_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
-LANES = 16
 QK8 = 32  # block of the activation sums
 
 # float16 and bfloat16 bit patterns -> float32, indexed by the 16-bit pattern (256 KiB each)
@@ -86,10 +83,9 @@ def _scale_min_k4(j, sc):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One row . activation, per format. Arguments: the views, the row's byte offset, the row length n, the
-# activation x (n,) float32 and its sums per block of 32, xs (n/32,), which carry the offsets and minimums
-# (sum_j (d q_j + m) x_j = d sum_j q_j x_j + m xs). Weights are decoded to small integers and multiplied
-# in float32 with the block scale applied once per block.
+# One row . activation: the views, the row's byte offset, the row length n, the activation x (n,) float32 and
+# its sums per block of 32, xs (n/32,), which carry the offsets and minimums (sum_j (d q_j + m) x_j =
+# d sum_j q_j x_j + m xs). The per-format code is in quant/simd.py.
 
 
 @njit(cache=True, fastmath=True)
@@ -101,70 +97,6 @@ def block_sums(x, xs):
             for j in range(QK8):
                 s += x[t, b * QK8 + j]
             xs[t, b] = s
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_q45_k(u8, off, n, x, xs, lanes, five):
-    # Q4_K super-block of 256 (144 B): d f16 | dmin f16 | 12 B 6-bit scales/mins | 128 B nibbles. Group g of
-    # 32 bytes holds sub-block 2g in the low nibbles and 2g+1 in the high ones; w = d * sc * q - dmin * m.
-    # Q5_K (176 B) inserts 32 B of 5th bits after the scales: bit i of byte j belongs to weight j of
-    # sub-block i.
-    bs = 176 if five else 144
-    q0 = 48 if five else 16
-    acc = np.float32(0.0)
-    for sb in range(n // 256):
-        blk = u8[off + sb * bs: off + sb * bs + bs]
-        scales = blk[4:16]
-        qh = blk[16:48]
-        d, dmin = _f16(blk, 0), _f16(blk, 2)
-        for g in range(4):
-            qs = blk[q0 + 32 * g: q0 + 32 + 32 * g]
-            xi = sb * 8 + 2 * g
-            xa = x[xi * 32: xi * 32 + 32]
-            xb = x[xi * 32 + 32: xi * 32 + 64]
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            if five:
-                for j in range(2 * lanes):
-                    q = np.int32(qs[j])
-                    h = np.int32(qh[j]) >> (2 * g)
-                    s1 += np.float32((q & 15) | ((h & 1) << 4)) * xa[j]
-                    s2 += np.float32((q >> 4) | ((h & 2) << 3)) * xb[j]
-            else:
-                for j in range(2 * lanes):
-                    q = np.int32(qs[j])
-                    s1 += np.float32(q & 15) * xa[j]
-                    s2 += np.float32(q >> 4) * xb[j]
-            sc1, m1 = _scale_min_k4(2 * g, scales)
-            sc2, m2 = _scale_min_k4(2 * g + 1, scales)
-            acc += d * (sc1 * s1 + sc2 * s2) - dmin * (m1 * xs[xi] + m2 * xs[xi + 1])
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot_q6_k(u8, off, n, x, lanes):
-    # super-block of 256 (210 B): 128 B low nibbles ql | 64 B 2-bit highs qh | 16 int8 scales | d f16.
-    # Half h (128 weights) uses ql[64h:], qh[32h:], scales[8h:]; weight 128h + 32k + l (k < 4, l < 32)
-    # takes nibble k >> 1 of ql[64h + 32(k & 1) + l], bits 2k of qh[32h + l], scale 8h + 2k + l // 16;
-    # w = d * scale * (q - 32)
-    acc = np.float32(0.0)
-    for sb in range(n // 256):
-        blk = u8[off + sb * 210: off + sb * 210 + 210]
-        d = _f16(blk, 208)
-        for h in range(2):
-            for k in range(4):
-                for half in range(2):
-                    lo = 64 * h + 32 * (k & 1) + 16 * half
-                    ql = blk[lo: lo + 16]
-                    qh = blk[128 + 32 * h + 16 * half: 144 + 32 * h + 16 * half]
-                    x0 = sb * 256 + 128 * h + 32 * k + 16 * half
-                    xa = x[x0: x0 + 16]
-                    s = np.float32(0.0)
-                    for j in range(lanes):
-                        q = ((np.int32(ql[j]) >> (4 * (k >> 1))) & 15) | (((np.int32(qh[j]) >> (2 * k)) & 3) << 4)
-                        s += np.float32(q - 32) * xa[j]
-                    acc += d * np.float32(np.int8(blk[192 + 8 * h + 2 * k + half])) * s
-    return acc
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -183,7 +115,7 @@ def _dot_tail(wv, qtype, off, n, x, j0):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def dot_row(wv, qtype, off, n, x, xs, lanes):
+def dot_row(wv, qtype, off, n, x, xs):
     """Row of `qtype` at byte `off` (n weights) . x, given xs = block_sums(x); float32."""
     u8 = wv[0]
     nb = n // 32
@@ -198,11 +130,11 @@ def dot_row(wv, qtype, off, n, x, xs, lanes):
     if qtype == Q5_1:
         return simd.dot_q5_1(u8, off, x, 0, nb)
     if qtype == Q4_K:
-        return _dot_q45_k(u8, off, n, x, xs, lanes, False)
+        return simd.dot_q4_k(u8, off, x, xs, n // 256)
     if qtype == Q5_K:
-        return _dot_q45_k(u8, off, n, x, xs, lanes, True)
+        return simd.dot_q5_k(u8, off, x, xs, n // 256)
     if qtype == Q6_K:
-        return _dot_q6_k(u8, off, n, x, lanes)
+        return simd.dot_q6_k(u8, off, x, xs, n // 256)
     if qtype == F32:
         acc = simd.dot_f32(u8, off, x, 0, nb)
     elif qtype == F16:
@@ -305,18 +237,18 @@ def dequant_rows(wv, qtype, off, n, row0, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def matvec(wv, qtype, off, rows, x, xs, out, lanes):
+def matvec(wv, qtype, off, rows, x, xs, out):
     """out[t, r] = W[r] . x[t] for W: (rows, n) of `qtype` at byte `off`; x: (T, n) with xs = block_sums(x).
     Rows are split across threads; each row's bytes are read once for all T tokens."""
     n = x.shape[1]
     rb = row_bytes(qtype, n)
     for r in prange(rows):
         for t in range(x.shape[0]):
-            out[t, r] = dot_row(wv, qtype, off + r * rb, n, x[t], xs[t], lanes)
+            out[t, r] = dot_row(wv, qtype, off + r * rb, n, x[t], xs[t])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def matvec_multi(wv, descs, x, xs, out, lanes):
+def matvec_multi(wv, descs, x, xs, out):
     """Several matrices sharing one input, in one parallel region (merged Q/K/V, gate/up).
     descs: (k, 3) int64 rows of (byte offset, qtype, row count); out: (T, sum of row counts), the matrices'
     outputs side by side."""
@@ -332,7 +264,7 @@ def matvec_multi(wv, descs, x, xs, out, lanes):
         qtype = descs[i, 1]
         off = descs[i, 0] + (r - r0) * row_bytes(qtype, n)
         for t in range(x.shape[0]):
-            out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], lanes)
+            out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t])
 
 
 def check_kernel_type(qtype: int, name: str = "tensor") -> None:
@@ -350,7 +282,7 @@ def matvec_raw(data: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
     xs = np.empty((T, n // QK8), dtype=np.float32)
     block_sums(x2, xs)
     out = np.empty((T, rows), dtype=np.float32)
-    matvec(weight_views(np.ascontiguousarray(data)), int(qtype), 0, rows, x2, xs, out, LANES)
+    matvec(weight_views(np.ascontiguousarray(data)), int(qtype), 0, rows, x2, xs, out)
     return out[0] if x.ndim == 1 else out
 
 

@@ -224,6 +224,122 @@ def _make_dot(block, block_bytes: int):
     return dot
 
 
+# ---- K-quants: super-blocks of 256 weights with 6- or 8-bit sub-block scales ---------------------------------
+
+def _byte(b, w, at):
+    return b.zext(_load(b, w, at, I8), I32)
+
+
+def _k4_scale_min(b, w, o, j):
+    """6-bit scale and minimum of sub-block j (0..7) from the 12 scale bytes at o + 4 (Q4_K, Q5_K), as floats."""
+    def sc(i):
+        return _byte(b, w, b.add(o, _i64(4 + i)))
+
+    def bits(v, shift, mask):
+        return b.and_(b.lshr(v, ir.Constant(I32, shift)), ir.Constant(I32, mask))
+
+    if j < 4:
+        s, m = bits(sc(j), 0, 63), bits(sc(j + 4), 0, 63)
+    else:
+        s = b.or_(bits(sc(j + 4), 0, 15), b.shl(bits(sc(j - 4), 6, 3), ir.Constant(I32, 4)))
+        m = b.or_(bits(sc(j + 4), 4, 15), b.shl(bits(sc(j), 6, 3), ir.Constant(I32, 4)))
+    return b.uitofp(s, F32), b.uitofp(m, F32)
+
+
+def _halves(b, v):
+    """<32 x i8> -> its two <16 x i8> halves."""
+    return (b.shuffle_vector(v, v, _const(I32, range(16))), b.shuffle_vector(v, v, _const(I32, range(16, 32))))
+
+
+def _dot32(b, q, xp, xo, signed):
+    """q: <32 x i8> codes . x[xo : xo + 32] (byte offset xo) -> <16 x float> partial sums."""
+    conv = b.sitofp if signed else b.uitofp
+    lo, hi = _halves(b, q)
+    p = b.fmul(conv(lo, V16F), _load(b, xp, xo, V16F), flags=FAST)
+    return _fma(b, conv(hi, V16F), _load(b, xp, b.add(xo, _i64(64)), V16F), p)
+
+
+def _q45_k(five):
+    def block(b, w, o, xp, xo, xsp, xso, acc, corr):
+        """One super-block: acc += d sc_j (q . x)_j; corr += dmin m_j xs_j over its 8 sub-blocks of 32."""
+        d, dmin = _half(b, w, o), _half(b, w, b.add(o, _i64(2)))
+        q0 = 48 if five else 16
+        if five:
+            qh = _load(b, w, b.add(o, _i64(16)), _vec(I8, 32))
+        for g in range(4):
+            lo, hi = _nibbles32(b, _load(b, w, b.add(o, _i64(q0 + 32 * g)), _vec(I8, 32)))
+            if five:
+                one, four = _const(I8, [1] * 32), _const(I8, [4] * 32)
+                lo = b.or_(lo, b.shl(b.and_(b.lshr(qh, _const(I8, [2 * g] * 32)), one), four))
+                hi = b.or_(hi, b.shl(b.and_(b.lshr(qh, _const(I8, [2 * g + 1] * 32)), one), four))
+            for j, q in ((2 * g, lo), (2 * g + 1, hi)):
+                sc, m = _k4_scale_min(b, w, o, j)
+                p = _dot32(b, q, xp, b.add(xo, _i64(128 * j)), False)
+                acc = _fma(b, p, _splat(b, b.fmul(d, sc, flags=FAST)), acc)
+                xs = _load(b, xsp, b.add(xso, _i64(4 * j)), F32)
+                corr = b.fadd(corr, b.fmul(b.fmul(dmin, m, flags=FAST), xs, flags=FAST), flags=FAST)
+        return acc, corr
+    return block
+
+
+def _nibbles32(b, qs):
+    return b.and_(qs, _const(I8, [15] * 32)), b.lshr(qs, _const(I8, [4] * 32))
+
+
+def _q6_k(b, w, o, xp, xo, xsp, xso, acc, corr):
+    """One Q6_K super-block: ql[128] | qh[64] | int8 scales[16] | d; a scale per 16 weights."""
+    d = _half(b, w, b.add(o, _i64(208)))
+    m15, m3 = _const(I8, [15] * 16), _const(I8, [3] * 16)
+    for h in range(2):
+        for k in range(4):
+            for half in range(2):
+                ql = _load(b, w, b.add(o, _i64(64 * h + 32 * (k & 1) + 16 * half)), _vec(I8, 16))
+                qh = _load(b, w, b.add(o, _i64(128 + 32 * h + 16 * half)), _vec(I8, 16))
+                lo = b.and_(b.lshr(ql, _const(I8, [4 * (k >> 1)] * 16)), m15)
+                hi = b.and_(b.lshr(qh, _const(I8, [2 * k] * 16)), m3)
+                q = b.sub(b.or_(lo, b.shl(hi, _const(I8, [4] * 16))), _const(I8, [32] * 16))
+                x = _load(b, xp, b.add(xo, _i64(4 * (128 * h + 32 * k + 16 * half))), V16F)
+                sc = b.sitofp(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), F32)
+                acc = _fma(b, b.fmul(b.sitofp(q, V16F), x, flags=FAST), _splat(b, b.fmul(d, sc, flags=FAST)), acc)
+    return acc, corr
+
+
+def _make_dot_k(block, block_bytes: int):
+    """An intrinsic dot(w, off, x, xs, nsb) -> float32 over nsb super-blocks of 256 weights, given the block sums
+    of x (per 32) in xs, which carry the sub-block minimums."""
+
+    @intrinsic
+    def dot(typingctx, w, off, x, xs, nsb):
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, xs))
+                and x.dtype == types.float32 and xs.dtype == types.float32):
+            return None
+        sig = types.float32(w, types.int64, x, xs, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            wp, xp, xsp = b.gep(ptr(0), [args[1]]), ptr(2), ptr(3)
+
+            def one(i, vals):
+                _prefetch(b, wp, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+                return list(block(b, wp, b.mul(i, _i64(block_bytes)), xp, b.mul(i, _i64(1024)), xsp,
+                                  b.mul(i, _i64(32)), vals[0], vals[1]))
+
+            (acc, corr), _ = _loop(b, _i64(0), args[4], 1, [ir.Constant(V16F, [0.0] * 16), ir.Constant(F32, 0.0)],
+                                   one)
+            return b.fsub(_hsum(b, acc), corr, flags=FAST)
+
+        return sig, codegen
+
+    return dot
+
+
+dot_q4_k = _make_dot_k(_q45_k(False), 144)
+dot_q5_k = _make_dot_k(_q45_k(True), 176)
+dot_q6_k = _make_dot_k(_q6_k, 210)
+
+
 dot_q4_0 = _make_dot(_q4_0, 18)
 dot_q4_1 = _make_dot(_q4_1, 20)
 dot_q5_0 = _make_dot(_q5_0, 22)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from backends.base import (
     HParams,
@@ -27,7 +29,6 @@ from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
     F32,
     KERNEL_TYPES,
-    LANES,
     block_sums,
     dequant_rows,
     matvec,
@@ -39,7 +40,11 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # every weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed
 # cost, the matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
 # `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md).
-GEMM_MIN_T = 9
+GEMM_MIN_T = 16
+# The GEMM path of a prompt shorter than this keeps BLAS on one thread: its products are small, and a second BLAS
+# thread that has to be scheduled for each of them made a 31-token prompt take 3-7 s instead of ~0.2 s when
+# other jobs shared the 2 cores (benchmarks/RESULTS.md, warm start).
+PARALLEL_BLAS_MIN_T = 128
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
 
@@ -139,9 +144,9 @@ class NumbaModel:
                                   self._locate(output_tensor(gguf, hp))], dtype=np.int64)
         self.dims = np.zeros(L.N_DIMS, dtype=np.int64)
         self.dims[[L.D_EMBD, L.D_HEADS, L.D_KV_HEADS, L.D_HEAD_DIM, L.D_FF, L.D_VOCAB, L.D_ROPE_HALF,
-                   L.D_NEOX, L.D_LAYERS, L.D_LANES]] = [
+                   L.D_NEOX, L.D_LAYERS]] = [
             hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim // 2,
-            int(hp.rope_neox), hp.n_layers, LANES]
+            int(hp.rope_neox), hp.n_layers]
         self.inv_freq = rope_inv_freq(hp, gguf)
         self._scratch = self._make_scratch(SMALL_T)
         self._tile = np.empty(TILE_FLOATS, dtype=np.float32)
@@ -190,7 +195,8 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         if T >= GEMM_MIN_T:
-            logits = self._forward_gemm(tokens, cache, all_logits)
+            with threadpool_limits(1, user_api="blas") if T < PARALLEL_BLAS_MIN_T else nullcontext():
+                logits = self._forward_gemm(tokens, cache, all_logits)
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
             for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
@@ -309,5 +315,5 @@ class NumbaModel:
         xs = np.empty((len(rows), E // 32), dtype=np.float32)
         block_sums(h, xs)
         logits = np.empty((len(rows), hp.n_vocab), dtype=np.float32)
-        matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xs, logits, LANES)
+        matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xs, logits)
         return logits

@@ -26,8 +26,8 @@ N_KINDS = 14
 # global tensors (rows of glob_tab)
 EMBD, OUT_NORM, OUTPUT = range(3)
 # dims entries
-D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS, D_LANES = range(10)
-N_DIMS = 10
+D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS = range(9)
+N_DIMS = 9
 
 
 @njit(cache=True, fastmath=True)
@@ -183,7 +183,6 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
     x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
     T = tokens.size
     E, H, KVH, D, _F = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM], dims[D_FF]
-    lanes = dims[D_LANES]
     nq, nkv = H * D, KVH * D
     x, h, qkv, q3, k3, att = x[:T], h[:T], qkv[:T], q3[:T], k3[:T], att[:T]
     gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:T], sin[:T]
@@ -199,7 +198,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
         block_sums(h, xs_e)
         for i in range(3):
             qkv_desc[i, 0], qkv_desc[i, 1] = lt[WQ + i, 0], lt[WQ + i, 1]
-        matvec_multi(wv, qkv_desc, h, xs_e, qkv, lanes)
+        matvec_multi(wv, qkv_desc, h, xs_e, qkv)
         q = qkv[:, :nq]
         k = qkv[:, nq:nq + nkv]
         v = qkv[:, nq + nkv:]
@@ -221,20 +220,20 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
         att3 = att.reshape(T, H, D)
         attention(q3, k_cache[layer], v_cache[layer], start, att3)
         block_sums(att, xs_q)
-        matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp, lanes)
+        matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         x += tmp
         # feed-forward block: x += Wdown . (silu(Wgate h) * Wup h), h = norm(x)
         rms_norm(x, f32, lt[FFN_NORM, 0], eps, h)
         block_sums(h, xs_e)
         for i in range(2):
             gu_desc[i, 0], gu_desc[i, 1] = lt[GATE + i, 0], lt[GATE + i, 1]
-        matvec_multi(wv, gu_desc, h, xs_e, gu, lanes)
+        matvec_multi(wv, gu_desc, h, xs_e, gu)
         swiglu(gu, ff)
         block_sums(ff, xs_f)
-        matvec(wv, lt[DOWN, 1], lt[DOWN, 0], E, ff, xs_f, tmp, lanes)
+        matvec(wv, lt[DOWN, 1], lt[DOWN, 0], E, ff, xs_f, tmp)
         x += tmp
 
     first = 0 if all_logits else T - 1
     rms_norm(x[first:], f32, glob_tab[OUT_NORM, 0], eps, h[first:])
     block_sums(h[first:], xs_e[first:])
-    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xs_e[first:], logits, lanes)
+    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xs_e[first:], logits)
