@@ -24,6 +24,7 @@ F32, HALF = ir.FloatType(), ir.HalfType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V16F = ir.VectorType(F32, 16)
 FAST = ("fast",)
+_FORMATS: dict = {}  # block decoder -> bytes per block, for standalone_module
 UNROLL = 4  # blocks per loop iteration, each into its own accumulator (hides the FMA latency)
 PREFETCH = 1024  # bytes ahead to prefetch in the row (a hint: never faults; +8-10 % streaming the 1B model)
 
@@ -186,6 +187,35 @@ def _bf16(b, w, o, x0, x1, acc):
     return _fma(b, _bf16_to_f32(b, _load(b, w, b.add(o, _i64(32)), _vec(I16, 16))), x1, acc)
 
 
+def _emit_dot(b, block, block_bytes: int, w, xp, nb, xsp=None):
+    """The dot product loop over nb blocks of `block_bytes` at w (i8*) with x at xp: 32-weight blocks, UNROLL at a
+    time into separate accumulators; with xsp (x's block sums, for K-quants), 256-weight super-blocks."""
+    zero = ir.Constant(V16F, [0.0] * 16)
+    if xsp is not None:
+        def superblock(i, vals):
+            _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+            return list(block(b, w, b.mul(i, _i64(block_bytes)), xp, b.mul(i, _i64(1024)), xsp,
+                              b.mul(i, _i64(32)), vals[0], vals[1]))
+
+        (acc, corr), _ = _loop(b, _i64(0), nb, 1, [zero, ir.Constant(F32, 0.0)], superblock)
+        return b.fsub(_hsum(b, acc), corr, flags=FAST)
+
+    def one(i, acc):
+        xo = b.mul(i, _i64(128))
+        x0, x1 = _load(b, xp, xo, V16F), _load(b, xp, b.add(xo, _i64(64)), V16F)
+        return block(b, w, b.mul(i, _i64(block_bytes)), x0, x1, acc)
+
+    def unrolled(i, accs):
+        _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+        return [one(b.add(i, _i64(k)), a) for k, a in enumerate(accs)]
+
+    accs, i = _loop(b, _i64(0), nb, UNROLL, [zero] * UNROLL, unrolled)
+    (acc,), _ = _loop(b, i, nb, 1, [accs[0]], lambda j, a: [one(j, a[0])])
+    for a in accs[1:]:
+        acc = b.fadd(acc, a, flags=FAST)
+    return _hsum(b, acc)
+
+
 def _make_dot(block, block_bytes: int):
     """An intrinsic dot(w, off, x, xoff, nb) -> float32 over nb blocks of 32 weights decoded by `block`, the
     weights starting at byte `off` of the C-contiguous array w (any dtype: the GGUF bytes, or a float32 cache)."""
@@ -202,25 +232,11 @@ def _make_dot(block, block_bytes: int):
             xa = context.make_array(signature.args[2])(context, b, args[2])
             w = b.gep(b.bitcast(wa.data, I8.as_pointer()), [args[1]])
             xp = b.gep(b.bitcast(xa.data, I8.as_pointer()), [b.mul(args[3], _i64(4))])
-
-            def one(i, acc):
-                xo = b.mul(i, _i64(128))
-                x0, x1 = _load(b, xp, xo, V16F), _load(b, xp, b.add(xo, _i64(64)), V16F)
-                return block(b, w, b.mul(i, _i64(block_bytes)), x0, x1, acc)
-
-            def unrolled(i, accs):
-                _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
-                return [one(b.add(i, _i64(k)), a) for k, a in enumerate(accs)]
-
-            zero = ir.Constant(V16F, [0.0] * 16)
-            accs, i = _loop(b, _i64(0), args[4], UNROLL, [zero] * UNROLL, unrolled)
-            (acc,), _ = _loop(b, i, args[4], 1, [accs[0]], lambda j, a: [one(j, a[0])])
-            for a in accs[1:]:
-                acc = b.fadd(acc, a, flags=FAST)
-            return _hsum(b, acc)
+            return _emit_dot(b, block, block_bytes, w, xp, args[4])
 
         return sig, codegen
 
+    _FORMATS[block] = block_bytes
     return dot
 
 
@@ -319,25 +335,33 @@ def _make_dot_k(block, block_bytes: int):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            wp, xp, xsp = b.gep(ptr(0), [args[1]]), ptr(2), ptr(3)
-
-            def one(i, vals):
-                _prefetch(b, wp, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
-                return list(block(b, wp, b.mul(i, _i64(block_bytes)), xp, b.mul(i, _i64(1024)), xsp,
-                                  b.mul(i, _i64(32)), vals[0], vals[1]))
-
-            (acc, corr), _ = _loop(b, _i64(0), args[4], 1, [ir.Constant(V16F, [0.0] * 16), ir.Constant(F32, 0.0)],
-                                   one)
-            return b.fsub(_hsum(b, acc), corr, flags=FAST)
+            return _emit_dot(b, block, block_bytes, b.gep(ptr(0), [args[1]]), ptr(2), args[4], ptr(3))
 
         return sig, codegen
 
+    _FORMATS[block] = block_bytes
     return dot
 
 
-dot_q4_k = _make_dot_k(_q45_k(False), 144)
-dot_q5_k = _make_dot_k(_q45_k(True), 176)
+dot_q4_k_block, dot_q5_k_block = _q45_k(False), _q45_k(True)
+dot_q4_k = _make_dot_k(dot_q4_k_block, 144)
+dot_q5_k = _make_dot_k(dot_q5_k_block, 176)
 dot_q6_k = _make_dot_k(_q6_k, 210)
+
+
+def standalone_module(name: str) -> str:
+    """LLVM IR text of a module with one function `float dot(i8* w, i8* x, i8* xs, i64 n_blocks)` holding the dot
+    product of format `name` ("q4_0", "q6_k", "f16", ...), outside numba: to check what a target compiles it to."""
+    block = {"q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q8_0": _q8_0, "f32": _f32, "f16": _f16,
+             "bf16": _bf16, "q4_k": dot_q4_k_block, "q5_k": dot_q5_k_block, "q6_k": _q6_k}[name]
+    module = ir.Module(name=name)
+    p = I8.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(F32, [p, p, p, I64]), name="dot")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, xp, xsp, nb = fn.args
+    k_quant = name.endswith("_k")
+    b.ret(_emit_dot(b, block, _FORMATS[block], w, xp, nb, xsp if k_quant else None))
+    return str(module)
 
 
 dot_q4_0 = _make_dot(_q4_0, 18)

@@ -142,3 +142,30 @@ def test_vector_exp():
     want = np.exp(x[:-3].astype(np.float64))
     assert np.max(np.abs(y[:-3] - want) / want) < 5e-7
     assert 0 < y[-3] < 1e-37 and y[-2] == 1.0 and np.isfinite(y[-1])
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f32", "f16", "bf16", "q4_k", "q5_k",
+                                  "q6_k"])
+def test_kernels_are_portable_vector_code(name):
+    """The dot-product IR uses no target intrinsics: LLVM compiles the same module to NEON vector FMAs for ARM64
+    and to AVX2 for an x86 without AVX-512, as numba does for the machine it runs on."""
+    import re
+
+    import llvmlite.binding as llvm
+
+    from quant.simd import standalone_module
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    for triple, cpu, vector_fma in [("aarch64-unknown-linux-gnu", "generic", r"fmla\s+v\d+\.4s"),
+                                    ("x86_64-unknown-linux-gnu", "haswell", r"vfmadd\w*ps\s+.*%ymm")]:
+        try:
+            target = llvm.Target.from_triple(triple)
+        except RuntimeError:
+            pytest.skip(f"this llvmlite has no {triple} backend")
+        module = llvm.parse_assembly(standalone_module(name))
+        module.triple = triple
+        module.verify()
+        asm = target.create_target_machine(cpu=cpu, opt=3).emit_assembly(module)
+        assert re.search(vector_fma, asm), f"{name}: no vector FMA for {triple}"
+        assert "llvm.x86" not in str(module)
