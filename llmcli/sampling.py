@@ -123,9 +123,13 @@ class Sampler:
         logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, self.cfg)
         if self.cfg.temperature == 0.0:
             return int(np.argmax(logits))
+        ids = None  # the vocabulary ids of `logits` when it holds only top-k's survivors
+        if 0 < self.cfg.top_k < logits.size:  # one pass over the vocabulary; the rest works on ~k tokens
+            ids = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
+            logits = logits[ids]
         for f in self.filters:
             logits = f(logits)
         live = np.flatnonzero(np.isfinite(logits))
         cdf = np.cumsum(softmax(logits[live].astype(np.float64) / self.cfg.temperature))
-        pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)
-        return int(live[pick])
+        pick = int(live[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)])
+        return pick if ids is None else int(ids[pick])
