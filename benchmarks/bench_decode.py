@@ -2,6 +2,7 @@
 
 Measures, per model: decode (tg: N single-token forwards after a 1-token prompt) and prefill (pp: one forward of
 N tokens on an empty cache), as medians over repetitions with the spread (min..max); warm-up runs excluded.
+The two engines take turns, one repetition each, so that a load coming and going hits both alike.
 Also the machine's read bandwidth (parallel sum over 1 GiB) and, for the 1B-shape random Q4_0 model, the
 decode bandwidth as a fraction of it; and the warm start of `llm run` (process start -> first token).
 
@@ -89,7 +90,8 @@ def summarize(times: list[float], n_tokens: int) -> dict:
     return {"tok_s": statistics.median(rates), "min": rates[0], "max": rates[-1], "reps": len(rates)}
 
 
-def bench_numba(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: np.ndarray) -> dict:
+def numba_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray) -> dict:
+    """{"tg": decode run, "pp": prefill run} on the numba backend, plus the weight bytes read per token."""
     from backends import load_model
     from quant.gguf_file import read_gguf
 
@@ -106,16 +108,10 @@ def bench_numba(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: n
         cache.reset()
         model.forward(tokens[:pp], cache)
 
-    out = {"weight_bytes_per_token": model.weight_bytes_per_token()}
-    decode()  # warm-up (and JIT)
-    out["tg"] = summarize([_timed(decode) for _ in range(reps)], tg + 1)
-    if pp:
-        prefill()
-        out["pp"] = summarize([_timed(prefill) for _ in range(reps)], pp)
-    return out
+    return {"tg": decode, "pp": prefill, "weight_bytes_per_token": model.weight_bytes_per_token()}
 
 
-def bench_llama(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: np.ndarray) -> dict:
+def llama_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max(pp, tg + 1) + 16,
@@ -132,14 +128,20 @@ def bench_llama(path: Path, threads: int, tg: int, pp: int, reps: int, tokens: n
         llm.reset()
         llm.eval(ids[:pp])
 
-    out = {}
-    decode()
-    out["tg"] = summarize([_timed(decode) for _ in range(reps)], tg + 1)
-    if pp:
-        prefill()
-        out["pp"] = summarize([_timed(prefill) for _ in range(reps)], pp)
-    llm.close()
-    return out
+    return {"tg": decode, "pp": prefill, "close": llm.close}
+
+
+def bench_pair(engines: dict[str, dict], tests: dict[str, int], reps: int) -> dict:
+    """Each test run once per engine as a warm-up, then `reps` rounds in which every engine runs it once, one
+    after the other: a load that comes and goes on a shared machine hits both engines alike."""
+    times: dict = {name: {test: [] for test in tests} for name in engines}
+    for test in tests:
+        for runs in engines.values():
+            runs[test]()
+        for _ in range(reps):
+            for name, runs in engines.items():
+                times[name][test].append(_timed(runs[test]))
+    return {name: {test: summarize(times[name][test], n) for test, n in tests.items()} for name in engines}
 
 
 def warm_start_s(path: Path, threads: int, reps: int) -> float:
@@ -178,9 +180,14 @@ def main() -> None:
         big = name.startswith("1B")
         tg, pp = (args.big_tg, 0) if big else (args.tg, args.pp)
         entry = {"file": str(path.relative_to(REPO)), "tg_tokens": tg + 1, "pp_tokens": pp}
-        entry["numba"] = bench_numba(path, args.threads, tg, pp, args.reps, tokens)
+        engines = {"numba": numba_runs(path, args.threads, tg, pp, tokens)}
         if not args.skip_llama:
-            entry["llama.cpp"] = bench_llama(path, args.threads, tg, pp, args.reps, tokens)
+            engines["llama.cpp"] = llama_runs(path, args.threads, tg, pp, tokens)
+        tests = {"tg": tg + 1, **({"pp": pp} if pp else {})}
+        entry.update(bench_pair(engines, tests, args.reps))
+        entry["numba"]["weight_bytes_per_token"] = engines["numba"]["weight_bytes_per_token"]
+        if "llama.cpp" in engines:
+            engines["llama.cpp"]["close"]()
         if big:
             gbs = entry["numba"]["weight_bytes_per_token"] * entry["numba"]["tg"]["tok_s"] / 1e9
             entry["numba"]["decode_gbs"] = gbs
