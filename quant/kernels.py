@@ -224,11 +224,12 @@ def dequant_row(wv, qtype, off, n, out):
                         out[sb * 256 + 128 * h + 32 * k + j] = d * sc * np.float32(q - 32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequant_rows(wv, qtype, off, n, row0, out):
-    """Rows row0 .. row0 + len(out) of a tensor -> out: (rows, n) float32 (a weight tile)."""
+    """Rows row0 .. row0 + len(out) of a tensor -> out: (rows, n) float32 (a weight tile). Serial, and without
+    the GIL: the prompt path runs one per thread of its own pool, each beside a single-threaded BLAS product."""
     rb = row_bytes(qtype, n)
-    for r in prange(out.shape[0]):
+    for r in range(out.shape[0]):
         dequant_row(wv, qtype, off + (row0 + r) * rb, n, out[r])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,12 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # cost, the matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
 # `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md).
 GEMM_MIN_T = 16
-# The GEMM path of a prompt shorter than this keeps BLAS on one thread: its products are small, and a second BLAS
-# thread that has to be scheduled for each of them made a 31-token prompt take 3-7 s instead of ~0.2 s when
-# other jobs shared the 2 cores (benchmarks/RESULTS.md, warm start).
-PARALLEL_BLAS_MIN_T = 128
+# The prompt path splits each product across its own pool of --threads Python threads, each running a
+# single-threaded BLAS product beside a GIL-free numba dequantization: one set of threads, which sleep when idle.
+# (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
+# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Prompts shorter
+# than PARALLEL_MIN_T stay on the calling thread: their products are too small to share.
+PARALLEL_MIN_T = 64
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
 
@@ -70,6 +72,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
                            "can start on this machine")
     numba.set_num_threads(threads)
+    threadpool_limits(1, user_api="blas")  # parallel products come from the prompt path's own pool (above)
     if jit_cache_is_cold():
         print("compiling kernels… (first run only)", file=sys.stderr, flush=True)
     # The first jitted call of a process, even one served from the cache, makes numba import its implementation
@@ -149,7 +152,9 @@ class NumbaModel:
             int(hp.rope_neox), hp.n_layers]
         self.inv_freq = rope_inv_freq(hp, gguf)
         self._scratch = self._make_scratch(SMALL_T)
-        self._tile = np.empty(TILE_FLOATS, dtype=np.float32)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
+        tile = np.empty(TILE_FLOATS, dtype=np.float32)
+        self._tiles = [tile[i * (TILE_FLOATS // threads):(i + 1) * (TILE_FLOATS // threads)] for i in range(threads)]
 
     def _locate(self, t: Tensor) -> tuple[int, int]:
         """(byte offset in the file, qtype code) of a tensor the kernels can read."""
@@ -195,8 +200,7 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         if T >= GEMM_MIN_T:
-            with threadpool_limits(1, user_api="blas") if T < PARALLEL_BLAS_MIN_T else nullcontext():
-                logits = self._forward_gemm(tokens, cache, all_logits)
+            logits = self._forward_gemm(tokens, cache, all_logits)
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
             for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
@@ -209,65 +213,82 @@ class NumbaModel:
 
     # --- prompt path: many tokens at once ------------------------------------------------------------------
 
-    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int, out: np.ndarray | None = None) -> np.ndarray:
-        """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype), one dequantized
-        tile of rows at a time (never the whole matrix when it is larger than a tile)."""
-        n = x.shape[1]
-        off, qtype = int(desc[0]), int(desc[1])
-        out = np.empty((x.shape[0], rows), dtype=np.float32) if out is None else out
-        if qtype == F32:
-            w = self.wv[2][off // 4: off // 4 + rows * n].reshape(rows, n)
-            np.matmul(x, w.T, out=out)
-            return out
-        step = max(1, TILE_FLOATS // n)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            tile = self._tile[: (r1 - r0) * n].reshape(r1 - r0, n)
-            dequant_rows(self.wv, qtype, off, n, r0, tile)
-            if r0 == 0 and r1 == rows:
-                np.matmul(x, tile.T, out=out)
-            else:
-                out[:, r0:r1] = x @ tile.T
-        return out
+    def _run(self, work, n_tasks: int, T: int) -> None:
+        """work(i) for i < n_tasks: on the pool when T tokens make products worth sharing, else here."""
+        if self._pool is None or T < PARALLEL_MIN_T or n_tasks == 1:
+            for i in range(n_tasks):
+                work(i)
+        else:
+            for f in [self._pool.submit(work, i) for i in range(n_tasks)]:
+                f.result()
 
-    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
-        """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up), as one BLAS product over their
-        dequantized rows stacked in one tile when they fit: (T, sum of rows), the outputs side by side."""
-        n, total = x.shape[1], sum(rows for _, rows in parts)
-        out = np.empty((x.shape[0], total), dtype=np.float32)
-        if total * n > TILE_FLOATS or any(int(desc[1]) == F32 for desc, _ in parts):
-            c0 = 0
-            for desc, rows in parts:
-                self._gemm(x, desc, rows, out[:, c0:c0 + rows])
-                c0 += rows
-            return out
-        tile = self._tile[: total * n].reshape(total, n)
-        r0 = 0
+    def _parts(self, rows: int, T: int) -> list[tuple[int, int]]:
+        """Row ranges of a product, one per thread (a multiple of 16 rows each, but the last)."""
+        k = self.threads if self._pool is not None and T >= PARALLEL_MIN_T else 1
+        per_thread = -(-rows // k)
+        step = -(-per_thread // 16) * 16
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]],
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
+        the outputs side by side. Each thread takes a range of the stacked rows, dequantizes them into its own
+        tile (TILE_FLOATS / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
+        T, n = x.shape
+        segs, r = [], 0  # (first stacked row, rows, byte offset, qtype) of each matrix
         for desc, rows in parts:
-            dequant_rows(self.wv, int(desc[1]), int(desc[0]), n, 0, tile[r0:r0 + rows])
-            r0 += rows
-        np.matmul(x, tile.T, out=out)
+            segs.append((r, rows, int(desc[0]), int(desc[1])))
+            r += rows
+        out = np.empty((T, r), dtype=np.float32) if out is None else out
+        ranges = self._parts(r, T)
+        tile_rows = max(1, len(self._tiles[0]) // n)
+
+        def work(i):
+            r0, r1 = ranges[i]
+            for a in range(r0, r1, tile_rows):
+                b = min(r1, a + tile_rows)
+                tile = self._tiles[i][: (b - a) * n].reshape(b - a, n)
+                for first, rows, off, qtype in segs:  # the matrices that rows a .. b overlap
+                    lo, hi = max(a, first), min(b, first + rows)
+                    if lo >= hi:
+                        continue
+                    if qtype == F32:
+                        tile[lo - a:hi - a] = self.wv[2][off // 4 + (lo - first) * n: off // 4 + (hi - first) * n
+                                                         ].reshape(hi - lo, n)
+                    else:
+                        dequant_rows(self.wv, qtype, off, n, lo - first, tile[lo - a:hi - a])
+                np.matmul(x, tile.T, out=out[:, a:b])
+
+        self._run(work, len(ranges), T)
         return out
 
-    @staticmethod
-    def _attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray) -> None:
+    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
+        return self._gemm_cat(x, [(desc, rows)], out)
+
+    def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray) -> None:
         """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its
         heads stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks
-        see more keys). BLAS for the two products, numba for the masked softmax: 9 ms per SmolLM2 layer at
-        pp512 on one thread, against 25 ms for a numba kernel vectorized along the keys (RESULTS.md)."""
+        see more keys), the (block, KV head) pairs shared by the pool. BLAS for the two products, numba for the
+        masked softmax: 9 ms per SmolLM2 layer at pp512 on one thread, against 25 ms for a numba kernel
+        vectorized along the keys (RESULTS.md)."""
         T, H, D = q.shape
         KVH = k_cache.shape[1]
         group = H // KVH
         scale = np.float32(1.0 / np.sqrt(D))
-        for t0 in range(0, T, QUERY_BLOCK):
+        tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
+
+        def work(i):
+            t0, kv = tasks[i]
             t1 = min(T, t0 + QUERY_BLOCK)
             S = start + t1  # keys seen by the block's last query
-            for kv in range(KVH):
-                qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
-                scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
-                L.causal_softmax(scores, t1 - t0, start + t0)
-                o = scores @ v_cache[:S, kv]
-                out[t0:t1, kv * group:(kv + 1) * group] = o.reshape(group, t1 - t0, D).transpose(1, 0, 2)
+            qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
+            scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
+            L.causal_softmax(scores, t1 - t0, start + t0)
+            out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[:S, kv]).reshape(group, t1 - t0, D
+                                                                                        ).transpose(1, 0, 2)
+
+        self._run(work, len(tasks), T)
 
     def _forward_gemm(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool) -> np.ndarray:
         hp = self.hparams

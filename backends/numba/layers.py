@@ -126,12 +126,12 @@ def attention(q, k_cache, v_cache, start, out):
             out[t, h, j] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def causal_softmax(scores, T, start):
     """Softmax in place over each row of scores: (rows, S) of one query block, row r holding query r % T
     (the heads of a group stacked, T queries each) at position start + r % T, which sees keys 0 .. itself;
-    later keys get probability 0."""
-    for r in prange(scores.shape[0]):
+    later keys get probability 0. Serial and without the GIL: the prompt path's pool runs one per thread."""
+    for r in range(scores.shape[0]):
         row = scores[r]
         n = start + r % T + 1
         top = np.float32(-np.inf)
