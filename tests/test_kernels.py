@@ -107,12 +107,18 @@ def naive_attention(q, k, v, start):
     return out
 
 
-@pytest.mark.parametrize("T,start,D", [(1, 0, 64), (1, 300, 64), (3, 37, 80), (8, 5, 40), (20, 0, 128)])
+@pytest.mark.parametrize("T,start,D", [(1, 0, 64), (1, 300, 64), (3, 37, 80), (8, 5, 40), (20, 0, 128), (300, 7, 64)])
 def test_attention_kernels_match_numpy(T, start, D):
     """The decode attention (vector score and value kernels; head_dim not a multiple of 16 or 32 takes the tail
     paths) and the prompt path's masked softmax, against float64 numpy, GQA with 6 heads over 2 KV heads."""
-    from backends.numba import NumbaModel
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backends.numba import prompt_attention
     from backends.numba.layers import attention
+
+    def pooled(q, k, v, start, out):
+        with ThreadPoolExecutor(2) as pool:
+            prompt_attention(q, k, v, start, out, lambda work, n: list(pool.map(work, range(n))))
 
     rng = np.random.default_rng(4)
     H, KVH = 6, 2
@@ -120,7 +126,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
-    for kernel in (attention, NumbaModel._attention):
+    for kernel in (attention, prompt_attention, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
         kernel(q, k, v, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)

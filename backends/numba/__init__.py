@@ -124,6 +124,36 @@ def _mmap_root(gguf: GGUFFile) -> np.ndarray:
     return root
 
 
+def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray,
+                     run=None) -> None:
+    """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its heads
+    stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks see more
+    keys). BLAS for the two products, numba for the masked softmax: 9 ms per SmolLM2 layer at pp512 on one
+    thread, against 25 ms for a numba kernel vectorized along the keys (RESULTS.md). The (block, KV head) tasks
+    go to run(work, n_tasks) (the model's pool), or run here in turn."""
+    T, H, D = q.shape
+    KVH = k_cache.shape[1]
+    group = H // KVH
+    scale = np.float32(1.0 / np.sqrt(D))
+    tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
+
+    def work(i):
+        t0, kv = tasks[i]
+        t1 = min(T, t0 + QUERY_BLOCK)
+        S = start + t1  # keys seen by the block's last query
+        qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
+        scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
+        L.causal_softmax(scores, t1 - t0, start + t0)
+        out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[:S, kv]).reshape(group, t1 - t0, D
+                                                                                    ).transpose(1, 0, 2)
+
+    if run is None:
+        for i in range(len(tasks)):
+            work(i)
+    else:
+        run(work, len(tasks))
+
+
 class NumbaModel:
     name = "numba"
 
@@ -266,30 +296,6 @@ class NumbaModel:
         """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
         return self._gemm_cat(x, [(desc, rows)], out)
 
-    def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray) -> None:
-        """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its
-        heads stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks
-        see more keys), the (block, KV head) pairs shared by the pool. BLAS for the two products, numba for the
-        masked softmax: 9 ms per SmolLM2 layer at pp512 on one thread, against 25 ms for a numba kernel
-        vectorized along the keys (RESULTS.md)."""
-        T, H, D = q.shape
-        KVH = k_cache.shape[1]
-        group = H // KVH
-        scale = np.float32(1.0 / np.sqrt(D))
-        tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
-
-        def work(i):
-            t0, kv = tasks[i]
-            t1 = min(T, t0 + QUERY_BLOCK)
-            S = start + t1  # keys seen by the block's last query
-            qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
-            scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
-            L.causal_softmax(scores, t1 - t0, start + t0)
-            out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[:S, kv]).reshape(group, t1 - t0, D
-                                                                                        ).transpose(1, 0, 2)
-
-        self._run(work, len(tasks), T)
-
     def _forward_gemm(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool) -> np.ndarray:
         hp = self.hparams
         T, start = len(tokens), cache.offset
@@ -321,7 +327,7 @@ class NumbaModel:
             L.rope(k3, cos, sin, hp.rope_neox)
             cache.k[i, start:start + T] = k3
             cache.v[i, start:start + T] = v.reshape(T, KVH, D)
-            self._attention(q3, cache.k[i], cache.v[i], start, att)
+            prompt_attention(q3, cache.k[i], cache.v[i], start, att, lambda work, n: self._run(work, n, T))
             x += self._gemm(att.reshape(T, H * D), lt[L.WO], E)
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
             gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
