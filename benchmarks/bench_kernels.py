@@ -1,0 +1,117 @@
+"""Throughput of the numba matrix-vector kernels, one thread, CPU time (robust on a shared machine).
+
+    python benchmarks/bench_kernels.py                      # every format on random matrices (cache-resident)
+    python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
+
+Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def best_cpu_seconds(fn, reps: int, rounds: int = 7) -> float:
+    """Least CPU time per call over `rounds` rounds of `reps` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.process_time()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.process_time() - t) / reps)
+    return best
+
+
+def random_formats(shapes: list[tuple[int, int]]) -> list[dict]:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    from test_kernels import random_k_blocks
+
+    from quant.kernels import block_sums, matvec, weight_views
+
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32):
+        for rows, n in shapes:
+            if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+                n = n // 256 * 256  # whole super-blocks
+                raw = random_k_blocks(qtype, rows, n, rng)
+            else:
+                w = rng.standard_normal((rows, n)).astype(np.float32)
+                raw = w if qtype == Q.F32 else quants.quantize(w, qtype)
+            raw = np.ascontiguousarray(raw).view(np.uint8)
+            wv = weight_views(raw)
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            xs = np.empty((1, n // 32), dtype=np.float32)
+            block_sums(x, xs)
+            out = np.empty((1, rows), dtype=np.float32)
+            s = best_cpu_seconds(lambda: matvec(wv, int(qtype), 0, rows, x, xs, out),  # noqa: B023
+                                 max(3, int(1e8 // raw.nbytes)))
+            rows_out.append({"format": qtype.name, "shape": f"{rows}x{n}", "mb": raw.nbytes / 1e6,
+                             "gb_s": raw.nbytes / s / 1e9, "gweights_s": rows * n / s / 1e9})
+    return rows_out
+
+
+def model_pass(path: Path) -> dict:
+    """Every 2-D tensor of the model multiplied once by a random vector, in file order: CPU ms per pass."""
+    from backends.numba import _mmap_root
+    from quant.gguf_file import read_gguf
+    from quant.kernels import block_sums, matvec, weight_views
+
+    gguf = read_gguf(path)
+    root = _mmap_root(gguf)
+    wv, base = weight_views(root), root.ctypes.data
+    jobs, total = [], 0
+    for t in gguf.tensors.values():
+        if len(t.shape) != 2:
+            continue
+        rows, n = t.shape
+        x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
+        xs = np.empty((1, n // 32), dtype=np.float32)
+        block_sums(x, xs)
+        jobs.append((int(t.qtype), t.data.ctypes.data - base, rows, x, xs, np.empty((1, rows), dtype=np.float32)))
+        total += t.data.nbytes
+
+    def one_pass():
+        for qtype, off, rows, x, xs, out in jobs:
+            matvec(wv, qtype, off, rows, x, xs, out)
+
+    s = best_cpu_seconds(one_pass, 1)
+    return {"model": path.name, "mb": total / 1e6, "cpu_ms": s * 1e3, "gb_s": total / s / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import numba
+
+    numba.set_num_threads(1)
+    if args.model:
+        result = [model_pass(p) for p in args.model]
+        print("| model | weights MB | CPU ms per pass | GB/s |\n|---|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['model']} | {r['mb']:.1f} | {r['cpu_ms']:.2f} | {r['gb_s']:.2f} |")
+    else:
+        result = random_formats([(8192, 2048), (1536, 576)])
+        print("| format | matrix | MB | GB/s | G weights/s |\n|---|---|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['format']} | {r['shape']} | {r['mb']:.1f} | {r['gb_s']:.2f} | {r['gweights_s']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
