@@ -230,7 +230,8 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         if T >= GEMM_MIN_T:
-            logits = self._forward_gemm(tokens, cache, all_logits)
+            with threadpool_limits(1, user_api="blas"):  # in case another backend in this process raised it
+                logits = self._forward_gemm(tokens, cache, all_logits)
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
             for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
