@@ -80,8 +80,9 @@ def make_model(path: Path) -> Path:
 
 
 def run_llm(src: Path, out: Path, qtype: str, threads: int) -> None:
-    env = {**os.environ, "NUMBA_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "llmcli", "quantize", str(src), qtype, "-o", str(out), "--pure"],
+    # a cache of our own: kernels edited meanwhile in the source tree must not trigger a recompile mid-run
+    env = {"NUMBA_CACHE_DIR": str(WORK / "numba-cache"), **os.environ, "NUMBA_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "llmcli", "quantize", str(src), "-t", qtype, "-o", str(out), "--pure"],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

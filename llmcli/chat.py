@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmcli.engine import GenerationConfig, GenerationResponse, Session
+from llmcli.engine import GenerationConfig, GenerationResponse, Session, encode_chat
 from quant.errors import LlmError, PromptError
 
 HELP = """\
@@ -22,12 +22,6 @@ Commands:
   /exit, /bye     leave (or Ctrl-D)
 Multi-line input: start and end it with \"\"\", or end a line with \\ to continue it.
 Ctrl-C stops a reply; Ctrl-D leaves."""
-
-
-def encode_chat(session: Session, messages: list[dict]) -> list[int]:
-    """Messages -> prompt ids via the chat template (the template adds BOS itself where the model wants it)."""
-    lm = session.lm
-    return lm.tokenizer.encode(lm.template.render(messages, add_generation_prompt=True), add_special=False)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,25 +62,32 @@ def quantize(
                                                              "whose name matches (repeatable; first match wins).",
                                                              show_default=False)] = None,
     pure: Annotated[bool, typer.Option("--pure", help="One type for every matrix (no q8_0 embedding/output).")] = False,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Search each block's scale for a smaller error "
-                                                              "(same format, slower).")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Search each block's scale for the smallest error, "
+                                                              "weighted by activations measured on a calibration "
+                                                              "text (same format, slower).")] = False,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="The text --optimize measures "
+                                                        "activations on (default: a varied text built into llm).",
+                                                        show_default=False)] = None,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already-quantized GGUF "
                                                                              "as the source.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (types, sizes); write nothing.")] = False,
 ) -> None:
     """Quantize a model into a GGUF (tokenizer and chat template included).
 
-    Example: llm quantize ./SmolLM2-135M-Instruct q4_0 -o smollm2-q4_0.gguf
+    Example: llm quantize ./SmolLM2-135M-Instruct -t q4_0 --optimize -o smollm2-q4_0.gguf
     """
     from rich.console import Console
 
     from llmcli.quantize import run_quantize
 
+    # the quantizer runs one parallel region per chunk with Python and the writer thread in between:
+    # OpenMP workers that spin while they wait take the cores those need (this process runs nothing else)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     err = Console(stderr=True, highlight=False)
     options = dict(embedding_type=embedding_type, output_type=output_type, tensor_types=tensor_type, pure=pure,
                    optimize=optimize, allow_requantize=allow_requantize)
     if dry_run:
-        report = run_quantize(source, qtype, output, dry_run=True, **options)
+        report = run_quantize(source, qtype, output, dry_run=True, calibration=calibration, **options)
         for w in report.warnings:
             err.print(f"[yellow]warning:[/] {w}")
         Console(highlight=False).print(_plan_table(report))
@@ -87,19 +96,38 @@ def quantize(
     with _progress(err) as bar:
         task = bar.add_task("reading the source", total=None, detail="")
 
+        plan_of: dict = {}  # the plan, until the quantizing bar has started
+
+        def start_quantizing() -> None:
+            plan = plan_of.pop("plan")
+            bar.reset(task, description=f"quantizing to {plan.qtype}", total=plan.n_weights, detail="")
+
         def on_plan(plan) -> None:
             for w in plan.warnings:
                 bar.console.print(f"[yellow]warning:[/] {w}")
-            bar.update(task, description=f"quantizing to {plan.qtype}", total=plan.n_weights)
+            plan_of["plan"] = plan
+            if optimize:
+                bar.update(task, description="calibrating…", detail="activations on the calibration text")
+            else:
+                start_quantizing()
+
+        def on_calibrate(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, detail=f"window {done} of {total}")
 
         def on_tensor(p) -> None:
+            if plan_of:
+                start_quantizing()
             bar.update(task, advance=p.source.n_elements, detail=p.name)
 
-        report = run_quantize(source, qtype, output, on_plan=on_plan, on_tensor=on_tensor, **options)
+        report = run_quantize(source, qtype, output, on_plan=on_plan, on_tensor=on_tensor, calibration=calibration,
+                              on_calibrate=on_calibrate, **options)
     r = report.result
     where = f"{r.path}" + (f" (stored as [bold]{report.store_name}[/])" if report.store_name else "")
     err.print(f"wrote {where}: {_size(r.n_bytes)}, {r.bits_per_weight:.2f} bits/weight, "
               f"{r.n_weights / 1e6:.0f}M weights in {time.perf_counter() - t0:.1f} s")
+    # the command is done and the process ends next: spare the collector its last walk over the objects
+    # numba and scipy created (~0.3 s of the exit)
+    gc.freeze()
 
 
 def perplexity(

@@ -2,6 +2,8 @@
 
 A source is a Hugging Face model folder, a repo id already in the Hugging Face cache, a GGUF path
 or a model from the store. Without an output path the file lands in the store as `<source>:<type>`.
+With `optimize`, the source first runs over a calibration text (llmcli/calibrate.py) and the block
+search weights each column's error by its activations.
 """
 
 from __future__ import annotations
@@ -100,10 +102,20 @@ def _options(qtype: str, embedding_type: str | None = None, output_type: str | N
 def run_quantize(source: str, qtype: str, output: Path | None = None, *, dry_run: bool = False,
                  on_plan: Callable[[QuantizeReport], None] | None = None,
                  on_tensor: Callable[[TensorPlan], None] | None = None, revision: str | None = None,
-                 **options) -> QuantizeReport:
+                 calibration: Path | str | None = None,
+                 on_calibrate: Callable[[int, int], None] | None = None, **options) -> QuantizeReport:
     """Quantize `source` to `qtype`; see `quantize`. With dry_run, only plan (nothing is written).
-    `on_plan(report)` is called once the plan is made, `on_tensor(plan entry)` after each tensor."""
+    `on_plan(report)` is called once the plan is made, `on_calibrate(done, total)` after each calibration
+    window (with optimize), `on_tensor(plan entry)` after each tensor."""
+    from llmcli import calibrate
+
     opts = _options(qtype, **options)
+    if calibration is not None and not opts.optimize:
+        raise LlmError("--calibration is the text --optimize measures activations on; add --optimize")
+    text = calibrate.read_calibration(calibration) if opts.optimize else ""
+    where = f"{calibration}" if calibration is not None else "(built in)"
+    if opts.optimize:
+        calibrate.check_length(text, where)
     src, base_name = resolve_source(source, opts.allow_requantize, revision)
     report = QuantizeReport(source, opts.qtype.name.lower(), make_plan(src, opts))
     if src.quantized:
@@ -123,7 +135,8 @@ def run_quantize(source: str, qtype: str, output: Path | None = None, *, dry_run
         target = folder / "model.gguf"
     else:
         target = Path(output).expanduser()
-    report.result = write_gguf(src, opts, target, on_tensor)
+    importance = calibrate.importance(src, text, target, where, on_calibrate) if opts.optimize else None
+    report.result = write_gguf(src, opts, target, on_tensor, importance)
     if report.store_name is not None:
         from llmcli import store
 
@@ -137,8 +150,9 @@ def quantize(source: str, qtype: str, output: Path | None = None, **options) -> 
     """Quantize `source` (HF folder, HF repo id in the cache, GGUF path or store name) to `qtype`
     ('q4_0', 'q8_0', 'f16', ...); returns the path of the GGUF written (in the store without `output`).
 
-    Options: embedding_type, output_type, tensor_types (['REGEX=TYPE']), pure, optimize, allow_requantize,
-    revision (of a Hub repo id in the cache), on_tensor (called after each tensor is written).
+    Options: embedding_type, output_type, tensor_types (['REGEX=TYPE']), pure, optimize, calibration (a text
+    file for optimize's activation statistics; default: llm's own), allow_requantize, revision (of a Hub
+    repo id in the cache), on_tensor (called after each tensor is written).
     """
     report = run_quantize(source, qtype, output, **options)
     if report.result is None:

@@ -3,7 +3,8 @@
 A source is a list of tensors under their GGUF names, each able to hand out row ranges, plus a
 function that writes its metadata. The plan gives every tensor a type (the policy below); the
 writer streams: header first, then each tensor read in row chunks, quantized, written, dropped.
-Nothing holds more than one output tensor and one input chunk at a time.
+A second thread writes one tensor while the next is quantized, so at most three output tensors
+(being written, waiting, being built) and one input chunk are held at a time.
 
 Type policy (as llama.cpp's): 1-D tensors stay F32; the token embedding and the output matrix get
 q8_0 (or the requested type when it is q8_0 or a float type); every other matrix gets the requested
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import re
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -108,6 +111,7 @@ class Source:
     tensors: list[SourceTensor]
     write_metadata: Callable[[GGUFWriter], None]
     quantized: list[str] = field(default_factory=list)  # names of tensors already block-quantized
+    path: Path | None = None  # the GGUF file, for a GGUF source
 
 
 def _rows_reader(data: np.ndarray, kind: str, perm: np.ndarray | None = None):
@@ -333,7 +337,7 @@ def gguf_source(path: Path, allow_requantize: bool = False) -> Source:
         for key, vtype, sub, value in kvs:
             w.add_key_value(key, value, vtype, sub_type=sub)
 
-    return Source(arch, g.get("general.name") or path.stem, tensors, write_metadata, quantized)
+    return Source(arch, g.get("general.name") or path.stem, tensors, write_metadata, quantized, path)
 
 
 def _gguf_reader(t):
@@ -406,22 +410,27 @@ def make_plan(source: Source, opts: ConvertOptions) -> list[TensorPlan]:
 
 # ---- writing -------------------------------------------------------------------------------------------------
 
-def encode_tensor(t: SourceTensor, qtype: GGMLQuantizationType, optimize: bool = False) -> np.ndarray:
-    """The bytes of tensor `t` in `qtype`: read in row chunks, quantized, gathered into one uint8 array."""
+def encode_tensor(t: SourceTensor, qtype: GGMLQuantizationType, optimize: bool | int = False,
+                  col_weights: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of tensor `t` in `qtype`: read in row chunks, quantized, gathered into one uint8 array
+    (`out`, a flat uint8 array of the right size, when given). `col_weights` (n_cols,): the importance of
+    each input column for the --optimize search."""
     if t.qtype == qtype and t.raw is not None:
         return np.ascontiguousarray(t.raw()).reshape(-1)
     cols = t.shape[-1]
     block, size = GGML_QUANT_SIZES[qtype]
-    out = np.empty((t.n_rows, cols // block * size), dtype=np.uint8)
+    if out is None:
+        out = np.empty(t.n_rows * (cols // block * size), dtype=np.uint8)
+    rows_out = out.reshape(t.n_rows, cols // block * size)
     step = max(1, CHUNK_WEIGHTS // cols)
     for r0 in range(0, t.n_rows, step):
         r1 = min(t.n_rows, r0 + step)
         rows, kind = t.read(r0, r1)
         if qtype in BLOCK_TYPES:
-            quantize_rows(rows, qtype, optimize, kind, out=out[r0:r1])
+            quantize_rows(rows, qtype, optimize, kind, col_weights, out=rows_out[r0:r1])
         else:
-            out[r0:r1] = quantize_rows(rows, qtype, optimize, kind).reshape(r1 - r0, -1)
-    return out.reshape(-1)
+            rows_out[r0:r1] = quantize_rows(rows, qtype, optimize, kind).reshape(r1 - r0, -1)
+    return out
 
 
 @dataclass
@@ -451,9 +460,66 @@ def _temp_output(output: Path) -> Path:
     return tmp
 
 
+class _BackgroundWriter:
+    """Writes tensor data in order on a second thread, so that one tensor is written while the next is
+    quantized (the file write and the quantizing kernels both release the GIL). Holds at most one tensor
+    waiting besides the one being written, and hands written buffers back for the next tensors: fresh
+    memory costs a page fault and a zeroed page per 4 KB, as much as the write itself."""
+
+    KEEP = 3  # buffers kept for reuse
+
+    def __init__(self, writer: GGUFWriter):
+        self._writer = writer
+        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray | None] | None] = queue.Queue(maxsize=1)
+        self._free: list[np.ndarray] = []  # written buffers, ready for reuse
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, buffer = item
+            if self._error is None and not self._cancelled:
+                try:
+                    self._writer.write_tensor_data(data)
+                except BaseException as e:  # re-raised on the caller's thread by put() / finish()
+                    self._error = e
+            if buffer is not None:
+                with self._lock:
+                    self._free.append(buffer)
+                    self._free.sort(key=len)
+                    del self._free[:-self.KEEP]
+
+    def buffer(self, n_bytes: int) -> np.ndarray:
+        """A flat uint8 array of n_bytes, a view of a reused buffer when one is large enough."""
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if len(b) >= n_bytes:
+                    return self._free.pop(i)[:n_bytes]
+        return np.empty(n_bytes, dtype=np.uint8)
+
+    def put(self, data: np.ndarray, recycle: np.ndarray | None = None) -> None:
+        """Queue `data` for writing; `recycle`, an array from `buffer()`, is reused once it is written."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((data, None if recycle is None else recycle.base if recycle.base is not None else recycle))
+
+    def finish(self, cancel: bool = False) -> None:
+        """Wait until everything queued is written (or, with cancel, dropped); re-raise a write error."""
+        self._cancelled = cancel
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and not cancel:
+            raise self._error
+
+
 def write_gguf(source: Source, opts: ConvertOptions, output: Path,
-               on_tensor: Callable[[TensorPlan], None] | None = None) -> ConvertResult:
-    """Write `source` as a GGUF at `output` (via a temporary file renamed at the end)."""
+               on_tensor: Callable[[TensorPlan], None] | None = None,
+               importance: dict[str, np.ndarray] | None = None) -> ConvertResult:
+    """Write `source` as a GGUF at `output` (via a temporary file renamed at the end). `importance`:
+    {tensor name: mean squared input per column}, which the --optimize search weights its error by."""
     t0 = time.perf_counter()
     plan = make_plan(source, opts)
     if output.is_dir():
@@ -471,10 +537,18 @@ def write_gguf(source: Source, opts: ConvertOptions, output: Path,
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for p in plan:
-            writer.write_tensor_data(encode_tensor(p.source, p.qtype, opts.optimize))
-            if on_tensor is not None:
-                on_tensor(p)
+        background = _BackgroundWriter(writer)
+        try:
+            for p in plan:
+                colw = importance.get(p.name) if importance and opts.optimize else None
+                out = None if p.source.qtype == p.qtype else background.buffer(p.n_bytes)
+                background.put(encode_tensor(p.source, p.qtype, opts.optimize, colw, out), recycle=out)
+                if on_tensor is not None:
+                    on_tensor(p)
+        except BaseException:
+            background.finish(cancel=True)
+            raise
+        background.finish()
         writer.close()
         os.replace(tmp, output)
     except BaseException:

@@ -114,7 +114,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     from concurrent.futures import ThreadPoolExecutor
 
     from backends.numba import prompt_attention
-    from backends.numba.layers import attention
+    from backends.numba.layers import attention, attention_serial
 
     def pooled(q, k, v, start, out):
         with ThreadPoolExecutor(2) as pool:
@@ -126,7 +126,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
-    for kernel in (attention, prompt_attention, pooled):
+    for kernel in (attention, attention_serial, prompt_attention, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
         kernel(q, k, v, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)

@@ -73,13 +73,17 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
                            "can start on this machine")
     numba.set_num_threads(threads)
     threadpool_limits(1, user_api="blas")  # parallel products come from the prompt path's own pool (above)
-    if jit_cache_is_cold():
+    cold = jit_cache_is_cold()
+    if cold:
         print("compiling kernels… (first run only)", file=sys.stderr, flush=True)
     # The first jitted call of a process, even one served from the cache, makes numba import its implementation
     # registries (~0.2 s, once). Pay it here, with a call the prompt path makes anyway (same types), so that
     # loading is loading and the first token's time is the forward pass.
     block_sums(np.zeros((1, 32), dtype=np.float32), np.zeros((1, 1), dtype=np.float32))
-    return NumbaModel(gguf, hp, threads)
+    model = NumbaModel(gguf, hp, threads)
+    if cold:  # compile both paths now, so that the message is not shown again by a run that used only one
+        model.warm_up()
+    return model
 
 
 def _import_numba_registries_without_scipy() -> None:
@@ -213,6 +217,12 @@ class NumbaModel:
                 f32(T, hp.n_kv_heads, hp.head_dim), f32(T, nq), f32(T, 2 * F), f32(T, F), f32(T, E),
                 f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2), f32(T, E // 32), f32(T, nq // 32), f32(T, F // 32),
                 qkv_desc, gu_desc)
+
+    def warm_up(self) -> None:
+        """Run the prompt path and the decode stack once on a scratch cache (compiles or loads their kernels)."""
+        cache = self.new_cache(GEMM_MIN_T + 1)
+        self.forward(np.zeros(GEMM_MIN_T, dtype=np.int64), cache)
+        self.forward(np.zeros(1, dtype=np.int64), cache)
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
         return SimpleKVCache(self.hparams, max_seq)

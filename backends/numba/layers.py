@@ -28,6 +28,9 @@ EMBD, OUT_NORM, OUTPUT = range(3)
 # dims entries
 D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS = range(9)
 N_DIMS = 9
+# Decode attention below this many multiply-adds (query x cached position x head_dim, over all heads) runs on
+# one thread: SmolLM2 (9 heads of 64) up to ~450 cached positions. One parallel region less per layer.
+SERIAL_ATTENTION = 1 << 18
 
 
 @njit(cache=True, fastmath=True)
@@ -86,44 +89,57 @@ def head_norm(x, f32, w_off, eps):
                 x[t, h, j] = x[t, h, j] * inv * w[j]
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _attend(q, k_cache, v_cache, start, out, i):
+    """Attention of query (t, h) = divmod(i, n_heads) over cache positions 0 .. start + t (see attention)."""
+    T, H, D = q.shape
+    KVH = k_cache.shape[1]
+    t, h = i // H, i % H
+    kv = h // (H // KVH)
+    n = start + t + 1
+    nb = D // 32  # whole 32-float blocks of a head vector; the rest (head_dim not a multiple of 32) below
+    scale = np.float32(1.0 / math.sqrt(D))
+    qv = q[t, h]
+    scores = np.empty(n, dtype=np.float32)
+    top = np.float32(-np.inf)
+    for s in range(n):
+        acc = simd.dot_f32(k_cache, ((s * KVH + kv) * D) * 4, q, (t * H + h) * D, nb)
+        for j in range(nb * 32, D):
+            acc += qv[j] * k_cache[s, kv, j]
+        scores[s] = acc * scale
+        top = max(top, scores[s])
+    total = np.float32(0.0)
+    for s in range(n):
+        scores[s] = simd.exp_f32(scores[s] - top)
+        total += scores[s]
+    inv = np.float32(1.0) / total
+    for s in range(n):
+        scores[s] *= inv
+    d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
+    simd.weighted_rows(v_cache, kv * D * 4, KVH * D * 4, scores, n, d16, out, (t * H + h) * D)
+    for j in range(d16, D):
+        acc = np.float32(0.0)
+        for s in range(n):
+            acc += scores[s] * v_cache[s, kv, j]
+        out[t, h, j] = acc
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def attention(q, k_cache, v_cache, start, out):
     """Causal attention of T new queries over the cache, grouped-query.
     q: (T, n_heads, head_dim); k_cache, v_cache: (max_seq, n_kv_heads, head_dim) of one layer, holding
     positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t.
-    Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place."""
-    T, H, D = q.shape
-    KVH = k_cache.shape[1]
-    group = H // KVH
-    nb = D // 32  # whole 32-float blocks of a head vector; the rest (head_dim not a multiple of 32) below
-    scale = np.float32(1.0 / math.sqrt(D))
-    for i in prange(T * H):
-        t, h = i // H, i % H
-        kv = h // group
-        n = start + t + 1
-        qv = q[t, h]
-        scores = np.empty(n, dtype=np.float32)
-        top = np.float32(-np.inf)
-        for s in range(n):
-            acc = simd.dot_f32(k_cache, ((s * KVH + kv) * D) * 4, q, (t * H + h) * D, nb)
-            for j in range(nb * 32, D):
-                acc += qv[j] * k_cache[s, kv, j]
-            scores[s] = acc * scale
-            top = max(top, scores[s])
-        total = np.float32(0.0)
-        for s in range(n):
-            scores[s] = simd.exp_f32(scores[s] - top)
-            total += scores[s]
-        inv = np.float32(1.0) / total
-        for s in range(n):
-            scores[s] *= inv
-        d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
-        simd.weighted_rows(v_cache, kv * D * 4, KVH * D * 4, scores, n, d16, out, (t * H + h) * D)
-        for j in range(d16, D):
-            acc = np.float32(0.0)
-            for s in range(n):
-                acc += scores[s] * v_cache[s, kv, j]
-            out[t, h, j] = acc
+    Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place; the
+    (query, head) pairs are shared across threads."""
+    for i in prange(q.shape[0] * q.shape[1]):
+        _attend(q, k_cache, v_cache, start, out, i)
+
+
+@njit(cache=True, fastmath=True)
+def attention_serial(q, k_cache, v_cache, start, out):
+    """`attention` on the calling thread: for short contexts, cheaper than a parallel region's synchronization."""
+    for i in range(q.shape[0] * q.shape[1]):
+        _attend(q, k_cache, v_cache, start, out, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -218,7 +234,10 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
             for kh in range(KVH):
                 v_cache[layer, start + t, kh] = v[t, kh * D:(kh + 1) * D]
         att3 = att.reshape(T, H, D)
-        attention(q3, k_cache[layer], v_cache[layer], start, att3)
+        if T * H * (start + T) * D < SERIAL_ATTENTION:
+            attention_serial(q3, k_cache[layer], v_cache[layer], start, att3)
+        else:
+            attention(q3, k_cache[layer], v_cache[layer], start, att3)
         block_sums(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         x += tmp

@@ -1,10 +1,14 @@
 """The reference backend: the plain forward pass in float32 numpy. Slow and obvious on purpose;
 every faster backend is tested against it.
 
-It trades memory for simplicity: each weight is dequantized to float32 on first use and kept.
+It trades memory for simplicity: each weight is dequantized to float32 on first use and kept (unless
+`keep_weights=False`, for a one-off pass over a big model). Every matrix product goes through
+`matmul`, which hands its input to `on_input` when one is set (the quantizer's activation statistics).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,17 +54,29 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class NumpyModel:
     name = "numpy"
 
-    def __init__(self, gguf: GGUFFile, hp: HParams):
+    def __init__(self, gguf: GGUFFile, hp: HParams, keep_weights: bool = True,
+                 on_input: Callable[[str, np.ndarray], None] | None = None):
         self.gguf, self.hparams = gguf, hp
         self.inv_freq = rope_inv_freq(hp, gguf)
+        self.keep_weights = keep_weights
+        self.on_input = on_input  # on_input(weight name, its input rows (T, n_cols) float32)
         self._w: dict[str, np.ndarray] = {}
 
     def w(self, name: str) -> np.ndarray:
-        """Weight `name` as float32, dequantized once."""
-        if name not in self._w:
-            t = self.gguf.tensors[name]
-            self._w[name] = dequantize(t.data, t.qtype).reshape(t.shape)
-        return self._w[name]
+        """Weight `name` as float32, dequantized once (or on every use without keep_weights)."""
+        if name in self._w:
+            return self._w[name]
+        t = self.gguf.tensors[name]
+        w = dequantize(t.data, t.qtype).reshape(t.shape)
+        if self.keep_weights:
+            self._w[name] = w
+        return w
+
+    def matmul(self, h: np.ndarray, name: str) -> np.ndarray:
+        """h (T, n_cols) @ weight `name` (n_rows, n_cols).T -> (T, n_rows)."""
+        if self.on_input is not None:
+            self.on_input(name, h)
+        return h @ self.w(name).T
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
         return SimpleKVCache(self.hparams, max_seq)
@@ -83,8 +99,7 @@ class NumpyModel:
         for i in range(hp.n_layers):
             p = f"blk.{i}."
             h = rms_norm(x, self.w(p + "attn_norm.weight"), hp.norm_eps)
-            q, k, v = h @ self.w(p + "attn_q.weight").T, h @ self.w(p + "attn_k.weight").T, \
-                h @ self.w(p + "attn_v.weight").T
+            q, k, v = (self.matmul(h, p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
             if hp.qkv_bias:
                 q, k, v = q + self.w(p + "attn_q.bias"), k + self.w(p + "attn_k.bias"), v + self.w(p + "attn_v.bias")
             q = q.reshape(T, hp.n_heads, hp.head_dim)
@@ -102,13 +117,13 @@ class NumpyModel:
                 kv = hd // group
                 scores = q[:, hd, :] @ keys[:, kv, :].T * scale + mask  # (T, S)
                 att[:, hd, :] = softmax(scores) @ values[:, kv, :]
-            x = x + att.reshape(T, -1) @ self.w(p + "attn_output.weight").T
+            x = x + self.matmul(att.reshape(T, -1), p + "attn_output.weight")
 
             h = rms_norm(x, self.w(p + "ffn_norm.weight"), hp.norm_eps)
-            ff = silu(h @ self.w(p + "ffn_gate.weight").T) * (h @ self.w(p + "ffn_up.weight").T)
-            x = x + ff @ self.w(p + "ffn_down.weight").T
+            ff = silu(self.matmul(h, p + "ffn_gate.weight")) * self.matmul(h, p + "ffn_up.weight")
+            x = x + self.matmul(ff, p + "ffn_down.weight")
 
         cache.offset = start + T
         x = rms_norm(x if all_logits else x[-1:], self.w("output_norm.weight"), hp.norm_eps)
-        logits = (x @ self.w(output_tensor(self.gguf, hp).name).T).astype(np.float32)
+        logits = self.matmul(x, output_tensor(self.gguf, hp).name).astype(np.float32)
         return logits if all_logits else logits[0]
