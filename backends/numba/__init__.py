@@ -44,9 +44,9 @@ GEMM_MIN_T = 16
 # The prompt path splits each product across its own pool of --threads Python threads, each running a
 # single-threaded BLAS product beside a GIL-free numba dequantization: one set of threads, which sleep when idle.
 # (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
-# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Prompts shorter
-# than PARALLEL_MIN_T stay on the calling thread: their products are too small to share.
-PARALLEL_MIN_T = 64
+# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Sharing pays
+# from the shortest prompts that take this path (2 threads, quiet: 32 tokens 165 -> 139 ms, 48: 190 -> 158 ms).
+PARALLEL_MIN_T = 16
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
 
