@@ -16,7 +16,7 @@ from pathlib import Path
 import numba
 from numba import njit, prange
 
-__all__ = ["cache_dir", "njit", "prange"]
+__all__ = ["njit", "prange"]
 
 # Modules whose jitted functions are called from other files (a function's own file numba checks itself).
 _SHARED = ("jit.py", "kernels.py", "simd.py")
@@ -27,11 +27,6 @@ def _sources_hash() -> str:
     for name in _SHARED:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """The folder numba caches our kernels in."""
-    return Path(numba.config.CACHE_DIR)
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):

@@ -46,10 +46,14 @@ def _splat(b: ir.IRBuilder, val: ir.Value, n: int = 16) -> ir.Value:
     return b.shuffle_vector(v, v, _const(I32, [0] * n))
 
 
+def _call(b: ir.IRBuilder, name: str, ret: ir.Type, args: list) -> ir.Value:
+    """Call the generic LLVM intrinsic `name` (declared in the module on first use)."""
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(fn, args)
+
+
 def _fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
-    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(x.type, [x.type] * 3),
-                                        f"llvm.fma.v{x.type.count}f32")
-    return b.call(fn, [x, y, acc])
+    return _call(b, f"llvm.fma.v{x.type.count}f32", x.type, [x, y, acc])
 
 
 def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -71,10 +75,8 @@ def _load(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value, ty: ir.Type) -> i
 
 def _prefetch(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value) -> None:
     """Ask for the cache line at base + byte_off (llvm.prefetch: read, keep in all cache levels)."""
-    ptr = b.gep(base, [byte_off])
-    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [ptr.type, I32, I32, I32]),
-                                        "llvm.prefetch.p0")
-    b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    _call(b, "llvm.prefetch.p0", ir.VoidType(),
+          [b.gep(base, [byte_off]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
 def _loop(b: ir.IRBuilder, start: ir.Value, stop: ir.Value, step: int, init: list, body) -> tuple[list, ir.Value]:
@@ -387,9 +389,9 @@ def exp_f32(typingctx, x):
             return ir.Constant(F32, v)
 
         x = args[0] if signature.args[0] == types.float32 else b.fptrunc(args[0], F32)
-        x = b.call(_fn(b, "llvm.maxnum.f32", 2), [x, c(-87.0)])
-        x = b.call(_fn(b, "llvm.minnum.f32", 2), [x, c(88.0)])
-        n = b.call(_fn(b, "llvm.rint.f32", 1), [b.fmul(x, c(1.4426950408889634), flags=FAST)])
+        x = _call(b, "llvm.maxnum.f32", F32, [x, c(-87.0)])
+        x = _call(b, "llvm.minnum.f32", F32, [x, c(88.0)])
+        n = _call(b, "llvm.rint.f32", F32, [b.fmul(x, c(1.4426950408889634), flags=FAST)])
         f = b.fsub(x, b.fmul(n, c(0.693359375)))  # x - n ln 2 in two steps (Cody-Waite): exact first product
         f = b.fsub(f, b.fmul(n, c(-2.12194440e-4)))
         p = c(1.0 / 5040)  # e^f on |f| <= ln2/2: Taylor to degree 7
@@ -399,10 +401,6 @@ def exp_f32(typingctx, x):
         return b.fmul(p, scale)
 
     return sig, codegen
-
-
-def _fn(b: ir.IRBuilder, name: str, n_args: int) -> ir.Function:
-    return cgutils.get_or_insert_function(b.module, ir.FunctionType(F32, [F32] * n_args), name)
 
 
 @intrinsic
