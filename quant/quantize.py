@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from numba import types
+from numba.extending import overload
 
 from quant.formats import row_bytes
 from quant.jit import njit, prange
@@ -386,9 +388,27 @@ def _quantize_block(x, out, off, kind, optimize, lut, q, tmp, w, ref):
 
 # ---- drivers: rows in parallel -----------------------------------------------------------------------------
 
+def _read_block(src, lut, r, b, x):
+    """x[:] = the 32 source values of block b of row r, as float32 (16-bit sources decoded through lut)."""
+
+
+@overload(_read_block, inline="always")
+def _read_block_impl(src, lut, r, b, x):
+    if src.dtype == types.float32:
+        def read(src, lut, r, b, x):
+            for j in range(QK):
+                x[j] = src[r, b * QK + j]
+    else:
+        def read(src, lut, r, b, x):
+            for j in range(QK):
+                x[j] = lut[src[r, b * QK + j]]
+    return read
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize_rows_f32(src, out, kind, optimize, lut, colw):
-    # src: (rows, cols) float32; out: (rows, cols // 32 * type_size) uint8
+def _quantize_rows(src, src_lut, out, kind, optimize, lut, colw):
+    # src: (rows, cols) float32, or uint16 bit patterns (float16 or bfloat16) decoded by src_lut;
+    # out: (rows, cols // 32 * type_size) uint8
     rows, cols = src.shape
     size = (18, 20, 22, 24, 34)[kind]
     for r in prange(rows):
@@ -399,33 +419,11 @@ def _quantize_rows_f32(src, out, kind, optimize, lut, colw):
         ref = np.empty(34, dtype=np.uint8)
         orow = out[r]
         for b in range(cols // QK):
-            for j in range(QK):
-                x[j] = src[r, b * QK + j]
+            _read_block(src, src_lut, r, b, x)
             if optimize:
                 for j in range(QK):
                     w[j] = colw[b * QK + j]
             _quantize_block(x, orow, b * size, kind, optimize, lut, q, tmp, w, ref)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _quantize_rows_bits(src, lut, out, kind, optimize, half_lut, colw):
-    # src: (rows, cols) uint16 bit patterns (float16 or bfloat16, decoded by lut); out as above
-    rows, cols = src.shape
-    size = (18, 20, 22, 24, 34)[kind]
-    for r in prange(rows):
-        x = np.empty(QK, dtype=np.float32)
-        q = np.empty(QK, dtype=np.int32)
-        tmp = np.empty(QK, dtype=np.int32)
-        w = np.empty(QK, dtype=np.float64)
-        ref = np.empty(34, dtype=np.uint8)
-        orow = out[r]
-        for b in range(cols // QK):
-            for j in range(QK):
-                x[j] = lut[src[r, b * QK + j]]
-            if optimize:
-                for j in range(QK):
-                    w[j] = colw[b * QK + j]
-            _quantize_block(x, orow, b * size, kind, optimize, half_lut, q, tmp, w, ref)
 
 
 @njit(parallel=True, cache=True)
@@ -471,12 +469,10 @@ def quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType, optimize: bool 
             raise ValueError(f"row length {n_cols} is not a multiple of {QK}")
         if out is None:
             out = np.empty((n_rows, row_bytes(qtype, n_cols)), dtype=np.uint8)
-        if source == "f32":
-            _quantize_rows_f32(np.ascontiguousarray(rows, dtype=np.float32), out, _KIND[qtype], optimize,
-                               _F16_TO_F32, colw)
-        else:
-            _quantize_rows_bits(np.ascontiguousarray(rows), bits_lut(source), out, _KIND[qtype], optimize,
-                                _F16_TO_F32, colw)
+        f32 = source == "f32"
+        src = np.ascontiguousarray(rows, dtype=np.float32) if f32 else np.ascontiguousarray(rows)
+        _quantize_rows(src, _F16_TO_F32 if f32 else bits_lut(source), out, _KIND[qtype], optimize, _F16_TO_F32,
+                       colw)
         return out
     values = rows if source == "f32" else bits_lut(source)[rows]
     if qtype == Q.F32:
