@@ -35,6 +35,16 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip=lambda key: Fals
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
 
+def _finish(writer: GGUFWriter, tmp: Path, dst: Path) -> Path:
+    """Write the file the writer holds to tmp, then move it to dst (never a half-written dst)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(dst)
+    return dst
+
+
 def requantize(src: Path, dst: Path, qtype: GGMLQuantizationType) -> Path:
     """Copy of `src` with every 2-D tensor except token_embd re-quantized to `qtype`."""
     reader = GGUFReader(src)
@@ -50,12 +60,7 @@ def requantize(src: Path, dst: Path, qtype: GGMLQuantizationType) -> Path:
             writer.add_tensor(t.name, gguf_quants.quantize(w, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.rename(dst)
-    return dst
+    return _finish(writer, tmp, dst)
 
 
 def _random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -121,12 +126,7 @@ def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers:
         if qk_norm:
             writer.add_tensor(p + "attn_q_norm.weight", norm(head_dim))
             writer.add_tensor(p + "attn_k_norm.weight", norm(head_dim))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.rename(dst)
-    return dst
+    return _finish(writer, tmp, dst)
 
 
 if __name__ == "__main__":
