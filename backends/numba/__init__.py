@@ -254,9 +254,13 @@ class NumbaModel:
 
     # --- prompt path: many tokens at once ------------------------------------------------------------------
 
+    def _shared(self, T: int) -> bool:
+        """Whether a prompt of T tokens shares its products across the pool."""
+        return self._pool is not None and T >= PARALLEL_MIN_T
+
     def _run(self, work, n_tasks: int, T: int) -> None:
         """work(i) for i < n_tasks: on the pool when T tokens make products worth sharing, else here."""
-        if self._pool is None or T < PARALLEL_MIN_T or n_tasks == 1:
+        if not self._shared(T) or n_tasks == 1:
             for i in range(n_tasks):
                 work(i)
         else:
@@ -265,13 +269,12 @@ class NumbaModel:
 
     def _parts(self, rows: int, T: int) -> list[tuple[int, int]]:
         """Row ranges of a product, one per thread (a multiple of 16 rows each, but the last)."""
-        k = self.threads if self._pool is not None and T >= PARALLEL_MIN_T else 1
+        k = self.threads if self._shared(T) else 1
         per_thread = -(-rows // k)
         step = -(-per_thread // 16) * 16
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
-    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]],
-                  out: np.ndarray | None = None) -> np.ndarray:
+    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
         the outputs side by side. Each thread takes a range of the stacked rows, dequantizes them into its own
         tile (TILE_FLOATS / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
@@ -280,7 +283,7 @@ class NumbaModel:
         for desc, rows in parts:
             segs.append((r, rows, int(desc[0]), int(desc[1])))
             r += rows
-        out = np.empty((T, r), dtype=np.float32) if out is None else out
+        out = np.empty((T, r), dtype=np.float32)
         ranges = self._parts(r, T)
         tile_rows = max(1, len(self._tiles[0]) // n)
 
@@ -303,9 +306,9 @@ class NumbaModel:
         self._run(work, len(ranges), T)
         return out
 
-    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int, out: np.ndarray | None = None) -> np.ndarray:
+    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int) -> np.ndarray:
         """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
-        return self._gemm_cat(x, [(desc, rows)], out)
+        return self._gemm_cat(x, [(desc, rows)])
 
     def _forward_gemm(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool) -> np.ndarray:
         hp = self.hparams
