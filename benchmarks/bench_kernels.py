@@ -38,7 +38,7 @@ def random_formats(shapes: list[tuple[int, int]]) -> list[dict]:
     from gguf import quants
     from test_kernels import random_k_blocks
 
-    from quant.kernels import block_sums, matvec, weight_views
+    from quant.kernels import activation_blocks, matvec, prepare, weight_views
 
     rng = np.random.default_rng(0)
     rows_out = []
@@ -53,8 +53,8 @@ def random_formats(shapes: list[tuple[int, int]]) -> list[dict]:
             raw = np.ascontiguousarray(raw).view(np.uint8)
             wv = weight_views(raw)
             x = rng.standard_normal((1, n)).astype(np.float32)
-            xs = np.empty((1, n // 32), dtype=np.float32)
-            block_sums(x, xs)
+            xs = activation_blocks(1, n)
+            prepare(x, xs)
             out = np.empty((1, rows), dtype=np.float32)
             s = best_cpu_seconds(lambda: matvec(wv, int(qtype), 0, rows, x, xs, out),  # noqa: B023
                                  max(3, int(1e8 // raw.nbytes)))
@@ -67,7 +67,7 @@ def model_pass(path: Path) -> dict:
     """Every 2-D tensor of the model multiplied once by a random vector, in file order: CPU ms per pass."""
     from backends.numba import _mmap_root
     from quant.gguf_file import read_gguf
-    from quant.kernels import block_sums, matvec, weight_views
+    from quant.kernels import activation_blocks, matvec, prepare, weight_views
 
     gguf = read_gguf(path)
     root = _mmap_root(gguf)
@@ -78,8 +78,8 @@ def model_pass(path: Path) -> dict:
             continue
         rows, n = t.shape
         x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
-        xs = np.empty((1, n // 32), dtype=np.float32)
-        block_sums(x, xs)
+        xs = activation_blocks(1, n)
+        prepare(x, xs)
         jobs.append((int(t.qtype), t.data.ctypes.data - base, rows, x, xs, np.empty((1, rows), dtype=np.float32)))
         total += t.data.nbytes
 

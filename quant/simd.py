@@ -2,13 +2,25 @@
 
 Numba's loop vectorizer turns the per-block loops of quant/kernels.py into code that reduces every 32-weight
 block to a scalar (a horizontal sum per block) and converts scales through table lookups: about 4 GB/s per
-thread on Q4_0. Here each block is decoded straight into <16 x float> registers and multiplied into vector
-accumulators that stay in registers for the whole row; one horizontal sum per row. The IR uses only generic
-LLVM vector operations and generic intrinsics (llvm.fma), never target intrinsics, so the same code becomes
-AVX-512 or AVX2 on x86 and NEON on ARM.
+thread on Q4_0. Here each block is decoded straight into vector registers and multiplied into accumulators that
+stay in registers for the whole row; one horizontal sum per row. The IR uses only generic LLVM vector
+operations and generic intrinsics (llvm.fma), never target intrinsics, so the same code becomes AVX-512 or AVX2
+on x86 and NEON on ARM.
 
-Each `dot_*` is called from jitted code as `dot_q4_0(u8, off, x, xoff, nb)`: the row whose bytes start at
-u8[off], times x[xoff : xoff + 32 nb] (float32, C-contiguous), over nb blocks of 32 weights; float32.
+Two kinds of kernels:
+
+- The 32-weight formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) multiply integer codes by an int16 copy of the
+  activation: x rounded per block of 32 to xq = rint(x / xd) with xd = max|x| / 32767 (`quant.kernels.prepare`),
+  so a block is products of 16-bit integers summed in pairs (LLVM emits vpmaddwd / vpdpwssd on x86, smull /
+  smlal on ARM), one conversion to float and one FMA with the two scales. The rounding moves each product by at
+  most xd / 2 per unit of weight: a relative 1.5e-5 of the block's largest activation, 1000x finer than the
+  8-bit copies llama.cpp makes (those move SmolLM2's next-token distribution by a KL of up to 0.02; these by
+  1e-6). Called as `dot_q4_0(u8, off, xq, xd, xs, nb)`: the row whose bytes start at u8[off] times the
+  activation of nb blocks (xq int16, xd its scales, xs its float sums per block, which carry Q4_1/Q5_1's
+  minimums).
+- F32, F16, BF16 and the K-quants multiply the float32 activation itself: `dot_f16(u8, off, x, xoff, nb)` (x
+  from float index xoff, nb blocks of 32) and `dot_q4_k(u8, off, x, xs, nsb)` (nsb super-blocks of 256).
+
 Layouts as in quant/formats.py: Q4_0 d|qs[16], Q4_1 d|m|qs[16], Q5_0 d|qh[4]|qs[16], Q5_1 d|m|qh[4]|qs[16],
 Q8_0 d|qs[32]; nibble j of qs holds weight j (low) and weight j + 16 (high).
 """
@@ -22,7 +34,7 @@ from numba.extending import intrinsic
 
 F32, HALF = ir.FloatType(), ir.HalfType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-V16F = ir.VectorType(F32, 16)
+V16F, V8F = ir.VectorType(F32, 16), ir.VectorType(F32, 8)
 FAST = ("fast",)
 _FORMATS: dict = {}  # block decoder -> bytes per block, for standalone_module
 UNROLL = 4  # blocks per loop iteration, each into its own accumulator (hides the FMA latency)
@@ -46,10 +58,10 @@ def _splat(b: ir.IRBuilder, val: ir.Value, n: int = 16) -> ir.Value:
     return b.shuffle_vector(v, v, _const(I32, [0] * n))
 
 
-def _call(b: ir.IRBuilder, name: str, ret: ir.Type, args: list) -> ir.Value:
+def _call(b: ir.IRBuilder, name: str, ret: ir.Type, args: list, flags=()) -> ir.Value:
     """Call the generic LLVM intrinsic `name` (declared in the module on first use)."""
     fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return b.call(fn, args)
+    return b.call(fn, args, fastmath=flags)
 
 
 def _fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
@@ -108,67 +120,157 @@ def _loop(b: ir.IRBuilder, start: ir.Value, stop: ir.Value, step: int, init: lis
     return outs, i_out
 
 
-# ---- one block of 32 weights: (w, byte offset of the block, x0, x1 = x[0:16], x[16:32], acc) -> acc -----------
-
-def _nibbles(b, qs):
-    """16 bytes -> (low nibbles, high nibbles) as <16 x i8>: weights 0..15 and 16..31."""
-    return b.and_(qs, _const(I8, [15] * 16)), b.lshr(qs, _const(I8, [4] * 16))
-
-
-def _high_bits(b, w, at):
-    """Q5 fifth bits: the 32-bit qh at byte `at` -> (bits of weights 0..15, of 16..31) as <16 x i8> of 0 or 16."""
-    qh = _splat(b, _load(b, w, at, I32))
-    one = _const(I32, [1] * 16)
-    lo = b.and_(b.lshr(qh, _const(I32, range(16))), one)
-    hi = b.and_(b.lshr(qh, _const(I32, range(16, 32))), one)
-    shift = _const(I8, [4] * 16)
-    return b.shl(b.trunc(lo, _vec(I8, 16)), shift), b.shl(b.trunc(hi, _vec(I8, 16)), shift)
-
-
-def _scaled(b, lo, hi, x0, x1, d, acc, signed):
-    """acc + d * (lo . x0 + hi . x1) for integer codes lo, hi: <16 x i8>."""
-    conv = b.sitofp if signed else b.uitofp
-    p = b.fmul(conv(lo, V16F), x0, flags=FAST)
-    p = _fma(b, conv(hi, V16F), x1, p)
-    return _fma(b, p, _splat(b, d), acc)
-
+# ---- block decoding shared by the kernels ------------------------------------------------------------------
 
 def _half(b, w, at):
     return b.fpext(_load(b, w, at, HALF), F32)
 
 
-def _q4_0(b, w, o, x0, x1, acc):
-    lo, hi = _nibbles(b, _load(b, w, b.add(o, _i64(2)), _vec(I8, 16)))
-    eight = _const(I8, [8] * 16)
-    return _scaled(b, b.sub(lo, eight), b.sub(hi, eight), x0, x1, _half(b, w, o), acc, True)
+# ---- the int16 kernels: one block of 32 weights -> the codes of weights 0..15 and of 16..31 as <16 x i16>. Every
+# format has its scale d at byte 0; Q4_1 and Q5_1 their minimum m at byte 2 (the weight is d q + m); Q4_0 and Q5_0
+# store q + 8 and q + 16 (`offset`).
+
+def _words(b, w, at):
+    """16 bytes at `at` -> <16 x i16>, zero-extended."""
+    return b.zext(_load(b, w, at, _vec(I8, 16)), _vec(I16, 16))
 
 
-def _q4_1(b, w, o, x0, x1, acc):
-    lo, hi = _nibbles(b, _load(b, w, b.add(o, _i64(4)), _vec(I8, 16)))
-    acc = _fma(b, b.fadd(x0, x1, flags=FAST), _splat(b, _half(b, w, b.add(o, _i64(2)))), acc)
-    return _scaled(b, lo, hi, x0, x1, _half(b, w, o), acc, False)
+def _nibble_words(b, w, at):
+    """The 16 bytes of nibbles at `at` -> (low nibbles, high nibbles) as <16 x i16>: weights 0..15 and 16..31."""
+    qs = _words(b, w, at)
+    return b.and_(qs, _const(I16, [15] * 16)), b.lshr(qs, _const(I16, [4] * 16))
 
 
-def _q5_0(b, w, o, x0, x1, acc):
-    lo, hi = _nibbles(b, _load(b, w, b.add(o, _i64(6)), _vec(I8, 16)))
-    hlo, hhi = _high_bits(b, w, b.add(o, _i64(2)))
-    sixteen = _const(I8, [16] * 16)
-    lo, hi = b.sub(b.or_(lo, hlo), sixteen), b.sub(b.or_(hi, hhi), sixteen)
-    return _scaled(b, lo, hi, x0, x1, _half(b, w, o), acc, True)
+def _fifth_bits(b, w, at):
+    """Q5 fifth bits: the 32-bit qh at byte `at` -> (16 where weights 0..15 have it, else 0; same for 16..31)."""
+    qh = _load(b, w, at, I32)
+    bits, sixteen, zero = _const(I16, [1 << j for j in range(16)]), _const(I16, [16] * 16), _const(I16, [0] * 16)
+
+    def spread(half):
+        has = b.icmp_unsigned("!=", b.and_(_splat(b, b.trunc(half, I16)), bits), zero)
+        return b.select(has, sixteen, zero)
+
+    return spread(qh), spread(b.lshr(qh, ir.Constant(I32, 16)))
 
 
-def _q5_1(b, w, o, x0, x1, acc):
-    lo, hi = _nibbles(b, _load(b, w, b.add(o, _i64(8)), _vec(I8, 16)))
-    hlo, hhi = _high_bits(b, w, b.add(o, _i64(4)))
-    acc = _fma(b, b.fadd(x0, x1, flags=FAST), _splat(b, _half(b, w, b.add(o, _i64(2)))), acc)
-    return _scaled(b, b.or_(lo, hlo), b.or_(hi, hhi), x0, x1, _half(b, w, o), acc, False)
+def _q4_0(b, w, o):
+    return _nibble_words(b, w, b.add(o, _i64(2)))
 
 
-def _q8_0(b, w, o, x0, x1, acc):
-    lo = _load(b, w, b.add(o, _i64(2)), _vec(I8, 16))
-    hi = _load(b, w, b.add(o, _i64(18)), _vec(I8, 16))
-    return _scaled(b, lo, hi, x0, x1, _half(b, w, o), acc, True)
+def _q4_1(b, w, o):
+    return _nibble_words(b, w, b.add(o, _i64(4)))
 
+
+def _q5(b, w, o, at):
+    lo, hi = _nibble_words(b, w, b.add(o, _i64(at + 4)))
+    hlo, hhi = _fifth_bits(b, w, b.add(o, _i64(at)))
+    return b.or_(lo, hlo), b.or_(hi, hhi)
+
+
+def _q5_0(b, w, o):
+    return _q5(b, w, o, 2)
+
+
+def _q5_1(b, w, o):
+    return _q5(b, w, o, 4)
+
+
+def _q8_0(b, w, o):
+    def signed(at):
+        return b.sext(_load(b, w, b.add(o, _i64(at)), _vec(I8, 16)), _vec(I16, 16))
+
+    return signed(2), signed(18)
+
+
+def _pairs(b, q, xq, xo):
+    """<16 x i16> codes . the 16 int16 at byte xo of xq -> <8 x i32>, products summed in adjacent pairs."""
+    prod = b.mul(b.sext(q, _vec(I32, 16)), b.sext(_load(b, xq, xo, _vec(I16, 16)), _vec(I32, 16)))
+    even = b.shuffle_vector(prod, prod, _const(I32, range(0, 16, 2)))
+    odd = b.shuffle_vector(prod, prod, _const(I32, range(1, 16, 2)))
+    return b.add(even, odd)
+
+
+def _emit_int_dot(b, fmt, w, xq, xd, xs, xc, nb):
+    """The int16 dot product over nb blocks of `block_bytes` at w, given the activation's int16 copy xq, its scales
+    xd, its float sums xs and the sums of its int16 copy xc (per block of 32; see quant.kernels.prepare).
+
+    Per block: codes . xq in pairs of int16 products (<8 x i32>), converted once and accumulated with the scale
+    d * xd. The offset (Q4_0's 8, Q5_0's 16) is taken out at the end as offset * sum of d xd xc, the minimums
+    as sum of m xs. Blocks go in groups of UNROLL, each into its own accumulator, their scales read as one
+    vector; the last nb % UNROLL blocks one at a time."""
+    block, block_bytes, offset, has_min = fmt
+
+    def group(i, k, accs, corr):
+        """Blocks i .. i + k - 1 into accs; corr: <k x float> of the offset or minimum terms."""
+        o = b.mul(i, _i64(block_bytes))
+        vf = _vec(F32, k)
+
+        def halves(at):
+            v = ir.Constant(_vec(HALF, k), ir.Undefined)
+            for j in range(k):
+                v = b.insert_element(v, _load(b, w, b.add(o, _i64(block_bytes * j + at)), HALF), ir.Constant(I32, j))
+            return b.fpext(v, vf)
+
+        scale = b.fmul(halves(0), _load(b, xd, b.mul(i, _i64(4)), vf), flags=FAST)
+        if offset:
+            corr = _fma(b, scale, _load(b, xc, b.mul(i, _i64(4)), vf), corr)
+        if has_min:
+            corr = _fma(b, halves(2), _load(b, xs, b.mul(i, _i64(4)), vf), corr)
+        out = []
+        for j, acc in enumerate(accs):
+            lo, hi = block(b, w, b.add(o, _i64(block_bytes * j)))
+            xo = b.mul(b.add(i, _i64(j)), _i64(64))
+            dot = b.add(_pairs(b, lo, xq, xo), _pairs(b, hi, xq, b.add(xo, _i64(32))))
+            out.append(_fma(b, b.sitofp(dot, V8F), b.shuffle_vector(scale, scale, _const(I32, [j] * 8)), acc))
+        return out, corr
+
+    def unrolled(i, vals):
+        _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+        accs, corr = group(i, UNROLL, vals[:-1], vals[-1])
+        return accs + [corr]
+
+    zero8 = ir.Constant(V8F, [0.0] * 8)
+    vals, i = _loop(b, _i64(0), nb, UNROLL, [zero8] * UNROLL + [ir.Constant(_vec(F32, UNROLL), [0.0] * UNROLL)],
+                    unrolled)
+
+    def single(j, v):
+        (acc,), corr = group(j, 1, [v[0]], ir.Constant(_vec(F32, 1), [0.0]))
+        return [acc, b.fadd(v[1], b.extract_element(corr, ir.Constant(I32, 0)), flags=FAST)]
+
+    (acc, corr), _ = _loop(b, i, nb, 1, [vals[0], _hsum(b, vals[-1])], single)
+    for a in vals[1:-1]:
+        acc = b.fadd(acc, a, flags=FAST)
+    if offset:
+        corr = b.fmul(corr, ir.Constant(F32, -float(offset)), flags=FAST)
+    return b.fadd(_hsum(b, acc), corr, flags=FAST)
+
+
+def _make_int_dot(fmt):
+    """An intrinsic dot(w, off, xq, xd, xs, xc, nb) -> float32 over nb blocks of 32 weights of format
+    fmt = (block decoder, bytes per block, offset, has minimum), the weights starting at byte `off` of the
+    C-contiguous array w, the activation given by what quant.kernels.prepare makes of it (see _emit_int_dot)."""
+
+    @intrinsic
+    def dot(typingctx, w, off, xq, xd, xs, xc, nb):
+        arrays = (w, xq, xd, xs, xc)
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and xq.dtype == types.int16
+                and all(a.dtype == types.float32 for a in (xd, xs, xc))):
+            return None
+        sig = types.float32(w, types.int64, xq, xd, xs, xc, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            w = b.gep(ptr(0), [args[1]])
+            return _emit_int_dot(b, fmt, w, ptr(2), ptr(3), ptr(4), ptr(5), args[6])
+
+        return sig, codegen
+
+    return dot
+
+
+# ---- the float kernels: (w, byte offset of the block, x0, x1 = x[0:16], x[16:32], acc) -> acc -----------------
 
 def _f32(b, w, o, x0, x1, acc):
     acc = _fma(b, _load(b, w, o, V16F), x0, acc)
@@ -352,28 +454,77 @@ dot_q6_k = _make_dot_k(_q6_k, 210)
 
 
 def standalone_module(name: str) -> str:
-    """LLVM IR text of a module with one function `float dot(i8* w, i8* x, i8* xs, i64 n_blocks)` holding the dot
-    product of format `name` ("q4_0", "q6_k", "f16", ...), outside numba: to check what a target compiles it to."""
-    block = {"q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q8_0": _q8_0, "f32": _f32, "f16": _f16,
-             "bf16": _bf16, "q4_k": dot_q4_k_block, "q5_k": dot_q5_k_block, "q6_k": _q6_k}[name]
+    """LLVM IR text of a module with one function `float dot(i8* w, i8* x, i8* xd, i8* xs, i8* xc, i64 n_blocks)`
+    holding the dot product of format `name` ("q4_0", "q6_k", "f16", ...), outside numba: to check what a target
+    compiles it to. x is the int16 copy of the activation for the 32-weight formats, else float32 (xd, xc
+    unused)."""
     module = ir.Module(name=name)
     p = I8.as_pointer()
-    fn = ir.Function(module, ir.FunctionType(F32, [p, p, p, I64]), name="dot")
+    fn = ir.Function(module, ir.FunctionType(F32, [p, p, p, p, p, I64]), name="dot")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    w, xp, xsp, nb = fn.args
-    k_quant = name.endswith("_k")
-    b.ret(_emit_dot(b, block, _FORMATS[block], w, xp, nb, xsp if k_quant else None))
+    w, xp, xdp, xsp, xcp, nb = fn.args
+    if name in INT_FORMATS:
+        b.ret(_emit_int_dot(b, INT_FORMATS[name], w, xp, xdp, xsp, xcp, nb))
+    else:
+        block = {"f32": _f32, "f16": _f16, "bf16": _bf16, "q4_k": dot_q4_k_block, "q5_k": dot_q5_k_block,
+                 "q6_k": _q6_k}[name]
+        b.ret(_emit_dot(b, block, _FORMATS[block], w, xp, nb, xsp if name.endswith("_k") else None))
     return str(module)
 
 
-dot_q4_0 = _make_dot(_q4_0, 18)
-dot_q4_1 = _make_dot(_q4_1, 20)
-dot_q5_0 = _make_dot(_q5_0, 22)
-dot_q5_1 = _make_dot(_q5_1, 24)
-dot_q8_0 = _make_dot(_q8_0, 34)
+INT_FORMATS = {  # name: (block decoder, bytes per block, offset, has a minimum)
+    "q4_0": (_q4_0, 18, 8, False), "q4_1": (_q4_1, 20, 0, True), "q5_0": (_q5_0, 22, 16, False),
+    "q5_1": (_q5_1, 24, 0, True), "q8_0": (_q8_0, 34, 0, False)}
+dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = (_make_int_dot(INT_FORMATS[k]) for k in INT_FORMATS)
 dot_f32 = _make_dot(_f32, 128)
 dot_f16 = _make_dot(_f16, 64)
 dot_bf16 = _make_dot(_bf16, 64)
+
+
+@intrinsic
+def prepare_rows(typingctx, x, xs, xq, xd, xc):
+    """For x: (T, n) float32, per block b of 32 (n // 32 blocks): xs = sum, xd = max |x| / 32767, xq = rint(x 32767 /
+    max |x|) as int16 (0 in an all-zero block) and xc = sum of xq, into xs, xd, xc: (T, n // 32) float32 and xq:
+    (T, n) int16, all C-contiguous. The activation side of the int16 kernels (~0.5 ns per element)."""
+    arrays = (x, xs, xq, xd, xc)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in arrays)
+            and xq.dtype == types.int16 and all(a.dtype == types.float32 for a in (x, xs, xd, xc))):
+        return None
+    sig = types.void(x, xs, xq, xd, xc)
+
+    def codegen(context, b, signature, args):
+        arr = [context.make_array(t)(context, b, a) for t, a in zip(signature.args, args, strict=True)]
+        ptr = [b.bitcast(a.data, I8.as_pointer()) for a in arr]
+        shape = cgutils.unpack_tuple(b, arr[0].shape, 2)
+        nb, n = b.sdiv(shape[1], _i64(32)), shape[1]
+        v32f, v32i = _vec(F32, 32), _vec(I32, 32)
+        zero = ir.Constant(F32, 0.0)
+
+        def row(t, _):
+            def block(i, _):
+                k = b.add(b.mul(t, nb), i)  # per-block index in the (T, nb) arrays
+                v = _load(b, ptr[0], b.mul(b.add(b.mul(t, n), b.mul(i, _i64(32))), _i64(4)), v32f)
+                total = _call(b, "llvm.vector.reduce.fadd.v32f32", F32, [zero, v], FAST)  # a tree, not a chain
+                top = _call(b, "llvm.vector.reduce.fmax.v32f32", F32, [_call(b, "llvm.fabs.v32f32", v32f, [v])])
+                d = b.fmul(top, ir.Constant(F32, 1 / 32767))
+                inv = b.select(b.fcmp_ordered(">", top, zero), b.fdiv(ir.Constant(F32, 32767.0), top), zero)
+                q = b.fptosi(_call(b, "llvm.rint.v32f32", v32f, [b.fmul(v, _splat(b, inv, 32))]), v32i)
+                st = b.store(b.trunc(q, _vec(I16, 32)),
+                             b.bitcast(b.gep(ptr[2], [b.mul(b.add(b.mul(t, n), b.mul(i, _i64(32))), _i64(2))]),
+                                       _vec(I16, 32).as_pointer()))
+                st.align = 1
+                qsum = b.sitofp(_call(b, "llvm.vector.reduce.add.v32i32", I32, [q]), F32)
+                for p, val in ((ptr[1], total), (ptr[3], d), (ptr[4], qsum)):
+                    b.store(val, b.bitcast(b.gep(p, [b.mul(k, _i64(4))]), F32.as_pointer()))
+                return []
+
+            _loop(b, _i64(0), nb, 1, [], block)
+            return []
+
+        _loop(b, _i64(0), shape[0], 1, [], row)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

@@ -183,4 +183,5 @@ def test_architecture_features_match_numpy(arch, opts, tmp_path):
     cache = fast.new_cache(16)
     got = np.concatenate([fast.forward(tokens[:10], cache, all_logits=True),
                           fast.forward(tokens[10:], cache, all_logits=True)])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the decode stack multiplies int16 copies of the activations (1.5e-5 of each block's largest value)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)

@@ -29,9 +29,10 @@ from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
     F32,
     KERNEL_TYPES,
-    block_sums,
+    activation_blocks,
     dequant_rows,
     matvec,
+    prepare,
     weight_views,
 )
 
@@ -79,7 +80,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
     # The first jitted call of a process, even one served from the cache, makes numba import its implementation
     # registries (~0.2 s, once). Pay it here, with a call the prompt path makes anyway (same types), so that
     # loading is loading and the first token's time is the forward pass.
-    block_sums(np.zeros((1, 32), dtype=np.float32), np.zeros((1, 1), dtype=np.float32))
+    prepare(np.zeros((1, 32), dtype=np.float32), activation_blocks(1, 32))
     model = NumbaModel(gguf, hp, threads)
     if cold:  # compile both paths now, so that the message is not shown again by a run that used only one
         model.warm_up()
@@ -210,12 +211,11 @@ class NumbaModel:
         def f32(*shape):
             return np.zeros(shape, dtype=np.float32)
 
-
         qkv_desc = np.array([[0, 0, nq], [0, 0, nkv], [0, 0, nkv]], dtype=np.int64)
         gu_desc = np.array([[0, 0, F], [0, 0, F]], dtype=np.int64)
         return (f32(T, E), f32(T, E), f32(T, nq + 2 * nkv), f32(T, hp.n_heads, hp.head_dim),
                 f32(T, hp.n_kv_heads, hp.head_dim), f32(T, nq), f32(T, 2 * F), f32(T, F), f32(T, E),
-                f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2), f32(T, E // 32), f32(T, nq // 32), f32(T, F // 32),
+                f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2), activation_blocks(T, E), activation_blocks(T, nq), activation_blocks(T, F),
                 qkv_desc, gu_desc)
 
     def warm_up(self) -> None:
@@ -353,8 +353,8 @@ class NumbaModel:
         L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
         if len(rows) > SMALL_T:
             return self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab)
-        xs = np.empty((len(rows), E // 32), dtype=np.float32)
-        block_sums(h, xs)
+        xb = activation_blocks(len(rows), E)
+        prepare(h, xb)
         logits = np.empty((len(rows), hp.n_vocab), dtype=np.float32)
-        matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xs, logits)
+        matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xb, logits)
         return logits

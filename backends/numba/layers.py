@@ -18,7 +18,7 @@ import numpy as np
 
 from quant import simd
 from quant.jit import njit, prange
-from quant.kernels import block_sums, dequant_row, matvec, matvec_multi, row_bytes
+from quant.kernels import dequant_row, matvec, matvec_multi, prepare, row_bytes
 
 # kinds of per-layer tensors (columns of layer_tab)
 ATTN_NORM, WQ, WK, WV, WO, FFN_NORM, GATE, UP, DOWN, BQ, BK, BV, Q_NORM, K_NORM = range(14)
@@ -191,6 +191,12 @@ def add_bias(x, f32, off):
             x[t, j] += b[j]
 
 
+@njit(cache=True, inline="always")
+def _rows(xb, a, b):
+    """Rows a..b of the prepared-activation buffers xb (see quant.kernels.prepare)."""
+    return xb[0][a:b], xb[1][a:b], xb[2][a:b], xb[3][a:b]
+
+
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k_cache, v_cache, all_logits,
                   scratch, logits):
@@ -202,7 +208,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
     nq, nkv = H * D, KVH * D
     x, h, qkv, q3, k3, att = x[:T], h[:T], qkv[:T], q3[:T], k3[:T], att[:T]
     gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:T], sin[:T]
-    xs_e, xs_q, xs_f = xs_e[:T], xs_q[:T], xs_f[:T]
+    xs_e, xs_q, xs_f = _rows(xs_e, 0, T), _rows(xs_q, 0, T), _rows(xs_f, 0, T)
     f32 = wv[2]
 
     embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, x)
@@ -211,7 +217,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
         lt = layer_tab[layer]
         # attention block: x += Wo . attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)
         rms_norm(x, f32, lt[ATTN_NORM, 0], eps, h)
-        block_sums(h, xs_e)
+        prepare(h, xs_e)
         for i in range(3):
             qkv_desc[i, 0], qkv_desc[i, 1] = lt[WQ + i, 0], lt[WQ + i, 1]
         matvec_multi(wv, qkv_desc, h, xs_e, qkv)
@@ -238,21 +244,22 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
             attention_serial(q3, k_cache[layer], v_cache[layer], start, att3)
         else:
             attention(q3, k_cache[layer], v_cache[layer], start, att3)
-        block_sums(att, xs_q)
+        prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         x += tmp
         # feed-forward block: x += Wdown . (silu(Wgate h) * Wup h), h = norm(x)
         rms_norm(x, f32, lt[FFN_NORM, 0], eps, h)
-        block_sums(h, xs_e)
+        prepare(h, xs_e)
         for i in range(2):
             gu_desc[i, 0], gu_desc[i, 1] = lt[GATE + i, 0], lt[GATE + i, 1]
         matvec_multi(wv, gu_desc, h, xs_e, gu)
         swiglu(gu, ff)
-        block_sums(ff, xs_f)
+        prepare(ff, xs_f)
         matvec(wv, lt[DOWN, 1], lt[DOWN, 0], E, ff, xs_f, tmp)
         x += tmp
 
     first = 0 if all_logits else T - 1
     rms_norm(x[first:], f32, glob_tab[OUT_NORM, 0], eps, h[first:])
-    block_sums(h[first:], xs_e[first:])
-    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xs_e[first:], logits)
+    xb = _rows(xs_e, first, T)
+    prepare(h[first:], xb)
+    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xb, logits)
