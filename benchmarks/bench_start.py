@@ -67,12 +67,10 @@ lap("sample the first token")
 print(json.dumps(phases))
 """
 
-# The prompt forward both ways for several lengths, on one and two threads (on two, also the GEMM path with
-# BLAS held to one thread).
+# The prompt forward both ways for several lengths, on one and two threads.
 _CROSSOVER = r"""
 import json, sys, time
 import numpy as np
-from threadpoolctl import threadpool_limits
 import backends.numba as nb
 from backends import load_model
 from quant.gguf_file import read_gguf
@@ -82,24 +80,20 @@ rng = np.random.default_rng(0)
 rows = []
 for threads in (1, 2):
     model = load_model(gguf, "numba", threads)
-    cache = model.new_cache(max(lengths))
-    def timed(T, gemm_min_t, blas=threads):
+    cache = model.new_cache(max(lengths + [16]))
+    def timed(T, gemm_min_t):
         nb.GEMM_MIN_T = gemm_min_t
-        nb.PARALLEL_BLAS_MIN_T = 0  # BLAS threads as given here
         tokens = rng.integers(0, model.hparams.n_vocab, T)
         cache.reset()
-        with threadpool_limits(blas, user_api="blas"):
-            t0 = time.perf_counter()
-            model.forward(tokens, cache)
-            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.forward(tokens, cache)
+        return time.perf_counter() - t0
     for path in (1, 1 << 30):  # warm-up: every dispatcher of both paths
         timed(16, path)
     for T in lengths:
         row = {"threads": threads, "T": T}
-        for name, path, blas in (("gemm", 1, threads), ("gemm_blas1", 1, 1), ("stack", 1 << 30, threads)):
-            if name == "gemm_blas1" and threads == 1:
-                continue
-            times = sorted(timed(T, path, blas) for _ in range(reps))
+        for name, path in (("gemm", 1), ("stack", 1 << 30)):
+            times = sorted(timed(T, path) for _ in range(reps))
             row[name] = times[len(times) // 2]
         rows.append(row)
 print(json.dumps(rows))
@@ -183,11 +177,10 @@ def breakdown(model: Path, prompt: str, threads: int | None) -> None:
 def crossover(model: Path, lengths: list[int], reps: int) -> None:
     rows = run_child(_CROSSOVER, str(model), json.dumps(lengths), str(reps))
     print(f"prompt forward (one call on an empty cache), median of {reps}, ms; load average {load_average()}:\n")
-    print("| threads | T | GEMM path | GEMM path, BLAS on 1 thread | forward_stack in chunks of SMALL_T |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| threads | T | GEMM path | forward_stack in chunks of SMALL_T |")
+    print("|---:|---:|---:|---:|")
     for r in rows:
-        blas1 = f"{r['gemm_blas1'] * 1e3:.0f}" if "gemm_blas1" in r else "="
-        print(f"| {r['threads']} | {r['T']} | {r['gemm'] * 1e3:.0f} | {blas1} | {r['stack'] * 1e3:.0f} |")
+        print(f"| {r['threads']} | {r['T']} | {r['gemm'] * 1e3:.0f} | {r['stack'] * 1e3:.0f} |")
 
 
 def main() -> None:

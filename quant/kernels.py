@@ -85,7 +85,8 @@ def _scale_min_k4(j, sc):
 # ---------------------------------------------------------------------------------------------------------
 # One row . activation: the views, the row's byte offset, the row length n, the activation x (n,) float32 and
 # what `prepare` makes of it per block of 32: its sums xs, which carry the minimums (sum_j (d q_j + m) x_j =
-# d sum_j q_j x_j + m xs), and its int16 copy xq with its scales xd and sums xc. The per-format code is in quant/simd.py.
+# d sum_j q_j x_j + m xs), and its int16 copy xq with its scales xd and sums xc. The per-format code is in
+# quant/simd.py.
 
 
 def activation_blocks(T: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -91,7 +91,8 @@ def test_logits_match_numpy(models, variant, monkeypatch):
     fast, ref = models(variant)
     tokens = np.array(PROMPTS[0])
     want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
-    assert GEMM_MIN_T <= len(tokens) and len(tokens) % SMALL_T  # GEMM path; chunks with a partial last one
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 2 * SMALL_T)  # these 20 tokens through the GEMM path
+    assert len(tokens) % SMALL_T  # and in chunks with a partial last one
     whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     monkeypatch.setattr(backends.numba, "GEMM_MIN_T", len(tokens) + 1)
     chunked = fast.forward(tokens, fast.new_cache(32), all_logits=True)
@@ -144,15 +145,15 @@ def test_cache_trim_reset_and_threads(models, smollm2_path):
 
 @pytest.mark.slow
 def test_prompt_pool_equals_one_thread(models, smollm2_variants):
-    """A prompt long enough for the prompt path's thread pool (PARALLEL_MIN_T) gives the logits of the same
-    prompt on one thread, and the numba backend leaves BLAS itself on one thread (its products get their
-    parallelism from that pool, not from a second, spinning pool of BLAS threads)."""
+    """A prompt long enough for the prompt path (GEMM_MIN_T), whose products go to its thread pool, gives the
+    logits of the same prompt on one thread, and the numba backend leaves BLAS itself on one thread (its
+    products get their parallelism from that pool, not from a second, spinning pool of BLAS threads)."""
     from threadpoolctl import threadpool_info
 
     fast, _ = models("q4_1")
     one = load_model(read_gguf(smollm2_variants["q4_1"]), "numba", threads=1)
     assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
-    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), backends.numba.PARALLEL_MIN_T + 9)
+    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), GEMM_MIN_T + 9)
     want = one.forward(tokens, one.new_cache(len(tokens)), all_logits=True)
     got = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -40,14 +40,15 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # Prompts of at least GEMM_MIN_T tokens multiply dequantized weight tiles with BLAS (a fixed cost of dequantizing
 # every weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed
 # cost, the matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
-# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md).
-GEMM_MIN_T = 16
+# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the int16 kernels, SmolLM2
+# Q4_0: 32 tokens 85-116 ms in chunks against 111-154 ms with BLAS at 2 threads, 146-162 against 170-184 at 1;
+# 40 tokens 152 against 163 at 2 threads, 234 against 206 at 1).
+GEMM_MIN_T = 40
 # The prompt path splits each product across its own pool of --threads Python threads, each running a
 # single-threaded BLAS product beside a GIL-free numba dequantization: one set of threads, which sleep when idle.
 # (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
 # with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Sharing pays
-# from the shortest prompts that take this path (2 threads, quiet: 32 tokens 165 -> 139 ms, 48: 190 -> 158 ms).
-PARALLEL_MIN_T = 16
+# from 16 tokens on, so for every prompt that takes this path.
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
 
@@ -215,7 +216,8 @@ class NumbaModel:
         gu_desc = np.array([[0, 0, F], [0, 0, F]], dtype=np.int64)
         return (f32(T, E), f32(T, E), f32(T, nq + 2 * nkv), f32(T, hp.n_heads, hp.head_dim),
                 f32(T, hp.n_kv_heads, hp.head_dim), f32(T, nq), f32(T, 2 * F), f32(T, F), f32(T, E),
-                f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2), activation_blocks(T, E), activation_blocks(T, nq), activation_blocks(T, F),
+                f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2),
+                activation_blocks(T, E), activation_blocks(T, nq), activation_blocks(T, F),
                 qkv_desc, gu_desc)
 
     def warm_up(self) -> None:
@@ -254,23 +256,18 @@ class NumbaModel:
 
     # --- prompt path: many tokens at once ------------------------------------------------------------------
 
-    def _shared(self, T: int) -> bool:
-        """Whether a prompt of T tokens shares its products across the pool."""
-        return self._pool is not None and T >= PARALLEL_MIN_T
-
-    def _run(self, work, n_tasks: int, T: int) -> None:
-        """work(i) for i < n_tasks: on the pool when T tokens make products worth sharing, else here."""
-        if not self._shared(T) or n_tasks == 1:
+    def _run(self, work, n_tasks: int) -> None:
+        """work(i) for i < n_tasks: on the pool (when there is one: --threads above 1), else here."""
+        if self._pool is None or n_tasks == 1:
             for i in range(n_tasks):
                 work(i)
         else:
             for f in [self._pool.submit(work, i) for i in range(n_tasks)]:
                 f.result()
 
-    def _parts(self, rows: int, T: int) -> list[tuple[int, int]]:
+    def _parts(self, rows: int) -> list[tuple[int, int]]:
         """Row ranges of a product, one per thread (a multiple of 16 rows each, but the last)."""
-        k = self.threads if self._shared(T) else 1
-        per_thread = -(-rows // k)
+        per_thread = -(-rows // (1 if self._pool is None else self.threads))
         step = -(-per_thread // 16) * 16
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
@@ -284,7 +281,7 @@ class NumbaModel:
             segs.append((r, rows, int(desc[0]), int(desc[1])))
             r += rows
         out = np.empty((T, r), dtype=np.float32)
-        ranges = self._parts(r, T)
+        ranges = self._parts(r)
         tile_rows = max(1, len(self._tiles[0]) // n)
 
         def work(i):
@@ -303,7 +300,7 @@ class NumbaModel:
                         dequant_rows(self.wv, qtype, off, n, lo - first, tile[lo - a:hi - a])
                 np.matmul(x, tile.T, out=out[:, a:b])
 
-        self._run(work, len(ranges), T)
+        self._run(work, len(ranges))
         return out
 
     def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int) -> np.ndarray:
@@ -341,7 +338,7 @@ class NumbaModel:
             L.rope(k3, cos, sin, hp.rope_neox)
             cache.k[i, start:start + T] = k3
             cache.v[i, start:start + T] = v.reshape(T, KVH, D)
-            prompt_attention(q3, cache.k[i], cache.v[i], start, att, lambda work, n: self._run(work, n, T))
+            prompt_attention(q3, cache.k[i], cache.v[i], start, att, self._run)
             x += self._gemm(att.reshape(T, H * D), lt[L.WO], E)
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
             gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
