@@ -10,9 +10,9 @@ Conventions shared by every kernel:
 - Block formats (layouts in quant/formats.py) are decoded in vector registers by quant/simd.py (portable LLVM
   vector IR), scales applied once per block or sub-block, minimums through the activation's sums per block
   of 32. Each activation is prepared once per product (`prepare`): those sums, and an int16 copy rounded per
-  block of 32 that the 32-weight formats (Q4_0 ... Q8_0) multiply as integers (1.3-1.5x faster than float
-  products; it moves SmolLM2's next-token distribution by a KL of ~1e-7, where llama.cpp's 8-bit copies move
-  it by up to 0.02). F32/F16/BF16 and the K-quants multiply the float32 activation.
+  block of 32 that the quantized formats (Q4_0 ... Q8_0, the K-quants) multiply as integers (1.3-1.7x faster
+  than float products; it moves SmolLM2's next-token distribution by a KL of ~1e-7, where llama.cpp's 8-bit
+  copies move it by up to 0.02). F32/F16/BF16 multiply the float32 activation.
 """
 
 from __future__ import annotations
@@ -136,11 +136,11 @@ def dot_row(wv, qtype, off, n, x, xs, xq, xd, xc):
     if qtype == Q5_1:
         return simd.dot_q5_1(u8, off, xq, xd, xs, xc, nb)
     if qtype == Q4_K:
-        return simd.dot_q4_k(u8, off, x, xs, n // 256)
+        return simd.dot_q4_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == Q5_K:
-        return simd.dot_q5_k(u8, off, x, xs, n // 256)
+        return simd.dot_q5_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == Q6_K:
-        return simd.dot_q6_k(u8, off, x, xs, n // 256)
+        return simd.dot_q6_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == F32:
         acc = simd.dot_f32(u8, off, x, 0, nb)
     elif qtype == F16:

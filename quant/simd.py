@@ -9,17 +9,17 @@ on x86 and NEON on ARM.
 
 Two kinds of kernels:
 
-- The 32-weight formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) multiply integer codes by an int16 copy of the
-  activation: x rounded per block of 32 to xq = rint(x / xd) with xd = max|x| / 32767 (`quant.kernels.prepare`),
-  so a block is products of 16-bit integers summed in pairs (LLVM emits vpmaddwd / vpdpwssd on x86, smull /
-  smlal on ARM), one conversion to float and one FMA with the two scales. The rounding moves each product by at
-  most xd / 2 per unit of weight: a relative 1.5e-5 of the block's largest activation, 1000x finer than the
-  8-bit copies llama.cpp makes (those move SmolLM2's next-token distribution by a KL of up to 0.02; these by
-  1e-6). Called as `dot_q4_0(u8, off, xq, xd, xs, nb)`: the row whose bytes start at u8[off] times the
-  activation of nb blocks (xq int16, xd its scales, xs its float sums per block, which carry Q4_1/Q5_1's
-  minimums).
-- F32, F16, BF16 and the K-quants multiply the float32 activation itself: `dot_f16(u8, off, x, xoff, nb)` (x
-  from float index xoff, nb blocks of 32) and `dot_q4_k(u8, off, x, xs, nsb)` (nsb super-blocks of 256).
+- The quantized formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) multiply integer codes by an int16 copy
+  of the activation: x rounded per block of 32 to xq = rint(x / xd) with xd = max|x| / 32767
+  (`quant.kernels.prepare`), so a block is products of 16-bit integers summed in pairs (LLVM emits vpmaddwd /
+  vpdpwssd on x86, smull / smlal on ARM), one conversion to float and one FMA with the scales. The rounding
+  moves each product by at most xd / 2 per unit of weight: a relative 1.5e-5 of the block's largest activation,
+  1000x finer than the 8-bit copies llama.cpp makes (those move SmolLM2's next-token distribution by a KL of up
+  to 0.02; these by ~1e-7). Called as `dot_q4_0(u8, off, xq, xd, xs, xc, nb)`: the row whose bytes start at
+  u8[off] times the activation, over nb blocks of 32 (nb super-blocks of 256 for the K-quants); xq int16, and
+  per block its scales xd, the float sums xs (which carry the minimums) and the sums xc of xq (the offsets).
+- F32, F16, BF16 multiply the float32 activation itself: `dot_f16(u8, off, x, xoff, nb)` (x from float index
+  xoff, nb blocks of 32).
 
 Layouts as in quant/formats.py: Q4_0 d|qs[16], Q4_1 d|m|qs[16], Q5_0 d|qh[4]|qs[16], Q5_1 d|m|qh[4]|qs[16],
 Q8_0 d|qs[32]; nibble j of qs holds weight j (low) and weight j + 16 (high).
@@ -292,18 +292,10 @@ def _bf16(b, w, o, x0, x1, acc):
     return _fma(b, _bf16_to_f32(b, _load(b, w, b.add(o, _i64(32)), _vec(I16, 16))), x1, acc)
 
 
-def _emit_dot(b, block, block_bytes: int, w, xp, nb, xsp=None):
-    """The dot product loop over nb blocks of `block_bytes` at w (i8*) with x at xp: 32-weight blocks, UNROLL at a
-    time into separate accumulators; with xsp (x's block sums, for K-quants), 256-weight super-blocks."""
+def _emit_dot(b, block, block_bytes: int, w, xp, nb):
+    """The float dot product loop over nb blocks of `block_bytes` at w (i8*) with x (float32) at xp: 32 weights
+    per block, UNROLL blocks at a time into separate accumulators."""
     zero = ir.Constant(V16F, [0.0] * 16)
-    if xsp is not None:
-        def superblock(i, vals):
-            _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
-            return list(block(b, w, b.mul(i, _i64(block_bytes)), xp, b.mul(i, _i64(1024)), xsp,
-                              b.mul(i, _i64(32)), vals[0], vals[1]))
-
-        (acc, corr), _ = _loop(b, _i64(0), nb, 1, [zero, ir.Constant(F32, 0.0)], superblock)
-        return b.fsub(_hsum(b, acc), corr, flags=FAST)
 
     def one(i, acc):
         xo = b.mul(i, _i64(128))
@@ -347,111 +339,128 @@ def _make_dot(block, block_bytes: int):
 
 # ---- K-quants: super-blocks of 256 weights with 6- or 8-bit sub-block scales ---------------------------------
 
-def _byte(b, w, at):
-    return b.zext(_load(b, w, at, I8), I32)
+K_ACCS = 4  # accumulators per K-quant row: a super-block's sub-blocks go round them (one chain would wait on FMAs)
 
+def _k4_scales_mins(b, w, o):
+    """The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K/Q5_K super-block (12 bytes at o + 4), as two
+    <8 x float>: sub-block j < 4 has scale s[j] & 63 and minimum s[j + 4] & 63; j >= 4 keeps its low 4 bits in
+    s[j + 4] (scale: low nibble, minimum: high nibble) and its top 2 bits in s[j - 4] and s[j] (bits 6, 7)."""
+    raw = b.zext(_load(b, w, b.add(o, _i64(4)), _vec(I8, 16)), _vec(I32, 16))  # 12 bytes used
 
-def _k4_scale_min(b, w, o, j):
-    """6-bit scale and minimum of sub-block j (0..7) from the 12 scale bytes at o + 4 (Q4_K, Q5_K), as floats."""
-    def sc(i):
-        return _byte(b, w, b.add(o, _i64(4 + i)))
+    def pick(idx):
+        return b.shuffle_vector(raw, raw, _const(I32, idx))
 
-    def bits(v, shift, mask):
-        return b.and_(b.lshr(v, ir.Constant(I32, shift)), ir.Constant(I32, mask))
+    def const(v):
+        return _const(I32, [v] * 8)
 
-    if j < 4:
-        s, m = bits(sc(j), 0, 63), bits(sc(j + 4), 0, 63)
-    else:
-        s = b.or_(bits(sc(j + 4), 0, 15), b.shl(bits(sc(j - 4), 6, 3), ir.Constant(I32, 4)))
-        m = b.or_(bits(sc(j + 4), 4, 15), b.shl(bits(sc(j), 6, 3), ir.Constant(I32, 4)))
-    return b.uitofp(s, F32), b.uitofp(m, F32)
-
-
-def _halves(b, v):
-    """<32 x i8> -> its two <16 x i8> halves."""
-    return (b.shuffle_vector(v, v, _const(I32, range(16))), b.shuffle_vector(v, v, _const(I32, range(16, 32))))
-
-
-def _dot32(b, q, xp, xo, signed):
-    """q: <32 x i8> codes . x[xo : xo + 32] (byte offset xo) -> <16 x float> partial sums."""
-    conv = b.sitofp if signed else b.uitofp
-    lo, hi = _halves(b, q)
-    p = b.fmul(conv(lo, V16F), _load(b, xp, xo, V16F), flags=FAST)
-    return _fma(b, conv(hi, V16F), _load(b, xp, b.add(xo, _i64(64)), V16F), p)
+    first = [True] * 4 + [False] * 4
+    low_sc, low_m = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([4, 5, 6, 7, 8, 9, 10, 11])
+    top_sc, top_m = b.lshr(pick([0] * 4 + [0, 1, 2, 3]), const(6)), b.lshr(pick([0] * 4 + [4, 5, 6, 7]), const(6))
+    sc = b.select(ir.Constant(_vec(ir.IntType(1), 8), first), b.and_(low_sc, const(63)),
+                  b.or_(b.and_(low_sc, const(15)), b.shl(top_sc, const(4))))
+    m = b.select(ir.Constant(_vec(ir.IntType(1), 8), first), b.and_(low_m, const(63)),
+                 b.or_(b.lshr(low_m, const(4)), b.shl(top_m, const(4))))
+    return b.uitofp(sc, V8F), b.uitofp(m, V8F)
 
 
 def _q45_k(five):
-    def block(b, w, o, xp, xo, xsp, xso, acc, corr):
-        """One super-block: acc += d sc_j (q . x)_j; corr += dmin m_j xs_j over its 8 sub-blocks of 32."""
-        d, dmin = _half(b, w, o), _half(b, w, b.add(o, _i64(2)))
+    def superblock(b, w, o, xq, xd, xs, xb, accs, corr):
+        """One Q4_K/Q5_K super-block (d | dmin | 12 bytes of 6-bit scales and minimums | [qh 32] | qs 128), x
+        from block xb: accs += d sc_j xd_j (q . xq)_j over its 8 sub-blocks of 32; corr += dmin m_j xs_j."""
+        accs = list(accs)
+        sc, m = _k4_scales_mins(b, w, o)
+        xo8 = b.mul(xb, _i64(4))
+        scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, o), 8), flags=FAST), _load(b, xd, xo8, V8F), flags=FAST)
+        corr = _fma(b, b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8), flags=FAST), _load(b, xs, xo8, V8F),
+                    corr)
         q0 = 48 if five else 16
-        if five:
-            qh = _load(b, w, b.add(o, _i64(16)), _vec(I8, 32))
+        m15, one, four = _const(I16, [15] * 16), _const(I16, [1] * 16), _const(I16, [4] * 16)
         for g in range(4):
-            lo, hi = _nibbles32(b, _load(b, w, b.add(o, _i64(q0 + 32 * g)), _vec(I8, 32)))
+            halves = [_words(b, w, b.add(o, _i64(q0 + 32 * g + 16 * h))) for h in range(2)]
+            lows = [b.and_(q, m15) for q in halves]  # sub-block 2g
+            highs = [b.lshr(q, four) for q in halves]  # sub-block 2g + 1
             if five:
-                one, four = _const(I8, [1] * 32), _const(I8, [4] * 32)
-                lo = b.or_(lo, b.shl(b.and_(b.lshr(qh, _const(I8, [2 * g] * 32)), one), four))
-                hi = b.or_(hi, b.shl(b.and_(b.lshr(qh, _const(I8, [2 * g + 1] * 32)), one), four))
-            for j, q in ((2 * g, lo), (2 * g + 1, hi)):
-                sc, m = _k4_scale_min(b, w, o, j)
-                p = _dot32(b, q, xp, b.add(xo, _i64(128 * j)), False)
-                acc = _fma(b, p, _splat(b, b.fmul(d, sc, flags=FAST)), acc)
-                xs = _load(b, xsp, b.add(xso, _i64(4 * j)), F32)
-                corr = b.fadd(corr, b.fmul(b.fmul(dmin, m, flags=FAST), xs, flags=FAST), flags=FAST)
-        return acc, corr
-    return block
+                qh = [_words(b, w, b.add(o, _i64(16 + 16 * h))) for h in range(2)]
+
+                def fifth(v, bit):
+                    return b.shl(b.and_(b.lshr(v, _const(I16, [bit] * 16)), one), four)
+
+                lows = [b.or_(q, fifth(h, 2 * g)) for q, h in zip(lows, qh, strict=True)]
+                highs = [b.or_(q, fifth(h, 2 * g + 1)) for q, h in zip(highs, qh, strict=True)]
+            for j, (c0, c1) in ((2 * g, lows), (2 * g + 1, highs)):
+                xo = b.mul(b.add(xb, _i64(j)), _i64(64))
+                dot = b.add(_pairs(b, c0, xq, xo), _pairs(b, c1, xq, b.add(xo, _i64(32))))
+                k = j % K_ACCS
+                accs[k] = _fma(b, b.sitofp(dot, V8F), b.shuffle_vector(scale, scale, _const(I32, [j] * 8)), accs[k])
+        return accs, corr
+    return superblock
 
 
-def _nibbles32(b, qs):
-    return b.and_(qs, _const(I8, [15] * 32)), b.lshr(qs, _const(I8, [4] * 32))
-
-
-def _q6_k(b, w, o, xp, xo, xsp, xso, acc, corr):
-    """One Q6_K super-block: ql[128] | qh[64] | int8 scales[16] | d; a scale per 16 weights."""
+def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
+    """One Q6_K super-block: ql[128] | qh[64] | int8 scales[16] | d; a scale per 16 weights, codes q - 32. The
+    codes are multiplied by their scale as int16 (|q - 32| sc <= 4096), so each 32 weights take one conversion."""
+    accs = list(accs)
     d = _half(b, w, b.add(o, _i64(208)))
-    m15, m3 = _const(I8, [15] * 16), _const(I8, [3] * 16)
+    m15, m3, thirty_two = _const(I16, [15] * 16), _const(I16, [3] * 16), _const(I16, [32] * 16)
     for h in range(2):
         for k in range(4):
+            j = b.add(xb, _i64(4 * h + k))  # the x block of these 32 weights
+            xo = b.mul(j, _i64(64))
+            dots = []
             for half in range(2):
-                ql = _load(b, w, b.add(o, _i64(64 * h + 32 * (k & 1) + 16 * half)), _vec(I8, 16))
-                qh = _load(b, w, b.add(o, _i64(128 + 32 * h + 16 * half)), _vec(I8, 16))
-                lo = b.and_(b.lshr(ql, _const(I8, [4 * (k >> 1)] * 16)), m15)
-                hi = b.and_(b.lshr(qh, _const(I8, [2 * k] * 16)), m3)
-                q = b.sub(b.or_(lo, b.shl(hi, _const(I8, [4] * 16))), _const(I8, [32] * 16))
-                x = _load(b, xp, b.add(xo, _i64(4 * (128 * h + 32 * k + 16 * half))), V16F)
-                sc = b.sitofp(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), F32)
-                acc = _fma(b, b.fmul(b.sitofp(q, V16F), x, flags=FAST), _splat(b, b.fmul(d, sc, flags=FAST)), acc)
-    return acc, corr
+                ql = _words(b, w, b.add(o, _i64(64 * h + 32 * (k & 1) + 16 * half)))
+                qh = _words(b, w, b.add(o, _i64(128 + 32 * h + 16 * half)))
+                lo = b.and_(b.lshr(ql, _const(I16, [4 * (k >> 1)] * 16)), m15)
+                hi = b.and_(b.lshr(qh, _const(I16, [2 * k] * 16)), m3)
+                q = b.sub(b.or_(lo, b.shl(hi, _const(I16, [4] * 16))), thirty_two)
+                sc = b.sext(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), I16)
+                dots.append(_pairs(b, b.mul(q, _splat(b, sc)), xq, b.add(xo, _i64(32 * half))))
+            scale = b.fmul(d, _load(b, xd, b.mul(j, _i64(4)), F32), flags=FAST)
+            accs[k % K_ACCS] = _fma(b, b.sitofp(b.add(*dots), V8F), _splat(b, scale, 8), accs[k % K_ACCS])
+    return accs, corr
 
 
-def _make_dot_k(block, block_bytes: int):
-    """An intrinsic dot(w, off, x, xs, nsb) -> float32 over nsb super-blocks of 256 weights, given the block sums
-    of x (per 32) in xs, which carry the sub-block minimums."""
+def _emit_k_dot(b, superblock, block_bytes: int, w, xq, xd, xs, nsb):
+    """The K-quant dot product over nsb super-blocks of 256 weights at w, x given as for _emit_int_dot."""
+    def body(i, vals):
+        o = b.mul(i, _i64(block_bytes))
+        _prefetch(b, w, b.add(o, _i64(PREFETCH)))
+        accs, corr = superblock(b, w, o, xq, xd, xs, b.mul(i, _i64(8)), vals[:-1], vals[-1])
+        return accs + [corr]
+
+    zero = ir.Constant(V8F, [0.0] * 8)
+    vals, _ = _loop(b, _i64(0), nsb, 1, [zero] * (K_ACCS + 1), body)
+    acc = vals[0]
+    for a in vals[1:-1]:
+        acc = b.fadd(acc, a, flags=FAST)
+    return b.fsub(_hsum(b, acc), _hsum(b, vals[-1]), flags=FAST)
+
+
+def _make_dot_k(superblock, block_bytes: int):
+    """An intrinsic dot(w, off, xq, xd, xs, xc, nsb) -> float32 over nsb super-blocks of 256 weights, the
+    activation given as for the 32-weight formats (xc unused: K-quant codes have no offset to take out)."""
 
     @intrinsic
-    def dot(typingctx, w, off, x, xs, nsb):
-        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, xs))
-                and x.dtype == types.float32 and xs.dtype == types.float32):
+    def dot(typingctx, w, off, xq, xd, xs, xc, nsb):
+        arrays = (w, xq, xd, xs, xc)
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and xq.dtype == types.int16
+                and all(a.dtype == types.float32 for a in (xd, xs, xc))):
             return None
-        sig = types.float32(w, types.int64, x, xs, types.int64)
+        sig = types.float32(w, types.int64, xq, xd, xs, xc, types.int64)
 
         def codegen(context, b, signature, args):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            return _emit_dot(b, block, block_bytes, b.gep(ptr(0), [args[1]]), ptr(2), args[4], ptr(3))
+            return _emit_k_dot(b, superblock, block_bytes, b.gep(ptr(0), [args[1]]), ptr(2), ptr(3), ptr(4), args[6])
 
         return sig, codegen
 
-    _FORMATS[block] = block_bytes
     return dot
 
 
-dot_q4_k_block, dot_q5_k_block = _q45_k(False), _q45_k(True)
-dot_q4_k = _make_dot_k(dot_q4_k_block, 144)
-dot_q5_k = _make_dot_k(dot_q5_k_block, 176)
-dot_q6_k = _make_dot_k(_q6_k, 210)
+K_FORMATS = {"q4_k": (_q45_k(False), 144), "q5_k": (_q45_k(True), 176), "q6_k": (_q6_k, 210)}
+dot_q4_k, dot_q5_k, dot_q6_k = (_make_dot_k(*K_FORMATS[k]) for k in K_FORMATS)
 
 
 def standalone_module(name: str) -> str:
@@ -466,10 +475,11 @@ def standalone_module(name: str) -> str:
     w, xp, xdp, xsp, xcp, nb = fn.args
     if name in INT_FORMATS:
         b.ret(_emit_int_dot(b, INT_FORMATS[name], w, xp, xdp, xsp, xcp, nb))
+    elif name in K_FORMATS:
+        b.ret(_emit_k_dot(b, *K_FORMATS[name], w, xp, xdp, xsp, nb))
     else:
-        block = {"f32": _f32, "f16": _f16, "bf16": _bf16, "q4_k": dot_q4_k_block, "q5_k": dot_q5_k_block,
-                 "q6_k": _q6_k}[name]
-        b.ret(_emit_dot(b, block, _FORMATS[block], w, xp, nb, xsp if name.endswith("_k") else None))
+        block = {"f32": _f32, "f16": _f16, "bf16": _bf16}[name]
+        b.ret(_emit_dot(b, block, _FORMATS[block], w, xp, nb))
     return str(module)
 
 

@@ -59,7 +59,7 @@ def test_dequantize_matches_gguf(qtype, n):
     np.testing.assert_array_equal(dequantize_raw(raw, qtype, n), reference(raw, qtype, n))
 
 
-INT16_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]  # multiplied by an int16 copy of x
+INT16_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS]  # multiplied by an int16 copy of x
 
 
 def int16_rounding(x: np.ndarray) -> np.ndarray:
@@ -71,7 +71,7 @@ def int16_rounding(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("qtype,n", CASES, ids=[f"{t.name}-{n}" for t, n in CASES])
 def test_matvec_equals_dequantized_product(qtype, n):
     """|W x - dequantize(W) @ x| <= 2e-5 * (|W| @ |x|) + 1e-6: float32 rounding of a length-n sum, plus for the
-    32-weight formats the int16 copy of x: |W| @ (half its step per block), a relative 1.5e-5 of each block's
+    quantized formats the int16 copy of x: |W| @ (half its step per block), a relative 1.5e-5 of each block's
     largest activation. Nothing coarser (no 8-bit copy of x)."""
     rng = np.random.default_rng(2)
     raw = weights(qtype, ROWS, n, rng)
