@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                      # every format on random matrices (cache-resident)
     python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
+    python benchmarks/bench_kernels.py --kl FILE.gguf       # what the int16 activations cost: numba vs numpy logits
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -91,15 +92,46 @@ def model_pass(path: Path) -> dict:
     return {"model": path.name, "mb": total / 1e6, "cpu_ms": s * 1e3, "gb_s": total / s / 1e9}
 
 
+def kl_against_numpy(path: Path, n_tokens: int = 256) -> dict:
+    """Per-position KL(numpy || numba) of the next-token distributions over the first n_tokens of wikitext-2,
+    through the decode stack (the matvec kernels, chunks of SMALL_T tokens), and top-1 agreement."""
+    from conftest import WIKITEXT
+    from test_numba_backend import kl_per_position
+
+    import backends.numba
+    from backends import load_model
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    backends.numba.GEMM_MIN_T = 1 << 30  # every position through the int16 matvec kernels
+    gguf = read_gguf(path)
+    ids = np.array(Tokenizer.from_gguf(gguf).encode(WIKITEXT.read_text()[:20000])[:n_tokens])
+    fast, ref = load_model(gguf, "numba", threads=1), load_model(gguf, "numpy")
+    got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
+    want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
+    kl = kl_per_position(got, want)
+    return {"model": path.name, "tokens": len(ids), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
+            "max_logit_diff": float(np.abs(got - want).max())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
+    ap.add_argument("--kl", type=Path, action="append", help="a GGUF file (repeatable): numba vs numpy logits")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.model:
+    if args.kl:
+        result = [kl_against_numpy(p) for p in args.kl]
+        print("| model | tokens | KL mean | KL max | top-1 agreement | max logit difference |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['model']} | {r['tokens']} | {r['kl_mean']:.1e} | {r['kl_max']:.1e} | {r['top1']:.4f} | "
+                  f"{r['max_logit_diff']:.3g} |")
+    elif args.model:
         result = [model_pass(p) for p in args.model]
         print("| model | weights MB | CPU ms per pass | GB/s |\n|---|---:|---:|---:|")
         for r in result:
