@@ -69,7 +69,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
         os.environ["GOMP_SPINCOUNT"] = "1000"
     import numba
 
-    _import_numba_registries_without_scipy()
+    _import_numba_registries_lean()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
                            "can start on this machine")
@@ -88,28 +88,31 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
     return model
 
 
-def _import_numba_registries_without_scipy() -> None:
-    """Spare the start-up the ~0.25 s of importing scipy.linalg that numba would spend for nothing.
+def _import_numba_registries_lean() -> None:
+    """Spare the start-up ~0.25 s of scipy and ~25 ms of cffi that numba would import for nothing.
 
-    The first jitted call (even one loaded from the cache) imports all of numba's implementation modules; one of
-    them, numba.np.arraymath, imports scipy.linalg at import time only to decide whether np.correlate and
-    np.convolve may call BLAS (our kernels call neither). It is imported here with scipy's BLAS module marked
-    not importable (a None entry in sys.modules), then the mark is removed. The only effect: jitted
-    np.correlate/np.convolve use numba's plain loop in this process. Everything else in numba that needs BLAS
-    (np.dot, np.linalg) imports scipy itself when compiled, as before. Nothing to do when scipy.linalg or that
-    module is already imported.
+    The first jitted call (even one loaded from the cache) imports all of numba's implementation modules. Two of
+    them import optional packages at import time: numba.np.arraymath imports scipy.linalg only to decide whether
+    np.correlate and np.convolve may call BLAS, and numba.core.typing.cffi_utils imports cffi to support calls
+    to cffi functions (our kernels make neither). They are imported here with scipy's BLAS module and cffi
+    marked not importable (None entries in sys.modules), then the marks are removed. The only effects, in this
+    process: jitted np.correlate/np.convolve use numba's plain loop, and jitted code cannot call cffi functions.
+    Everything else in numba that needs BLAS (np.dot, np.linalg) imports scipy itself when compiled, as before.
+    A module whose package is already imported is imported as usual.
     """
-    blas = "scipy.linalg.cython_blas"
-    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
-        return
-    sys.modules[blas] = None
+    blocked = [name for name, pkg in (("scipy.linalg.cython_blas", "scipy.linalg"), ("cffi", "cffi"))
+               if pkg not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None
     try:
+        import numba.core.typing.cffi_utils  # noqa: F401
         import numba.np.arraymath  # noqa: F401
     except ImportError:
-        pass  # a numba that cannot do without it here: the first jitted call imports everything as usual
+        pass  # a numba that cannot do without them here: the first jitted call imports everything as usual
     finally:
-        if blas in sys.modules and sys.modules[blas] is None:
-            del sys.modules[blas]
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def jit_cache_is_cold() -> bool:
