@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                      # every format on random matrices (cache-resident)
     python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
     python benchmarks/bench_kernels.py --kl FILE.gguf       # what the int16 activations cost: numba vs numpy logits
+    python benchmarks/bench_kernels.py --rounding FILE.gguf # the numpy reference on rounded activations (int8, int16)
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -115,16 +116,79 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> dict:
             "max_logit_diff": float(np.abs(got - want).max())}
 
 
+def rounded(h: np.ndarray, bits: int, block: int, outlier: float) -> np.ndarray:
+    """h (T, n) rounded to `bits`-bit integers with one scale per `block` values (0: per row); values beyond
+    `outlier` times the row's rms (when > 0) are kept exact, as a sparse float part."""
+    T, n = h.shape
+    block = block or n
+    keep = np.zeros_like(h)
+    if outlier:
+        big = np.abs(h) > outlier * np.sqrt((h * h).mean(-1, keepdims=True))
+        keep, h = np.where(big, h, 0), np.where(big, 0, h)
+    g = h.reshape(T, n // block, block)
+    step = np.abs(g).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)
+    return ((np.rint(g / np.where(step == 0, 1, step)) * step).reshape(T, n) + keep).astype(np.float32)
+
+
+def rounding_study(path: Path, n_tokens: int = 512) -> list[dict]:
+    """The numpy reference with its matrix inputs rounded as an integer kernel would see them, against itself
+    unrounded: per-position KL and top-1 over wikitext-2, and whether greedy decoding of the test prompts
+    changes. What decided int16 copies per block of 32 over llama.cpp's int8 ones."""
+    from conftest import WIKITEXT
+    from test_numba_backend import PROMPTS, greedy, kl_per_position
+
+    from backends import load_model
+    from backends.numpy import NumpyModel
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    class Rounded(NumpyModel):
+        def __init__(self, gguf, hp, bits, block, outlier, only):
+            super().__init__(gguf, hp)
+            self.cfg, self.only = (bits, block, outlier), only
+
+        def matmul(self, h, name):
+            if self.only in name:
+                h = rounded(h, *self.cfg)
+            return h @ self.w(name).T
+
+    gguf = read_gguf(path)
+    ref = load_model(gguf, "numpy")
+    ids = np.array(Tokenizer.from_gguf(gguf).encode(WIKITEXT.read_text()[:20000])[:n_tokens])
+    want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
+    want_greedy = [greedy(ref, p, 64) for p in PROMPTS]
+    rows = []
+    for label, bits, block, outlier, only in [("int8 per 32", 8, 32, 0, ""),
+                                              ("int8 per 32, outliers > 6 rms kept in float", 8, 32, 6, ""),
+                                              ("int8 per 32 into ffn_down only", 8, 32, 0, "ffn_down"),
+                                              ("int16 per row", 16, 0, 0, ""), ("int16 per 32", 16, 32, 0, "")]:
+        m = Rounded(gguf, ref.hparams, bits, block, outlier, only)
+        got = m.forward(ids, m.new_cache(len(ids)), all_logits=True)
+        kl = kl_per_position(got, want)
+        same = sum(greedy(m, p, 64) == g for p, g in zip(PROMPTS, want_greedy, strict=True))
+        rows.append({"copy": label, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+                     "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
+                     "greedy_same": f"{same}/{len(PROMPTS)}"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
     ap.add_argument("--kl", type=Path, action="append", help="a GGUF file (repeatable): numba vs numpy logits")
+    ap.add_argument("--rounding", type=Path, help="a GGUF file: the reference on rounded activations")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.kl:
+    if args.rounding:
+        result = rounding_study(args.rounding)
+        print("| activation copy | KL mean | KL max | top-1 | greedy 64 tokens unchanged |\n|---|---:|---:|---:|---|")
+        for r in result:
+            print(f"| {r['copy']} | {r['kl_mean']:.1e} | {r['kl_max']:.1e} | {100 * r['top1']:.1f} % | "
+                  f"{r['greedy_same']} prompts |")
+    elif args.kl:
         result = [kl_against_numpy(p) for p in args.kl]
         print("| model | tokens | KL mean | KL max | top-1 agreement | max logit difference |\n"
               "|---|---:|---:|---:|---:|---:|")
