@@ -196,3 +196,23 @@ def test_kernels_are_portable_vector_code(name):
         asm = target.create_target_machine(cpu=cpu, opt=3).emit_assembly(module)
         assert re.search(vector_fma, asm), f"{name}: no vector FMA for {triple}"
         assert "llvm.x86" not in str(module)
+
+
+def test_jit_cache_folders_are_pruned(tmp_path):
+    """A new version's cache folder removes the folders unused for PRUNE_AFTER_DAYS; a start marks its own
+    folder used; a recently used sibling (another install) stays."""
+    import os
+    import time
+
+    from quant.jit import PRUNE_AFTER_DAYS, use_cache_dir
+
+    now = time.time()
+    old, recent, ours = tmp_path / "old", tmp_path / "recent", tmp_path / "new"
+    for folder, age_days in ((old, PRUNE_AFTER_DAYS + 1), (recent, PRUNE_AFTER_DAYS - 1)):
+        (folder / "index").mkdir(parents=True)
+        os.utime(folder, (now - age_days * 86400,) * 2)
+    use_cache_dir(ours, now)
+    assert ours.is_dir() and recent.is_dir() and not old.exists()
+    os.utime(recent, (now - 2 * PRUNE_AFTER_DAYS * 86400,) * 2)
+    use_cache_dir(recent, now)  # an existing folder: marked used, nothing removed
+    assert recent.stat().st_mtime == pytest.approx(now) and ours.is_dir()
