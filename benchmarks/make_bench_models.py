@@ -68,15 +68,19 @@ def _random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.ra
     if qtype in (Q.F32, Q.F16):
         w = rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)
         return w.astype(np.float32 if qtype == Q.F32 else np.float16)
-    if qtype not in (Q.Q4_0, Q.Q8_0):
+    # random bytes, then the float16 scales set so that code * scale has the wanted spread: (byte offset of
+    # the scale, std of what it multiplies) per format; K-quants: d (and dmin) over 6-bit or int8 sub-scales
+    scales = {Q.Q4_0: [(0, 4.6)], Q.Q8_0: [(0, 74.0)], Q.Q4_K: [(0, 4.6 * 36), (2, 36 * 2)],
+              Q.Q5_K: [(0, 9.2 * 36), (2, 36 * 2)], Q.Q6_K: [(208, 18.5 * 74)]}
+    if qtype not in scales:
         w = rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)
         return gguf_quants.quantize(w, qtype)
     bs, ts = GGML_QUANT_SIZES[qtype]
     nb = cols // bs
     raw = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
-    q_std = 4.6 if qtype == Q.Q4_0 else 74.0  # std of a uniform nibble / int8
-    d = np.full((rows, nb, 1), 1.0 / np.sqrt(cols) / q_std, dtype=np.float16)
-    raw[:, :, 0:2] = d.view(np.uint8)
+    for at, q_std in scales[qtype]:
+        d = np.full((rows, nb, 1), 1.0 / np.sqrt(cols) / q_std, dtype=np.float16)
+        raw[:, :, at:at + 2] = d.view(np.uint8)
     return raw.reshape(rows, nb * ts)
 
 

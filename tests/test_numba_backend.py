@@ -169,6 +169,30 @@ def test_context_full_is_a_clean_error(models):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_models_match_numpy(qtype, tmp_path):
+    """A random model in each K-quant format (rows of 256 and 512 weights: one and two super-blocks), through
+    the int16 K-quant kernels, the decode stack and the prompt path, against the numpy reference."""
+    from gguf import GGMLQuantizationType
+
+    path = _bench_models().write_random_model(tmp_path / f"{qtype}.gguf", n_embd=256, n_layers=2, n_heads=8,
+                                              n_kv_heads=2, n_ff=512, n_vocab=160,
+                                              qtype=GGMLQuantizationType[qtype])
+    gguf = read_gguf(path)
+    assert {t.qtype.name for t in gguf.tensors.values() if len(t.shape) == 2} == {qtype}
+    fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
+    tokens = np.resize(np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 150]), GEMM_MIN_T + 5)
+    want = ref.forward(tokens, ref.new_cache(len(tokens)), all_logits=True)
+    whole = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)  # the prompt path
+    cache = fast.new_cache(len(tokens))
+    pieces = np.concatenate([fast.forward(tokens[i:i + 5], cache, all_logits=True)  # the int16 matvec kernels
+                             for i in range(0, len(tokens), 5)])
+    for got in (whole, pieces):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+        assert kl_per_position(got, want).max() < 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,opts", [("qwen2", {"qkv_bias": True}), ("qwen3", {"qk_norm": True}),
                                        ("llama", {"tied": False})])
 def test_architecture_features_match_numpy(arch, opts, tmp_path):
