@@ -4,6 +4,8 @@
     python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
     python benchmarks/bench_kernels.py --kl FILE.gguf       # what the int16 activations cost: numba vs numpy logits
     python benchmarks/bench_kernels.py --rounding FILE.gguf # the numpy reference on rounded activations (int8, int16)
+    python benchmarks/bench_kernels.py --against OTHER_SIMD.py [--formats q4_0,q8_0]
+                                                            # a variant of quant/simd.py against it, in one process
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -116,6 +118,62 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> dict:
             "max_logit_diff": float(np.abs(got - want).max())}
 
 
+def against(variant: Path, formats: list[str]) -> list[dict]:
+    """quant/simd.py (A) against a variant file of it (B): both compiled in this process, their int16 kernels
+    timed in turn, one thread, CPU time, median of 11 rounds; on a cache-resident matrix and on one streamed from
+    memory (2048 x 2048 repeated to 604 MB, the 1B model's size). Results must agree."""
+    import importlib.util
+
+    from numba import njit
+    from test_kernels import weights
+
+    from quant import simd
+    from quant.kernels import activation_blocks, prepare
+
+    spec = importlib.util.spec_from_file_location("simd_variant", variant)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+
+    def rows_loop(module, name):
+        dot = getattr(module, "dot_" + name)
+
+        @njit
+        def run(u8, rows, rb, nb, xq, xd, xs, xc, out):
+            for r in range(rows):
+                out[r] = dot(u8, r * rb, xq, xd, xs, xc, nb)
+        return run
+
+    from gguf import GGMLQuantizationType as Q
+    rng = np.random.default_rng(0)
+    result = []
+    for name in formats:
+        qtype = Q[name.upper()]
+        for rows, n, repeat in [(8192, 2048, 1), (2048, 2048, 64)]:
+            raw = np.ascontiguousarray(np.concatenate([weights(qtype, rows, n, rng).view(np.uint8)] * repeat))
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            xb = activation_blocks(1, n)
+            prepare(x, xb)
+            nb = n // (256 if name.endswith("_k") else 32)
+            args = (raw.reshape(-1), raw.shape[0], raw.shape[1], nb, xb[1][0], xb[2][0], xb[0][0], xb[3][0])
+            runs = [rows_loop(simd, name), rows_loop(other, name)]
+            outs = [np.empty(raw.shape[0], np.float32) for _ in runs]
+            for run, out in zip(runs, outs, strict=True):
+                run(*args, out)
+            np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-3)
+            times: list[list[float]] = [[], []]
+            reps = max(1, int(1e8 // raw.nbytes))
+            for _ in range(11):
+                for run, out, t in zip(runs, outs, times, strict=True):
+                    t0 = time.process_time()
+                    for _ in range(reps):
+                        run(*args, out)
+                    t.append((time.process_time() - t0) / reps)
+            a, b = (float(np.median(t)) for t in times)
+            result.append({"format": name, "matrix": f"{raw.shape[0]}x{n}", "a_gb_s": raw.nbytes / a / 1e9,
+                           "b_gb_s": raw.nbytes / b / 1e9, "b_over_a": a / b})
+    return result
+
+
 def rounded(h: np.ndarray, bits: int, block: int, outlier: float) -> np.ndarray:
     """h (T, n) rounded to `bits`-bit integers with one scale per `block` values (0: per row); values beyond
     `outlier` times the row's rms (when > 0) are kept exact, as a sparse float part."""
@@ -177,12 +235,19 @@ def main() -> None:
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
     ap.add_argument("--kl", type=Path, action="append", help="a GGUF file (repeatable): numba vs numpy logits")
     ap.add_argument("--rounding", type=Path, help="a GGUF file: the reference on rounded activations")
+    ap.add_argument("--against", type=Path, help="a variant of quant/simd.py to time against it")
+    ap.add_argument("--formats", default="q4_0,q8_0", help="for --against: comma-separated format names")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.rounding:
+    if args.against:
+        result = against(args.against, args.formats.split(","))
+        print("| format | matrix | quant/simd.py GB/s | variant GB/s | variant speed |\n|---|---|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['format']} | {r['matrix']} | {r['a_gb_s']:.2f} | {r['b_gb_s']:.2f} | x{r['b_over_a']:.3f} |")
+    elif args.rounding:
         result = rounding_study(args.rounding)
         print("| activation copy | KL mean | KL max | top-1 | greedy 64 tokens unchanged |\n|---|---:|---:|---:|---|")
         for r in result:
