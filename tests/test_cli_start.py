@@ -1,5 +1,5 @@
 """What `llm run` pays for at start-up (issue #3: warm start <= 1.0 s): only the modules it needs, numba's start
-without scipy, and the garbage collector back on after loading. Timings themselves are in
+without scipy or cffi, and the garbage collector back on after loading. Timings themselves are in
 benchmarks/bench_start.py; these checks hold on any machine."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ try:
     main()
 except SystemExit as e:
     code = e.code
-loaded = {m: m in sys.modules for m in ("scipy.linalg", "huggingface_hub", "rich", "torch", "transformers",
+loaded = {m: m in sys.modules for m in ("scipy.linalg", "cffi", "huggingface_hub", "rich", "torch", "transformers",
                                         "llmcli.chat", "llmcli.hub")}
 report = {"code": code, "loaded": loaded, "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 import numpy as np
