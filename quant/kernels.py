@@ -10,7 +10,7 @@ Conventions shared by every kernel:
 - Block formats (layouts in quant/formats.py) are decoded in vector registers by quant/simd.py (portable LLVM
   vector IR), scales applied once per block or sub-block, minimums through the activation's sums per block
   of 32. Each activation is prepared once per product (`prepare`): those sums, and an int16 copy rounded per
-  block of 32 that the quantized formats (Q4_0 ... Q8_0, the K-quants) multiply as integers (1.3-1.7x faster
+  block of 32 that the quantized formats (Q4_0 ... Q8_0, the K-quants) multiply as integers (1.3-1.9x faster
   than float products; it moves SmolLM2's next-token distribution by a KL of ~1e-7, where llama.cpp's 8-bit
   copies move it by up to 0.02). F32/F16/BF16 multiply the float32 activation.
 """
@@ -257,8 +257,8 @@ def _row_offset(descs, r, n):
 def matvec_multi(wv, descs, x, xb, out):
     """out[t, r] = W[r] . x[t] for the rows of several matrices sharing the input x: (T, n), stacked, in one
     parallel region (merged Q/K/V, gate/up; or one matrix). descs: (k, 3) int64 rows of (byte offset, qtype,
-    row count); out: (T, sum of row counts), the outputs side by side; xb = prepare(x). Rows are split across
-    threads; each row's bytes are read once for all T tokens. When every matrix is Q4_0 (or every one Q8_0)
+    row count); out: (T, sum of row counts), the outputs side by side; xb filled by prepare(x, xb). Rows are split
+    across threads; each row's bytes are read once for all T tokens. When every matrix is Q4_0 (or every one Q8_0)
     the loop calls that format's kernel directly: 8-16 % faster than dispatching per row."""
     n, u8, nb = x.shape[1], wv[0], x.shape[1] // 32
     xs, xq, xd, xc = xb
@@ -285,7 +285,7 @@ def matvec_multi(wv, descs, x, xb, out):
 
 @njit(cache=True, fastmath=True)
 def matvec(wv, qtype, off, rows, x, xb, out):
-    """out[t, r] = W[r] . x[t] for W: (rows, n) of `qtype` at byte `off`; x: (T, n) with xb = prepare(x)."""
+    """out[t, r] = W[r] . x[t] for W: (rows, n) of `qtype` at byte `off`; x: (T, n) with xb filled by prepare(x, xb)."""
     descs = np.empty((1, 3), dtype=np.int64)
     descs[0, 0], descs[0, 1], descs[0, 2] = off, qtype, rows
     matvec_multi(wv, descs, x, xb, out)
