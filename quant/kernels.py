@@ -162,42 +162,20 @@ def dequant_row(wv, qtype, off, n, out):
     u8 = wv[0]
     if qtype == F32:
         out[:] = wv[2][off // 4: off // 4 + n]
-    elif qtype == F16 or qtype == BF16:
-        table = _F16_TABLE if qtype == F16 else _BF16_TABLE
-        w = wv[1][off // 2: off // 2 + n]
-        for j in range(n):
-            out[j] = table[w[j]]
-    elif qtype == Q4_0 or qtype == Q4_1:
-        bs = 18 if qtype == Q4_0 else 20
-        for b in range(n // 32):
-            blk = u8[off + b * bs: off + b * bs + bs]
-            d = _f16(blk, 0)
-            m = -8 * d if qtype == Q4_0 else _f16(blk, 2)
-            qs = blk[bs - 16: bs]
-            for j in range(16):
-                out[b * 32 + j] = d * np.float32(qs[j] & 15) + m
-                out[b * 32 + 16 + j] = d * np.float32(qs[j] >> 4) + m
-    elif qtype == Q5_0 or qtype == Q5_1:
-        bs = 22 if qtype == Q5_0 else 24
-        for b in range(n // 32):
-            blk = u8[off + b * bs: off + b * bs + bs]
-            d = _f16(blk, 0)
-            m = -16 * d if qtype == Q5_0 else _f16(blk, 2)
-            h0 = bs - 20
-            qh = (np.int64(blk[h0]) | (np.int64(blk[h0 + 1]) << 8) | (np.int64(blk[h0 + 2]) << 16)
-                  | (np.int64(blk[h0 + 3]) << 24))
-            qs = blk[bs - 16: bs]
-            for j in range(16):
-                lo = (qs[j] & 15) | (((qh >> j) & 1) << 4)
-                hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                out[b * 32 + j] = d * np.float32(lo) + m
-                out[b * 32 + 16 + j] = d * np.float32(hi) + m
+    elif qtype == F16:
+        simd.dequant_f16(u8, off, n, out, 0)
+    elif qtype == BF16:
+        simd.dequant_bf16(u8, off, n, out, 0)
+    elif qtype == Q4_0:
+        simd.dequant_q4_0(u8, off, n // 32, out, 0)
+    elif qtype == Q4_1:
+        simd.dequant_q4_1(u8, off, n // 32, out, 0)
+    elif qtype == Q5_0:
+        simd.dequant_q5_0(u8, off, n // 32, out, 0)
+    elif qtype == Q5_1:
+        simd.dequant_q5_1(u8, off, n // 32, out, 0)
     elif qtype == Q8_0:
-        for b in range(n // 32):
-            blk = u8[off + b * 34: off + b * 34 + 34]
-            d = _f16(blk, 0)
-            for j in range(32):
-                out[b * 32 + j] = d * np.float32(np.int8(blk[2 + j]))
+        simd.dequant_q8_0(u8, off, n // 32, out, 0)
     elif qtype == Q4_K or qtype == Q5_K:
         bs = 144 if qtype == Q4_K else 176
         q0 = 16 if qtype == Q4_K else 48

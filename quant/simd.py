@@ -275,6 +275,98 @@ def _make_int_dot(fmt):
     return dot
 
 
+def _emit_dequant(b, fmt, w, out, nb):
+    """nb blocks of 32 weights at w -> float32 at out: (code - offset) * d, or code * d + m; the same roundings as
+    ggml's reference (no fused multiply-add: no fast-math flags here)."""
+    block, block_bytes, offset, has_min = fmt
+
+    def one(i, _):
+        o = b.mul(i, _i64(block_bytes))
+        d = _splat(b, _half(b, w, o))
+        m = _splat(b, _half(b, w, b.add(o, _i64(2)))) if has_min else None
+        for h, codes in enumerate(block(b, w, o)):
+            v = b.sitofp(codes, V16F)
+            if offset:
+                v = b.fsub(v, _splat(b, ir.Constant(F32, float(offset))))
+            v = b.fmul(v, d)
+            if m is not None:
+                v = b.fadd(v, m)
+            st = b.store(v, b.bitcast(b.gep(out, [b.add(b.mul(i, _i64(128)), _i64(64 * h))]), V16F.as_pointer()))
+            st.align = 4
+        return []
+
+    _loop(b, _i64(0), nb, 1, [], one)
+
+
+def _make_dequant(fmt):
+    """An intrinsic dequant(w, off, nb, out, ooff): the nb blocks at byte `off` of w -> out[ooff : ooff + 32 nb]
+    (float32, C-contiguous)."""
+
+    @intrinsic
+    def dequant(typingctx, w, off, nb, out, ooff):
+        if not (isinstance(w, types.Array) and w.layout == "C" and isinstance(out, types.Array)
+                and out.layout == "C" and out.dtype == types.float32):
+            return None
+        sig = types.void(w, types.int64, types.int64, out, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            _emit_dequant(b, fmt, b.gep(ptr(0), [args[1]]), b.gep(ptr(3), [b.mul(args[4], _i64(4))]), args[2])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dequant
+
+
+def _make_dequant_16bit(to_f32):
+    """An intrinsic dequant(w, off, n, out, ooff): n 16-bit floats at byte `off` of w -> out[ooff : ooff + n]
+    (float32, C-contiguous), 16 at a time; to_f32(builder, <k x i16>) converts."""
+
+    @intrinsic
+    def dequant(typingctx, w, off, n, out, ooff):
+        if not (isinstance(w, types.Array) and w.layout == "C" and isinstance(out, types.Array)
+                and out.layout == "C" and out.dtype == types.float32):
+            return None
+        sig = types.void(w, types.int64, types.int64, out, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            w, out = b.gep(ptr(0), [args[1]]), b.gep(ptr(3), [b.mul(args[4], _i64(4))])
+
+            def some(k):
+                def body(i, _):
+                    v = to_f32(b, _load(b, w, b.mul(i, _i64(2)), _vec(I16, k)))
+                    st = b.store(v, b.bitcast(b.gep(out, [b.mul(i, _i64(4))]), v.type.as_pointer()))
+                    st.align = 4
+                    return []
+                return body
+
+            _, i = _loop(b, _i64(0), args[2], 16, [], some(16))
+            _loop(b, i, args[2], 1, [], some(1))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dequant
+
+
+def _f16_to_f32(b, v):
+    return b.fpext(b.bitcast(v, _vec(HALF, v.type.count)), _vec(F32, v.type.count))
+
+
+def _bf16_bits_to_f32(b, v):
+    n = v.type.count
+    return b.bitcast(b.shl(b.zext(v, _vec(I32, n)), _const(I32, [16] * n)), _vec(F32, n))
+
+
+dequant_f16, dequant_bf16 = _make_dequant_16bit(_f16_to_f32), _make_dequant_16bit(_bf16_bits_to_f32)
+
+
 # ---- the float kernels: (w, byte offset of the block, x0, x1 = x[0:16], x[16:32], acc) -> acc -----------------
 
 def _f32(b, w, o, x0, x1, acc):
@@ -491,6 +583,8 @@ INT_FORMATS = {  # name: (block decoder, bytes per block, offset, has a minimum)
     "q4_0": (_q4_0, 18, 8, False), "q4_1": (_q4_1, 20, 0, True), "q5_0": (_q5_0, 22, 16, False),
     "q5_1": (_q5_1, 24, 0, True), "q8_0": (_q8_0, 34, 0, False)}
 dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = (_make_int_dot(INT_FORMATS[k]) for k in INT_FORMATS)
+dequant_q4_0, dequant_q4_1, dequant_q5_0, dequant_q5_1, dequant_q8_0 = (_make_dequant(INT_FORMATS[k])
+                                                                        for k in INT_FORMATS)
 dot_f32 = _make_dot(_f32, 128)
 dot_f16 = _make_dot(_f16, 64)
 dot_bf16 = _make_dot(_bf16, 64)
