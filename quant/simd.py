@@ -298,12 +298,12 @@ def _emit_dequant(b, fmt, w, out, nb):
     _loop(b, _i64(0), nb, 1, [], one)
 
 
-def _make_dequant(fmt):
-    """An intrinsic dequant(w, off, nb, out, ooff): the nb blocks at byte `off` of w -> out[ooff : ooff + 32 nb]
-    (float32, C-contiguous)."""
+def _dequant_intrinsic(emit):
+    """An intrinsic dequant(w, off, count, out, ooff) writing from byte `off` of w into out[ooff:] (float32,
+    C-contiguous) with emit(builder, weight pointer, output pointer, count)."""
 
     @intrinsic
-    def dequant(typingctx, w, off, nb, out, ooff):
+    def dequant(typingctx, w, off, count, out, ooff):
         if not (isinstance(w, types.Array) and w.layout == "C" and isinstance(out, types.Array)
                 and out.layout == "C" and out.dtype == types.float32):
             return None
@@ -313,46 +313,36 @@ def _make_dequant(fmt):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            _emit_dequant(b, fmt, b.gep(ptr(0), [args[1]]), b.gep(ptr(3), [b.mul(args[4], _i64(4))]), args[2])
+            emit(b, b.gep(ptr(0), [args[1]]), b.gep(ptr(3), [b.mul(args[4], _i64(4))]), args[2])
             return context.get_dummy_value()
 
         return sig, codegen
 
     return dequant
+
+
+def _make_dequant(fmt):
+    """dequant(w, off, nb, out, ooff): the nb blocks of format fmt at byte `off` of w -> out[ooff : ooff + 32 nb]."""
+    return _dequant_intrinsic(lambda b, w, out, nb: _emit_dequant(b, fmt, w, out, nb))
 
 
 def _make_dequant_16bit(to_f32):
-    """An intrinsic dequant(w, off, n, out, ooff): n 16-bit floats at byte `off` of w -> out[ooff : ooff + n]
-    (float32, C-contiguous), 16 at a time; to_f32(builder, <k x i16>) converts."""
+    """dequant(w, off, n, out, ooff): n 16-bit floats at byte `off` of w -> out[ooff : ooff + n], 16 at a time;
+    to_f32(builder, <k x i16>) converts."""
 
-    @intrinsic
-    def dequant(typingctx, w, off, n, out, ooff):
-        if not (isinstance(w, types.Array) and w.layout == "C" and isinstance(out, types.Array)
-                and out.layout == "C" and out.dtype == types.float32):
-            return None
-        sig = types.void(w, types.int64, types.int64, out, types.int64)
+    def emit(b, w, out, n):
+        def some(k):
+            def body(i, _):
+                v = to_f32(b, _load(b, w, b.mul(i, _i64(2)), _vec(I16, k)))
+                st = b.store(v, b.bitcast(b.gep(out, [b.mul(i, _i64(4))]), v.type.as_pointer()))
+                st.align = 4
+                return []
+            return body
 
-        def codegen(context, b, signature, args):
-            def ptr(k):
-                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+        _, i = _loop(b, _i64(0), n, 16, [], some(16))
+        _loop(b, i, n, 1, [], some(1))
 
-            w, out = b.gep(ptr(0), [args[1]]), b.gep(ptr(3), [b.mul(args[4], _i64(4))])
-
-            def some(k):
-                def body(i, _):
-                    v = to_f32(b, _load(b, w, b.mul(i, _i64(2)), _vec(I16, k)))
-                    st = b.store(v, b.bitcast(b.gep(out, [b.mul(i, _i64(4))]), v.type.as_pointer()))
-                    st.align = 4
-                    return []
-                return body
-
-            _, i = _loop(b, _i64(0), args[2], 16, [], some(16))
-            _loop(b, i, args[2], 1, [], some(1))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dequant
+    return _dequant_intrinsic(emit)
 
 
 def _f16_to_f32(b, v):
