@@ -28,7 +28,8 @@ F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 
 KERNEL_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 QK8 = 32  # block of the activation sums
 
-# float16 and bfloat16 bit patterns -> float32, indexed by the 16-bit pattern (256 KiB each)
+# float16 and bfloat16 bit patterns -> float32, indexed by the 16-bit pattern (256 KiB each): the tails of
+# float rows whose length is not a multiple of 32
 _F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 _BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 
@@ -64,22 +65,6 @@ def row_bytes(qtype, n):
     if qtype == Q5_K:
         return n // 256 * 176
     return n // 256 * 210  # Q6_K
-
-
-@njit(cache=True, inline="always")
-def _f16(blk, i):
-    """float16 stored little-endian at blk[i:i+2]."""
-    return _F16_TABLE[np.int32(blk[i]) | (np.int32(blk[i + 1]) << 8)]
-
-
-@njit(cache=True, inline="always")
-def _scale_min_k4(j, sc):
-    """6-bit scale and min of sub-block j from the 12 packed bytes of a Q4_K/Q5_K super-block."""
-    if j < 4:
-        return np.float32(sc[j] & 63), np.float32(sc[j + 4] & 63)
-    s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)
-    m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
-    return np.float32(s), np.float32(m)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,36 +161,12 @@ def dequant_row(wv, qtype, off, n, out):
         simd.dequant_q5_1(u8, off, n // 32, out, 0)
     elif qtype == Q8_0:
         simd.dequant_q8_0(u8, off, n // 32, out, 0)
-    elif qtype == Q4_K or qtype == Q5_K:
-        bs = 144 if qtype == Q4_K else 176
-        q0 = 16 if qtype == Q4_K else 48
-        for sb in range(n // 256):
-            blk = u8[off + sb * bs: off + sb * bs + bs]
-            d, dmin = _f16(blk, 0), _f16(blk, 2)
-            for g in range(4):
-                sc1, m1 = _scale_min_k4(2 * g, blk[4:16])
-                sc2, m2 = _scale_min_k4(2 * g + 1, blk[4:16])
-                for j in range(32):
-                    q = np.int32(blk[q0 + 32 * g + j])
-                    lo, hi = q & 15, q >> 4
-                    if qtype == Q5_K:
-                        h = np.int32(blk[16 + j]) >> (2 * g)
-                        lo |= (h & 1) << 4
-                        hi |= (h & 2) << 3
-                    out[sb * 256 + 64 * g + j] = d * sc1 * np.float32(lo) - dmin * m1
-                    out[sb * 256 + 64 * g + 32 + j] = d * sc2 * np.float32(hi) - dmin * m2
+    elif qtype == Q4_K:
+        simd.dequant_q4_k(u8, off, n // 256, out, 0)
+    elif qtype == Q5_K:
+        simd.dequant_q5_k(u8, off, n // 256, out, 0)
     else:  # Q6_K
-        for sb in range(n // 256):
-            blk = u8[off + sb * 210: off + sb * 210 + 210]
-            d = _f16(blk, 208)
-            for h in range(2):
-                for k in range(4):
-                    for j in range(32):
-                        ql = np.int32(blk[64 * h + 32 * (k & 1) + j])
-                        qh = np.int32(blk[128 + 32 * h + j])
-                        q = ((ql >> (4 * (k >> 1))) & 15) | (((qh >> (2 * k)) & 3) << 4)
-                        sc = np.float32(np.int8(blk[192 + 8 * h + 2 * k + j // 16]))
-                        out[sb * 256 + 128 * h + 32 * k + j] = d * sc * np.float32(q - 32)
+        simd.dequant_q6_k(u8, off, n // 256, out, 0)
 
 
 @njit(cache=True, nogil=True)

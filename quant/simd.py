@@ -449,50 +449,54 @@ def _k4_scales_mins(b, w, o):
     return b.uitofp(sc, V8F), b.uitofp(m, V8F)
 
 
+def _q45_codes(b, w, o, five):
+    """The codes of a Q4_K/Q5_K super-block (d | dmin | 12 bytes of scales and minimums | [qh 32] | qs 128):
+    [(sub-block j, (codes of its weights 0..15, of 16..31) as <16 x i16>)] for j = 0..7."""
+    q0 = 48 if five else 16
+    m15, one, four = _const(I16, [15] * 16), _const(I16, [1] * 16), _const(I16, [4] * 16)
+    out = []
+    for g in range(4):
+        halves = [_words(b, w, b.add(o, _i64(q0 + 32 * g + 16 * h))) for h in range(2)]
+        lows = [b.and_(q, m15) for q in halves]  # sub-block 2g
+        highs = [b.lshr(q, four) for q in halves]  # sub-block 2g + 1
+        if five:
+            qh = [_words(b, w, b.add(o, _i64(16 + 16 * h))) for h in range(2)]
+
+            def fifth(v, bit):
+                return b.shl(b.and_(b.lshr(v, _const(I16, [bit] * 16)), one), four)
+
+            lows = [b.or_(q, fifth(h, 2 * g)) for q, h in zip(lows, qh, strict=True)]
+            highs = [b.or_(q, fifth(h, 2 * g + 1)) for q, h in zip(highs, qh, strict=True)]
+        out += [(2 * g, lows), (2 * g + 1, highs)]
+    return out
+
+
 def _q45_k(five):
     def superblock(b, w, o, xq, xd, xs, xb, accs, corr):
-        """One Q4_K/Q5_K super-block (d | dmin | 12 bytes of 6-bit scales and minimums | [qh 32] | qs 128), x
-        from block xb: accs += d sc_j xd_j (q . xq)_j over its 8 sub-blocks of 32; corr += dmin m_j xs_j."""
+        """One Q4_K/Q5_K super-block, x from block xb: accs += d sc_j xd_j (q . xq)_j over its 8 sub-blocks of 32;
+        corr += dmin m_j xs_j."""
         accs = list(accs)
         sc, m = _k4_scales_mins(b, w, o)
         xo8 = b.mul(xb, _i64(4))
         scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, o), 8), flags=FAST), _load(b, xd, xo8, V8F), flags=FAST)
         corr = _fma(b, b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8), flags=FAST), _load(b, xs, xo8, V8F),
                     corr)
-        q0 = 48 if five else 16
-        m15, one, four = _const(I16, [15] * 16), _const(I16, [1] * 16), _const(I16, [4] * 16)
-        for g in range(4):
-            halves = [_words(b, w, b.add(o, _i64(q0 + 32 * g + 16 * h))) for h in range(2)]
-            lows = [b.and_(q, m15) for q in halves]  # sub-block 2g
-            highs = [b.lshr(q, four) for q in halves]  # sub-block 2g + 1
-            if five:
-                qh = [_words(b, w, b.add(o, _i64(16 + 16 * h))) for h in range(2)]
-
-                def fifth(v, bit):
-                    return b.shl(b.and_(b.lshr(v, _const(I16, [bit] * 16)), one), four)
-
-                lows = [b.or_(q, fifth(h, 2 * g)) for q, h in zip(lows, qh, strict=True)]
-                highs = [b.or_(q, fifth(h, 2 * g + 1)) for q, h in zip(highs, qh, strict=True)]
-            for j, (c0, c1) in ((2 * g, lows), (2 * g + 1, highs)):
-                xo = b.mul(b.add(xb, _i64(j)), _i64(64))
-                dot = b.add(_pairs(b, c0, xq, xo), _pairs(b, c1, xq, b.add(xo, _i64(32))))
-                k = j % K_ACCS
-                accs[k] = _fma(b, b.sitofp(dot, V8F), b.shuffle_vector(scale, scale, _const(I32, [j] * 8)), accs[k])
+        for j, (c0, c1) in _q45_codes(b, w, o, five):
+            xo = b.mul(b.add(xb, _i64(j)), _i64(64))
+            dot = b.add(_pairs(b, c0, xq, xo), _pairs(b, c1, xq, b.add(xo, _i64(32))))
+            k = j % K_ACCS
+            accs[k] = _fma(b, b.sitofp(dot, V8F), b.shuffle_vector(scale, scale, _const(I32, [j] * 8)), accs[k])
         return accs, corr
     return superblock
 
 
-def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
-    """One Q6_K super-block: ql[128] | qh[64] | int8 scales[16] | d; a scale per 16 weights, codes q - 32. The
-    codes are multiplied by their scale as int16 (|q - 32| sc <= 4096), so each 32 weights take one conversion."""
-    accs = list(accs)
-    d = _half(b, w, b.add(o, _i64(208)))
+def _q6_codes(b, w, o):
+    """The codes of a Q6_K super-block (ql[128] | qh[64] | int8 scales[16] | d), minus 32:
+    [(sub-block j of 32, half, <16 x i16> codes, their int8 scale as i16)] for j = 0..7, half = 0, 1."""
     m15, m3, thirty_two = _const(I16, [15] * 16), _const(I16, [3] * 16), _const(I16, [32] * 16)
+    out = []
     for h in range(2):
         for k in range(4):
-            j = b.add(xb, _i64(4 * h + k))  # the x block of these 32 weights
-            xo = b.mul(j, _i64(64))
-            dots = []
             for half in range(2):
                 ql = _words(b, w, b.add(o, _i64(64 * h + 32 * (k & 1) + 16 * half)))
                 qh = _words(b, w, b.add(o, _i64(128 + 32 * h + 16 * half)))
@@ -500,10 +504,54 @@ def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
                 hi = b.and_(b.lshr(qh, _const(I16, [2 * k] * 16)), m3)
                 q = b.sub(b.or_(lo, b.shl(hi, _const(I16, [4] * 16))), thirty_two)
                 sc = b.sext(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), I16)
-                dots.append(_pairs(b, b.mul(q, _splat(b, sc)), xq, b.add(xo, _i64(32 * half))))
-            scale = b.fmul(d, _load(b, xd, b.mul(j, _i64(4)), F32), flags=FAST)
-            accs[k % K_ACCS] = _fma(b, b.sitofp(b.add(*dots), V8F), _splat(b, scale, 8), accs[k % K_ACCS])
+                out.append((4 * h + k, half, q, sc))
+    return out
+
+
+def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
+    """One Q6_K super-block, a scale per 16 weights. The codes are multiplied by their scale as int16
+    (|q - 32| sc <= 4096), so each 32 weights take one conversion."""
+    accs = list(accs)
+    d = _half(b, w, b.add(o, _i64(208)))
+    codes = _q6_codes(b, w, o)
+    for n in range(0, 16, 2):
+        j = b.add(xb, _i64(codes[n][0]))  # the x block of these 32 weights
+        xo = b.mul(j, _i64(64))
+        dots = [_pairs(b, b.mul(q, _splat(b, sc)), xq, b.add(xo, _i64(32 * half))) for _, half, q, sc in codes[n:n + 2]]
+        scale = b.fmul(d, _load(b, xd, b.mul(j, _i64(4)), F32), flags=FAST)
+        k = codes[n][0] % K_ACCS
+        accs[k] = _fma(b, b.sitofp(b.add(*dots), V8F), _splat(b, scale, 8), accs[k])
     return accs, corr
+
+
+def _emit_k_dequant(b, five_or_six, w, out, nsb):
+    """nsb K-quant super-blocks at w -> float32 at out, with ggml's roundings: Q4_K/Q5_K (d sc) q - (dmin m),
+    Q6_K (d sc) (q - 32)."""
+    block_bytes = {4: 144, 5: 176, 6: 210}[five_or_six]
+
+    def store(v, i, at):
+        st = b.store(v, b.bitcast(b.gep(out, [b.add(b.mul(i, _i64(1024)), _i64(4 * at))]), V16F.as_pointer()))
+        st.align = 4
+
+    def one(i, _):
+        o = b.mul(i, _i64(block_bytes))
+        if five_or_six == 6:
+            d = _half(b, w, b.add(o, _i64(208)))
+            for j, half, q, sc in _q6_codes(b, w, o):
+                dsc = _splat(b, b.fmul(d, b.sitofp(sc, F32)))
+                store(b.fmul(dsc, b.sitofp(q, V16F)), i, 32 * j + 16 * half)
+            return []
+        sc, m = _k4_scales_mins(b, w, o)
+        dsc = b.fmul(_splat(b, _half(b, w, o), 8), sc)
+        dm = b.fmul(_splat(b, _half(b, w, b.add(o, _i64(2))), 8), m)
+        for j, codes in _q45_codes(b, w, o, five_or_six == 5):
+            scale = b.shuffle_vector(dsc, dsc, _const(I32, [j] * 16))
+            minimum = b.shuffle_vector(dm, dm, _const(I32, [j] * 16))
+            for half, c in enumerate(codes):
+                store(b.fsub(b.fmul(scale, b.uitofp(c, V16F)), minimum), i, 32 * j + 16 * half)
+        return []
+
+    _loop(b, _i64(0), nsb, 1, [], one)
 
 
 def _emit_k_dot(b, superblock, block_bytes: int, w, xq, xd, xs, nsb):
@@ -547,6 +595,8 @@ def _make_dot_k(superblock, block_bytes: int):
 
 K_FORMATS = {"q4_k": (_q45_k(False), 144), "q5_k": (_q45_k(True), 176), "q6_k": (_q6_k, 210)}
 dot_q4_k, dot_q5_k, dot_q6_k = (_make_dot_k(*K_FORMATS[k]) for k in K_FORMATS)
+dequant_q4_k, dequant_q5_k, dequant_q6_k = (
+    _dequant_intrinsic(lambda b, w, out, nsb, kind=kind: _emit_k_dequant(b, kind, w, out, nsb)) for kind in (4, 5, 6))
 
 
 def standalone_module(name: str) -> str:
