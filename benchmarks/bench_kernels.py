@@ -1,6 +1,7 @@
 """Throughput of the numba matrix-vector kernels, one thread, CPU time (robust on a shared machine).
 
-    python benchmarks/bench_kernels.py                      # every format on random matrices (cache-resident)
+    python benchmarks/bench_kernels.py                      # every format on random matrices (cache-resident):
+                                                            # matrix-vector product, and dequantizing (prompt path)
     python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
     python benchmarks/bench_kernels.py --kl FILE.gguf       # what the int16 activations cost: numba vs numpy logits
     python benchmarks/bench_kernels.py --rounding FILE.gguf # the numpy reference on rounded activations (int8, int16)
@@ -42,7 +43,7 @@ def random_formats(shapes: list[tuple[int, int]]) -> list[dict]:
     from gguf import quants
     from test_kernels import random_k_blocks
 
-    from quant.kernels import activation_blocks, matvec, prepare, weight_views
+    from quant.kernels import activation_blocks, dequant_rows, matvec, prepare, weight_views
 
     rng = np.random.default_rng(0)
     rows_out = []
@@ -60,10 +61,13 @@ def random_formats(shapes: list[tuple[int, int]]) -> list[dict]:
             xs = activation_blocks(1, n)
             prepare(x, xs)
             out = np.empty((1, rows), dtype=np.float32)
-            s = best_cpu_seconds(lambda: matvec(wv, int(qtype), 0, rows, x, xs, out),  # noqa: B023
-                                 max(3, int(1e8 // raw.nbytes)))
+            reps = max(3, int(1e8 // raw.nbytes))
+            s = best_cpu_seconds(lambda: matvec(wv, int(qtype), 0, rows, x, xs, out), reps)  # noqa: B023
+            tile = np.empty((rows, n), dtype=np.float32)  # the prompt path's weight tiles
+            sd = best_cpu_seconds(lambda: dequant_rows(wv, int(qtype), 0, n, 0, tile), reps)  # noqa: B023
             rows_out.append({"format": qtype.name, "shape": f"{rows}x{n}", "mb": raw.nbytes / 1e6,
-                             "gb_s": raw.nbytes / s / 1e9, "gweights_s": rows * n / s / 1e9})
+                             "gb_s": raw.nbytes / s / 1e9, "gweights_s": rows * n / s / 1e9,
+                             "dequant_gweights_s": rows * n / sd / 1e9})
     return rows_out
 
 
@@ -267,9 +271,11 @@ def main() -> None:
             print(f"| {r['model']} | {r['mb']:.1f} | {r['cpu_ms']:.2f} | {r['gb_s']:.2f} |")
     else:
         result = random_formats([(8192, 2048), (1536, 576)])
-        print("| format | matrix | MB | GB/s | G weights/s |\n|---|---|---:|---:|---:|")
+        print("| format | matrix | MB | matvec GB/s | matvec G weights/s | dequantize G weights/s |\n"
+              "|---|---|---:|---:|---:|---:|")
         for r in result:
-            print(f"| {r['format']} | {r['shape']} | {r['mb']:.1f} | {r['gb_s']:.2f} | {r['gweights_s']:.2f} |")
+            print(f"| {r['format']} | {r['shape']} | {r['mb']:.1f} | {r['gb_s']:.2f} | {r['gweights_s']:.2f} | "
+                  f"{r['dequant_gweights_s']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
