@@ -275,6 +275,8 @@ def _make_int_dot(fmt):
     return dot
 
 
+# ---- dequantization: blocks -> float32 rows (the prompt path's weight tiles, embedding rows) -----------------
+
 def _emit_dequant(b, fmt, w, out, nb):
     """nb blocks of 32 weights at w -> float32 at out: (code - offset) * d, or code * d + m; the same roundings as
     ggml's reference (no fused multiply-add: no fast-math flags here)."""
@@ -349,12 +351,12 @@ def _f16_to_f32(b, v):
     return b.fpext(b.bitcast(v, _vec(HALF, v.type.count)), _vec(F32, v.type.count))
 
 
-def _bf16_bits_to_f32(b, v):
+def _bf16_to_f32(b, v):
     n = v.type.count
     return b.bitcast(b.shl(b.zext(v, _vec(I32, n)), _const(I32, [16] * n)), _vec(F32, n))
 
 
-dequant_f16, dequant_bf16 = _make_dequant_16bit(_f16_to_f32), _make_dequant_16bit(_bf16_bits_to_f32)
+dequant_f16, dequant_bf16 = _make_dequant_16bit(_f16_to_f32), _make_dequant_16bit(_bf16_to_f32)
 
 
 # ---- the float kernels: (w, byte offset of the block, x0, x1 = x[0:16], x[16:32], acc) -> acc -----------------
@@ -365,12 +367,8 @@ def _f32(b, w, o, x0, x1, acc):
 
 
 def _f16(b, w, o, x0, x1, acc):
-    acc = _fma(b, b.fpext(_load(b, w, o, _vec(HALF, 16)), V16F), x0, acc)
-    return _fma(b, b.fpext(_load(b, w, b.add(o, _i64(32)), _vec(HALF, 16)), V16F), x1, acc)
-
-
-def _bf16_to_f32(b, v):
-    return b.bitcast(b.shl(b.zext(v, _vec(I32, 16)), _const(I32, [16] * 16)), V16F)
+    acc = _fma(b, _f16_to_f32(b, _load(b, w, o, _vec(I16, 16))), x0, acc)
+    return _fma(b, _f16_to_f32(b, _load(b, w, b.add(o, _i64(32)), _vec(I16, 16))), x1, acc)
 
 
 def _bf16(b, w, o, x0, x1, acc):
