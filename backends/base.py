@@ -194,12 +194,14 @@ class OffsetCache:
 class SimpleKVCache(OffsetCache):
     """KV cache as two numpy arrays; used by the numpy and numba backends.
 
-    k, v: (n_layers, max_seq, n_kv_heads, head_dim) float32
+    k, v: (n_layers, max_seq, n_kv_heads, head_dim) float32, or with heads_first (n_layers, n_kv_heads, max_seq,
+    head_dim): each KV head's positions one contiguous run, which attention then streams in order.
     """
 
-    def __init__(self, hp: HParams, max_seq: int):
+    def __init__(self, hp: HParams, max_seq: int, heads_first: bool = False):
         self.max_seq = max_seq
         self.offset = 0
-        shape = (hp.n_layers, max_seq, hp.n_kv_heads, hp.head_dim)
+        shape = ((hp.n_layers, hp.n_kv_heads, max_seq, hp.head_dim) if heads_first
+                 else (hp.n_layers, max_seq, hp.n_kv_heads, hp.head_dim))
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)

@@ -7,6 +7,7 @@ Also the machine's read bandwidth (parallel sum over 1 GiB) and, for the 1B-shap
 decode bandwidth as a fraction of it; and the warm start of `llm run` (process start -> first token).
 
     python benchmarks/bench_decode.py --threads 2 [--reps 3] [--json out.json] [--skip-llama]
+    python benchmarks/bench_decode.py --threads 2 --depth 2000 --pp 0   # decode after a 2000-token context
 
 Models are generated into .test-models/numba/ on first use (never committed): SmolLM2-135M Q4_0 and Q8_0
 copies of the store's Q4_1 file, and a random-weight model with the 1B shape (hidden 2048, 16 layers,
@@ -85,24 +86,34 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _run_seconds(run) -> float:
+    """Seconds an engine's run takes, or the seconds it reports itself (a run with an untimed set-up)."""
+    t = time.perf_counter()
+    own = run()
+    return time.perf_counter() - t if own is None else own
+
+
 def summarize(times: list[float], n_tokens: int) -> dict:
     rates = sorted(n_tokens / t for t in times)
     return {"tok_s": statistics.median(rates), "min": rates[0], "max": rates[-1], "reps": len(rates)}
 
 
-def numba_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray) -> dict:
-    """{"tg": decode run, "pp": prefill run} on the numba backend, plus the weight bytes read per token."""
+def numba_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray, depth: int = 0) -> dict:
+    """{"tg": decode run, "pp": prefill run} on the numba backend, plus the weight bytes read per token. With a
+    depth, "tg" decodes after an untimed prompt of `depth` tokens (and reports its own time)."""
     from backends import load_model
     from quant.gguf_file import read_gguf
 
     model = load_model(read_gguf(path), "numba", threads)
-    cache = model.new_cache(max(pp, tg + 1) + 1)
+    cache = model.new_cache(max(pp, depth + tg + 1) + 1)
 
     def decode():
         cache.reset()
-        model.forward(tokens[:1], cache)
+        model.forward(tokens[:depth + 1], cache)
+        t = time.perf_counter()
         for i in range(tg):
-            model.forward(tokens[1 + i: 2 + i], cache)
+            model.forward(tokens[depth + 1 + i: depth + 2 + i], cache)
+        return time.perf_counter() - t if depth else None
 
     def prefill():
         cache.reset()
@@ -111,18 +122,20 @@ def numba_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray) -
     return {"tg": decode, "pp": prefill, "weight_bytes_per_token": model.weight_bytes_per_token()}
 
 
-def llama_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray) -> dict:
+def llama_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray, depth: int = 0) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max(pp, tg + 1) + 16,
-                n_batch=max(pp, 1), verbose=False)
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                n_ctx=max(pp, depth + tg + 1) + 16, n_batch=max(pp, 512), verbose=False)
     ids = [int(t) for t in tokens]
 
     def decode():
         llm.reset()
-        llm.eval(ids[:1])
+        llm.eval(ids[:depth + 1])
+        t = time.perf_counter()
         for i in range(tg):
-            llm.eval(ids[1 + i: 2 + i])
+            llm.eval(ids[depth + 1 + i: depth + 2 + i])
+        return time.perf_counter() - t if depth else None
 
     def prefill():
         llm.reset()
@@ -140,7 +153,7 @@ def bench_pair(engines: dict[str, dict], tests: dict[str, int], reps: int) -> di
             runs[test]()
         for _ in range(reps):
             for name, runs in engines.items():
-                times[name][test].append(_timed(runs[test]))
+                times[name][test].append(_run_seconds(runs[test]))
     return {name: {test: summarize(times[name][test], n) for test, n in tests.items()} for name in engines}
 
 
@@ -160,6 +173,8 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--big-tg", type=int, default=32, help="decode tokens for the 1B-shape model")
+    ap.add_argument("--depth", type=int, default=0,
+                    help="decode after an untimed prompt of this many tokens (llama-bench's tg N @ d D)")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--only", default=None, help="run only models whose name contains this")
     ap.add_argument("--json", type=Path, default=None)
@@ -171,19 +186,20 @@ def main() -> None:
 
     paths = prepare_models()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(100, 49152, size=max(args.pp, args.tg + 1) + 1).astype(np.int64)
-    results: dict = {"threads": args.threads, "models": {}}
+    tokens = rng.integers(100, 49152, size=max(args.pp, args.depth + args.tg + 1) + 1).astype(np.int64)
+    results: dict = {"threads": args.threads, "depth": args.depth, "models": {}}
     results["read_bandwidth_gbs"] = read_bandwidth_gbs(args.threads)
     for name, path in paths.items():
         if args.only and args.only not in name:
             continue
         big = name.startswith("1B")
         tg, pp = (args.big_tg, 0) if big else (args.tg, args.pp)
-        entry = {"file": str(path.relative_to(REPO)), "tg_tokens": tg + 1, "pp_tokens": pp}
-        engines = {"numba": numba_runs(path, args.threads, tg, pp, tokens)}
+        tg_tokens = tg if args.depth else tg + 1  # with a depth, only the decoded tokens are timed
+        entry = {"file": str(path.relative_to(REPO)), "tg_tokens": tg_tokens, "pp_tokens": pp}
+        engines = {"numba": numba_runs(path, args.threads, tg, pp, tokens, args.depth)}
         if not args.skip_llama:
-            engines["llama.cpp"] = llama_runs(path, args.threads, tg, pp, tokens)
-        tests = {"tg": tg + 1, **({"pp": pp} if pp else {})}
+            engines["llama.cpp"] = llama_runs(path, args.threads, tg, pp, tokens, args.depth)
+        tests = {"tg": tg_tokens, **({"pp": pp} if pp else {})}
         entry.update(bench_pair(engines, tests, args.reps))
         entry["numba"]["weight_bytes_per_token"] = engines["numba"]["weight_bytes_per_token"]
         if "llama.cpp" in engines:
@@ -204,7 +220,10 @@ def main() -> None:
             if test not in e["numba"]:
                 continue
             ours = e["numba"][test]
-            row = f"{name:24} {test}{e[test + '_tokens'] - (test == 'tg'):<4} " \
+            label = f"{test}{e[test + '_tokens'] - (test == 'tg' and not args.depth)}"
+            if test == "tg" and args.depth:
+                label += f"@d{args.depth}"
+            row = f"{name:24} {label:<6} " \
                   f"{ours['tok_s']:8.1f} ({ours['min']:.0f}-{ours['max']:.0f})".ljust(20)
             theirs = e.get("llama.cpp", {}).get(test)
             if theirs:

@@ -146,9 +146,10 @@ def test_attention_kernels_match_numpy(T, start, D):
     k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
+    kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, positions, D)
     for kernel in (attention, attention_serial, prompt_attention, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
-        kernel(q, k, v, start, out)
+        kernel(q, kh, vh, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
 
 

@@ -141,7 +141,7 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
     thread, against 25 ms for a numba kernel vectorized along the keys (RESULTS.md). The (block, KV head) tasks
     go to run(work, n_tasks) (the model's pool), or run here in turn."""
     T, H, D = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     group = H // KVH
     scale = np.float32(1.0 / np.sqrt(D))
     tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
@@ -151,9 +151,9 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
         t1 = min(T, t0 + QUERY_BLOCK)
         S = start + t1  # keys seen by the block's last query
         qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
-        scores = (qg * scale) @ k_cache[:S, kv].T  # (group * block, S)
+        scores = (qg * scale) @ k_cache[kv, :S].T  # (group * block, S)
         L.causal_softmax(scores, t1 - t0, start + t0)
-        out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[:S, kv]).reshape(group, t1 - t0, D
+        out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[kv, :S]).reshape(group, t1 - t0, D
                                                                                     ).transpose(1, 0, 2)
 
     if run is None:
@@ -230,7 +230,7 @@ class NumbaModel:
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
-        return SimpleKVCache(self.hparams, max_seq)
+        return SimpleKVCache(self.hparams, max_seq, heads_first=True)
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
@@ -339,8 +339,8 @@ class NumbaModel:
                 L.head_norm(k3, f32, lt[L.K_NORM, 0], eps)
             L.rope(q3, cos, sin, hp.rope_neox)
             L.rope(k3, cos, sin, hp.rope_neox)
-            cache.k[i, start:start + T] = k3
-            cache.v[i, start:start + T] = v.reshape(T, KVH, D)
+            cache.k[i, :, start:start + T] = k3.transpose(1, 0, 2)
+            cache.v[i, :, start:start + T] = v.reshape(T, KVH, D).transpose(1, 0, 2)
             prompt_attention(q3, cache.k[i], cache.v[i], start, att, self._run)
             x += self._gemm(att.reshape(T, H * D), lt[L.WO], E)
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)

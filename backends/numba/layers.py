@@ -93,7 +93,7 @@ def head_norm(x, f32, w_off, eps):
 def _attend(q, k_cache, v_cache, start, out, i):
     """Attention of query (t, h) = divmod(i, n_heads) over cache positions 0 .. start + t (see attention)."""
     T, H, D = q.shape
-    KVH = k_cache.shape[1]
+    KVH, S = k_cache.shape[0], k_cache.shape[1]
     t, h = i // H, i % H
     kv = h // (H // KVH)
     n = start + t + 1
@@ -103,9 +103,9 @@ def _attend(q, k_cache, v_cache, start, out, i):
     scores = np.empty(n, dtype=np.float32)
     top = np.float32(-np.inf)
     for s in range(n):
-        acc = simd.dot_f32(k_cache, ((s * KVH + kv) * D) * 4, q, (t * H + h) * D, nb)
+        acc = simd.dot_f32(k_cache, ((kv * S + s) * D) * 4, q, (t * H + h) * D, nb)
         for j in range(nb * 32, D):
-            acc += qv[j] * k_cache[s, kv, j]
+            acc += qv[j] * k_cache[kv, s, j]
         scores[s] = acc * scale
         top = max(top, scores[s])
     total = np.float32(0.0)
@@ -116,18 +116,18 @@ def _attend(q, k_cache, v_cache, start, out, i):
     for s in range(n):
         scores[s] *= inv
     d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
-    simd.weighted_rows(v_cache, kv * D * 4, KVH * D * 4, scores, n, d16, out, (t * H + h) * D)
+    simd.weighted_rows(v_cache, kv * S * D * 4, D * 4, scores, n, d16, out, (t * H + h) * D)
     for j in range(d16, D):
         acc = np.float32(0.0)
         for s in range(n):
-            acc += scores[s] * v_cache[s, kv, j]
+            acc += scores[s] * v_cache[kv, s, j]
         out[t, h, j] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def attention(q, k_cache, v_cache, start, out):
     """Causal attention of T new queries over the cache, grouped-query.
-    q: (T, n_heads, head_dim); k_cache, v_cache: (max_seq, n_kv_heads, head_dim) of one layer, holding
+    q: (T, n_heads, head_dim); k_cache, v_cache: (n_kv_heads, max_seq, head_dim) of one layer, holding
     positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t.
     Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place; the
     (query, head) pairs are shared across threads."""
@@ -236,9 +236,9 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
         rope(q3, cos, sin, dims[D_NEOX] != 0)
         rope(k3, cos, sin, dims[D_NEOX] != 0)
         for t in range(T):
-            k_cache[layer, start + t] = k3[t]
             for kh in range(KVH):
-                v_cache[layer, start + t, kh] = v[t, kh * D:(kh + 1) * D]
+                k_cache[layer, kh, start + t] = k3[t, kh]
+                v_cache[layer, kh, start + t] = v[t, kh * D:(kh + 1) * D]
         att3 = att.reshape(T, H, D)
         if T * H * (start + T) * D < SERIAL_ATTENTION:
             attention_serial(q3, k_cache[layer], v_cache[layer], start, att3)
