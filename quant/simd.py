@@ -250,13 +250,13 @@ def _emit_int_dot(b, fmt, w, xq, xd, xs, xc, nb):
     return b.fadd(_hsum(b, acc), corr, flags=FAST)
 
 
-def _make_int_dot(fmt):
-    """An intrinsic dot(w, off, xq, xd, xs, xc, nb) -> float32 over nb blocks of 32 weights of format
-    fmt = (block decoder, bytes per block, offset, has minimum), the weights starting at byte `off` of the
-    C-contiguous array w, the activation given by what quant.kernels.prepare makes of it (see _emit_int_dot)."""
+def _int_dot_intrinsic(emit):
+    """An intrinsic dot(w, off, xq, xd, xs, xc, count) -> float32 over the weights from byte `off` of the
+    C-contiguous array w, the activation given by what quant.kernels.prepare makes of it; emit(builder, weight
+    pointer, xq, xd, xs, xc pointers, count) builds the loop."""
 
     @intrinsic
-    def dot(typingctx, w, off, xq, xd, xs, xc, nb):
+    def dot(typingctx, w, off, xq, xd, xs, xc, count):
         arrays = (w, xq, xd, xs, xc)
         if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and xq.dtype == types.int16
                 and all(a.dtype == types.float32 for a in (xd, xs, xc))):
@@ -267,12 +267,17 @@ def _make_int_dot(fmt):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            w = b.gep(ptr(0), [args[1]])
-            return _emit_int_dot(b, fmt, w, ptr(2), ptr(3), ptr(4), ptr(5), args[6])
+            return emit(b, b.gep(ptr(0), [args[1]]), ptr(2), ptr(3), ptr(4), ptr(5), args[6])
 
         return sig, codegen
 
     return dot
+
+
+def _make_int_dot(fmt):
+    """dot(w, off, xq, xd, xs, xc, nb) over nb blocks of 32 weights of format fmt = (block decoder, bytes per
+    block, offset, has minimum) (see _emit_int_dot)."""
+    return _int_dot_intrinsic(lambda b, w, xq, xd, xs, xc, nb: _emit_int_dot(b, fmt, w, xq, xd, xs, xc, nb))
 
 
 # ---- dequantization: blocks -> float32 rows (the prompt path's weight tiles, embedding rows) -----------------
@@ -569,26 +574,10 @@ def _emit_k_dot(b, superblock, block_bytes: int, w, xq, xd, xs, nsb):
 
 
 def _make_dot_k(superblock, block_bytes: int):
-    """An intrinsic dot(w, off, xq, xd, xs, xc, nsb) -> float32 over nsb super-blocks of 256 weights, the
-    activation given as for the 32-weight formats (xc unused: K-quant codes have no offset to take out)."""
-
-    @intrinsic
-    def dot(typingctx, w, off, xq, xd, xs, xc, nsb):
-        arrays = (w, xq, xd, xs, xc)
-        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and xq.dtype == types.int16
-                and all(a.dtype == types.float32 for a in (xd, xs, xc))):
-            return None
-        sig = types.float32(w, types.int64, xq, xd, xs, xc, types.int64)
-
-        def codegen(context, b, signature, args):
-            def ptr(k):
-                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
-
-            return _emit_k_dot(b, superblock, block_bytes, b.gep(ptr(0), [args[1]]), ptr(2), ptr(3), ptr(4), args[6])
-
-        return sig, codegen
-
-    return dot
+    """dot(w, off, xq, xd, xs, xc, nsb) over nsb super-blocks of 256 weights, the activation given as for the
+    32-weight formats (xc unused: K-quant codes have no offset to take out)."""
+    return _int_dot_intrinsic(
+        lambda b, w, xq, xd, xs, xc, nsb: _emit_k_dot(b, superblock, block_bytes, w, xq, xd, xs, nsb))
 
 
 K_FORMATS = {"q4_k": (_q45_k(False), 144), "q5_k": (_q45_k(True), 176), "q6_k": (_q6_k, 210)}
