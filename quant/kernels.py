@@ -183,7 +183,7 @@ def dequant_rows(wv, qtype, off, n, row0, out):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _row_offset(descs, r, n):
+def row_offset(descs, r, n):
     """Byte offset of stacked row r of the matrices in descs (see matvec_multi)."""
     i, r0 = 0, 0
     while r - r0 >= descs[i, 2]:
@@ -207,17 +207,17 @@ def matvec_multi(wv, descs, x, xb, out):
         same = same and descs[i, 1] == q0
     if same and q0 == Q4_0:
         for r in prange(total):
-            off = _row_offset(descs, r, n)[0]
+            off = row_offset(descs, r, n)[0]
             for t in range(x.shape[0]):
                 out[t, r] = simd.dot_q4_0(u8, off, xq[t], xd[t], xs[t], xc[t], nb)
     elif same and q0 == Q8_0:
         for r in prange(total):
-            off = _row_offset(descs, r, n)[0]
+            off = row_offset(descs, r, n)[0]
             for t in range(x.shape[0]):
                 out[t, r] = simd.dot_q8_0(u8, off, xq[t], xd[t], xs[t], xc[t], nb)
     else:
         for r in prange(total):
-            off, qtype = _row_offset(descs, r, n)
+            off, qtype = row_offset(descs, r, n)
             for t in range(x.shape[0]):
                 out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], xq[t], xd[t], xc[t])
 

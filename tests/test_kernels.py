@@ -94,6 +94,54 @@ def test_matvec_equals_dequantized_product(qtype, n):
         assert np.all(np.abs(y - exact) <= 2e-5 * mag + 1e-6)
 
 
+GEMM_CASES = [(t, n) for t in [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K] for n in widths(t)]
+
+
+@pytest.mark.parametrize("qtype,n", GEMM_CASES, ids=[f"{t.name}-{n}" for t, n in GEMM_CASES])
+def test_gemm_equals_dequantized_product(qtype, n):
+    """The prompt path's integer GEMM (quant/gemm.py) within the int16 kernels' bound above, for 13 tokens (not a
+    multiple of the micro-kernel's 6) and 37 rows (not a multiple of its groups of 32); and it is the matvec
+    kernels' arithmetic (the same int16 copy, the same integer products): equal to float32 summation noise."""
+    from quant.gemm import gemm_raw
+
+    rng = np.random.default_rng(4)
+    raw = weights(qtype, ROWS, n, rng)
+    w = reference(raw, qtype, n).astype(np.float64)
+    x = rng.standard_normal((13, n)).astype(np.float32)
+    x[:, 5] *= 50
+    y = gemm_raw(raw, qtype, x)
+    mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+    bound = 2e-5 * mag + 1e-6 + int16_rounding(x) @ np.abs(w).T
+    assert y.shape == (13, ROWS)
+    assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= bound)
+    assert np.all(np.abs(y - matvec_raw(raw, qtype, x)) <= 2e-6 * mag + 1e-7)
+
+
+def test_gemm_of_stacked_matrices():
+    """Matrices of different formats stacked in one product (as Q/K/V are), the first one's rows ending inside
+    a group of 32: each row is packed with its own format, the minimums of one beside the offsets of another."""
+    from quant.gemm import GROUP, NR, gemm_groups, packed_buffers, padded_activation
+    from quant.kernels import weight_views
+
+    rng = np.random.default_rng(5)
+    n, T = 256, 8
+    mats = [(Q.Q4_0, 21), (Q.Q4_K, 40), (Q.Q8_0, 7)]
+    raws = [weights(qtype, rows, n, rng) for qtype, rows in mats]
+    buf = np.concatenate([r.reshape(-1) for r in raws])
+    offs = np.cumsum([0] + [r.size for r in raws])[:-1]
+    descs = np.array([[o, int(qtype), rows] for o, (qtype, rows) in zip(offs, mats, strict=True)], dtype=np.int64)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    xb, tp = padded_activation(x)
+    rows = sum(r for _, r in mats)
+    groups = -(-rows // GROUP)
+    out = np.full((tp, groups * GROUP), np.nan, dtype=np.float32)
+    packed = packed_buffers(2 * n)  # a buffer sized for a wider product serves a narrower one
+    gemm_groups(weight_views(buf)[0], descs, 0, groups, xb, packed, out)
+    want = np.concatenate([matvec_raw(r, qtype, x) for r, (qtype, _) in zip(raws, mats, strict=True)], axis=1)
+    assert tp % NR == 0 and np.all(out[T:] == 0) and np.all(out[:, rows:] == 0)
+    np.testing.assert_allclose(out[:T, :rows], want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
 def test_single_vector_and_threads():
     """A 1-D x gives a 1-D result, and the product does not depend on the thread count."""
     import numba
@@ -173,15 +221,18 @@ def test_vector_exp():
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f32", "f16", "bf16", "q4_k", "q5_k",
-                                  "q6_k"])
+                                  "q6_k", "gemm", "gemm_min"])
 def test_kernels_are_portable_vector_code(name):
-    """The dot-product IR uses no target intrinsics: LLVM compiles the same module to NEON vector FMAs for ARM64
-    and to AVX2 for an x86 without AVX-512, as numba does for the machine it runs on."""
+    """The dot-product and GEMM micro-kernel IR uses no target intrinsics: LLVM compiles the same module to NEON
+    vector FMAs for ARM64 and to AVX2 for an x86 without AVX-512, as numba does for the machine it runs on."""
     import re
 
     import llvmlite.binding as llvm
 
-    from quant.simd import standalone_module
+    from quant import gemm, simd
+
+    def standalone_module(name):
+        return gemm.standalone_module(name == "gemm_min") if name.startswith("gemm") else simd.standalone_module(name)
 
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()

@@ -25,6 +25,7 @@ from backends.base import (
 )
 from backends.numba import layers as L
 from quant.errors import BackendError, PromptError, UnsupportedError
+from quant.gemm import GROUP, INT_GEMM_TYPES, gemm_groups, packed_buffers, padded_activation
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
     F32,
@@ -194,6 +195,8 @@ class NumbaModel:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
         tile = np.empty(TILE_FLOATS, dtype=np.float32)
         self._tiles = [tile[i * (TILE_FLOATS // threads):(i + 1) * (TILE_FLOATS // threads)] for i in range(threads)]
+        widest = max(hp.n_embd, hp.n_heads * hp.head_dim, hp.n_ff)
+        self._packed = [packed_buffers(widest) for _ in range(threads)]  # each thread's group of packed rows
 
     def _locate(self, t: Tensor) -> tuple[int, int]:
         """(byte offset in the file, qtype code) of a tensor the kernels can read."""
@@ -276,8 +279,32 @@ class NumbaModel:
 
     def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
-        the outputs side by side. Each thread takes a range of the stacked rows, dequantizes them into its own
-        tile (TILE_FLOATS / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
+        the outputs side by side. The integer GEMM (quant/gemm.py) when every matrix has a type it takes, else
+        BLAS on dequantized tiles."""
+        if all(int(desc[1]) in INT_GEMM_TYPES for desc, _ in parts):
+            return self._gemm_int(x, parts)
+        return self._gemm_float(x, parts)
+
+    def _gemm_int(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """_gemm_cat with quant.gemm: each thread takes a range of groups of GROUP stacked rows."""
+        T = x.shape[0]
+        descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
+        rows = int(descs[:, 2].sum())
+        groups = -(-rows // GROUP)
+        xb, tp = padded_activation(x)
+        out = np.empty((tp, groups * GROUP), dtype=np.float32)
+        workers = 1 if self._pool is None else self.threads
+        bounds = [groups * i // workers for i in range(workers + 1)]
+
+        def work(i):
+            gemm_groups(self.wv[0], descs, bounds[i], bounds[i + 1], xb, self._packed[i], out)
+
+        self._run(work, workers)
+        return out[:T] if groups * GROUP == rows else np.ascontiguousarray(out[:T, :rows])
+
+    def _gemm_float(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """_gemm_cat with BLAS: each thread takes a range of the stacked rows, dequantizes them into its own tile
+        (TILE_FLOATS / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
         T, n = x.shape
         segs, r = [], 0  # (first stacked row, rows, byte offset, qtype) of each matrix
         for desc, rows in parts:

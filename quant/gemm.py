@@ -1,0 +1,310 @@
+"""Prompt products as an integer GEMM: the int16 codes of 32 weight rows at a time against the int16 copy of many
+tokens' activations that the matvec kernels use (quant.kernels.prepare), in a register-blocked micro-kernel
+written as portable LLVM vector IR (like quant/simd.py).
+
+Why not BLAS on dequantized float32 tiles: float32 multiply-adds top out at 16 per cycle per core here (two
+256-bit FMA pipes; OpenBLAS reaches ~48 G/s per core), while sums of int16 pair products (`vpdpwssd` on x86,
+`smlal` on ARM) do 32: the micro-kernel runs at ~90 G multiply-adds/s per core, ~1.9x BLAS (RESULTS.md). The
+numbers are the matvec kernels' own: the same int16 copy rounded per block of 32, the same integer products, so
+a prompt and the tokens decoded after it see the same weights the same way.
+
+A product goes in groups of GROUP = 32 weight rows. Each group is first packed (`pack_row`, per row, from the
+blocks in the memory map) into a small buffer that stays in cache while every token passes by:
+
+  wp: int16 (nb, 16 pairs, 2 halves, 16 lanes, 2)   codes of weights 2p, 2p + 1 of block b, row 16 half + lane
+  sw: float32 (nb, 32)                              the scale of block b of each row
+  mn: float32 (nb, 32)                              its minimum (weights d q + m), 0 for formats without one
+
+Codes are signed where the format stores an offset (Q4_0: q - 8, Q5_0: q - 16); the K-quants' 32-weight
+sub-blocks are blocks here (scale d sc, minimum -dmin m). Then `tile` computes NR tokens x 32 rows at a time:
+2 x NR vectors of 16 int32 sums, one pass over the block's 16 code pairs (each pair of a token's int16 copy
+broadcast as one 32-bit word), then per block one conversion and two multiplies into float32 accumulators:
+
+  out[t, r] = sum over blocks b of sw[b, r] xd[t, b] (codes[r, b] . xq[t, b]) + mn[b, r] xs[t, b]
+
+|code| <= 128 and |xq| <= 32767, so a block's 32 products sum to at most 2^27 in int32. Q6_K (codes times an
+8-bit scale per 16 weights) and the float formats keep the BLAS path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from quant.errors import UnsupportedError
+from quant.jit import njit
+from quant.kernels import (
+    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, activation_blocks, prepare, row_offset, weight_views,
+)
+from quant.simd import (
+    FAST, F32, I8, I16, I32, INT_FORMATS, V16F, _const, _fma, _half, _i64, _k4_scales_mins, _load, _loop, _q45_codes,
+    _splat, _vec,
+)
+
+GROUP = 32  # weight rows per packed group: two vectors of 16 lanes
+NR = 6  # tokens per micro-kernel call: 2 x 6 int32 and 2 x 6 float32 accumulators, 26 of 32 vector registers
+# (measured on 1536x576x504, one thread, G multiply-adds/s: 2x6 89, 3x4 91, 2x7 89, 4x3 86, 2x4 84, 1x12 77)
+INT_GEMM_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K)
+
+V32H = _vec(I16, 32)
+V16I = _vec(I32, 16)
+
+
+def packed_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(wp, sw, mn) for one group of rows of n weights (see the module docstring)."""
+    nb = n // 32
+    return (np.zeros(nb * 16 * GROUP * 2, dtype=np.int16), np.zeros(nb * GROUP, dtype=np.float32),
+            np.zeros(nb * GROUP, dtype=np.float32))
+
+
+# ---- the micro-kernel --------------------------------------------------------------------------------------
+
+def _pair_products(b, w, x):
+    """<32 x i16> . <32 x i16> -> <16 x i32>, the products summed in adjacent pairs (vpmaddwd / vpdpwssd)."""
+    prod = b.mul(b.sext(w, _vec(I32, 32)), b.sext(x, _vec(I32, 32)))
+    even = b.shuffle_vector(prod, prod, _const(I32, range(0, 32, 2)))
+    odd = b.shuffle_vector(prod, prod, _const(I32, range(1, 32, 2)))
+    return b.add(even, odd)
+
+
+def _emit_tile(b, has_min, wp, sw, mn, xq, xd, xs, out, nb, n, rows, t0, r0):
+    """out[t0 : t0 + NR, r0 : r0 + GROUP] (row stride `rows` floats) from a packed group and the tokens' int16
+    copies xq (row stride n int16) with their scales xd and float sums xs (row stride nb)."""
+    halves = GROUP // 16
+    zero = ir.Constant(V16F, [0.0] * 16)
+
+    def per_token(t, i):  # byte offset of entry i of token t0 + t in a (T, nb) float32 array
+        return b.mul(b.add(b.mul(b.add(t0, _i64(t)), nb), i), _i64(4))
+
+    def block(i, faccs):
+        wb = b.mul(i, _i64(16 * halves * 64))
+        xb = b.mul(i, _i64(64))  # the block's first int16 in a token's row, in bytes
+        sums = [[None] * NR for _ in range(halves)]
+        for p in range(16):
+            codes = [_load(b, wp, b.add(wb, _i64((p * halves + h) * 64)), V32H) for h in range(halves)]
+            for t in range(NR):
+                at = b.add(b.mul(b.add(t0, _i64(t)), b.mul(n, _i64(2))), b.add(xb, _i64(4 * p)))
+                x = b.bitcast(_splat(b, _load(b, xq, at, I32), 16), V32H)
+                for h in range(halves):
+                    prod = _pair_products(b, codes[h], x)
+                    sums[h][t] = prod if p == 0 else b.add(sums[h][t], prod)
+        new = list(faccs)
+        for h in range(halves):
+            at = b.mul(b.add(b.mul(i, _i64(GROUP)), _i64(16 * h)), _i64(4))
+            scale = _load(b, sw, at, V16F)
+            minimum = _load(b, mn, at, V16F) if has_min else None
+            for t in range(NR):
+                k = h * NR + t
+                v = b.fmul(b.sitofp(sums[h][t], V16F), scale, flags=FAST)
+                new[k] = _fma(b, v, _splat(b, _load(b, xd, per_token(t, i), F32), 16), new[k])
+                if has_min:
+                    new[k] = _fma(b, minimum, _splat(b, _load(b, xs, per_token(t, i), F32), 16), new[k])
+        return new
+
+    faccs, _ = _loop(b, _i64(0), nb, 1, [zero] * (halves * NR), block)
+    for h in range(halves):
+        for t in range(NR):
+            at = b.mul(b.add(b.mul(b.add(t0, _i64(t)), rows), b.add(r0, _i64(16 * h))), _i64(4))
+            st = b.store(faccs[h * NR + t], b.bitcast(b.gep(out, [at]), V16F.as_pointer()))
+            st.align = 4
+
+
+def _make_tile(has_min: bool):
+    @intrinsic
+    def tile(typingctx, wp, sw, mn, xq, xd, xs, out, t0, r0):
+        """out[t0 : t0 + NR, r0 : r0 + GROUP] of the product of a packed group (wp, sw, mn) with the tokens'
+        prepared activations (xq: (T, n) int16; xd, xs: (T, n // 32) float32); out: (T, rows) float32."""
+        arrays = (wp, sw, mn, xq, xd, xs, out)
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+                and wp.dtype == types.int16 and xq.dtype == types.int16 and xq.ndim == 2 and out.ndim == 2
+                and all(a.dtype == types.float32 for a in (sw, mn, xd, xs, out))):
+            return None
+        sig = types.void(wp, sw, mn, xq, xd, xs, out, types.int64, types.int64)
+
+        def codegen(context, b, signature, args):
+            arr = [context.make_array(signature.args[k])(context, b, args[k]) for k in range(7)]
+            ptr = [b.bitcast(a.data, I8.as_pointer()) for a in arr]
+            n = b.extract_value(arr[3].shape, 1)
+            rows = b.extract_value(arr[6].shape, 1)
+            _emit_tile(b, has_min, *ptr, b.sdiv(n, _i64(32)), n, rows, args[7], args[8])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+tile, tile_min = _make_tile(False), _make_tile(True)
+
+
+# ---- packing: one row of blocks -> its lane of a group ---------------------------------------------------------
+
+def _store_block(b, wp, sw, mn, blk, slot, lo, hi, scale, minimum):
+    """Codes lo (weights 0..15) and hi (16..31) of block blk of the row in `slot` (0 .. GROUP - 1), as <16 x i16>,
+    with its scale and minimum (float) -> the group's buffers."""
+    half, lane = b.sdiv(slot, _i64(16)), b.srem(slot, _i64(16))
+    base = b.add(b.mul(blk, _i64(16 * (GROUP // 16) * 64)), b.add(b.mul(half, _i64(64)), b.mul(lane, _i64(4))))
+    for k, codes in enumerate((lo, hi)):
+        pairs = b.bitcast(codes, _vec(I32, 8))
+        for p in range(8):
+            at = b.add(base, _i64((8 * k + p) * (GROUP // 16) * 64))
+            b.store(b.extract_element(pairs, ir.Constant(I32, p)), b.bitcast(b.gep(wp, [at]), I32.as_pointer()))
+    at = b.mul(b.add(b.mul(blk, _i64(GROUP)), slot), _i64(4))
+    b.store(scale, b.bitcast(b.gep(sw, [at]), F32.as_pointer()))
+    b.store(minimum, b.bitcast(b.gep(mn, [at]), F32.as_pointer()))
+
+
+def _emit_pack_legacy(fmt):
+    block, block_bytes, offset, has_min = fmt
+
+    def emit(b, w, nb, wp, sw, mn, slot):
+        def one(i, _):
+            o = b.mul(i, _i64(block_bytes))
+            lo, hi = block(b, w, o)
+            if offset:
+                lo, hi = (b.sub(c, _const(I16, [offset] * 16)) for c in (lo, hi))
+            minimum = _half(b, w, b.add(o, _i64(2))) if has_min else ir.Constant(F32, 0.0)
+            _store_block(b, wp, sw, mn, i, slot, lo, hi, _half(b, w, o), minimum)
+            return []
+
+        _loop(b, _i64(0), nb, 1, [], one)
+
+    return emit
+
+
+def _emit_pack_k(five: bool):
+    block_bytes = 176 if five else 144
+
+    def emit(b, w, nsb, wp, sw, mn, slot):
+        def one(i, _):
+            o = b.mul(i, _i64(block_bytes))
+            sc, m = _k4_scales_mins(b, w, o)
+            scales = b.fmul(sc, _splat(b, _half(b, w, o), 8))
+            mins = b.fneg(b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8)))
+            for j, (lo, hi) in _q45_codes(b, w, o, five):
+                at = ir.Constant(I32, j)
+                _store_block(b, wp, sw, mn, b.add(b.mul(i, _i64(8)), _i64(j)), slot, lo, hi,
+                             b.extract_element(scales, at), b.extract_element(mins, at))
+            return []
+
+        _loop(b, _i64(0), nsb, 1, [], one)
+
+    return emit
+
+
+def _pack_intrinsic(emit):
+    @intrinsic
+    def pack(typingctx, u8, off, count, wp, sw, mn, slot):
+        """The row at byte `off` of u8 (count blocks, or super-blocks for the K-quants) -> lane `slot` of the
+        group (wp, sw, mn)."""
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (u8, wp, sw, mn))
+                and wp.dtype == types.int16 and sw.dtype == types.float32 and mn.dtype == types.float32):
+            return None
+        sig = types.void(u8, types.int64, types.int64, wp, sw, mn, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            emit(b, b.gep(ptr(0), [args[1]]), args[2], ptr(3), ptr(4), ptr(5), args[6])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return pack
+
+
+pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0 = (_pack_intrinsic(_emit_pack_legacy(INT_FORMATS[k]))
+                                                         for k in INT_FORMATS)
+pack_q4_k, pack_q5_k = _pack_intrinsic(_emit_pack_k(False)), _pack_intrinsic(_emit_pack_k(True))
+
+
+@njit(cache=True, inline="always")
+def pack_row(u8, qtype, off, n, packed, slot):
+    """Row of `qtype` (one of INT_GEMM_TYPES) at byte `off`, n weights -> lane `slot` of the group `packed`."""
+    wp, sw, mn = packed
+    if qtype == Q4_0:
+        pack_q4_0(u8, off, n // 32, wp, sw, mn, slot)
+    elif qtype == Q8_0:
+        pack_q8_0(u8, off, n // 32, wp, sw, mn, slot)
+    elif qtype == Q4_1:
+        pack_q4_1(u8, off, n // 32, wp, sw, mn, slot)
+    elif qtype == Q5_0:
+        pack_q5_0(u8, off, n // 32, wp, sw, mn, slot)
+    elif qtype == Q5_1:
+        pack_q5_1(u8, off, n // 32, wp, sw, mn, slot)
+    elif qtype == Q4_K:
+        pack_q4_k(u8, off, n // 256, wp, sw, mn, slot)
+    else:  # Q5_K
+        pack_q5_k(u8, off, n // 256, wp, sw, mn, slot)
+
+
+@njit(cache=True, nogil=True)
+def gemm_groups(u8, descs, g0, g1, xb, packed, out):
+    """out[:, 32 g0 : 32 g1] of x @ [W1; W2; ...].T, the matrices in descs ((k, 3) rows of byte offset, qtype,
+    row count; stacked rows, as for quant.kernels.matvec_multi) all of INT_GEMM_TYPES; xb = prepare(x) with
+    x: (T, n), T a multiple of NR; out: (T, rows rounded up to GROUP) float32. Serial and without the GIL: the
+    prompt path's pool runs one range of groups per thread, each with its own `packed` buffers."""
+    xs, xq, xd, _ = xb
+    wp, sw, mn = packed
+    n = xq.shape[1]
+    total, has_min = 0, False
+    for i in range(descs.shape[0]):
+        total += descs[i, 2]
+        q = descs[i, 1]
+        has_min = has_min or q == Q4_1 or q == Q5_1 or q == Q4_K or q == Q5_K
+    for g in range(g0, g1):
+        r0 = g * GROUP
+        if r0 + GROUP > total:  # the last group is short: its missing rows count as zeros
+            wp[:] = 0
+            sw[:] = 0.0
+            mn[:] = 0.0
+        for slot in range(min(GROUP, total - r0)):
+            off, qtype = row_offset(descs, r0 + slot, n)
+            pack_row(u8, qtype, off, n, packed, slot)
+        for t0 in range(0, xq.shape[0], NR):
+            if has_min:
+                tile_min(wp, sw, mn, xq, xd, xs, out, t0, r0)
+            else:
+                tile(wp, sw, mn, xq, xd, xs, out, t0, r0)
+
+
+def padded_activation(x: np.ndarray) -> tuple[tuple, int]:
+    """prepare(x) for x: (T, n) float32 into buffers of T rounded up to NR rows (the extra rows zero)."""
+    T, n = x.shape
+    tp = -(-T // NR) * NR
+    xb = activation_blocks(tp, n)
+    for a in xb:
+        a[T:] = 0
+    prepare(x, tuple(a[:T] for a in xb))
+    return xb, tp
+
+
+def gemm_raw(data: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
+    """x @ W.T for one tensor's raw data (rows, row_bytes) of a type in INT_GEMM_TYPES and x: (T, n) float32,
+    on this thread. For tests; the backend calls gemm_groups from its pool."""
+    if int(qtype) not in INT_GEMM_TYPES:
+        raise UnsupportedError(f"no integer GEMM for tensor type {qtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = data.shape[0], x.shape[1]
+    xb, tp = padded_activation(x)
+    groups = -(-rows // GROUP)
+    out = np.empty((tp, groups * GROUP), dtype=np.float32)
+    descs = np.array([[0, int(qtype), rows]], dtype=np.int64)
+    gemm_groups(weight_views(np.ascontiguousarray(data))[0], descs, 0, groups, xb, packed_buffers(n), out)
+    return out[: x.shape[0], :rows]
+
+
+def standalone_module(has_min: bool) -> str:
+    """LLVM IR text of a module with the micro-kernel as `void tile(i8* wp, i8* sw, i8* mn, i8* xq, i8* xd,
+    i8* xs, i8* out, i64 n, i64 rows, i64 t0, i64 r0)`, outside numba: to check what a target compiles it to."""
+    module = ir.Module(name="tile")
+    p = I8.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p] * 7 + [ir.IntType(64)] * 4), name="tile")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    *ptrs, n, rows, t0, r0 = fn.args
+    _emit_tile(b, has_min, *ptrs, b.sdiv(n, _i64(32)), n, rows, t0, r0)
+    b.ret_void()
+    return str(module)
