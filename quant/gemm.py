@@ -271,14 +271,19 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
                 tile(wp, sw, mn, xq, xd, xs, out, t0, r0)
 
 
-def padded_activation(x: np.ndarray) -> tuple[tuple, int]:
-    """prepare(x) for x: (T, n) float32 into buffers of T rounded up to NR rows (the extra rows zero)."""
+def padded_activation(x: np.ndarray, run=None) -> tuple[tuple, int]:
+    """prepare(x) for x: (T, n) float32 into buffers of T rounded up to NR rows (the extra rows zero). With
+    run(work, n_tasks) (a pool), the rows are prepared in two halves by work(0) and work(1)."""
     T, n = x.shape
     tp = -(-T // NR) * NR
     xb = activation_blocks(tp, n)
     for a in xb:
         a[T:] = 0
-    prepare(x, tuple(a[:T] for a in xb))
+    if run is None:
+        prepare(x, tuple(a[:T] for a in xb))
+    else:
+        half = T // 2
+        run(lambda i: prepare(x[half * i:T if i else half], tuple(a[half * i:T if i else half] for a in xb)), 2)
     return xb, tp
 
 

@@ -82,11 +82,12 @@ def activation_blocks(T: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return per_block(), np.empty((T, n), dtype=np.int16), per_block(), per_block()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def prepare(x, xb):
     """Per block of 32 of x: (T, n), into xb = (xs, xq, xd, xc) from activation_blocks: the sum xs[t, b], the
     scale xd[t, b] = max |x| / 32767, the int16 copy xq[t, j] = rint(x[t, j] 32767 / max |x|) (0 for an all-zero
-    block) and its sum xc[t, b] (exact in float32: at most 32 * 32767)."""
+    block) and its sum xc[t, b] (exact in float32: at most 32 * 32767). Without the GIL: the prompt path splits
+    the rows of many tokens across its pool."""
     simd.prepare_rows(x, xb[0], xb[1], xb[2], xb[3])
 
 

@@ -1,8 +1,9 @@
 """The Numba CPU backend: kernels that read the quantized blocks in the memory map.
 
 Decoding (a few tokens per call) runs the whole layer stack in one jitted call (layers.forward_stack) with
-integer block dot products; a prompt of GEMM_MIN_T tokens or more goes through `_forward_gemm`, which multiplies
-dequantized weight tiles with BLAS (faster than the matvec kernels once many tokens share each weight).
+integer block dot products; a prompt of GEMM_MIN_T tokens or more goes through `_forward_gemm`, whose products
+are matrix x matrix: the integer GEMM of quant/gemm.py (packed int16 codes x the int16 activation copies the
+matvec kernels use), or BLAS on dequantized float32 tiles for Q6_K and the float formats.
 """
 
 from __future__ import annotations
@@ -38,15 +39,16 @@ from quant.kernels import (
 )
 
 SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many)
-# Prompts of at least GEMM_MIN_T tokens multiply dequantized weight tiles with BLAS (a fixed cost of dequantizing
-# every weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed
-# cost, the matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
-# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the int16 kernels, SmolLM2
-# Q4_0: 32 tokens 85-116 ms in chunks against 111-154 ms with BLAS at 2 threads, 146-162 against 170-184 at 1;
-# 40 tokens 152 against 163 at 2 threads, 234 against 206 at 1).
-GEMM_MIN_T = 40
-# The prompt path splits each product across its own pool of --threads Python threads, each running a
-# single-threaded BLAS product beside a GIL-free numba dequantization: one set of threads, which sleep when idle.
+# Prompts of at least GEMM_MIN_T tokens go through the GEMM path (a fixed cost of packing or dequantizing every
+# weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed cost, the
+# matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
+# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the integer GEMM, SmolLM2
+# Q4_0, ms, GEMM path against chunks: 16 tokens 68-78 / 70-78 at 1 thread, 80 / 49 at 2; 24 tokens 75 / 108-131
+# at 1, 93 / 78-84 at 2; 32 tokens 98-105 / 138-179 at 1, 97-102 / 105-107 at 2).
+GEMM_MIN_T = 24
+# The prompt path splits each product across its own pool of --threads Python threads, each running GIL-free
+# numba (the integer GEMM's groups; or a dequantization beside a single-threaded BLAS product for the formats it
+# does not take, and the attention's score products): one set of threads, which sleep when idle.
 # (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
 # with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Sharing pays
 # from 16 tokens on, so for every prompt that takes this path.
@@ -291,7 +293,7 @@ class NumbaModel:
         descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
         rows = int(descs[:, 2].sum())
         groups = -(-rows // GROUP)
-        xb, tp = padded_activation(x)
+        xb, tp = padded_activation(x, None if self._pool is None else self._run)
         out = np.empty((tp, groups * GROUP), dtype=np.float32)
         workers = 1 if self._pool is None else self.threads
         bounds = [groups * i // workers for i in range(workers + 1)]
