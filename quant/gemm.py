@@ -11,19 +11,21 @@ a prompt and the tokens decoded after it see the same weights the same way.
 A product goes in groups of GROUP = 32 weight rows. Each group is first packed (`pack_row`, per row, from the
 blocks in the memory map) into a small buffer that stays in cache while every token passes by:
 
-  wp: int16 (nb, 16 pairs, 2 halves, 16 lanes, 2)   codes of weights 2p, 2p + 1 of block b, row 16 half + lane
-  sw: float32 (nb, 32)                              the scale of block b of each row
-  mn: float32 (nb, 32)                              its minimum (weights d q + m), 0 for formats without one
+  wp: int16 (n / 2 pairs, 2 halves, 16 lanes, 2)   codes of weights 2p, 2p + 1 of row 16 half + lane
+  sw: float32 (scale blocks, 32)                    the scale of each scale block of each row
+  mn: float32 (scale blocks, 32)                    its minimum (weights d q + m), 0 for formats without one
 
-Codes are signed where the format stores an offset (Q4_0: q - 8, Q5_0: q - 16); the K-quants' 32-weight
-sub-blocks are blocks here (scale d sc, minimum -dmin m). Then `tile` computes NR tokens x 32 rows at a time:
-2 x NR vectors of 16 int32 sums, one pass over the block's 16 code pairs (each pair of a token's int16 copy
-broadcast as one 32-bit word), then per block one conversion and two multiplies into float32 accumulators:
+A scale block is a block of 32 weights, or of 16 in a product with Q6_K rows (Q6_K scales each 16; the other rows
+then give both halves of a block its scale, and its minimum to the first). Codes are signed where the format
+stores an offset (Q4_0: q - 8, Q5_0: q - 16, Q6_K: q - 32); the K-quants' sub-blocks are scale blocks here
+(scale d sc, minimum -dmin m). Then `tile` computes NR tokens x 32 rows at a time: 2 x NR vectors of 16 int32
+sums, one pass over a scale block's code pairs (each pair of a token's int16 copy broadcast as one 32-bit word),
+then per scale block one conversion and two multiplies into float32 accumulators:
 
-  out[t, r] = sum over blocks b of sw[b, r] xd[t, b] (codes[r, b] . xq[t, b]) + mn[b, r] xs[t, b]
+  out[t, r] = sum over scale blocks k of sw[k, r] xd[t, b(k)] (codes[r, k] . xq[t, k]) + mn[k, r] xs[t, b(k)]
 
-|code| <= 128 and |xq| <= 32767, so a block's 32 products sum to at most 2^27 in int32. Q6_K (codes times an
-8-bit scale per 16 weights) and the float formats keep the BLAS path.
+with b(k) the activation's block of 32 that holds k. |code| <= 128 and |xq| <= 32767, so a block's 32 products
+sum to at most 2^27 in int32. The float formats (F32, F16, BF16) keep the BLAS path.
 """
 
 from __future__ import annotations
@@ -36,17 +38,17 @@ from numba.extending import intrinsic
 from quant.errors import UnsupportedError
 from quant.jit import njit
 from quant.kernels import (
-    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, activation_blocks, prepare, row_offset, weight_views,
+    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, activation_blocks, prepare, row_offset, weight_views,
 )
 from quant.simd import (
-    FAST, F32, I8, I16, I32, INT_FORMATS, V16F, _const, _fma, _half, _i64, _k4_scales_mins, _load, _loop, _q45_codes,
+    FAST, F32, I8, I16, I32, INT_FORMATS, V16F, _const, _fma, _half, _i64, _k4_scales_mins, _load, _loop, _q45_codes, _q6_codes,
     _splat, _vec,
 )
 
 GROUP = 32  # weight rows per packed group: two vectors of 16 lanes
 NR = 6  # tokens per micro-kernel call: 2 x 6 int32 and 2 x 6 float32 accumulators, 26 of 32 vector registers
 # (measured on 1536x576x504, one thread, G multiply-adds/s: 2x6 89, 3x4 91, 2x7 89, 4x3 86, 2x4 84, 1x12 77)
-INT_GEMM_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K)
+INT_GEMM_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 
 V32H = _vec(I16, 32)
 V16I = _vec(I32, 16)
@@ -55,8 +57,8 @@ V16I = _vec(I32, 16)
 def packed_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(wp, sw, mn) for one group of rows of n weights (see the module docstring)."""
     nb = n // 32
-    return (np.zeros(nb * 16 * GROUP * 2, dtype=np.int16), np.zeros(nb * GROUP, dtype=np.float32),
-            np.zeros(nb * GROUP, dtype=np.float32))
+    return (np.zeros(nb * 16 * GROUP * 2, dtype=np.int16), np.zeros(2 * nb * GROUP, dtype=np.float32),
+            np.zeros(2 * nb * GROUP, dtype=np.float32))
 
 
 # ---- the micro-kernel --------------------------------------------------------------------------------------
@@ -69,20 +71,22 @@ def _pair_products(b, w, x):
     return b.add(even, odd)
 
 
-def _emit_tile(b, has_min, wp, sw, mn, xq, xd, xs, out, nb, n, rows, t0, r0):
+def _emit_tile(b, has_min, sub, wp, sw, mn, xq, xd, xs, out, nb, n, rows, t0, r0):
     """out[t0 : t0 + NR, r0 : r0 + GROUP] (row stride `rows` floats) from a packed group and the tokens' int16
-    copies xq (row stride n int16) with their scales xd and float sums xs (row stride nb)."""
-    halves = GROUP // 16
+    copies xq (row stride n int16) with their scales xd and float sums xs (row stride nb). The weights' scales
+    (and minimums) are per `sub` code pairs: 16 (blocks of 32) or 8 (Q6_K's 16)."""
+    halves, per_block = GROUP // 16, 16 // sub
     zero = ir.Constant(V16F, [0.0] * 16)
 
     def per_token(t, i):  # byte offset of entry i of token t0 + t in a (T, nb) float32 array
         return b.mul(b.add(b.mul(b.add(t0, _i64(t)), nb), i), _i64(4))
 
-    def block(i, faccs):
-        wb = b.mul(i, _i64(16 * halves * 64))
-        xb = b.mul(i, _i64(64))  # the block's first int16 in a token's row, in bytes
+    def block(i, faccs):  # scale block i: code pairs sub i .. sub (i + 1)
+        wb = b.mul(i, _i64(sub * halves * 64))
+        xb = b.mul(i, _i64(4 * sub))  # its first int16 in a token's row, in bytes
+        xi = b.sdiv(i, _i64(per_block))  # the block of 32 of the activation it lies in
         sums = [[None] * NR for _ in range(halves)]
-        for p in range(16):
+        for p in range(sub):
             codes = [_load(b, wp, b.add(wb, _i64((p * halves + h) * 64)), V32H) for h in range(halves)]
             for t in range(NR):
                 at = b.add(b.mul(b.add(t0, _i64(t)), b.mul(n, _i64(2))), b.add(xb, _i64(4 * p)))
@@ -98,12 +102,12 @@ def _emit_tile(b, has_min, wp, sw, mn, xq, xd, xs, out, nb, n, rows, t0, r0):
             for t in range(NR):
                 k = h * NR + t
                 v = b.fmul(b.sitofp(sums[h][t], V16F), scale, flags=FAST)
-                new[k] = _fma(b, v, _splat(b, _load(b, xd, per_token(t, i), F32), 16), new[k])
+                new[k] = _fma(b, v, _splat(b, _load(b, xd, per_token(t, xi), F32), 16), new[k])
                 if has_min:
-                    new[k] = _fma(b, minimum, _splat(b, _load(b, xs, per_token(t, i), F32), 16), new[k])
+                    new[k] = _fma(b, minimum, _splat(b, _load(b, xs, per_token(t, xi), F32), 16), new[k])
         return new
 
-    faccs, _ = _loop(b, _i64(0), nb, 1, [zero] * (halves * NR), block)
+    faccs, _ = _loop(b, _i64(0), b.mul(nb, _i64(per_block)), 1, [zero] * (halves * NR), block)
     for h in range(halves):
         for t in range(NR):
             at = b.mul(b.add(b.mul(b.add(t0, _i64(t)), rows), b.add(r0, _i64(16 * h))), _i64(4))
@@ -111,7 +115,7 @@ def _emit_tile(b, has_min, wp, sw, mn, xq, xd, xs, out, nb, n, rows, t0, r0):
             st.align = 4
 
 
-def _make_tile(has_min: bool):
+def _make_tile(has_min: bool, sub: int):
     @intrinsic
     def tile(typingctx, wp, sw, mn, xq, xd, xs, out, t0, r0):
         """out[t0 : t0 + NR, r0 : r0 + GROUP] of the product of a packed group (wp, sw, mn) with the tokens'
@@ -128,7 +132,7 @@ def _make_tile(has_min: bool):
             ptr = [b.bitcast(a.data, I8.as_pointer()) for a in arr]
             n = b.extract_value(arr[3].shape, 1)
             rows = b.extract_value(arr[6].shape, 1)
-            _emit_tile(b, has_min, *ptr, b.sdiv(n, _i64(32)), n, rows, args[7], args[8])
+            _emit_tile(b, has_min, sub, *ptr, b.sdiv(n, _i64(32)), n, rows, args[7], args[8])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -136,37 +140,53 @@ def _make_tile(has_min: bool):
     return tile
 
 
-tile, tile_min = _make_tile(False), _make_tile(True)
+tile, tile_min, tile16, tile16_min = (_make_tile(m, sub) for sub in (16, 8) for m in (False, True))
 
 
 # ---- packing: one row of blocks -> its lane of a group ---------------------------------------------------------
 
-def _store_block(b, wp, sw, mn, blk, slot, lo, hi, scale, minimum):
-    """Codes lo (weights 0..15) and hi (16..31) of block blk of the row in `slot` (0 .. GROUP - 1), as <16 x i16>,
-    with its scale and minimum (float) -> the group's buffers."""
+def _store_pairs(b, wp, pair, slot, codes):
+    """<16 x i16> codes of 16 consecutive weights, from code pair `pair` of the row, -> lane `slot` of wp."""
     half, lane = b.sdiv(slot, _i64(16)), b.srem(slot, _i64(16))
-    base = b.add(b.mul(blk, _i64(16 * (GROUP // 16) * 64)), b.add(b.mul(half, _i64(64)), b.mul(lane, _i64(4))))
-    for k, codes in enumerate((lo, hi)):
-        pairs = b.bitcast(codes, _vec(I32, 8))
-        for p in range(8):
-            at = b.add(base, _i64((8 * k + p) * (GROUP // 16) * 64))
-            b.store(b.extract_element(pairs, ir.Constant(I32, p)), b.bitcast(b.gep(wp, [at]), I32.as_pointer()))
-    at = b.mul(b.add(b.mul(blk, _i64(GROUP)), slot), _i64(4))
+    base = b.add(b.mul(pair, _i64((GROUP // 16) * 64)), b.add(b.mul(half, _i64(64)), b.mul(lane, _i64(4))))
+    pairs = b.bitcast(codes, _vec(I32, 8))
+    for p in range(8):
+        at = b.add(base, _i64(p * (GROUP // 16) * 64))
+        b.store(b.extract_element(pairs, ir.Constant(I32, p)), b.bitcast(b.gep(wp, [at]), I32.as_pointer()))
+
+
+def _store_scale(b, sw, mn, k, slot, scale, minimum):
+    """Scale and minimum of scale block k of the row in `slot`."""
+    at = b.mul(b.add(b.mul(k, _i64(GROUP)), slot), _i64(4))
     b.store(scale, b.bitcast(b.gep(sw, [at]), F32.as_pointer()))
     b.store(minimum, b.bitcast(b.gep(mn, [at]), F32.as_pointer()))
+
+
+def _store_block(b, wp, sw, mn, per_block, blk, slot, lo, hi, scale, minimum):
+    """Block blk of 32 weights of the row in `slot`: codes lo (weights 0..15) and hi (16..31) as <16 x i16>, its
+    scale and minimum. per_block (1 or 2, at run time): scale blocks per block of 32 in this product; with 2
+    (a product with Q6_K rows) the scale goes to both halves and the minimum to the first (it multiplies the sum
+    of the activation's whole block)."""
+    pair = b.mul(blk, _i64(16))
+    _store_pairs(b, wp, pair, slot, lo)
+    _store_pairs(b, wp, b.add(pair, _i64(8)), slot, hi)
+    k = b.mul(blk, per_block)
+    _store_scale(b, sw, mn, k, slot, scale, minimum)
+    with b.if_then(b.icmp_signed(">", per_block, _i64(1))):
+        _store_scale(b, sw, mn, b.add(k, _i64(1)), slot, scale, ir.Constant(F32, 0.0))
 
 
 def _emit_pack_legacy(fmt):
     block, block_bytes, offset, has_min = fmt
 
-    def emit(b, w, nb, wp, sw, mn, slot):
+    def emit(b, w, nb, wp, sw, mn, slot, per_block):
         def one(i, _):
             o = b.mul(i, _i64(block_bytes))
             lo, hi = block(b, w, o)
             if offset:
                 lo, hi = (b.sub(c, _const(I16, [offset] * 16)) for c in (lo, hi))
             minimum = _half(b, w, b.add(o, _i64(2))) if has_min else ir.Constant(F32, 0.0)
-            _store_block(b, wp, sw, mn, i, slot, lo, hi, _half(b, w, o), minimum)
+            _store_block(b, wp, sw, mn, per_block, i, slot, lo, hi, _half(b, w, o), minimum)
             return []
 
         _loop(b, _i64(0), nb, 1, [], one)
@@ -177,7 +197,7 @@ def _emit_pack_legacy(fmt):
 def _emit_pack_k(five: bool):
     block_bytes = 176 if five else 144
 
-    def emit(b, w, nsb, wp, sw, mn, slot):
+    def emit(b, w, nsb, wp, sw, mn, slot, per_block):
         def one(i, _):
             o = b.mul(i, _i64(block_bytes))
             sc, m = _k4_scales_mins(b, w, o)
@@ -185,7 +205,7 @@ def _emit_pack_k(five: bool):
             mins = b.fneg(b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8)))
             for j, (lo, hi) in _q45_codes(b, w, o, five):
                 at = ir.Constant(I32, j)
-                _store_block(b, wp, sw, mn, b.add(b.mul(i, _i64(8)), _i64(j)), slot, lo, hi,
+                _store_block(b, wp, sw, mn, per_block, b.add(b.mul(i, _i64(8)), _i64(j)), slot, lo, hi,
                              b.extract_element(scales, at), b.extract_element(mins, at))
             return []
 
@@ -194,21 +214,35 @@ def _emit_pack_k(five: bool):
     return emit
 
 
+def _emit_pack_q6_k(b, w, nsb, wp, sw, mn, slot, per_block):
+    """Q6_K: 16 scale blocks of 16 weights per super-block, codes q - 32, scale d sc (per_block is 2)."""
+    def one(i, _):
+        o = b.mul(i, _i64(210))
+        d = _half(b, w, b.add(o, _i64(208)))
+        for j, half, q, sc in _q6_codes(b, w, o):
+            k = b.add(b.mul(i, _i64(16)), _i64(2 * j + half))
+            _store_pairs(b, wp, b.mul(k, _i64(8)), slot, q)
+            _store_scale(b, sw, mn, k, slot, b.fmul(d, b.sitofp(sc, F32)), ir.Constant(F32, 0.0))
+        return []
+
+    _loop(b, _i64(0), nsb, 1, [], one)
+
+
 def _pack_intrinsic(emit):
     @intrinsic
-    def pack(typingctx, u8, off, count, wp, sw, mn, slot):
+    def pack(typingctx, u8, off, count, wp, sw, mn, slot, per_block):
         """The row at byte `off` of u8 (count blocks, or super-blocks for the K-quants) -> lane `slot` of the
-        group (wp, sw, mn)."""
+        group (wp, sw, mn), with per_block scale blocks per block of 32 (see _store_block)."""
         if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (u8, wp, sw, mn))
                 and wp.dtype == types.int16 and sw.dtype == types.float32 and mn.dtype == types.float32):
             return None
-        sig = types.void(u8, types.int64, types.int64, wp, sw, mn, types.int64)
+        sig = types.void(u8, types.int64, types.int64, wp, sw, mn, types.int64, types.int64)
 
         def codegen(context, b, signature, args):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            emit(b, b.gep(ptr(0), [args[1]]), args[2], ptr(3), ptr(4), ptr(5), args[6])
+            emit(b, b.gep(ptr(0), [args[1]]), args[2], ptr(3), ptr(4), ptr(5), args[6], args[7])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -219,26 +253,29 @@ def _pack_intrinsic(emit):
 pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0 = (_pack_intrinsic(_emit_pack_legacy(INT_FORMATS[k]))
                                                          for k in INT_FORMATS)
 pack_q4_k, pack_q5_k = _pack_intrinsic(_emit_pack_k(False)), _pack_intrinsic(_emit_pack_k(True))
+pack_q6_k = _pack_intrinsic(_emit_pack_q6_k)
 
 
 @njit(cache=True, inline="always")
-def pack_row(u8, qtype, off, n, packed, slot):
+def pack_row(u8, qtype, off, n, packed, slot, per_block):
     """Row of `qtype` (one of INT_GEMM_TYPES) at byte `off`, n weights -> lane `slot` of the group `packed`."""
     wp, sw, mn = packed
     if qtype == Q4_0:
-        pack_q4_0(u8, off, n // 32, wp, sw, mn, slot)
+        pack_q4_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
     elif qtype == Q8_0:
-        pack_q8_0(u8, off, n // 32, wp, sw, mn, slot)
+        pack_q8_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
     elif qtype == Q4_1:
-        pack_q4_1(u8, off, n // 32, wp, sw, mn, slot)
+        pack_q4_1(u8, off, n // 32, wp, sw, mn, slot, per_block)
     elif qtype == Q5_0:
-        pack_q5_0(u8, off, n // 32, wp, sw, mn, slot)
+        pack_q5_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
     elif qtype == Q5_1:
-        pack_q5_1(u8, off, n // 32, wp, sw, mn, slot)
+        pack_q5_1(u8, off, n // 32, wp, sw, mn, slot, per_block)
     elif qtype == Q4_K:
-        pack_q4_k(u8, off, n // 256, wp, sw, mn, slot)
-    else:  # Q5_K
-        pack_q5_k(u8, off, n // 256, wp, sw, mn, slot)
+        pack_q4_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
+    elif qtype == Q5_K:
+        pack_q5_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
+    else:  # Q6_K
+        pack_q6_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
 
 
 @njit(cache=True, nogil=True)
@@ -250,11 +287,13 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
     xs, xq, xd, _ = xb
     wp, sw, mn = packed
     n = xq.shape[1]
-    total, has_min = 0, False
+    total, has_min, per_block = 0, False, 1
     for i in range(descs.shape[0]):
         total += descs[i, 2]
         q = descs[i, 1]
         has_min = has_min or q == Q4_1 or q == Q5_1 or q == Q4_K or q == Q5_K
+        if q == Q6_K:
+            per_block = 2
     for g in range(g0, g1):
         r0 = g * GROUP
         if r0 + GROUP > total:  # the last group is short: its missing rows count as zeros
@@ -263,9 +302,14 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
             mn[:] = 0.0
         for slot in range(min(GROUP, total - r0)):
             off, qtype = row_offset(descs, r0 + slot, n)
-            pack_row(u8, qtype, off, n, packed, slot)
+            pack_row(u8, qtype, off, n, packed, slot, per_block)
         for t0 in range(0, xq.shape[0], NR):
-            if has_min:
+            if per_block == 2:
+                if has_min:
+                    tile16_min(wp, sw, mn, xq, xd, xs, out, t0, r0)
+                else:
+                    tile16(wp, sw, mn, xq, xd, xs, out, t0, r0)
+            elif has_min:
                 tile_min(wp, sw, mn, xq, xd, xs, out, t0, r0)
             else:
                 tile(wp, sw, mn, xq, xd, xs, out, t0, r0)
@@ -302,7 +346,7 @@ def gemm_raw(data: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
     return out[: x.shape[0], :rows]
 
 
-def standalone_module(has_min: bool) -> str:
+def standalone_module(has_min: bool, sub: int = 16) -> str:
     """LLVM IR text of a module with the micro-kernel as `void tile(i8* wp, i8* sw, i8* mn, i8* xq, i8* xd,
     i8* xs, i8* out, i64 n, i64 rows, i64 t0, i64 r0)`, outside numba: to check what a target compiles it to."""
     module = ir.Module(name="tile")
@@ -310,6 +354,6 @@ def standalone_module(has_min: bool) -> str:
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p] * 7 + [ir.IntType(64)] * 4), name="tile")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     *ptrs, n, rows, t0, r0 = fn.args
-    _emit_tile(b, has_min, *ptrs, b.sdiv(n, _i64(32)), n, rows, t0, r0)
+    _emit_tile(b, has_min, sub, *ptrs, b.sdiv(n, _i64(32)), n, rows, t0, r0)
     b.ret_void()
     return str(module)

@@ -94,7 +94,7 @@ def test_matvec_equals_dequantized_product(qtype, n):
         assert np.all(np.abs(y - exact) <= 2e-5 * mag + 1e-6)
 
 
-GEMM_CASES = [(t, n) for t in [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K] for n in widths(t)]
+GEMM_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
 
 
 @pytest.mark.parametrize("qtype,n", GEMM_CASES, ids=[f"{t.name}-{n}" for t, n in GEMM_CASES])
@@ -117,15 +117,17 @@ def test_gemm_equals_dequantized_product(qtype, n):
     assert np.all(np.abs(y - matvec_raw(raw, qtype, x)) <= 2e-6 * mag + 1e-7)
 
 
-def test_gemm_of_stacked_matrices():
+@pytest.mark.parametrize("with_q6_k", [False, True], ids=["blocks-of-32", "with-q6_k"])
+def test_gemm_of_stacked_matrices(with_q6_k):
     """Matrices of different formats stacked in one product (as Q/K/V are), the first one's rows ending inside
-    a group of 32: each row is packed with its own format, the minimums of one beside the offsets of another."""
+    a group of 32: each row is packed with its own format, the minimums of one beside the offsets of another;
+    with a Q6_K matrix among them, every row in scale blocks of 16."""
     from quant.gemm import GROUP, NR, gemm_groups, packed_buffers, padded_activation
     from quant.kernels import weight_views
 
     rng = np.random.default_rng(5)
     n, T = 256, 8
-    mats = [(Q.Q4_0, 21), (Q.Q4_K, 40), (Q.Q8_0, 7)]
+    mats = [(Q.Q4_0, 21), (Q.Q4_K, 40), (Q.Q8_0, 7)] + ([(Q.Q6_K, 9)] if with_q6_k else [])
     raws = [weights(qtype, rows, n, rng) for qtype, rows in mats]
     buf = np.concatenate([r.reshape(-1) for r in raws])
     offs = np.cumsum([0] + [r.size for r in raws])[:-1]
@@ -134,6 +136,7 @@ def test_gemm_of_stacked_matrices():
     xb, tp = padded_activation(x)
     rows = sum(r for _, r in mats)
     groups = -(-rows // GROUP)
+    assert rows > GROUP
     out = np.full((tp, groups * GROUP), np.nan, dtype=np.float32)
     packed = packed_buffers(2 * n)  # a buffer sized for a wider product serves a narrower one
     gemm_groups(weight_views(buf)[0], descs, 0, groups, xb, packed, out)
@@ -221,7 +224,7 @@ def test_vector_exp():
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f32", "f16", "bf16", "q4_k", "q5_k",
-                                  "q6_k", "gemm", "gemm_min"])
+                                  "q6_k", "gemm", "gemm_min", "gemm16_min"])
 def test_kernels_are_portable_vector_code(name):
     """The dot-product and GEMM micro-kernel IR uses no target intrinsics: LLVM compiles the same module to NEON
     vector FMAs for ARM64 and to AVX2 for an x86 without AVX-512, as numba does for the machine it runs on."""
@@ -232,7 +235,9 @@ def test_kernels_are_portable_vector_code(name):
     from quant import gemm, simd
 
     def standalone_module(name):
-        return gemm.standalone_module(name == "gemm_min") if name.startswith("gemm") else simd.standalone_module(name)
+        if name.startswith("gemm"):
+            return gemm.standalone_module(name.endswith("min"), 8 if "16" in name else 16)
+        return simd.standalone_module(name)
 
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
