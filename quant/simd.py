@@ -694,6 +694,31 @@ def exp_f32(typingctx, x):
 
 
 @intrinsic
+def max_f32(typingctx, x, n):
+    """The largest of x[0:n] (n >= 1) for a C-contiguous float32 array x, 16 lanes at a time (numba's loop over
+    max() stays a serial chain of scalar compares: 3 cycles per element)."""
+    if not (isinstance(x, types.Array) and x.layout == "C" and x.dtype == types.float32):
+        return None
+    sig = types.float32(x, types.int64)
+
+    def codegen(context, b, signature, args):
+        xp = b.bitcast(context.make_array(signature.args[0])(context, b, args[0]).data, I8.as_pointer())
+        n = args[1]
+
+        def larger(u, v):
+            return b.select(b.fcmp_ordered(">", u, v), u, v)
+
+        first = _load(b, xp, _i64(0), F32)
+        (acc,), i = _loop(b, _i64(0), n, 16, [_splat(b, first)],
+                          lambda i, a: [larger(_load(b, xp, b.mul(i, _i64(4)), V16F), a[0])])
+        top = _call(b, "llvm.vector.reduce.fmax.v16f32", F32, [acc], FAST)
+        (top,), _ = _loop(b, i, n, 1, [top], lambda j, t: [larger(_load(b, xp, b.mul(j, _i64(4)), F32), t[0])])
+        return top
+
+    return sig, codegen
+
+
+@intrinsic
 def weighted_rows(typingctx, w, off, stride, p, n, width, out, ooff):
     """out[ooff : ooff + width] = sum over s < n of p[s] * row s, where row s is `width` float32 starting at byte
     off + s * stride of the C-contiguous array w (the values of one KV head in a cache). Accumulates 64 floats

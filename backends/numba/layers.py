@@ -150,9 +150,7 @@ def causal_softmax(scores, T, start):
     for r in range(scores.shape[0]):
         row = scores[r]
         n = start + r % T + 1
-        top = np.float32(-np.inf)
-        for s in range(n):
-            top = max(top, row[s])
+        top = simd.max_f32(row, n)
         total = np.float32(0.0)
         for s in range(n):
             e = simd.exp_f32(row[s] - top)
