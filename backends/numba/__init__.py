@@ -44,8 +44,9 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
 # `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the integer GEMM, SmolLM2
 # Q4_0, ms, GEMM path against chunks: 16 tokens 68-78 / 70-78 at 1 thread, 80 / 49 at 2; 24 tokens 75 / 108-131
-# at 1, 93 / 78-84 at 2; 32 tokens 98-105 / 138-179 at 1, 97-102 / 105-107 at 2).
-GEMM_MIN_T = 24
+# at 1, 93 / 78-84 at 2; 32 tokens 98-105 / 138-179 at 1, 97-102 / 105-107 at 2). A process's first prompt on
+# the GEMM path also loads its kernels' cached machine code (~15 ms more than the decode stack's).
+GEMM_MIN_T = 32
 # The prompt path splits each product across its own pool of --threads Python threads, each running GIL-free
 # numba (the integer GEMM's groups; or a dequantization beside a single-threaded BLAS product for the formats it
 # does not take, and the attention's score products): one set of threads, which sleep when idle.
