@@ -7,6 +7,9 @@
     python benchmarks/bench_kernels.py --rounding FILE.gguf # the numpy reference on rounded activations (int8, int16)
     python benchmarks/bench_kernels.py --against OTHER_SIMD.py [--formats q4_0,q8_0]
                                                             # a variant of quant/simd.py against it, in one process
+    python benchmarks/bench_kernels.py --gemm [--formats q4_0,q8_0]
+                                                            # the prompt path's integer GEMM against BLAS on
+                                                            # dequantized float32, 512 tokens, 1 and 2 threads
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -234,19 +237,96 @@ def rounding_study(path: Path, n_tokens: int = 512) -> list[dict]:
     return rows
 
 
+def _gemm_runners(raw: np.ndarray, qtype: int, w: np.ndarray, x: np.ndarray, pool):
+    """(integer GEMM, BLAS) of x @ W.T, each called with a thread count (1 here, or 2 on `pool`)."""
+    from quant.gemm import GROUP, gemm_groups, packed_buffers, padded_activation
+    from quant.kernels import weight_views
+
+    rows, n = w.shape
+    u8 = weight_views(raw)[0]
+    descs = np.array([[0, qtype, rows]], dtype=np.int64)
+    packed = [packed_buffers(n) for _ in range(2)]
+    groups = -(-rows // GROUP)
+
+    def spread(work, threads):
+        if threads == 1:
+            work(0)
+        else:
+            list(pool.map(work, range(threads)))
+
+    def int_gemm(threads):
+        xb, tp = padded_activation(x, None if threads == 1 else spread)
+        out = np.empty((tp, groups * GROUP), dtype=np.float32)
+        bounds = [groups * i // threads for i in range(threads + 1)]
+        spread(lambda i: gemm_groups(u8, descs, bounds[i], bounds[i + 1], xb, packed[i], out), threads)
+
+    def blas(threads):
+        out = np.empty((x.shape[0], rows), dtype=np.float32)
+        step = -(-rows // threads)
+        spread(lambda i: np.matmul(x, w[i * step:(i + 1) * step].T, out=out[:, i * step:(i + 1) * step]), threads)
+
+    return int_gemm, blas
+
+
+def gemm_vs_blas(formats: list[str], T: int = 512) -> list[dict]:
+    """The integer GEMM (quant/gemm.py, including packing its groups and preparing x) against BLAS float32
+    multiplying the same matrix already dequantized (the BLAS path also dequantizes its tiles: not counted), on
+    SmolLM2's and the 1B shape's matrices: G multiply-adds per second, wall time, medians of 7 alternating runs;
+    2 threads as the backend runs them (each a range of groups, or of rows for BLAS)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf import GGMLQuantizationType as Q
+    from test_kernels import reference, weights
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    pool = ThreadPoolExecutor(2)
+    out_rows = []
+    for name in formats:
+        qtype = Q[name.upper()]
+        for rows, n in [(1536, 576), (576, 1536), (8192, 2048), (2048, 8192)]:
+            if name.endswith("_k"):
+                n = n // 256 * 256  # whole super-blocks (SmolLM2's 576 -> 512)
+            raw = np.ascontiguousarray(weights(qtype, rows, n, rng)).view(np.uint8)
+            x = rng.standard_normal((T, n)).astype(np.float32)
+            runners = _gemm_runners(raw, int(qtype), reference(raw, qtype, n), x, pool)
+            with threadpool_limits(1, user_api="blas"):
+                for threads in (1, 2):
+                    times: list[list[float]] = [[], []]
+                    for _ in range(7):
+                        for fn, t in zip(runners, times, strict=True):
+                            t0 = time.perf_counter()
+                            fn(threads)
+                            t.append(time.perf_counter() - t0)
+                    ti, tb = (float(np.median(t)) for t in times)
+                    macs = rows * n * T
+                    out_rows.append({"format": name, "matrix": f"{rows}x{n}", "tokens": T, "threads": threads,
+                                     "int16_gmacs": macs / ti / 1e9, "blas_gmacs": macs / tb / 1e9,
+                                     "speedup": tb / ti})
+    return out_rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
     ap.add_argument("--kl", type=Path, action="append", help="a GGUF file (repeatable): numba vs numpy logits")
     ap.add_argument("--rounding", type=Path, help="a GGUF file: the reference on rounded activations")
     ap.add_argument("--against", type=Path, help="a variant of quant/simd.py to time against it")
-    ap.add_argument("--formats", default="q4_0,q8_0", help="for --against: comma-separated format names")
+    ap.add_argument("--formats", default="q4_0,q8_0", help="for --against, --gemm: comma-separated format names")
+    ap.add_argument("--gemm", action="store_true", help="the integer GEMM against BLAS float32")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.against:
+    if args.gemm:
+        result = gemm_vs_blas(args.formats.split(","))
+        print("| format | matrix | tokens | threads | integer GEMM G MAC/s | BLAS float32 G MAC/s | speed-up |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['format']} | {r['matrix']} | {r['tokens']} | {r['threads']} | {r['int16_gmacs']:.1f} | "
+                  f"{r['blas_gmacs']:.1f} | x{r['speedup']:.2f} |")
+    elif args.against:
         result = against(args.against, args.formats.split(","))
         print("| format | matrix | quant/simd.py GB/s | variant GB/s | variant speed |\n|---|---|---:|---:|---:|")
         for r in result:

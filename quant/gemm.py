@@ -38,11 +38,38 @@ from numba.extending import intrinsic
 from quant.errors import UnsupportedError
 from quant.jit import njit
 from quant.kernels import (
-    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, activation_blocks, prepare, row_offset, weight_views,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    activation_blocks,
+    prepare,
+    row_offset,
+    weight_views,
 )
 from quant.simd import (
-    FAST, F32, I8, I16, I32, INT_FORMATS, V16F, _const, _fma, _half, _i64, _k4_scales_mins, _load, _loop, _q45_codes, _q6_codes,
-    _splat, _vec,
+    F32,
+    FAST,
+    I8,
+    I16,
+    I32,
+    INT_FORMATS,
+    V16F,
+    _const,
+    _fma,
+    _half,
+    _i64,
+    _k4_scales_mins,
+    _load,
+    _loop,
+    _q6_codes,
+    _q45_codes,
+    _splat,
+    _vec,
 )
 
 GROUP = 32  # weight rows per packed group: two vectors of 16 lanes
