@@ -255,7 +255,7 @@ def _gemm_runners(raw: np.ndarray, qtype: int, w: np.ndarray, x: np.ndarray, poo
             list(pool.map(work, range(threads)))
 
     def int_gemm(threads):
-        xb, tp = padded_activation(x, None if threads == 1 else spread)
+        xb, tp = padded_activation(x, spread, threads)
         out = np.empty((tp, groups * GROUP), dtype=np.float32)
         bounds = [groups * i // threads for i in range(threads + 1)]
         spread(lambda i: gemm_groups(u8, descs, bounds[i], bounds[i + 1], xb, packed[i], out), threads)

@@ -342,19 +342,19 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
                 tile(wp, sw, mn, xq, xd, xs, out, t0, r0)
 
 
-def padded_activation(x: np.ndarray, run=None) -> tuple[tuple, int]:
+def padded_activation(x: np.ndarray, run=None, parts: int = 1) -> tuple[tuple, int]:
     """prepare(x) for x: (T, n) float32 into buffers of T rounded up to NR rows (the extra rows zero). With
-    run(work, n_tasks) (a pool), the rows are prepared in two halves by work(0) and work(1)."""
+    run(work, parts) (a pool), the rows are prepared in `parts` ranges, by work(0) .. work(parts - 1)."""
     T, n = x.shape
     tp = -(-T // NR) * NR
     xb = activation_blocks(tp, n)
     for a in xb:
         a[T:] = 0
-    if run is None:
+    if run is None or parts == 1:
         prepare(x, tuple(a[:T] for a in xb))
     else:
-        half = T // 2
-        run(lambda i: prepare(x[half * i:T if i else half], tuple(a[half * i:T if i else half] for a in xb)), 2)
+        bounds = [T * i // parts for i in range(parts + 1)]
+        run(lambda i: prepare(x[bounds[i]:bounds[i + 1]], tuple(a[bounds[i]:bounds[i + 1]] for a in xb)), parts)
     return xb, tp
 
 

@@ -294,9 +294,9 @@ class NumbaModel:
         descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
         rows = int(descs[:, 2].sum())
         groups = -(-rows // GROUP)
-        xb, tp = padded_activation(x, None if self._pool is None else self._run)
-        out = np.empty((tp, groups * GROUP), dtype=np.float32)
         workers = 1 if self._pool is None else self.threads
+        xb, tp = padded_activation(x, self._run, workers)
+        out = np.empty((tp, groups * GROUP), dtype=np.float32)
         bounds = [groups * i // workers for i in range(workers + 1)]
 
         def work(i):
