@@ -10,6 +10,8 @@
     python benchmarks/bench_kernels.py --gemm [--formats q4_0,q8_0]
                                                             # the prompt path's integer GEMM against BLAS on
                                                             # dequantized float32, 512 tokens, 1 and 2 threads
+    python benchmarks/bench_kernels.py --streaming          # the Q4_0 kernel streaming 302 MB from memory at
+                                                            # 1 and 2 threads, next to the parallel-sum bandwidth
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -306,6 +308,58 @@ def gemm_vs_blas(formats: list[str], T: int = 512) -> list[dict]:
     return out_rows
 
 
+def streaming(threads_list=(1, 2)) -> list[dict]:
+    """What the 1B-shape decode can reach at most: the Q4_0 matrix-vector kernel over a 302 MB matrix (far beyond
+    the caches) as one parallel region, in 128 regions of 2.4 MB (a decode token runs ~65 regions of 2.4-19 MB),
+    and with rows of 8192 weights (the 1B shape's down projection) instead of 2048; beside bench_decode's read
+    bandwidth (a parallel float32 sum over 1 GiB) at the same thread count. Wall time, medians of 5."""
+    import numba
+    from bench_decode import read_bandwidth_gbs
+    from gguf import GGMLQuantizationType as Q
+    from numba import njit, prange
+    from test_kernels import weights
+
+    from quant import simd
+    from quant.kernels import activation_blocks, prepare
+
+    @njit(parallel=True)
+    def region(u8, off, rows, rb, nb, xq, xd, xs, xc, out):
+        for r in prange(rows):
+            out[r] = simd.dot_q4_0(u8, off + r * rb, xq, xd, xs, xc, nb)
+
+    @njit
+    def regions(u8, k, rows, rb, nb, xq, xd, xs, xc, out):
+        per = rows // k
+        for i in range(k):
+            region(u8, i * per * rb, per, rb, nb, xq, xd, xs, xc, out[i * per:])
+
+    rng = np.random.default_rng(0)
+    result = []
+    for threads in threads_list:
+        numba.set_num_threads(threads)
+        row = {"threads": threads, "read_bandwidth_gbs": read_bandwidth_gbs(threads)}
+        numba.set_num_threads(threads)
+        for label, rows, n, k in [("one_region", 8192, 2048, 1), ("regions_2mb", 8192, 2048, 128),
+                                  ("rows_8192", 2048, 8192, 1)]:
+            one = weights(Q.Q4_0, rows, n, rng).view(np.uint8).reshape(-1)
+            buf = np.concatenate([one] * 32)
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            xb = activation_blocks(1, n)
+            prepare(x, xb)
+            out = np.empty(rows * 32, dtype=np.float32)
+            args = (buf, k, rows * 32, n // 32 * 18, n // 32, xb[1][0], xb[2][0], xb[0][0], xb[3][0], out)
+            regions(*args)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                regions(*args)
+                times.append(time.perf_counter() - t0)
+            row[label] = buf.nbytes / float(np.median(times)) / 1e9
+        numba.set_num_threads(1)
+        result.append(row)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
@@ -314,12 +368,20 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="a variant of quant/simd.py to time against it")
     ap.add_argument("--formats", default="q4_0,q8_0", help="for --against, --gemm: comma-separated format names")
     ap.add_argument("--gemm", action="store_true", help="the integer GEMM against BLAS float32")
+    ap.add_argument("--streaming", action="store_true", help="the Q4_0 kernel streaming from memory, 1-2 threads")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.gemm:
+    if args.streaming:
+        result = streaming()
+        print("| threads | read bandwidth GB/s | kernel, one region | in regions of 2.4 MB | rows of 8192 |\n"
+              "|---:|---:|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['threads']} | {r['read_bandwidth_gbs']:.1f} | {r['one_region']:.1f} | "
+                  f"{r['regions_2mb']:.1f} | {r['rows_8192']:.1f} |")
+    elif args.gemm:
         result = gemm_vs_blas(args.formats.split(","))
         print("| format | matrix | tokens | threads | integer GEMM G MAC/s | BLAS float32 G MAC/s | speed-up |\n"
               "|---|---|---:|---:|---:|---:|---:|")
