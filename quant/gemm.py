@@ -78,7 +78,6 @@ NR = 6  # tokens per micro-kernel call: 2 x 6 int32 and 2 x 6 float32 accumulato
 INT_GEMM_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 
 V32H = _vec(I16, 32)
-V16I = _vec(I32, 16)
 
 
 def packed_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ GEMM_MIN_T = 32
 # with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Sharing pays
 # from 16 tokens on, so for every prompt that takes this path.
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
-TILE_FLOATS = 1 << 22  # weight tile for the GEMM path: 16 MiB of float32, fits the L3 of a desktop CPU
+TILE_FLOATS = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
 
 _KIND_NAMES = {
     L.ATTN_NORM: "attn_norm.weight", L.WQ: "attn_q.weight", L.WK: "attn_k.weight", L.WV: "attn_v.weight",
