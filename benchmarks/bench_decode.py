@@ -8,6 +8,7 @@ decode bandwidth as a fraction of it; and the warm start of `llm run` (process s
 
     python benchmarks/bench_decode.py --threads 2 [--reps 3] [--json out.json] [--skip-llama]
     python benchmarks/bench_decode.py --threads 2 --depth 2000 --pp 0   # decode after a 2000-token context
+    python benchmarks/bench_decode.py --threads 2 --depth 3584 --tg 16  # and prefill after it (pp N @ d D)
 
 Models are generated into .test-models/numba/ on first use (never committed): SmolLM2-135M Q4_0 and Q8_0
 copies of the store's Q4_1 file, and a random-weight model with the 1B shape (hidden 2048, 16 layers,
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 MODELS = REPO / ".test-models" / "numba"
+CHUNK = 512  # the untimed context of --depth is prompted in pieces of this many tokens (llmcli.engine.PREFILL_CHUNK)
 
 
 def prepare_models() -> dict[str, Path]:
@@ -100,24 +102,31 @@ def summarize(times: list[float], n_tokens: int) -> dict:
 
 def numba_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray, depth: int = 0) -> dict:
     """{"tg": decode run, "pp": prefill run} on the numba backend, plus the weight bytes read per token. With a
-    depth, "tg" decodes after an untimed prompt of `depth` tokens (and reports its own time)."""
+    depth, each run first fills the cache with an untimed prompt of `depth` tokens (in chunks of CHUNK, as the
+    engine prefills) and reports its own time."""
     from backends import load_model
     from quant.gguf_file import read_gguf
 
     model = load_model(read_gguf(path), "numba", threads)
-    cache = model.new_cache(max(pp, depth + tg + 1) + 1)
+    cache = model.new_cache(max(pp + depth, depth + tg + 1) + 1)
+
+    def context(n):
+        cache.reset()
+        for i in range(0, n, CHUNK):
+            model.forward(tokens[i:min(n, i + CHUNK)], cache)
 
     def decode():
-        cache.reset()
-        model.forward(tokens[:depth + 1], cache)
+        context(depth + 1)
         t = time.perf_counter()
         for i in range(tg):
             model.forward(tokens[depth + 1 + i: depth + 2 + i], cache)
         return time.perf_counter() - t if depth else None
 
     def prefill():
-        cache.reset()
-        model.forward(tokens[:pp], cache)
+        context(depth)
+        t = time.perf_counter()
+        model.forward(tokens[depth:depth + pp], cache)
+        return time.perf_counter() - t if depth else None
 
     return {"tg": decode, "pp": prefill, "weight_bytes_per_token": model.weight_bytes_per_token()}
 
@@ -126,20 +135,26 @@ def llama_runs(path: Path, threads: int, tg: int, pp: int, tokens: np.ndarray, d
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                n_ctx=max(pp, depth + tg + 1) + 16, n_batch=max(pp, 512), verbose=False)
+                n_ctx=max(pp + depth, depth + tg + 1) + 16, n_batch=max(pp, CHUNK), verbose=False)
     ids = [int(t) for t in tokens]
 
-    def decode():
+    def context(n):
         llm.reset()
-        llm.eval(ids[:depth + 1])
+        if n:
+            llm.eval(ids[:n])
+
+    def decode():
+        context(depth + 1)
         t = time.perf_counter()
         for i in range(tg):
             llm.eval(ids[depth + 1 + i: depth + 2 + i])
         return time.perf_counter() - t if depth else None
 
     def prefill():
-        llm.reset()
-        llm.eval(ids[:pp])
+        context(depth)
+        t = time.perf_counter()
+        llm.eval(ids[depth:depth + pp])
+        return time.perf_counter() - t if depth else None
 
     return {"tg": decode, "pp": prefill, "close": llm.close}
 
@@ -174,7 +189,7 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--big-tg", type=int, default=32, help="decode tokens for the 1B-shape model")
     ap.add_argument("--depth", type=int, default=0,
-                    help="decode after an untimed prompt of this many tokens (llama-bench's tg N @ d D)")
+                    help="decode and prefill after an untimed prompt of this many tokens (llama-bench's @ d D)")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--only", default=None, help="run only models whose name contains this")
     ap.add_argument("--json", type=Path, default=None)
@@ -186,7 +201,7 @@ def main() -> None:
 
     paths = prepare_models()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(100, 49152, size=max(args.pp, args.depth + args.tg + 1) + 1).astype(np.int64)
+    tokens = rng.integers(100, 49152, size=args.depth + max(args.pp, args.tg + 1) + 1).astype(np.int64)
     results: dict = {"threads": args.threads, "depth": args.depth, "models": {}}
     results["read_bandwidth_gbs"] = read_bandwidth_gbs(args.threads)
     for name, path in paths.items():
@@ -221,7 +236,7 @@ def main() -> None:
                 continue
             ours = e["numba"][test]
             label = f"{test}{e[test + '_tokens'] - (test == 'tg' and not args.depth)}"
-            if test == "tg" and args.depth:
+            if args.depth:
                 label += f"@d{args.depth}"
             row = f"{name:24} {label:<6} " \
                   f"{ours['tok_s']:8.1f} ({ours['min']:.0f}-{ours['max']:.0f})".ljust(20)
