@@ -4,6 +4,7 @@
                                                             # matrix-vector product, and dequantizing (prompt path)
     python benchmarks/bench_kernels.py --model FILE.gguf    # every matrix of a model once, as decoding reads them
     python benchmarks/bench_kernels.py --kl FILE.gguf       # what the int16 activations cost: numba vs numpy logits
+                                                            # (decode stack and prompt path)
     python benchmarks/bench_kernels.py --rounding FILE.gguf # the numpy reference on rounded activations (int8, int16)
     python benchmarks/bench_kernels.py --against OTHER_SIMD.py [--formats q4_0,q8_0]
                                                             # a variant of quant/simd.py against it, in one process
@@ -104,9 +105,10 @@ def model_pass(path: Path) -> dict:
     return {"model": path.name, "mb": total / 1e6, "cpu_ms": s * 1e3, "gb_s": total / s / 1e9}
 
 
-def kl_against_numpy(path: Path, n_tokens: int = 256) -> dict:
+def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     """Per-position KL(numpy || numba) of the next-token distributions over the first n_tokens of wikitext-2,
-    through the decode stack (the matvec kernels, chunks of SMALL_T tokens), and top-1 agreement."""
+    and top-1 agreement: through the decode stack (the matvec kernels, chunks of SMALL_T tokens) and through the
+    prompt path (the integer GEMM, one pass)."""
     from conftest import WIKITEXT
     from test_numba_backend import kl_per_position
 
@@ -115,16 +117,19 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> dict:
     from llmcli.tokenizer import Tokenizer
     from quant.gguf_file import read_gguf
 
-    backends.numba.GEMM_MIN_T = 1 << 30  # every position through the int16 matvec kernels
     gguf = read_gguf(path)
     ids = np.array(Tokenizer.from_gguf(gguf).encode(WIKITEXT.read_text()[:20000])[:n_tokens])
     fast, ref = load_model(gguf, "numba", threads=1), load_model(gguf, "numpy")
-    got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
     want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
-    kl = kl_per_position(got, want)
-    return {"model": path.name, "tokens": len(ids), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
-            "max_logit_diff": float(np.abs(got - want).max())}
+    rows = []
+    for label, min_t in (("decode stack", 1 << 30), ("prompt path", 1)):
+        backends.numba.GEMM_MIN_T = min_t
+        got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
+        kl = kl_per_position(got, want)
+        rows.append({"model": path.name, "path": label, "tokens": len(ids), "kl_mean": float(kl.mean()),
+                     "kl_max": float(kl.max()), "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
+                     "max_logit_diff": float(np.abs(got - want).max())})
+    return rows
 
 
 def against(variant: Path, formats: list[str]) -> list[dict]:
@@ -400,12 +405,12 @@ def main() -> None:
             print(f"| {r['copy']} | {r['kl_mean']:.1e} | {r['kl_max']:.1e} | {100 * r['top1']:.1f} % | "
                   f"{r['greedy_same']} prompts |")
     elif args.kl:
-        result = [kl_against_numpy(p) for p in args.kl]
-        print("| model | tokens | KL mean | KL max | top-1 agreement | max logit difference |\n"
-              "|---|---:|---:|---:|---:|---:|")
+        result = [r for p in args.kl for r in kl_against_numpy(p)]
+        print("| model | path | tokens | KL mean | KL max | top-1 agreement | max logit difference |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
         for r in result:
-            print(f"| {r['model']} | {r['tokens']} | {r['kl_mean']:.1e} | {r['kl_max']:.1e} | {r['top1']:.4f} | "
-                  f"{r['max_logit_diff']:.3g} |")
+            print(f"| {r['model']} | {r['path']} | {r['tokens']} | {r['kl_mean']:.1e} | {r['kl_max']:.1e} | "
+                  f"{r['top1']:.4f} | {r['max_logit_diff']:.3g} |")
     elif args.model:
         result = [model_pass(p) for p in args.model]
         print("| model | weights MB | CPU ms per pass | GB/s |\n|---|---:|---:|---:|")
