@@ -163,6 +163,25 @@ def test_read_bandwidth_is_plausible():
     assert 0.2 < gbps < 5000  # a memory system, not a clock glitch
 
 
+@pytest.mark.slow
+def test_a_stale_bandwidth_figure_is_measured_again(smollm2_path, tmp_path):
+    """A cached read bandwidth below what decoding itself read (a figure taken while the machine was busy) is
+    measured again and replaced, so that BW use is not over 100 %; the stderr says so."""
+    home = tmp_path / "home"
+    home.mkdir()
+    stale = {machine_key(): {"gbps": 0.001, "measured": "2026-01-01T00:00:00Z"}}
+    (home / "bandwidth.json").write_text(json.dumps(stale))
+    r = subprocess.run([sys.executable, "-m", "llmcli", "bench", str(smollm2_path), "-p", "0", "-n", "4", "-r", "1",
+                        "--backend", "numba", "--threads", "1", "-o", "json"],
+                       capture_output=True, text=True, timeout=300, env={**ENV, "LLMCLI_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    fresh = json.loads((home / "bandwidth.json").read_text())[machine_key()]["gbps"]
+    (row,) = json.loads(r.stdout)
+    assert fresh > 0.2 and row["bw_util"] == pytest.approx(row["decode_gbps"] / fresh, rel=1e-9)
+    assert 0 < row["bw_util"] < 1
+    assert "measured again" in r.stderr
+
+
 def test_bench_is_not_imported_by_help():
     code = "import sys; from llmcli.cli import _register_commands; _register_commands(); " \
            "print('llmcli.bench' in sys.modules, 'matplotlib' in sys.modules)"
