@@ -155,7 +155,8 @@ def to_markdown(results, bandwidth_gbps: float, repetitions: int) -> str:
                  "–" if r.bw_util is None else f"{100 * r.bw_util:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Mean ± standard deviation of {repetitions} runs after a warm-up; machine read bandwidth "
+    runs = "one run" if repetitions == 1 else f"{repetitions} runs"
+    lines.append(f"Mean ± standard deviation of {runs} after a warm-up; machine read bandwidth "
                  f"{bandwidth_gbps:.1f} GB/s.")
     return "\n".join(lines)
 
