@@ -48,6 +48,7 @@ from quant.kernels import (
     Q8_0,
     activation_blocks,
     prepare,
+    row_bytes,
     row_offset,
     weight_views,
 )
@@ -254,6 +255,132 @@ def _emit_pack_q6_k(b, w, nsb, wp, sw, mn, slot, per_block):
     _loop(b, _i64(0), nsb, 1, [], one)
 
 
+# ---- packing 16 rows at once (the 32-weight formats): codes transposed in registers ----------------------------
+
+def _transpose16(b, rows):
+    """16 values of <16 x i32> (row r, lane p) -> 16 values (lane r of value p): off-diagonal blocks of 8, 4, 2
+    and 1 lanes swapped in turn, 64 two-source shuffles."""
+    v = list(rows)
+    for s in (8, 4, 2, 1):
+        low = _const(I32, [lane if not lane & s else 16 + lane - s for lane in range(16)])
+        high = _const(I32, [lane + s if not lane & s else 16 + lane for lane in range(16)])
+        for i in (i for i in range(16) if not i & s):
+            v[i], v[i + s] = b.shuffle_vector(v[i], v[i + s], low), b.shuffle_vector(v[i], v[i + s], high)
+    return v
+
+
+def _store16(b, wp, sw, mn, half, blk, pairs, scale_blocks):
+    """Block blk of 32 weights of 16 rows -> half `half` of a group: pairs, 16 values of <16 x i32> (row r's 16
+    code pairs; none: scales only), transposed and stored one vector per code pair; scale_blocks: [(scale
+    block k, <16 x float> scales, minimums)] of the rows."""
+    base = b.add(b.mul(blk, _i64(16 * (GROUP // 16) * 64)), b.mul(half, _i64(64)))
+    for p, col in enumerate(_transpose16(b, pairs) if pairs else []):
+        st = b.store(col, b.bitcast(b.gep(wp, [b.add(base, _i64(p * (GROUP // 16) * 64))]), col.type.as_pointer()))
+        st.align = 4
+    for k, scales, mins in scale_blocks:
+        for v, arr in ((scales, sw), (mins, mn)):
+            at = b.mul(b.add(b.mul(k, _i64(GROUP)), b.mul(half, _i64(16))), _i64(4))
+            st = b.store(v, b.bitcast(b.gep(arr, [at]), V16F.as_pointer()))
+            st.align = 4
+
+
+def _pair_vector(b, lo, hi):
+    """Codes of weights 0..15 and 16..31 (<16 x i16> each) -> the 16 code pairs as <16 x i32>."""
+    return b.shuffle_vector(b.bitcast(lo, _vec(I32, 8)), b.bitcast(hi, _vec(I32, 8)), _const(I32, range(16)))
+
+
+def _store16_block(b, wp, sw, mn, half, per_block, blk, pairs, scales, mins):
+    """_store16 of a block with one scale and minimum per row; with per_block 2 (a product with Q6_K rows) the
+    scale goes to both halves of the block and the minimum to the first, as in _store_block."""
+    k = b.mul(blk, per_block)
+    _store16(b, wp, sw, mn, half, blk, pairs, [(k, scales, mins)])
+    with b.if_then(b.icmp_signed(">", per_block, _i64(1))):
+        _store16(b, wp, sw, mn, half, blk, [], [(b.add(k, _i64(1)), scales, ir.Constant(V16F, [0.0] * 16))])
+
+
+def _gathered(b, values):
+    """16 float values -> <16 x float>."""
+    v = ir.Constant(V16F, ir.Undefined)
+    for r, x in enumerate(values):
+        v = b.insert_element(v, x, ir.Constant(I32, r))
+    return v
+
+
+def _emit_pack16_legacy(fmt):
+    """16 consecutive rows of a 32-weight format -> half `half` of a group, a block of the 16 rows at a time."""
+    block, block_bytes, offset, has_min = fmt
+
+    def emit(b, w, row_bytes, nb, wp, sw, mn, half, per_block):
+        def one(i, _):
+            o = b.mul(i, _i64(block_bytes))
+            pairs = []
+            scales = mins = ir.Constant(V16F, [0.0] * 16)  # gathered as the rows go (16 scalars live would spill)
+            for r in range(16):
+                at = b.add(b.mul(_i64(r), row_bytes), o)
+                lo, hi = block(b, w, at)
+                if offset:
+                    lo, hi = (b.sub(c, _const(I16, [offset] * 16)) for c in (lo, hi))
+                pairs.append(_pair_vector(b, lo, hi))
+                scales = b.insert_element(scales, _half(b, w, at), ir.Constant(I32, r))
+                if has_min:
+                    mins = b.insert_element(mins, _half(b, w, b.add(at, _i64(2))), ir.Constant(I32, r))
+            _store16_block(b, wp, sw, mn, half, per_block, i, pairs, scales, mins)
+            return []
+
+        _loop(b, _i64(0), nb, 1, [], one)
+
+    return emit
+
+
+def _emit_pack16_k(five: bool):
+    """16 consecutive rows of Q4_K/Q5_K -> half `half` of a group, a sub-block of the 16 rows at a time (LLVM keeps
+    each row's scale unpacking once per super-block)."""
+    block_bytes = 176 if five else 144
+
+    def emit(b, w, row_bytes, nsb, wp, sw, mn, half, per_block):
+        def one(i, _):
+            o = b.mul(i, _i64(block_bytes))
+            rows = []
+            for r in range(16):
+                at = b.add(b.mul(_i64(r), row_bytes), o)
+                sc, m = _k4_scales_mins(b, w, at)
+                rows.append((at, b.fmul(sc, _splat(b, _half(b, w, at), 8)),
+                             b.fneg(b.fmul(m, _splat(b, _half(b, w, b.add(at, _i64(2))), 8)))))
+            for j in range(8):
+                pairs = [_pair_vector(b, *_q45_codes(b, w, at, five)[j][1]) for at, _, _ in rows]
+                pick = ir.Constant(I32, j)
+                _store16_block(b, wp, sw, mn, half, per_block, b.add(b.mul(i, _i64(8)), _i64(j)), pairs,
+                               _gathered(b, [b.extract_element(sc, pick) for _, sc, _ in rows]),
+                               _gathered(b, [b.extract_element(m, pick) for _, _, m in rows]))
+            return []
+
+        _loop(b, _i64(0), nsb, 1, [], one)
+
+    return emit
+
+
+def _emit_pack16_q6_k(b, w, row_bytes, nsb, wp, sw, mn, half, per_block):
+    """16 consecutive rows of Q6_K -> half `half` of a group: per block of 32 its two scale blocks of 16."""
+    def one(i, _):
+        o = b.mul(i, _i64(210))
+        rows = [b.add(b.mul(_i64(r), row_bytes), o) for r in range(16)]
+        ds = [_half(b, w, b.add(at, _i64(208))) for at in rows]
+        zeros = ir.Constant(V16F, [0.0] * 16)
+        for j in range(8):
+            pairs, scales = [], [zeros, zeros]
+            for r, (at, d) in enumerate(zip(rows, ds, strict=True)):
+                codes = [c for c in _q6_codes(b, w, at) if c[0] == j]  # (j, half, q, sc) for half 0, 1
+                pairs.append(_pair_vector(b, codes[0][2], codes[1][2]))
+                for h in range(2):
+                    scales[h] = b.insert_element(scales[h], b.fmul(d, b.sitofp(codes[h][3], F32)), ir.Constant(I32, r))
+            blk = b.add(b.mul(i, _i64(8)), _i64(j))
+            k = b.mul(blk, _i64(2))
+            _store16(b, wp, sw, mn, half, blk, pairs, [(k, scales[0], zeros), (b.add(k, _i64(1)), scales[1], zeros)])
+        return []
+
+    _loop(b, _i64(0), nsb, 1, [], one)
+
+
 def _pack_intrinsic(emit):
     @intrinsic
     def pack(typingctx, u8, off, count, wp, sw, mn, slot, per_block):
@@ -276,10 +403,36 @@ def _pack_intrinsic(emit):
     return pack
 
 
+def _pack16_intrinsic(emit):
+    @intrinsic
+    def pack16(typingctx, u8, off, row_bytes, count, wp, sw, mn, half, per_block):
+        """The 16 rows from byte `off` of u8 (row_bytes apart, count blocks each) -> half `half` (0, 1) of the
+        group (wp, sw, mn), with per_block scale blocks per block of 32 (see _store_block)."""
+        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (u8, wp, sw, mn))
+                and wp.dtype == types.int16 and sw.dtype == types.float32 and mn.dtype == types.float32):
+            return None
+        sig = types.void(u8, types.int64, types.int64, types.int64, wp, sw, mn, types.int64, types.int64)
+
+        def codegen(context, b, signature, args):
+            def ptr(k):
+                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
+
+            emit(b, b.gep(ptr(0), [args[1]]), args[2], args[3], ptr(4), ptr(5), ptr(6), args[7], args[8])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return pack16
+
+
 pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0 = (_pack_intrinsic(_emit_pack_legacy(INT_FORMATS[k]))
                                                          for k in INT_FORMATS)
 pack_q4_k, pack_q5_k = _pack_intrinsic(_emit_pack_k(False)), _pack_intrinsic(_emit_pack_k(True))
 pack_q6_k = _pack_intrinsic(_emit_pack_q6_k)
+pack16_q4_0, pack16_q4_1, pack16_q5_0, pack16_q5_1, pack16_q8_0 = (
+    _pack16_intrinsic(_emit_pack16_legacy(INT_FORMATS[k])) for k in INT_FORMATS)
+pack16_q4_k, pack16_q5_k = _pack16_intrinsic(_emit_pack16_k(False)), _pack16_intrinsic(_emit_pack16_k(True))
+pack16_q6_k = _pack16_intrinsic(_emit_pack16_q6_k)
 
 
 @njit(cache=True, inline="always")
@@ -304,6 +457,29 @@ def pack_row(u8, qtype, off, n, packed, slot, per_block):
         pack_q6_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
 
 
+@njit(cache=True, inline="always")
+def pack_rows16(u8, qtype, off, n, packed, half, per_block):
+    """16 consecutive rows of `qtype` from byte `off`, n weights each -> half `half` of the group `packed`."""
+    wp, sw, mn = packed
+    rb = row_bytes(qtype, n)
+    if qtype == Q4_0:
+        pack16_q4_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+    elif qtype == Q8_0:
+        pack16_q8_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+    elif qtype == Q4_1:
+        pack16_q4_1(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+    elif qtype == Q5_0:
+        pack16_q5_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+    elif qtype == Q5_1:
+        pack16_q5_1(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+    elif qtype == Q4_K:
+        pack16_q4_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+    elif qtype == Q5_K:
+        pack16_q5_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+    else:  # Q6_K
+        pack16_q6_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+
+
 @njit(cache=True, nogil=True)
 def gemm_groups(u8, descs, g0, g1, xb, packed, out):
     """out[:, 32 g0 : 32 g1] of x @ [W1; W2; ...].T, the matrices in descs ((k, 3) rows of byte offset, qtype,
@@ -326,9 +502,17 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
             wp[:] = 0
             sw[:] = 0.0
             mn[:] = 0.0
-        for slot in range(min(GROUP, total - r0)):
-            off, qtype = row_offset(descs, r0 + slot, n)
-            pack_row(u8, qtype, off, n, packed, slot, per_block)
+        for half in range(GROUP // 16):
+            first = r0 + 16 * half
+            if first + 16 <= total and row_offset(descs, first, n)[1] == row_offset(descs, first + 15, n)[1]:
+                off, qtype = row_offset(descs, first, n)
+                last_off = row_offset(descs, first + 15, n)[0]
+                if last_off == off + 15 * row_bytes(qtype, n):  # 16 rows of one matrix: packed at once
+                    pack_rows16(u8, qtype, off, n, packed, half, per_block)
+                    continue
+            for slot in range(16 * half, min(16 * half + 16, total - r0)):
+                off, qtype = row_offset(descs, r0 + slot, n)
+                pack_row(u8, qtype, off, n, packed, slot, per_block)
         for t0 in range(0, xq.shape[0], NR):
             if per_block == 2:
                 if has_min:
