@@ -42,17 +42,20 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # Prompts of at least GEMM_MIN_T tokens go through the GEMM path (a fixed cost of packing or dequantizing every
 # weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed cost, the
 # matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
-# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the integer GEMM, SmolLM2
-# Q4_0, ms, GEMM path against chunks: 16 tokens 68-78 / 70-78 at 1 thread, 80 / 49 at 2; 24 tokens 75 / 108-131
-# at 1, 93 / 78-84 at 2; 32 tokens 98-105 / 138-179 at 1, 97-102 / 105-107 at 2). A process's first prompt on
-# the GEMM path also loads its kernels' cached machine code (~15 ms more than the decode stack's).
-GEMM_MIN_T = 32
+# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the integer GEMM and its
+# packing 16 rows at a time, SmolLM2 Q4_0, ms, GEMM path against chunks: 8 tokens 41-47 / 35-48 at 1 thread,
+# 42-48 / 27-39 at 2; 12 tokens 40-41 / 52-53 at 1, 43-49 / 42-56 at 2; 16 tokens 50-51 / 68-75 at 1, 57-58 /
+# 52-65 at 2).
+GEMM_MIN_T = 12
 # The prompt path splits each product across its own pool of --threads Python threads, each running GIL-free
 # numba (the integer GEMM's groups; or a dequantization beside a single-threaded BLAS product for the formats it
 # does not take, and the attention's score products): one set of threads, which sleep when idle.
 # (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
-# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) Sharing pays
-# from 16 tokens on, so for every prompt that takes this path.
+# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) A hand-off to the
+# pool costs ~0.1 ms, so an integer GEMM smaller than SPLIT_MIN_WORK stays on the calling thread (SmolLM2's Q/K/V
+# up to ~40 tokens), and so does preparing an activation smaller than PREPARE_SPLIT.
+PREPARE_SPLIT = 1 << 16  # activations of at least this many floats are prepared by the pool's threads together
+SPLIT_MIN_WORK = 3e7  # multiply-adds below which an integer GEMM runs on one thread (~0.3 ms: 3 hand-offs)
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
 
@@ -266,13 +269,19 @@ class NumbaModel:
     # --- prompt path: many tokens at once ------------------------------------------------------------------
 
     def _run(self, work, n_tasks: int) -> None:
-        """work(i) for i < n_tasks: on the pool (when there is one: --threads above 1), else here."""
-        if self._pool is None or n_tasks == 1:
-            for i in range(n_tasks):
+        """work(i) for i < n_tasks: on the pool (when there is one: --threads above 1), else here. The tasks are
+        dealt to one share per thread in turn; the first share runs here while the pool takes the others: a
+        hand-off per share (each costs ~0.1 ms; a short prompt makes ~200 of them)."""
+        shares = 1 if self._pool is None else min(n_tasks, self.threads)
+
+        def share(k):
+            for i in range(k, n_tasks, shares):
                 work(i)
-        else:
-            for f in [self._pool.submit(work, i) for i in range(n_tasks)]:
-                f.result()
+
+        futures = [self._pool.submit(share, k) for k in range(1, shares)]
+        share(0)
+        for f in futures:
+            f.result()
 
     def _parts(self, rows: int) -> list[tuple[int, int]]:
         """Row ranges of a product, one per thread (a multiple of 16 rows each, but the last)."""
@@ -294,8 +303,9 @@ class NumbaModel:
         descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
         rows = int(descs[:, 2].sum())
         groups = -(-rows // GROUP)
-        workers = 1 if self._pool is None else self.threads
-        xb, tp = padded_activation(x, self._run, workers)
+        # the pool's threads share a product worth more than a hand-off; packing a weight costs ~9 multiply-adds
+        workers = 1 if self._pool is None or rows * x.shape[1] * (T + 9) < SPLIT_MIN_WORK else self.threads
+        xb, tp = padded_activation(x, self._run, workers if x.size >= PREPARE_SPLIT else 1)
         out = np.empty((tp, groups * GROUP), dtype=np.float32)
         bounds = [groups * i // workers for i in range(workers + 1)]
 
