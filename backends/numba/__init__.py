@@ -391,7 +391,10 @@ class NumbaModel:
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
         L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
-        if len(rows) > SMALL_T:
+        if len(rows) > SMALL_T or int(self.glob_tab[L.OUTPUT, 1]) in INT_GEMM_TYPES:
+            # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
+            # about what the dot products do), and a process whose prompt takes this path need not load the
+            # matvec kernels' machine code (~40 ms) as well as the GEMM's
             return self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab)
         xb = activation_blocks(len(rows), E)
         prepare(h, xb)
