@@ -8,8 +8,9 @@ Why not BLAS on dequantized float32 tiles: float32 multiply-adds top out at 16 p
 numbers are the matvec kernels' own: the same int16 copy rounded per block of 32, the same integer products, so
 a prompt and the tokens decoded after it see the same weights the same way.
 
-A product goes in groups of GROUP = 32 weight rows. Each group is first packed (`pack_row`, per row, from the
-blocks in the memory map) into a small buffer that stays in cache while every token passes by:
+A product goes in groups of GROUP = 32 weight rows. Each group is first packed from the blocks in the memory map
+(`pack_rows`: 16 rows of one matrix at once, their code pairs transposed in registers; row by row where a group
+straddles two matrices) into a small buffer that stays in cache while every token passes by:
 
   wp: int16 (n / 2 pairs, 2 halves, 16 lanes, 2)   codes of weights 2p, 2p + 1 of row 16 half + lane
   sw: float32 (scale blocks, 32)                    the scale of each scale block of each row
@@ -255,7 +256,7 @@ def _emit_pack_q6_k(b, w, nsb, wp, sw, mn, slot, per_block):
     _loop(b, _i64(0), nsb, 1, [], one)
 
 
-# ---- packing 16 rows at once (the 32-weight formats): codes transposed in registers ----------------------------
+# ---- packing 16 rows at once: codes transposed in registers ----------------------------
 
 def _transpose16(b, rows):
     """16 values of <16 x i32> (row r, lane p) -> 16 values (lane r of value p): off-diagonal blocks of 8, 4, 2
@@ -381,21 +382,28 @@ def _emit_pack16_q6_k(b, w, row_bytes, nsb, wp, sw, mn, half, per_block):
     _loop(b, _i64(0), nsb, 1, [], one)
 
 
-def _pack_intrinsic(emit):
+def _pack_intrinsic(emit_row, emit16):
     @intrinsic
-    def pack(typingctx, u8, off, count, wp, sw, mn, slot, per_block):
-        """The row at byte `off` of u8 (count blocks, or super-blocks for the K-quants) -> lane `slot` of the
-        group (wp, sw, mn), with per_block scale blocks per block of 32 (see _store_block)."""
+    def pack(typingctx, u8, off, row_bytes, count, wp, sw, mn, at, per_block, rows):
+        """rows = 16: the 16 rows from byte `off` of u8 (row_bytes apart) -> half `at` (0, 1) of the group (wp, sw,
+        mn); rows = 1: the row at `off` -> lane `at` (0 .. GROUP - 1). count blocks per row (super-blocks for
+        the K-quants), per_block scale blocks per block of 32 (see _store_block)."""
         if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (u8, wp, sw, mn))
                 and wp.dtype == types.int16 and sw.dtype == types.float32 and mn.dtype == types.float32):
             return None
-        sig = types.void(u8, types.int64, types.int64, wp, sw, mn, types.int64, types.int64)
+        sig = types.void(u8, types.int64, types.int64, types.int64, wp, sw, mn, types.int64, types.int64,
+                         types.int64)
 
         def codegen(context, b, signature, args):
             def ptr(k):
                 return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
 
-            emit(b, b.gep(ptr(0), [args[1]]), args[2], ptr(3), ptr(4), ptr(5), args[6], args[7])
+            w, row_bytes, count, at, per_block = b.gep(ptr(0), [args[1]]), args[2], args[3], args[7], args[8]
+            with b.if_else(b.icmp_signed("==", args[9], _i64(16))) as (sixteen, one):
+                with sixteen:
+                    emit16(b, w, row_bytes, count, ptr(4), ptr(5), ptr(6), at, per_block)
+                with one:
+                    emit_row(b, w, count, ptr(4), ptr(5), ptr(6), at, per_block)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -403,81 +411,34 @@ def _pack_intrinsic(emit):
     return pack
 
 
-def _pack16_intrinsic(emit):
-    @intrinsic
-    def pack16(typingctx, u8, off, row_bytes, count, wp, sw, mn, half, per_block):
-        """The 16 rows from byte `off` of u8 (row_bytes apart, count blocks each) -> half `half` (0, 1) of the
-        group (wp, sw, mn), with per_block scale blocks per block of 32 (see _store_block)."""
-        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (u8, wp, sw, mn))
-                and wp.dtype == types.int16 and sw.dtype == types.float32 and mn.dtype == types.float32):
-            return None
-        sig = types.void(u8, types.int64, types.int64, types.int64, wp, sw, mn, types.int64, types.int64)
-
-        def codegen(context, b, signature, args):
-            def ptr(k):
-                return b.bitcast(context.make_array(signature.args[k])(context, b, args[k]).data, I8.as_pointer())
-
-            emit(b, b.gep(ptr(0), [args[1]]), args[2], args[3], ptr(4), ptr(5), ptr(6), args[7], args[8])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return pack16
-
-
-pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0 = (_pack_intrinsic(_emit_pack_legacy(INT_FORMATS[k]))
-                                                         for k in INT_FORMATS)
-pack_q4_k, pack_q5_k = _pack_intrinsic(_emit_pack_k(False)), _pack_intrinsic(_emit_pack_k(True))
-pack_q6_k = _pack_intrinsic(_emit_pack_q6_k)
-pack16_q4_0, pack16_q4_1, pack16_q5_0, pack16_q5_1, pack16_q8_0 = (
-    _pack16_intrinsic(_emit_pack16_legacy(INT_FORMATS[k])) for k in INT_FORMATS)
-pack16_q4_k, pack16_q5_k = _pack16_intrinsic(_emit_pack16_k(False)), _pack16_intrinsic(_emit_pack16_k(True))
-pack16_q6_k = _pack16_intrinsic(_emit_pack16_q6_k)
+pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0 = (
+    _pack_intrinsic(_emit_pack_legacy(INT_FORMATS[k]), _emit_pack16_legacy(INT_FORMATS[k])) for k in INT_FORMATS)
+pack_q4_k, pack_q5_k = (_pack_intrinsic(_emit_pack_k(five), _emit_pack16_k(five)) for five in (False, True))
+pack_q6_k = _pack_intrinsic(_emit_pack_q6_k, _emit_pack16_q6_k)
 
 
 @njit(cache=True, inline="always")
-def pack_row(u8, qtype, off, n, packed, slot, per_block):
-    """Row of `qtype` (one of INT_GEMM_TYPES) at byte `off`, n weights -> lane `slot` of the group `packed`."""
-    wp, sw, mn = packed
-    if qtype == Q4_0:
-        pack_q4_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
-    elif qtype == Q8_0:
-        pack_q8_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
-    elif qtype == Q4_1:
-        pack_q4_1(u8, off, n // 32, wp, sw, mn, slot, per_block)
-    elif qtype == Q5_0:
-        pack_q5_0(u8, off, n // 32, wp, sw, mn, slot, per_block)
-    elif qtype == Q5_1:
-        pack_q5_1(u8, off, n // 32, wp, sw, mn, slot, per_block)
-    elif qtype == Q4_K:
-        pack_q4_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
-    elif qtype == Q5_K:
-        pack_q5_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
-    else:  # Q6_K
-        pack_q6_k(u8, off, n // 256, wp, sw, mn, slot, per_block)
-
-
-@njit(cache=True, inline="always")
-def pack_rows16(u8, qtype, off, n, packed, half, per_block):
-    """16 consecutive rows of `qtype` from byte `off`, n weights each -> half `half` of the group `packed`."""
+def pack_rows(u8, qtype, off, n, packed, at, per_block, rows):
+    """rows = 16: the 16 consecutive rows of `qtype` from byte `off` (n weights each) -> half `at` of the group
+    `packed`; rows = 1: the row at `off` -> lane `at`."""
     wp, sw, mn = packed
     rb = row_bytes(qtype, n)
     if qtype == Q4_0:
-        pack16_q4_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+        pack_q4_0(u8, off, rb, n // 32, wp, sw, mn, at, per_block, rows)
     elif qtype == Q8_0:
-        pack16_q8_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+        pack_q8_0(u8, off, rb, n // 32, wp, sw, mn, at, per_block, rows)
     elif qtype == Q4_1:
-        pack16_q4_1(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+        pack_q4_1(u8, off, rb, n // 32, wp, sw, mn, at, per_block, rows)
     elif qtype == Q5_0:
-        pack16_q5_0(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+        pack_q5_0(u8, off, rb, n // 32, wp, sw, mn, at, per_block, rows)
     elif qtype == Q5_1:
-        pack16_q5_1(u8, off, rb, n // 32, wp, sw, mn, half, per_block)
+        pack_q5_1(u8, off, rb, n // 32, wp, sw, mn, at, per_block, rows)
     elif qtype == Q4_K:
-        pack16_q4_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+        pack_q4_k(u8, off, rb, n // 256, wp, sw, mn, at, per_block, rows)
     elif qtype == Q5_K:
-        pack16_q5_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+        pack_q5_k(u8, off, rb, n // 256, wp, sw, mn, at, per_block, rows)
     else:  # Q6_K
-        pack16_q6_k(u8, off, rb, n // 256, wp, sw, mn, half, per_block)
+        pack_q6_k(u8, off, rb, n // 256, wp, sw, mn, at, per_block, rows)
 
 
 @njit(cache=True, nogil=True)
@@ -508,11 +469,11 @@ def gemm_groups(u8, descs, g0, g1, xb, packed, out):
                 off, qtype = row_offset(descs, first, n)
                 last_off = row_offset(descs, first + 15, n)[0]
                 if last_off == off + 15 * row_bytes(qtype, n):  # 16 rows of one matrix: packed at once
-                    pack_rows16(u8, qtype, off, n, packed, half, per_block)
+                    pack_rows(u8, qtype, off, n, packed, half, per_block, 16)
                     continue
             for slot in range(16 * half, min(16 * half + 16, total - r0)):
                 off, qtype = row_offset(descs, r0 + slot, n)
-                pack_row(u8, qtype, off, n, packed, slot, per_block)
+                pack_rows(u8, qtype, off, n, packed, slot, per_block, 1)
         for t0 in range(0, xq.shape[0], NR):
             if per_block == 2:
                 if has_min:
