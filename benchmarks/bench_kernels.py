@@ -123,7 +123,7 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
     rows = []
     for label, min_t in (("decode stack", 1 << 30), ("prompt path", 1)):
-        backends.numba.GEMM_MIN_T = min_t
+        backends.numba.GEMM_MIN_T, backends.numba.GEMM_MIN_T_COLD = min_t, 0
         got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
         kl = kl_per_position(got, want)
         rows.append({"model": path.name, "path": label, "tokens": len(ids), "kl_mean": float(kl.mean()),

@@ -12,7 +12,7 @@ import pytest
 
 import backends.numba
 from backends import load_model
-from backends.numba import GEMM_MIN_T, SMALL_T, jit_cache_is_cold
+from backends.numba import GEMM_MIN_T, GEMM_MIN_T_COLD, SMALL_T, jit_cache_is_cold
 from quant.errors import PromptError
 from quant.gguf_file import read_gguf
 
@@ -92,6 +92,7 @@ def test_logits_match_numpy(models, variant, monkeypatch):
     tokens = np.array(PROMPTS[0])
     want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
     monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 2 * SMALL_T)  # these 20 tokens through the GEMM path
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T_COLD", 0)
     assert len(tokens) % SMALL_T  # and in chunks with a partial last one
     whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     monkeypatch.setattr(backends.numba, "GEMM_MIN_T", len(tokens) + 1)
@@ -144,6 +145,32 @@ def test_cache_trim_reset_and_threads(models, smollm2_path):
 
 
 @pytest.mark.slow
+def test_short_prompts_take_the_decode_stack_until_the_gemm_path_is_loaded(models, monkeypatch):
+    """A prompt shorter than GEMM_MIN_T_COLD runs on the decode stack in a process whose GEMM path has not run yet
+    (loading its machine code would cost more than it saves), and on the GEMM path once a longer prompt has
+    loaded it. The two paths round differently, so each result shows which path made it."""
+    fast, _ = models("q4_1")
+    tokens = np.resize(np.array(PROMPTS[0]), GEMM_MIN_T_COLD - 1)
+    assert len(tokens) >= GEMM_MIN_T
+
+    def forward(t):
+        return fast.forward(t, fast.new_cache(len(t)))
+
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 1 << 30)
+    stack = forward(tokens)
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 1)
+    monkeypatch.setattr(backends.numba, "GEMM_MIN_T_COLD", 0)
+    gemm = forward(tokens)
+    assert not np.array_equal(stack, gemm)
+    monkeypatch.undo()
+    monkeypatch.setattr(backends.numba, "_gemm_path_loaded", False)
+    np.testing.assert_array_equal(forward(tokens), stack)
+    forward(np.resize(tokens, GEMM_MIN_T_COLD))
+    assert backends.numba._gemm_path_loaded
+    np.testing.assert_array_equal(forward(tokens), gemm)
+
+
+@pytest.mark.slow
 def test_prompt_pool_equals_one_thread(models, smollm2_variants):
     """A prompt long enough for the prompt path (GEMM_MIN_T), whose products go to its thread pool, gives the
     logits of the same prompt on one thread, and the numba backend leaves BLAS itself on one thread (its
@@ -153,7 +180,7 @@ def test_prompt_pool_equals_one_thread(models, smollm2_variants):
     fast, _ = models("q4_1")
     one = load_model(read_gguf(smollm2_variants["q4_1"]), "numba", threads=1)
     assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
-    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), GEMM_MIN_T + 9)
+    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), max(GEMM_MIN_T, GEMM_MIN_T_COLD) + 9)
     want = one.forward(tokens, one.new_cache(len(tokens)), all_logits=True)
     got = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -181,7 +208,8 @@ def test_k_quant_models_match_numpy(qtype, tmp_path):
     gguf = read_gguf(path)
     assert {t.qtype.name for t in gguf.tensors.values() if len(t.shape) == 2} == {qtype}
     fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
-    tokens = np.resize(np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 150]), GEMM_MIN_T + 5)
+    tokens = np.resize(np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 150]),
+                       max(GEMM_MIN_T, GEMM_MIN_T_COLD) + 5)
     want = ref.forward(tokens, ref.new_cache(len(tokens)), all_logits=True)
     whole = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)  # the prompt path
     cache = fast.new_cache(len(tokens))

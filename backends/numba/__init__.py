@@ -1,7 +1,8 @@
 """The Numba CPU backend: kernels that read the quantized blocks in the memory map.
 
 Decoding (a few tokens per call) runs the whole layer stack in one jitted call (layers.forward_stack) with
-integer block dot products; a prompt of GEMM_MIN_T tokens or more goes through `_forward_gemm`, whose products
+integer block dot products; a prompt of GEMM_MIN_T tokens or more (GEMM_MIN_T_COLD before the first such prompt
+in the process) goes through `_forward_gemm`, whose products
 are matrix x matrix: the integer GEMM of quant/gemm.py (packed int16 codes x the int16 activation copies the
 matvec kernels use), or BLAS on dequantized float32 tiles for Q6_K and the float formats.
 """
@@ -47,6 +48,12 @@ SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many
 # 42-48 / 27-39 at 2; 12 tokens 40-41 / 52-53 at 1, 43-49 / 42-56 at 2; 16 tokens 50-51 / 68-75 at 1, 57-58 /
 # 52-65 at 2).
 GEMM_MIN_T = 12
+# ... once the GEMM path's machine code is loaded in this process. Before, a fresh process's first prompt would
+# pay ~50 ms to load it (`llm run MODEL "Hi"`, 31 tokens: 1.15 s against 1.09 s in chunks, alternating fresh
+# processes), which a prompt this short does not earn back; so until a prompt of GEMM_MIN_T_COLD tokens has taken
+# the GEMM path, shorter ones take the decode stack. (A chat's first turn usually loads it.)
+GEMM_MIN_T_COLD = 32
+_gemm_path_loaded = False  # the GEMM path has run in this process (its dispatchers hold their machine code)
 # The prompt path splits each product across its own pool of --threads Python threads, each running GIL-free
 # numba (the integer GEMM's groups; or a dequantization beside a single-threaded BLAS product for the formats it
 # does not take, and the attention's score products): one set of threads, which sleep when idle.
@@ -234,8 +241,9 @@ class NumbaModel:
 
     def warm_up(self) -> None:
         """Run the prompt path and the decode stack once on a scratch cache (compiles or loads their kernels)."""
-        cache = self.new_cache(GEMM_MIN_T + 1)
-        self.forward(np.zeros(GEMM_MIN_T, dtype=np.int64), cache)
+        n = max(GEMM_MIN_T, GEMM_MIN_T_COLD)
+        cache = self.new_cache(n + 1)
+        self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
@@ -253,9 +261,11 @@ class NumbaModel:
             raise PromptError(f"context full: the KV cache holds {cache.max_seq} positions, {start + T} needed")
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
-        if T >= GEMM_MIN_T:
+        global _gemm_path_loaded
+        if T >= (GEMM_MIN_T if _gemm_path_loaded else max(GEMM_MIN_T, GEMM_MIN_T_COLD)):
             with threadpool_limits(1, user_api="blas"):  # in case another backend in this process raised it
                 logits = self._forward_gemm(tokens, cache, all_logits)
+            _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
             for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
