@@ -47,6 +47,7 @@ from quant.kernels import (
     Q5_K,
     Q6_K,
     Q8_0,
+    QUANTIZED_TYPES,
     activation_blocks,
     prepare,
     row_bytes,
@@ -77,7 +78,7 @@ from quant.simd import (
 GROUP = 32  # weight rows per packed group: two vectors of 16 lanes
 NR = 6  # tokens per micro-kernel call: 2 x 6 int32 and 2 x 6 float32 accumulators, 26 of 32 vector registers
 # (measured on 1536x576x504, one thread, G multiply-adds/s: 2x6 89, 3x4 91, 2x7 89, 4x3 86, 2x4 84, 1x12 77)
-INT_GEMM_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+INT_GEMM_TYPES = QUANTIZED_TYPES  # every quantized format
 
 V32H = _vec(I16, 32)
 

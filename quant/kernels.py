@@ -25,7 +25,8 @@ from quant.jit import njit, prange
 
 # GGML type codes (gguf.GGMLQuantizationType values), as plain ints for the kernels.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
-KERNEL_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+QUANTIZED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)  # integer codes x the int16 activation copy
+KERNEL_TYPES = (F32, F16, BF16, *QUANTIZED_TYPES)
 QK8 = 32  # block of the activation sums
 
 # float16 and bfloat16 bit patterns -> float32, indexed by the 16-bit pattern (256 KiB each): the tails of

@@ -4,7 +4,7 @@ Decoding (a few tokens per call) runs the whole layer stack in one jitted call (
 integer block dot products; a prompt of GEMM_MIN_T tokens or more (GEMM_MIN_T_COLD before the first such prompt
 in the process) goes through `_forward_gemm`, whose products
 are matrix x matrix: the integer GEMM of quant/gemm.py (packed int16 codes x the int16 activation copies the
-matvec kernels use), or BLAS on dequantized float32 tiles for Q6_K and the float formats.
+matvec kernels use), or BLAS on dequantized float32 tiles for the float formats.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from backends.base import (
 )
 from backends.numba import layers as L
 from quant.errors import BackendError, PromptError, UnsupportedError
-from quant.gemm import GROUP, INT_GEMM_TYPES, gemm_groups, packed_buffers, padded_activation
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
     F32,
     KERNEL_TYPES,
+    QUANTIZED_TYPES,
     activation_blocks,
     dequant_rows,
     matvec,
@@ -208,8 +208,7 @@ class NumbaModel:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
         tile = np.empty(TILE_FLOATS, dtype=np.float32)
         self._tiles = [tile[i * (TILE_FLOATS // threads):(i + 1) * (TILE_FLOATS // threads)] for i in range(threads)]
-        widest = max(hp.n_embd, hp.n_heads * hp.head_dim, hp.n_ff)
-        self._packed = [packed_buffers(widest) for _ in range(threads)]  # each thread's group of packed rows
+        self._packed = None  # each thread's buffers for a group of packed rows, made by the first integer GEMM
 
     def _locate(self, t: Tensor) -> tuple[int, int]:
         """(byte offset in the file, qtype code) of a tensor the kernels can read."""
@@ -303,12 +302,19 @@ class NumbaModel:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
         the outputs side by side. The integer GEMM (quant/gemm.py) when every matrix has a type it takes, else
         BLAS on dequantized tiles."""
-        if all(int(desc[1]) in INT_GEMM_TYPES for desc, _ in parts):
+        if all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
             return self._gemm_int(x, parts)
         return self._gemm_float(x, parts)
 
     def _gemm_int(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
-        """_gemm_cat with quant.gemm: each thread takes a range of groups of GROUP stacked rows."""
+        """_gemm_cat with quant.gemm (imported on first use: a run whose prompts are short never needs it); each
+        thread takes a range of groups of GROUP stacked rows."""
+        from quant.gemm import GROUP, gemm_groups, packed_buffers, padded_activation
+
+        if self._packed is None:
+            hp = self.hparams
+            widest = max(hp.n_embd, hp.n_heads * hp.head_dim, hp.n_ff)
+            self._packed = [packed_buffers(widest) for _ in range(self.threads)]
         T = x.shape[0]
         descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
         rows = int(descs[:, 2].sum())
@@ -401,7 +407,7 @@ class NumbaModel:
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
         L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
-        if len(rows) > SMALL_T or int(self.glob_tab[L.OUTPUT, 1]) in INT_GEMM_TYPES:
+        if len(rows) > SMALL_T or int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES:
             # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
             # about what the dot products do), and a process whose prompt takes this path need not load the
             # matvec kernels' machine code (~40 ms) as well as the GEMM's
