@@ -2,9 +2,9 @@
 
 Decoding (a few tokens per call) runs the whole layer stack in one jitted call (layers.forward_stack) with
 integer block dot products; a prompt of GEMM_MIN_T tokens or more (GEMM_MIN_T_COLD before the first such prompt
-in the process) goes through `_forward_gemm`, whose products
-are matrix x matrix: the integer GEMM of quant/gemm.py (packed int16 codes x the int16 activation copies the
-matvec kernels use), or BLAS on dequantized float32 tiles for the float formats.
+in the process) goes through `_forward_gemm`, whose products are matrix x matrix: the integer GEMM of
+quant/gemm.py (packed int16 codes x the int16 activation copies the matvec kernels use), or BLAS on dequantized
+float32 tiles for the float formats.
 """
 
 from __future__ import annotations
