@@ -184,25 +184,31 @@ def _store_pairs(b, wp, pair, slot, codes):
         b.store(b.extract_element(pairs, ir.Constant(I32, p)), b.bitcast(b.gep(wp, [at]), I32.as_pointer()))
 
 
-def _store_scale(b, sw, mn, k, slot, scale, minimum):
-    """Scale and minimum of scale block k of the row in `slot`."""
-    at = b.mul(b.add(b.mul(k, _i64(GROUP)), slot), _i64(4))
-    b.store(scale, b.bitcast(b.gep(sw, [at]), F32.as_pointer()))
-    b.store(minimum, b.bitcast(b.gep(mn, [at]), F32.as_pointer()))
+def _store_scale(b, sw, mn, k, lane, scale, minimum):
+    """Scale and minimum of scale block k from lane `lane` on: one row's (float), or 16 rows' (<16 x float>)."""
+    at = b.mul(b.add(b.mul(k, _i64(GROUP)), lane), _i64(4))
+    for v, arr in ((scale, sw), (minimum, mn)):
+        st = b.store(v, b.bitcast(b.gep(arr, [at]), v.type.as_pointer()))
+        st.align = 4
+
+
+def _store_block_scale(b, sw, mn, per_block, blk, lane, scale, minimum):
+    """Scale and minimum of block blk of 32 weights (one row's, or 16 rows' from lane `lane` on). per_block (1 or
+    2, at run time): scale blocks per block of 32 in this product; with 2 (a product with Q6_K rows) the scale
+    goes to both halves and the minimum to the first (it multiplies the sum of the activation's whole block)."""
+    k = b.mul(blk, per_block)
+    _store_scale(b, sw, mn, k, lane, scale, minimum)
+    with b.if_then(b.icmp_signed(">", per_block, _i64(1))):
+        _store_scale(b, sw, mn, b.add(k, _i64(1)), lane, scale, ir.Constant(minimum.type, None))
 
 
 def _store_block(b, wp, sw, mn, per_block, blk, slot, lo, hi, scale, minimum):
     """Block blk of 32 weights of the row in `slot`: codes lo (weights 0..15) and hi (16..31) as <16 x i16>, its
-    scale and minimum. per_block (1 or 2, at run time): scale blocks per block of 32 in this product; with 2
-    (a product with Q6_K rows) the scale goes to both halves and the minimum to the first (it multiplies the sum
-    of the activation's whole block)."""
+    scale and minimum (see _store_block_scale)."""
     pair = b.mul(blk, _i64(16))
     _store_pairs(b, wp, pair, slot, lo)
     _store_pairs(b, wp, b.add(pair, _i64(8)), slot, hi)
-    k = b.mul(blk, per_block)
-    _store_scale(b, sw, mn, k, slot, scale, minimum)
-    with b.if_then(b.icmp_signed(">", per_block, _i64(1))):
-        _store_scale(b, sw, mn, b.add(k, _i64(1)), slot, scale, ir.Constant(F32, 0.0))
+    _store_block_scale(b, sw, mn, per_block, blk, slot, scale, minimum)
 
 
 def _emit_pack_legacy(fmt):
@@ -271,19 +277,13 @@ def _transpose16(b, rows):
     return v
 
 
-def _store16(b, wp, sw, mn, half, blk, pairs, scale_blocks):
+def _store16_pairs(b, wp, half, blk, pairs):
     """Block blk of 32 weights of 16 rows -> half `half` of a group: pairs, 16 values of <16 x i32> (row r's 16
-    code pairs; none: scales only), transposed and stored one vector per code pair; scale_blocks: [(scale
-    block k, <16 x float> scales, minimums)] of the rows."""
+    code pairs), transposed and stored one vector per code pair."""
     base = b.add(b.mul(blk, _i64(16 * (GROUP // 16) * 64)), b.mul(half, _i64(64)))
-    for p, col in enumerate(_transpose16(b, pairs) if pairs else []):
+    for p, col in enumerate(_transpose16(b, pairs)):
         st = b.store(col, b.bitcast(b.gep(wp, [b.add(base, _i64(p * (GROUP // 16) * 64))]), col.type.as_pointer()))
         st.align = 4
-    for k, scales, mins in scale_blocks:
-        for v, arr in ((scales, sw), (mins, mn)):
-            at = b.mul(b.add(b.mul(k, _i64(GROUP)), b.mul(half, _i64(16))), _i64(4))
-            st = b.store(v, b.bitcast(b.gep(arr, [at]), V16F.as_pointer()))
-            st.align = 4
 
 
 def _pair_vector(b, lo, hi):
@@ -292,12 +292,9 @@ def _pair_vector(b, lo, hi):
 
 
 def _store16_block(b, wp, sw, mn, half, per_block, blk, pairs, scales, mins):
-    """_store16 of a block with one scale and minimum per row; with per_block 2 (a product with Q6_K rows) the
-    scale goes to both halves of the block and the minimum to the first, as in _store_block."""
-    k = b.mul(blk, per_block)
-    _store16(b, wp, sw, mn, half, blk, pairs, [(k, scales, mins)])
-    with b.if_then(b.icmp_signed(">", per_block, _i64(1))):
-        _store16(b, wp, sw, mn, half, blk, [], [(b.add(k, _i64(1)), scales, ir.Constant(V16F, [0.0] * 16))])
+    """Block blk of 32 weights of 16 rows: their code pairs, scales and minimums (<16 x float>)."""
+    _store16_pairs(b, wp, half, blk, pairs)
+    _store_block_scale(b, sw, mn, per_block, blk, b.mul(half, _i64(16)), scales, mins)
 
 
 def _gathered(b, values):
@@ -376,8 +373,9 @@ def _emit_pack16_q6_k(b, w, row_bytes, nsb, wp, sw, mn, half, per_block):
                 for h in range(2):
                     scales[h] = b.insert_element(scales[h], b.fmul(d, b.sitofp(codes[h][3], F32)), ir.Constant(I32, r))
             blk = b.add(b.mul(i, _i64(8)), _i64(j))
-            k = b.mul(blk, _i64(2))
-            _store16(b, wp, sw, mn, half, blk, pairs, [(k, scales[0], zeros), (b.add(k, _i64(1)), scales[1], zeros)])
+            _store16_pairs(b, wp, half, blk, pairs)
+            for h in range(2):
+                _store_scale(b, sw, mn, b.add(b.mul(blk, _i64(2)), _i64(h)), b.mul(half, _i64(16)), scales[h], zeros)
         return []
 
     _loop(b, _i64(0), nsb, 1, [], one)
