@@ -137,6 +137,68 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    # Typed reads: a value from the file is data, so each is checked before anything sizes a buffer or bounds a
+    # loop with it. A value of the wrong type or out of range is one ModelFileError naming the file and the key.
+
+    def _bad(self, key: str, value: Any, want: str) -> ModelFileError:
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return ModelFileError(f"{self.path}: metadata {key} = {safe_text(shown)} is not {want}")
+
+    def get_int(self, key: str, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
+        """An integer in [lo, hi]; `default` when absent (ModelFileError when absent and no default)."""
+        value = self.metadata.get(key)
+        if value is None:
+            if default is None:
+                raise ModelFileError(f"{self.path}: metadata key {key} is missing")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise self._bad(key, value, "an integer")
+        value = int(value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self._bad(key, value, f"in {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
+        return value
+
+    def get_float(self, key: str, default: float | None = None, lo: float | None = None,
+                  hi: float | None = None) -> float:
+        """A finite number in [lo, hi] (integers are accepted); `default` when absent."""
+        value = self.metadata.get(key)
+        if value is None:
+            if default is None:
+                raise ModelFileError(f"{self.path}: metadata key {key} is missing")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise self._bad(key, value, "a number")
+        value = float(value)
+        if not np.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self._bad(key, value, f"a finite number in {lo if lo is not None else '-inf'}.."
+                                        f"{hi if hi is not None else 'inf'}")
+        return value
+
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A string; `default` (possibly None) when absent."""
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, value, "a string")
+        return value
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "a boolean")
+        return value
+
+
+def safe_text(text: str, limit: int = 200) -> str:
+    """File bytes fit for a one-line error message: control characters escaped, long text cut."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
 
 def read_gguf(path: str | os.PathLike, check_types: bool = True) -> GGUFFile:
     """Parse and validate a GGUF file. Raises ModelFileError / UnsupportedError with the reason."""
