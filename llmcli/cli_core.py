@@ -26,9 +26,9 @@ def _gen_config(max_tokens, stop, sampling: dict):
 
 
 def _is_model_ref(ref: str) -> bool:
-    from llmcli.store import DEFAULT_MODEL, match_models
+    from llmcli.store import PACKAGED_MODELS, match_models
 
-    return Path(ref).is_file() or ref.endswith(".gguf") or ref.lower() == DEFAULT_MODEL or bool(match_models(ref))
+    return Path(ref).is_file() or ref.endswith(".gguf") or ref.lower() in PACKAGED_MODELS or bool(match_models(ref))
 
 
 def _split_model_and_text(model: str | None, text: str | None, stdin_ok: bool) -> tuple[str | None, str | None]:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 ModelArg = Annotated[str | None, typer.Argument(
-    help="A .gguf path, a name from `llm list`, or `smollm2` (the default).", show_default=False)]
+    help="A .gguf path, a name from `llm list`, or an alias: `smollm2` (the default) or `gemma3`.", show_default=False)]
 Backend = Annotated[str | None, typer.Option(
     "--backend", help="numba (CPU, default), mlx (Apple GPU) or numpy (reference).", show_default=False)]
 Threads = Annotated[int | None, typer.Option(

@@ -74,7 +74,7 @@ def resolve_source(source: str, allow_requantize: bool = False,
                 raise ModelFileError(f"{source}: not a GGUF file (give a Hugging Face folder, a .gguf, or a repo id)")
         return gguf_source(path, allow_requantize), path.stem
     found = store.find_model(source)
-    if found is not None or source.lower() == store.DEFAULT_MODEL:
+    if found is not None or source.lower() in store.PACKAGED_MODELS:
         gguf = store.resolve_model(source)
         return gguf_source(gguf, allow_requantize), (found.name if found else source).split(":")[0]
     if "/" in source and not source.endswith(".gguf"):

