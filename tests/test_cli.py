@@ -204,8 +204,11 @@ def test_ctrl_c_stops_the_reply_not_the_chat(tmp_path, smollm2_path):
                          stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0)
     p.stdin.write("Count from 1 to 500, one number per line.\n")
     p.stdin.flush()
-    seen, deadline = b"", time.time() + 240
-    while b"5" not in seen and time.time() < deadline:  # wait until the reply is well under way
+    # Ready when the reply's first token is on stdout (anything but input prompts). A deadline only bounds a
+    # broken run; the interrupt is never sent before the reply has started.
+    seen, deadline = b"", time.time() + 600
+    while not seen.replace(b">>> ", b"").strip():
+        assert time.time() < deadline and p.poll() is None, f"the reply never started: {seen!r}"
         if select.select([p.stdout], [], [], 1.0)[0]:
             seen += os.read(p.stdout.fileno(), 1024)
     p.send_signal(signal.SIGINT)
