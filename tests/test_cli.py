@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 from test_gguf_file import write_tiny
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -201,7 +202,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(tmp_path, smollm2_path):
     save = tmp_path / "after.json"
     p = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", str(smollm2_path), "--backend", "numpy",
                           "--temperature", "0", "-n", "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0)
+                         stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0, preexec_fn=sigint_default)
     p.stdin.write("Count from 1 to 500, one number per line.\n")
     p.stdin.flush()
     # Ready when the reply's first token is on stdout (anything but input prompts). A deadline only bounds a

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sigint_default
 from hub_server import HubServer
 
 from llmcli.hub import (
@@ -346,7 +347,7 @@ def test_ctrl_c_keeps_the_partial_download(hub, env):
     # The stall must outlast any wait of the test under load: a read timeout would retry and finish the download.
     proc = subprocess.Popen([sys.executable, "-m", "llmcli", "pull", GGUF_REPO],
                             env={**env, "HF_HUB_DOWNLOAD_TIMEOUT": "600"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     try:
         assert hub.stalled.wait(120), "the pull never started downloading"
         deadline = time.time() + 300  # ready: every byte sent before the stall is on disk
