@@ -156,6 +156,12 @@ class Session:
         if len(prompt) >= self.n_ctx:
             raise PromptError(f"the prompt has {len(prompt)} tokens, the context holds {self.n_ctx} "
                               f"(raise --ctx or shorten the prompt)")
+        n_vocab = self.lm.hparams.n_vocab
+        if min(prompt) < 0 or max(prompt) >= n_vocab:
+            # a tokenizer vocabulary larger than the embedding table spells ids the model has no row for
+            bad = next(t for t in prompt if not 0 <= t < n_vocab)
+            raise PromptError(f"the prompt has token id {bad}, outside the model's {n_vocab}-row embedding table "
+                              f"(the file's vocabulary and weights disagree)")
         start = self._sync_cache(prompt)
         self.reused = start
         logits = None
@@ -205,7 +211,8 @@ class Session:
                     if token in tok.stop_ids:
                         finish = "stop"
                         break
-                    text, stopped = stops.feed(detok.add(token))
+                    # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
+                    text, stopped = stops.feed(detok.add(token) if token < tok.vocab_size else "")
                     if text:
                         yield GenerationResponse(text, token)
                     if stopped:
