@@ -165,7 +165,7 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids for `text`. Special-token strings in the text become their ids; BOS (and EOS, where
         the model asks for it) are added when `add_special`."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(_valid_text(text), add_special_tokens=False).ids
         if add_special:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
@@ -261,6 +261,21 @@ def _array(gguf: GGUFFile, key: str, kind: type) -> Sequence | None:
         raise ModelFileError(f"{gguf.path}: metadata {key} is {'an array of ' if vtype == _GGUF_ARRAY else 'a '}"
                              f"{shown}, not an array of {kind.__name__}")
     return gguf.metadata[key]
+
+
+def _valid_text(text: str) -> str:
+    """`text` as valid Unicode: an argument or file that was not UTF-8 reaches Python with lone surrogates
+    (which `tokenizers` refuses); their bytes are decoded again with U+FFFD for what is not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogateescape" if _only_escapes(text) else "replace").decode(
+            "utf-8", errors="replace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def _one_line(error: Exception) -> str:

@@ -64,7 +64,8 @@ class Tensor:
 def check_arch(arch: str | None) -> None:
     """Refuse, in one line, an architecture the engine does not run."""
     if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+        shown = safe_text(str(arch), 60)
+        raise UnsupportedError(f"unsupported architecture '{shown}' (supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
 MAX_ARRAY_DEPTH = 4  # arrays of arrays this deep at most: a file cannot make the reader recurse without bound
