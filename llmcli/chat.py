@@ -130,6 +130,7 @@ class ChatLoop:
         elif name == "/clear":
             self.conv.clear()
             self.session.reset()  # the cache held the old conversation: /stats counts from zero again
+            self.last = None
             self.err.print("[dim]conversation cleared[/]")
         elif name == "/system":
             self.conv.system = arg or None

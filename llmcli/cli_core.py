@@ -52,7 +52,7 @@ def _text_and_stdin(text: str | None, what: str) -> str:
     """The text argument, the piped text, or both (the argument first, as in `cat notes.txt | llm run "Sum it"`)."""
     piped = _piped_stdin()
     if text is None:
-        if piped is None:
+        if not piped:
             raise PromptError(f"no {what}: give it as an argument or on stdin")
         return piped
     return f"{text}\n\n{piped}" if piped else text
@@ -65,7 +65,7 @@ def _warn_ctx(session, ctx: int | None) -> None:
               "output past it may degrade", file=sys.stderr)
 
 
-def _open(model: str | None, backend, threads, template=None):
+def _open(model: str | Path | None, backend, threads, template=None):
     """Load the model for a command. The garbage collector is paused while loading: the start-up allocates some
     hundred thousand objects that live as long as the process (numba's registries, the vocabulary), and
     collecting them again and again cost ~0.2 s; they are then frozen, which also spares the collector and the
@@ -73,7 +73,7 @@ def _open(model: str | None, backend, threads, template=None):
     from llmcli import engine
     from llmcli.store import resolve_model
 
-    path = resolve_model(model)
+    path = model if isinstance(model, Path) else resolve_model(model)
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -105,16 +105,18 @@ def run(
     Example: llm run smollm2 "Write a haiku about the sea" --temperature 0
     """
     from llmcli.engine import Session, encode_chat
+    from llmcli.store import resolve_model
 
     model, prompt = _split_model_and_text(model, prompt)
     if raw and system:
         raise PromptError("--system needs the chat template, which --raw skips: drop one of them")
+    path = resolve_model(model)  # a model that is not there is said before anything about the prompt
     prompt = _text_and_stdin(prompt, "prompt")
     if not prompt.strip():
         raise PromptError("the prompt is empty")
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
-    lm = _open(model, backend, threads, template)
+    lm = _open(path, backend, threads, template)
     session = Session(lm, ctx)
     _warn_ctx(session, ctx)
     if raw:
@@ -191,8 +193,9 @@ def tokenize(
     from quant.gguf_file import read_gguf
 
     model, text = _split_model_and_text(model, text)
+    path = resolve_model(model)
     text = _text_and_stdin(text, "text")
-    tok = Tokenizer.from_gguf(read_gguf(resolve_model(model)))
+    tok = Tokenizer.from_gguf(read_gguf(path))
     ids = tok.encode(text)
     if as_json:
         print(json.dumps({"ids": ids, "count": len(ids)}))

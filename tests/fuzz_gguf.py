@@ -42,7 +42,7 @@ import numpy as np
 OUTCOMES = ("ok", "error", "bad-error", "traceback", "memory", "crash", "hang")
 FAILURES = ("bad-error", "traceback", "memory", "crash", "hang")
 MEMORY_CAP = 3 << 30
-CASE_TIMEOUT_S = 20.0
+CASE_TIMEOUT_S = 30.0
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -303,17 +303,20 @@ def mutate_hparam(m: Model, rnd: random.Random) -> str:
 
 
 def mutate_tokenizer(m: Model, rnd: random.Random) -> str:
-    tokens = m.get("tokenizer.ggml.tokens")
+    tokens, types = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.token_type")
     choice = rnd.randrange(9)
+    intact = all(f is not None and f.raw is None and f.vtype == ARRAY and f.value[0] == item
+                 for f, item in ((tokens, STRING), (types, I32), (m.get("tokenizer.ggml.merges"), STRING)))
+    # an earlier mutation may have replaced what these ones edit
+    if (not intact or not tokens.value[1]) and choice in (0, 1, 4, 5, 6, 7):
+        choice = 2
     if choice == 0:  # a smaller vocabulary than the embedding table
         tokens.value = (STRING, tokens.value[1][:rnd.choice([1, 10, 200, 255])])
-        types = m.get("tokenizer.ggml.token_type")
         types.value = (types.value[0], types.value[1][:len(tokens.value[1])])
         return "tokenizer smaller vocab"
     if choice == 1:  # larger: prompt ids past the table
         extra = [f"x{i}" for i in range(rnd.choice([1, 100]))]
         tokens.value = (STRING, extra + tokens.value[1])
-        types = m.get("tokenizer.ggml.token_type")
         types.value = (types.value[0], [1] * len(extra) + types.value[1])
         return "tokenizer larger vocab"
     key = rnd.choice(["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
@@ -336,7 +339,6 @@ def mutate_tokenizer(m: Model, rnd: random.Random) -> str:
         merges.value = (STRING, merges.value[1] + rnd.choice([["nospace"], ["a  b"], [" "], ["zz qq"], [""]]))
         return "tokenizer bad merge"
     if choice == 6:
-        types = m.get("tokenizer.ggml.token_type")
         types.value = (types.value[0], [rnd.choice([0, 2, 3, 4, 5, 6, 99, -1]) for _ in types.value[1]])
         return "tokenizer token types"
     if choice == 7:
@@ -351,6 +353,8 @@ def mutate_tokenizer(m: Model, rnd: random.Random) -> str:
 
 
 def mutate_tensor(m: Model, rnd: random.Random) -> str:
+    if not m.tensors:
+        return "tensor none left"
     t = rnd.choice(m.tensors)
     choice = rnd.randrange(8)
     if choice == 0:
@@ -460,6 +464,9 @@ def run_case(path: str, backend: str) -> dict:
             ids = lm.tokenizer.encode("hello")  # a broken template still leaves --raw
         for _ in session.generate(ids, config):
             pass
+        # and a prompt long enough for the batched prompt path (its own kernels)
+        for _ in session.generate(lm.tokenizer.encode("hello " * 24)[:40], config):
+            pass
         return {"outcome": "ok"}
     except LlmError as e:
         msg = str(e)
@@ -494,11 +501,14 @@ def warm_up_files(seed_model: Model, workdir: Path) -> list[str]:
 
     paths = []
     for type_id in WARM_TYPES:
-        m = copy.deepcopy(seed_model)
-        next(t for t in m.tensors if t.name == "blk.0.attn_output.weight").type_id = type_id
-        path = workdir / f"warm-{type_id}.gguf"
-        path.write_bytes(serialize(m)[0])
-        paths.append(str(path))
+        for every in (False, True):  # the embedding table alone (as the tied output), then every matrix
+            m = copy.deepcopy(seed_model)
+            for t in m.tensors:
+                if len(t.dims) == 2 and (every or t.name == "token_embd.weight"):
+                    t.type_id = type_id
+            path = workdir / f"warm-{type_id}-{int(every)}.gguf"
+            path.write_bytes(serialize(m)[0])
+            paths.append(str(path))
     return paths
 
 
