@@ -3,6 +3,7 @@ interface of a loaded model and its KV cache."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,43 +37,58 @@ class HParams:
     has_rope_freqs: bool  # llama3-style per-frequency factors in tensor `rope_freqs.weight`
 
 
+# Bounds on counts read from a file: far above any real model, low enough that nothing sized by them can
+# exhaust the process before the tensor shapes are checked against them.
+MAX_COUNT = 1 << 20  # layers, heads
+MAX_DIM = 1 << 24  # embedding, feed-forward and head sizes
+MAX_CTX = 1 << 24
+
+
 def read_hparams(gguf: GGUFFile) -> HParams:
-    """Build HParams from metadata; refuses architectures the engine cannot run."""
-    arch = gguf.get("general.architecture")
+    """Build HParams from metadata; refuses architectures the engine cannot run, and values the kernels
+    could not run safely (each one ModelFileError naming the key)."""
+    arch = gguf.get_str("general.architecture")
     if arch is None:
         raise ModelFileError(f"{gguf.path}: no general.architecture in metadata")
     check_arch(arch)
+    where = gguf.path
 
-    def need(key: str):
-        value = gguf.get(f"{arch}.{key}")
-        if value is None:
-            raise ModelFileError(f"{gguf.path}: metadata key {arch}.{key} is missing")
-        return value
+    def count(key: str, default: int | None = None, lo: int = 1, hi: int = MAX_COUNT) -> int:
+        return gguf.get_int(f"{arch}.{key}", default, lo, hi)
 
-    n_embd = int(need("embedding_length"))
-    n_heads = int(need("attention.head_count"))
-    n_kv_heads = int(gguf.get(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(gguf.get(f"{arch}.attention.key_length", n_embd // n_heads))
+    n_embd = count("embedding_length", hi=MAX_DIM)
+    n_heads = count("attention.head_count")
+    n_kv_heads = count("attention.head_count_kv", n_heads)
+    if n_heads % n_kv_heads:
+        # attention maps query head h to KV head h // (n_heads // n_kv_heads): past the cache otherwise
+        raise ModelFileError(f"{where}: metadata {arch}.attention.head_count = {n_heads} is not a multiple of "
+                             f"{arch}.attention.head_count_kv = {n_kv_heads}")
+    head_dim = count("attention.key_length", n_embd // n_heads if n_embd >= n_heads else None, hi=MAX_DIM)
     if "token_embd.weight" not in gguf.tensors:
-        raise ModelFileError(f"{gguf.path}: tensor token_embd.weight is missing")
-    n_vocab = int(gguf.get(f"{arch}.vocab_size", gguf.tensors["token_embd.weight"].shape[0]))
-    scaling = gguf.get(f"{arch}.rope.scaling.type", "none")
+        raise ModelFileError(f"{where}: tensor token_embd.weight is missing")
+    n_vocab = count("vocab_size", gguf.tensors["token_embd.weight"].shape[0], hi=1 << 31)
+    rope_dim = count("rope.dimension_count", head_dim, hi=MAX_DIM)
+    if rope_dim > head_dim or rope_dim % 2:
+        # RoPE rotates pairs within each head: an odd count or one past the head would write past it
+        raise ModelFileError(f"{where}: metadata {arch}.rope.dimension_count = {rope_dim} must be even and at "
+                             f"most the head size {head_dim}")
+    scaling = gguf.get_str(f"{arch}.rope.scaling.type", "none")
     rope_scale = 1.0
     if scaling == "linear":
-        rope_scale = float(gguf.get(f"{arch}.rope.scaling.factor", 1.0))
+        rope_scale = gguf.get_float(f"{arch}.rope.scaling.factor", 1.0, lo=1e-6, hi=1e6)
     hp = HParams(
         arch=arch,
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layers=int(need("block_count")),
+        n_layers=count("block_count", hi=4096),
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        n_ff=int(need("feed_forward_length")),
-        n_ctx_train=int(gguf.get(f"{arch}.context_length", 2048)),
-        norm_eps=float(gguf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_base=float(gguf.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(gguf.get(f"{arch}.rope.dimension_count", head_dim)),
+        n_ff=count("feed_forward_length", hi=MAX_DIM),
+        n_ctx_train=count("context_length", 2048, hi=MAX_CTX),
+        norm_eps=gguf.get_float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6, lo=1e-12, hi=1.0),
+        rope_base=gguf.get_float(f"{arch}.rope.freq_base", 10000.0, lo=1.0, hi=1e12),
+        rope_dim=rope_dim,
         rope_neox=arch in ("qwen2", "qwen3"),
         rope_scale=rope_scale,
         tied_embeddings="output.weight" not in gguf.tensors,
@@ -112,15 +128,19 @@ def check_tensors(gguf: GGUFFile, hp: HParams) -> None:
         "attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,),
         "attn_q_norm.weight": (hp.head_dim,), "attn_k_norm.weight": (hp.head_dim,),
     }
-    for i in range(hp.n_layers):
-        for name in layer_tensor_names(hp):
-            expected[f"blk.{i}.{name}"] = shapes[name]
-    for name, shape in expected.items():
+    # checked layer by layer as the names are made: a block_count the file does not back stops at the first
+    # missing tensor instead of first listing billions of names
+    layers = ((f"blk.{i}.{name}", shapes[name]) for i in range(hp.n_layers) for name in layer_tensor_names(hp))
+    for name, shape in itertools.chain(expected.items(), layers):
         t = gguf.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{gguf.path}: tensor {name} is missing")
         if t.shape != shape:
             raise ModelFileError(f"{gguf.path}: tensor {name} has shape {t.shape}, expected {shape}")
+    freqs = gguf.tensors.get("rope_freqs.weight")
+    if freqs is not None and (freqs.shape != (hp.rope_dim // 2,) or freqs.data.dtype.kind != "f"):
+        raise ModelFileError(f"{gguf.path}: tensor rope_freqs.weight has shape {freqs.shape} and type "
+                             f"{freqs.qtype.name}, expected {(hp.rope_dim // 2,)} and a float type")
 
 
 def count_params(gguf: GGUFFile) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from backends import HParams, Model, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
-from quant.errors import LlmError, PromptError
+from quant.errors import LlmError, ModelFileError, PromptError
 from quant.gguf_file import GGUFFile, read_gguf
 
 DEFAULT_CTX_CAP = 4096
@@ -123,6 +123,17 @@ class StopMatcher:
         return out
 
 
+@contextmanager
+def _broken_model_math():
+    """NaN or infinite weights can leave a softmax with nothing to normalise by; the numba kernels then raise
+    ZeroDivisionError. That is a broken file, said in one line like non-finite logits."""
+    try:
+        yield
+    except ZeroDivisionError:
+        raise ModelFileError("the model's computation broke down (a division by zero on non-finite values): "
+                             "its weights or parameters are broken") from None
+
+
 class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
@@ -156,12 +167,19 @@ class Session:
         if len(prompt) >= self.n_ctx:
             raise PromptError(f"the prompt has {len(prompt)} tokens, the context holds {self.n_ctx} "
                               f"(raise --ctx or shorten the prompt)")
+        n_vocab = self.lm.hparams.n_vocab
+        if min(prompt) < 0 or max(prompt) >= n_vocab:
+            # a tokenizer vocabulary larger than the embedding table spells ids the model has no row for
+            bad = next(t for t in prompt if not 0 <= t < n_vocab)
+            raise PromptError(f"the prompt has token id {bad}, outside the model's {n_vocab}-row embedding table "
+                              f"(the file's vocabulary and weights disagree)")
         start = self._sync_cache(prompt)
         self.reused = start
         logits = None
         for i in range(start, len(prompt), PREFILL_CHUNK):
             chunk = list(prompt[i:i + PREFILL_CHUNK])
-            logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
+            with _broken_model_math():
+                logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
             self.tokens.extend(chunk)
         return logits
 
@@ -180,7 +198,8 @@ class Session:
                     yield token
             return
         for _ in range(n - 1):
-            logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
+            with _broken_model_math():
+                logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
             self.tokens.append(token)
             token = sampler(logits, history)
             yield token
@@ -205,7 +224,8 @@ class Session:
                     if token in tok.stop_ids:
                         finish = "stop"
                         break
-                    text, stopped = stops.feed(detok.add(token))
+                    # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
+                    text, stopped = stops.feed(detok.add(token) if token < tok.vocab_size else "")
                     if text:
                         yield GenerationResponse(text, token)
                     if stopped:

@@ -16,7 +16,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def llm(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input, capture_output=True, text=True,
+    # stdin is always a pipe (empty unless `input`): a run never waits on a stdin inherited from the test runner
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input or "", capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 
