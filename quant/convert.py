@@ -6,10 +6,11 @@ writer streams: header first, then each tensor read in row chunks, quantized, wr
 A second thread writes one tensor while the next is quantized, so at most three output tensors
 (being written, waiting, being built) and one input chunk are held at a time.
 
-Type policy (as llama.cpp's): 1-D tensors stay F32; the token embedding and the output matrix get
+Type policy for the legacy types: 1-D tensors stay F32; the token embedding and the output matrix get
 q8_0 (or the requested type when it is q8_0 or a float type); every other matrix gets the requested
 type. --embedding-type / --output-type / --tensor-type REGEX=TYPE override, --pure turns the q8_0
 exception off. A row length that does not split into 32-weight blocks falls back to f16.
+The K-quant mixes (q4_k_m, ...) follow llama.cpp's own per-tensor policy: quant/policy.py.
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
+from quant import policy
 from quant.errors import LlmError, ModelFileError, UnsupportedError
 from quant.formats import dequantize
 from quant.gguf_file import check_arch, read_gguf
 from quant.hf_tokenizer import read_hf_tokenizer
+from quant.kquants import K_TYPES, quantize_k_rows
 from quant.quantize import BLOCK_TYPES, QK, QUANTIZE_TYPES, quantize_rows
 from quant.safetensors_file import SafeTensor, read_safetensors
 
 Q = GGMLQuantizationType
 FLOAT_KINDS = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
-TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES, key=lambda t: t.value)}
+TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES | K_TYPES, key=lambda t: t.value)}
+# what -t accepts: the legacy and float types, and llama.cpp's K-quant file types (q4_k = q4_k_m, as there)
+TARGET_NAMES = [n for n in TYPE_NAMES if n not in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")] + \
+    ["q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k"]
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
               Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
               Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
@@ -54,6 +60,17 @@ def parse_type(name: str) -> GGMLQuantizationType:
     return t
 
 
+def parse_target(name: str) -> tuple[GGMLQuantizationType, str | None]:
+    """-t's value -> (the main tensor type, the K-quant mix name or None); one clear error otherwise."""
+    mix = policy.find_mix(name)
+    if mix is not None:
+        return mix.default, mix.name
+    t = TYPE_NAMES.get(name.strip().lower())
+    if t is None:
+        raise LlmError(f"unknown quantization type '{name}' (choose from {', '.join(TARGET_NAMES)})")
+    return t, None
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """What to write. Defaults live here."""
@@ -65,6 +82,15 @@ class ConvertOptions:
     pure: bool = False
     optimize: bool = False
     allow_requantize: bool = False
+    mix: str | None = None  # a K-quant file type (policy.MIXES): llama.cpp's per-tensor policy
+
+    @property
+    def target_name(self) -> str:
+        return self.mix or self.qtype.name.lower()
+
+    @property
+    def file_type(self) -> LlamaFileType:
+        return policy.MIXES[self.mix].ftype if self.mix else _FILE_TYPE[self.qtype]
 
 
 def parse_tensor_types(specs: list[str] | None) -> tuple[tuple[str, GGMLQuantizationType], ...]:
@@ -396,10 +422,16 @@ def choose_type(t: SourceTensor, opts: ConvertOptions, tied: bool) -> tuple[GGML
             chosen = opts.qtype
     if chosen in BLOCK_TYPES and t.shape[-1] % QK:
         return Q.F16, f"rows of {t.shape[-1]} do not split into {QK}-weight blocks"
+    if chosen in K_TYPES:
+        return policy.fallback(chosen, t.shape[-1])
     return chosen, ""
 
 
 def make_plan(source: Source, opts: ConvertOptions) -> list[TensorPlan]:
+    if opts.mix:
+        mopts = policy.MixOptions(opts.embedding_type, opts.output_type, opts.tensor_types, opts.pure)
+        types = policy.plan_mix([(t.name, t.shape, t.qtype) for t in source.tensors], policy.MIXES[opts.mix], mopts)
+        return [TensorPlan(t, qtype, note) for t, (qtype, note) in zip(source.tensors, types, strict=True)]
     tied = not any(t.name == "output.weight" for t in source.tensors)
     plans = []
     for t in source.tensors:
@@ -426,7 +458,9 @@ def encode_tensor(t: SourceTensor, qtype: GGMLQuantizationType, optimize: bool |
     for r0 in range(0, t.n_rows, step):
         r1 = min(t.n_rows, r0 + step)
         rows, kind = t.read(r0, r1)
-        if qtype in BLOCK_TYPES:
+        if qtype in K_TYPES:  # --optimize here is ggml's imatrix search, which needs the importance
+            quantize_k_rows(rows, qtype, kind, col_weights if optimize else None, out=rows_out[r0:r1])
+        elif qtype in BLOCK_TYPES:
             quantize_rows(rows, qtype, optimize, kind, col_weights, out=rows_out[r0:r1])
         else:
             rows_out[r0:r1] = quantize_rows(rows, qtype, optimize, kind).reshape(r1 - r0, -1)
@@ -528,7 +562,7 @@ def write_gguf(source: Source, opts: ConvertOptions, output: Path,
     writer = GGUFWriter(tmp, source.arch)
     try:
         source.write_metadata(writer)
-        writer.add_file_type(_FILE_TYPE[opts.qtype])
+        writer.add_file_type(opts.file_type)
         writer.add_quantization_version(2)
         for p in plan:
             writer.add_tensor_info(p.name, (p.n_bytes,) if len(p.shape) == 1 else
