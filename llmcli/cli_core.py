@@ -206,9 +206,10 @@ def tokenize(
     Console().print(table)
 
 
-def describe(model: str | None, template: Path | None = None) -> dict:
+def describe(model: str | None, template: Path | None = None, ctx: int | None = None) -> dict:
     """What `llm show` prints, as a dict."""
-    from backends.base import count_params, read_hparams
+    from backends.base import count_params, kv_cache_bytes, read_hparams
+    from llmcli.engine import context_size
     from llmcli.store import resolve_model
     from llmcli.template import ChatTemplate
     from llmcli.tokenizer import Tokenizer
@@ -220,6 +221,7 @@ def describe(model: str | None, template: Path | None = None) -> dict:
     tmpl = ChatTemplate.from_gguf(gguf, override=template, bos_token=tok.bos_token, eos_token=tok.eos_token)
     special = {"bos": tok.bos_token, "eos": tok.eos_token,
                "stop": sorted(tok.piece(i) for i in tok.stop_ids), "add_bos": tok.add_bos}
+    n_ctx = context_size(hp, ctx)
     return {
         "file": str(gguf.path),
         "name": gguf.get("general.name"),
@@ -233,10 +235,14 @@ def describe(model: str | None, template: Path | None = None) -> dict:
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
         "special_tokens": special,
         "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
+        # float32 keys and values at the chosen context (numba's rotating cache), and if every layer kept all
+        "kv_cache": {"context": n_ctx, "bytes": kv_cache_bytes(hp, n_ctx),
+                     "full_bytes": kv_cache_bytes(hp, n_ctx, slack=None)},
     }
 
 
-def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt.Json = False) -> None:
+def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx = None,
+         as_json: opt.Json = False) -> None:
     """Architecture, size, tensor types, chat template and special tokens of a model.
 
     Example: llm show smollm2
@@ -244,7 +250,7 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt
     from rich.console import Console
     from rich.table import Table
 
-    info = describe(model, template)
+    info = describe(model, template, ctx)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -258,6 +264,9 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt
         table.add_row(key.replace("_", " "), str(value))
     table.add_row("file size", f"{info['file_size'] / 2**20:.1f} MiB")
     table.add_row("tensor types", ", ".join(f"{k} × {v}" for k, v in info["tensor_types"].items()))
+    kv = info["kv_cache"]
+    table.add_row("kv cache", f"{kv['bytes'] / 2**20:.1f} MiB at {kv['context']} tokens (keeping every position "
+                              f"of every layer: {kv['full_bytes'] / 2**20:.1f} MiB)")
     sp = info["special_tokens"]
     table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
     ct = info["chat_template"]

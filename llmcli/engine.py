@@ -157,6 +157,7 @@ class Session:
             n += 1
         n = min(n, len(prompt) - 1)
         self.cache.trim(len(self.tokens) - n)
+        n = self.cache.offset  # a rotating cache may have to drop more than asked
         del self.tokens[n:]
         return n
 

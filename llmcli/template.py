@@ -33,6 +33,23 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma 3's format, for its GGUF files that carry no template: `<start_of_turn>user|model`, the content trimmed,
+# a system message folded into the first user turn, and roles that must alternate (as Google's template does).
+GEMMA = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+BUILT_IN = {"gemma3": ("built-in (Gemma)", GEMMA)}  # architecture -> template for files without one
+
 
 class TemplateError(LlmError):
     """A chat template is missing, does not parse, or fails while rendering."""
@@ -276,8 +293,8 @@ class ChatTemplate:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, override: Path | None = None,
                   bos_token: str | None = None, eos_token: str | None = None) -> ChatTemplate:
-        """The template from `override` (a file) if given, else the model's `tokenizer.chat_template`,
-        else ChatML."""
+        """The template from `override` (a file) if given, else the model's `tokenizer.chat_template`, else
+        the built-in one of its architecture (Gemma), else ChatML."""
         if override is not None:
             override = Path(override)
             try:
@@ -294,6 +311,9 @@ class ChatTemplate:
         source = gguf.get("tokenizer.chat_template")
         if isinstance(source, str) and source.strip():
             return cls(source, "model", bos_token=bos_token, eos_token=eos_token)
+        if gguf.get("general.architecture") in BUILT_IN:
+            origin, source = BUILT_IN[gguf.get("general.architecture")]
+            return cls(source, origin, bos_token=bos_token, eos_token=eos_token)
         return cls(CHATML, "fallback (ChatML)", is_fallback=True, bos_token=bos_token, eos_token=eos_token)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

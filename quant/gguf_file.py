@@ -21,7 +21,7 @@ from quant.errors import ModelFileError, UnsupportedError
 from quant.formats import READABLE_TYPES
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # the architectures the engine runs (and the converter writes)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # the families in quant/families (it imports this module)
 DEFAULT_ALIGNMENT = 32
 
 _SCALAR = {
