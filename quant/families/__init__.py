@@ -53,7 +53,7 @@ def hf_family(model_type: str | None) -> Family:
 def read_hparams(gguf: GGUFFile) -> HParams:
     """The checked blueprint of `gguf`: its family's hyper-parameters, with every tensor the forward pass reads
     present in the shape they imply."""
-    arch = gguf.get("general.architecture")
+    arch = gguf.get_str("general.architecture")  # ModelFileError when it is not a string
     if arch is None:
         raise ModelFileError(f"{gguf.path}: no general.architecture in metadata")
     hp = family_for(arch).read_hparams(gguf)

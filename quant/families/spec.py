@@ -181,7 +181,7 @@ def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
     n_ff = gguf.get_int(key("feed_forward_length"), lo=1, hi=MAX_DIM)
     n_ctx = gguf.get_int(key("context_length"), 2048, lo=1, hi=MAX_CTX)
     n_heads = gguf.get_int(key("attention.head_count"), lo=1, hi=MAX_HEADS)
-    n_kv = gguf.get_int(key("attention.head_count_kv"), n_heads, lo=1, hi=n_heads)
+    n_kv = gguf.get_int(key("attention.head_count_kv"), n_heads, lo=1, hi=MAX_HEADS)
     if n_heads % n_kv:
         raise ModelFileError(f"{path}: metadata {key('attention.head_count')} = {n_heads} is not a multiple of "
                              f"{key('attention.head_count_kv')} = {n_kv}")
@@ -194,9 +194,11 @@ def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
     if value_dim != head_dim:
         raise ModelFileError(f"{path}: metadata {key('attention.value_length')} = {value_dim} differs from the "
                              f"key length {head_dim}, which this engine does not run")
-    rope_dim = gguf.get_int(key("rope.dimension_count"), head_dim, lo=2, hi=head_dim)
-    if rope_dim % 2:
-        raise ModelFileError(f"{path}: metadata {key('rope.dimension_count')} = {rope_dim} is odd")
+    rope_dim = gguf.get_int(key("rope.dimension_count"), head_dim, lo=2, hi=MAX_DIM)
+    if rope_dim > head_dim or rope_dim % 2:
+        # RoPE rotates pairs within each head: an odd count, or one past the head, would write past it
+        raise ModelFileError(f"{path}: metadata {key('rope.dimension_count')} = {rope_dim} must be even and at "
+                             f"most the head size {head_dim}")
     eps = positive_float(gguf, key("attention.layer_norm_rms_epsilon"), 1e-6)
     rope_base = positive_float(gguf, key("rope.freq_base"), 10000.0)
     scaling = gguf.get_str(key("rope.scaling.type"), "none")
