@@ -181,3 +181,36 @@ def test_rm_at_end_of_input_removes_nothing_and_list_shows_upper_case_types(tmp_
     assert "interrupted" not in text and "nothing removed" in text, text
     assert code == 1
     assert "local/tiny" in llm("list", env=env).stdout  # still there
+
+
+@pytest.fixture(scope="module")
+def broken_template_model(tmp_path_factory):
+    """The fuzzer's tiny model with a chat template that does not parse, and one whose architecture name
+    carries control characters."""
+    from fuzz_gguf import read_model, serialize, write_seed
+
+    folder = tmp_path_factory.mktemp("hostile")
+    seed = read_model(write_seed(folder / "seed.gguf"))
+    seed.get("tokenizer.chat_template").value = "{% for m in messages %}"
+    broken = folder / "broken-template.gguf"
+    broken.write_bytes(serialize(seed)[0])
+    seed.get("general.architecture").value = "llama\x1b[2J\nrm"
+    evil = folder / "evil-arch.gguf"
+    evil.write_bytes(serialize(seed)[0])
+    return broken, evil
+
+
+def test_a_template_that_does_not_parse_stops_only_what_renders_it(broken_template_model):
+    broken, _ = broken_template_model
+    assert llm("show", str(broken)).returncode == 0
+    assert llm("tokenize", str(broken), "hello").returncode == 0
+    r = llm("run", str(broken), "hello", "--raw", "-n", "1", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert_one_line_error(llm("run", str(broken), "hello", "-n", "1", *FAST), "chat template failed: does not parse")
+
+
+def test_error_lines_escape_file_bytes(broken_template_model):
+    _, evil = broken_template_model
+    r = llm("run", str(evil), "hello", "-n", "1")
+    assert_one_line_error(r, "unsupported architecture", "\\x1b[2J\\nrm")
+    assert "\x1b" not in r.stderr
