@@ -192,7 +192,7 @@ class ChatLoop:
             self.err.print(str(e), style="red", markup=False)
             return
         if dropped:
-            self.err.print(f"[yellow]context nearly full: the {dropped} oldest messages are left out of the prompt "
+            self.err.print(f"[yellow]context nearly full: dropped the {dropped} oldest messages from the prompt "
                            f"(the system prompt is kept; /save keeps them all)[/]")
         pieces, interrupted = [], False
         try:
