@@ -52,7 +52,7 @@ def _text_and_stdin(text: str | None, what: str) -> str:
     """The text argument, the piped text, or both (the argument first, as in `cat notes.txt | llm run "Sum it"`)."""
     piped = _piped_stdin()
     if text is None:
-        if not piped:
+        if piped is None:
             raise PromptError(f"no {what}: give it as an argument or on stdin")
         return piped
     return f"{text}\n\n{piped}" if piped else text
