@@ -114,7 +114,10 @@ def timed(fn, *args) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = False) -> None:
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = False, text_path: Path = WIKITEXT) -> None:
     """KL divergence of q4_0 / q5_0 (default rounding and --optimize) against the F16 conversion, on
     wikitext-2 windows scored as `llm perplexity` does. Logits come from transformers loading each GGUF
     (an independent reader and forward pass; much faster than the numpy reference backend on CPU)."""
@@ -125,7 +128,7 @@ def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = Fals
     from llmcli.perplexity import log_softmax, windows
     from llmcli.quantize import quantize
 
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt").read_text()
+    text = text_path.read_text()
     ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     wins = windows(ids, ctx, n_windows, None)
     first = ctx // 2
@@ -177,9 +180,10 @@ def main() -> None:
     ap.add_argument("--kld", type=Path, help="an HF model folder: measure --optimize's KL divergence instead")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--kquants", action="store_true", help="with --kld: Q4_K_M and Q5_K_M instead of Q4_0/Q5_0")
+    ap.add_argument("--text", type=Path, default=WIKITEXT, help="with --kld: the text scored (wikitext-2 valid)")
     args = ap.parse_args()
     if args.kld:
-        kld_table(args.kld, args.windows, kquants=args.kquants)
+        kld_table(args.kld, args.windows, kquants=args.kquants, text_path=args.text)
         return
     layers = args.layers
     src = make_model(WORK / ("bench-1b-f16.gguf" if layers == SHAPE["n_layers"] else f"bench-1b-{layers}l-f16.gguf"),

@@ -60,6 +60,13 @@ def _i8(v):
 
 
 @njit(cache=True, inline="always")
+def _fclamp(v, lo, hi):
+    """An integral float clamped to [lo, hi]: the codes of the lane searches stay float32 (no int64
+    conversion, which AVX2 cannot vectorize); exact, as every value is a small integer."""
+    return lo if v < lo else (hi if v > hi else v)
+
+
+@njit(cache=True, inline="always")
 def _half(v, lut):
     """float32 -> its float16 bits and the float32 value they hold."""
     bits = _f16_bits(v)
@@ -235,6 +242,7 @@ def _make_qp_quants(n, nmax, x, L, qw):
 def _make_qkx_lanes(n, G, nmax, X, W, L, La, V, rmin, rdelta, nstep, use_mad, scales, mins):
     """ggml's make_qkx2_quants (= make_qkx3 with weights) for G groups of n: affine codes in [0, nmax]
     (w = scale * L - the_min) into L[:n, :G], scale and the_min into scales/mins[:G]."""
+    fmax = f32(nmax)
     mn, mx, sw, sx, isc, sc, best, sl = V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7]
     sl2, sxl, cur, ts, tm, ok, flat = V[8], V[9], V[10], V[11], V[12], V[13], V[14]
     for g in range(G):
@@ -259,9 +267,9 @@ def _make_qkx_lanes(n, G, nmax, X, W, L, La, V, rmin, rdelta, nstep, use_mad, sc
         best[g] = f32(0.0)
     for i in range(n):
         for g in range(G):
-            l = max(0, min(nmax, _nearest(isc[g] * (X[i, g] - mn[g]))))
+            l = _fclamp(np.rint(isc[g] * (X[i, g] - mn[g])), f32(0.0), fmax)
             L[i, g] = l
-            diff = sc[g] * f32(l) + mn[g] - X[i, g]
+            diff = sc[g] * l + mn[g] - X[i, g]
             diff = abs(diff) if use_mad else diff * diff
             best[g] += W[i, g] * diff
     if nstep >= 1:
@@ -275,10 +283,9 @@ def _make_qkx_lanes(n, G, nmax, X, W, L, La, V, rmin, rdelta, nstep, use_mad, sc
                 sxl[g] = f32(0.0)
             for i in range(n):
                 for g in range(G):
-                    l = max(0, min(nmax, _nearest(isc[g] * (X[i, g] - mn[g]))))
-                    La[i, g] = l
+                    fl = _fclamp(np.rint(isc[g] * (X[i, g] - mn[g])), f32(0.0), fmax)
+                    La[i, g] = fl
                     w = W[i, g]
-                    fl = f32(l)
                     sl[g] += w * fl
                     sl2[g] += w * fl * fl
                     sxl[g] += w * fl * X[i, g]
@@ -296,7 +303,7 @@ def _make_qkx_lanes(n, G, nmax, X, W, L, La, V, rmin, rdelta, nstep, use_mad, sc
                 cur[g] = f32(0.0)
             for i in range(n):
                 for g in range(G):
-                    diff = ts[g] * f32(La[i, g]) + tm[g] - X[i, g]
+                    diff = ts[g] * La[i, g] + tm[g] - X[i, g]
                     diff = abs(diff) if use_mad else diff * diff
                     cur[g] += W[i, g] * diff
             for g in range(G):
@@ -332,12 +339,12 @@ def _make_qx_lanes(n, G, nmax, X, W, use_w, L, La, V, scales):
         isc[g] = f32(-nmax) / mx[g] if amax[g] >= _EPS else f32(0.0)
         slx[g] = f32(0.0)
         sl2[g] = f32(0.0)
+    lo, hi, off = f32(-nmax), f32(nmax - 1), f32(nmax)
     for i in range(n):
         for g in range(G):
-            l = max(-nmax, min(nmax - 1, _nearest(isc[g] * X[i, g])))
-            L[i, g] = l + nmax
+            fl = _fclamp(np.rint(isc[g] * X[i, g]), lo, hi)
+            L[i, g] = fl + off
             w = W[i, g] if use_w else X[i, g] * X[i, g]
-            fl = f32(l)
             slx[g] += w * X[i, g] * fl
             sl2[g] += w * fl * fl
     for g in range(G):
@@ -353,10 +360,9 @@ def _make_qx_lanes(n, G, nmax, X, W, use_w, L, La, V, scales):
             sl2[g] = f32(0.0)
         for i in range(n):
             for g in range(G):
-                l = max(-nmax, min(nmax - 1, _nearest(isc[g] * X[i, g])))
-                La[i, g] = l + nmax
+                fl = _fclamp(np.rint(isc[g] * X[i, g]), lo, hi)
+                La[i, g] = fl + off
                 w = W[i, g] if use_w else X[i, g] * X[i, g]
-                fl = f32(l)
                 slx[g] += w * X[i, g] * fl
                 sl2[g] += w * fl * fl
         for g in range(G):
@@ -486,7 +492,7 @@ def _q2_k(x, qw, use_qw, out, off, lut, s):
             out[off + j] = _u8(Ls[j] | (Lm[j] << 4))
     for j in range(16):
         for l in range(16):
-            L[16 * j + l] = LT[l, j]
+            L[16 * j + l] = np.int32(LT[l, j])
     for j in range(16):
         d = dm * f32(np.int64(out[off + j]) & 0xF)
         if d == 0:
@@ -604,7 +610,7 @@ def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
             Lm[j] = min(63, Lm[j])
     for j in range(8):
         for l in range(32):
-            L[32 * j + l] = LT[l, j]
+            L[32 * j + l] = np.int32(LT[l, j])
     _pack_scale_min_k4(Ls, Lm, out, off + 4)
     _put_u16(out, off, dbits)
     _put_u16(out, off + 2, mbits)
@@ -652,7 +658,7 @@ def _q6_k(x, qw, use_qw, out, off, lut, s):
     _make_qx_lanes(16, 16, 32, X, W, use_qw, LT, s.LA, s.V, scales)
     for j in range(16):
         for l in range(16):
-            L[16 * j + l] = LT[l, j]
+            L[16 * j + l] = np.int32(LT[l, j])
     max_scale = f32(0.0)
     max_abs = f32(0.0)
     for ib in range(16):
@@ -728,7 +734,7 @@ def _scratch():
     return _Scratch(np.zeros(QK_K, np.int32), np.zeros(32, np.float32),
                     np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
                     np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros((32, 16), np.float32),
-                    np.zeros((32, 16), np.float32), np.zeros((32, 16), np.int32), np.zeros((32, 16), np.int32),
+                    np.zeros((32, 16), np.float32), np.zeros((32, 16), np.float32), np.zeros((32, 16), np.float32),
                     np.zeros((16, 16), np.float32))
 
 
