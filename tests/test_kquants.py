@@ -169,7 +169,13 @@ def test_quantize_smollm2_equals_reference_with_fallbacks(smollm2_f16, mix, tmp_
 
 
 def test_dry_run_plan_and_sizes(smollm2_path):
+    from quant.errors import LlmError
+
+    with pytest.raises(LlmError, match="already quantized"):
+        run_quantize(str(smollm2_path), "q4_k_m", dry_run=True)
     report = run_quantize(str(smollm2_path), "q4_k_m", dry_run=True, allow_requantize=True)
+    assert any("requantizing them loses" in w for w in report.warnings)
+    assert any("Q4_K -> Q5_0, as llama.cpp" in w for w in report.warnings)
     types = {p.name: p.qtype for p in report.plan}
     assert types["token_embd.weight"] == Q.Q8_0  # tied output: Q6_K wanted, 576 does not split into 256
     assert types["blk.0.ffn_down.weight"] == Q.Q6_K and types["blk.0.attn_q.weight"] == Q.Q5_0
