@@ -91,7 +91,11 @@ class ConvertOptions:
 
     @property
     def file_type(self) -> LlamaFileType:
-        return policy.MIXES[self.mix].ftype if self.mix else _FILE_TYPE[self.qtype]
+        if self.mix:
+            return policy.MIXES[self.mix].ftype
+        if self.qtype in K_TYPES:  # a K type without its mix (a library caller): llama.cpp's file type of it
+            return policy.find_mix(self.qtype.name.lower()).ftype
+        return _FILE_TYPE[self.qtype]
 
 
 def parse_tensor_types(specs: list[str] | None) -> tuple[tuple[str, GGMLQuantizationType], ...]:
