@@ -70,11 +70,12 @@ def read_hparams_like(arch, n_vocab, head_dim):
                   n_ff=96, n_ctx_train=256, norm_eps=1e-5, rope_base=1e4, rope_dim=head_dim, rope_neox=False,
                   rope_scale=1.0, tied_embeddings=True, qkv_bias=False, qk_norm=False, has_rope_freqs=False)
     fields |= {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
-               "gemma3": {"qk_norm": True, "norm": "sandwich"}}[arch]
+               "gemma3": {"qk_norm": True, "norm": "sandwich"},
+               "phi3": {"fused_qkv": True, "fused_gate_up": True}}[arch]
     return HParams(**fields)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_valid_tiny_models_load(arch, tmp_path):
     gguf = read_gguf(write_model(tmp_path / "m.gguf", arch, sliding_window=8 if arch == "gemma3" else None))
     hp = read_hparams(gguf)
@@ -156,7 +157,7 @@ def test_unknown_architecture_and_rope_scaling(tmp_path):
 
 
 def test_registry():
-    assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "gemma3"}
+    assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "gemma3", "phi3"}
     assert HF_TYPES["mistral"] is FAMILIES["llama"] and HF_TYPES["gemma3_text"] is FAMILIES["gemma3"]
 
 
@@ -183,7 +184,9 @@ def test_rotating_cache_equals_full_attention_masked_to_the_window(tmp_path):
     at a time and in chunks (wrapping the ring many times), then a long prompt through the prompt path, gives
     the numpy reference's logits (a full cache, attention masked to the window)."""
     from backends.base import kv_cache_bytes
-    from backends.numba import GEMM_MIN_T_COLD, SMALL_T
+    from backends.numba import NumbaOptions
+
+    GEMM_MIN_T_COLD, SMALL_T = NumbaOptions().gemm_min_t_cold, NumbaOptions().small_t
 
     gguf = read_gguf(write_model(tmp_path / "m.gguf", sliding_window=5))
     fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
