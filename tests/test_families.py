@@ -29,6 +29,16 @@ def tiny_metadata(arch: str = "llama") -> dict:
             f"{a}.vocab_size": (U32, 40)}
 
 
+def kl_per_position(logits, ref):
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
 def write_model(path, arch="llama", meta=None, n_layers=2, n_vocab=40, head_dim=16, extra_tensors=(),
                 sliding_window=None):
     """A tiny random float32 model of `arch` with metadata `meta` (key -> (type, value), None to leave a key
@@ -214,3 +224,25 @@ def test_rotating_cache_trims_within_its_slack_else_drops_everything(tmp_path):
     assert cache.trim(5) == 30 and cache.offset == 0  # position 21 was overwritten: start again
     cache.offset = 6
     assert cache.trim(6) == 6 and cache.offset == 0
+
+
+@pytest.mark.skipif(not __import__("backends").mlx_available(), reason="needs MLX")
+def test_mlx_windowed_layers_keep_a_bounded_cache(tmp_path):
+    """MLX keeps window - 1 + SLACK positions of a windowed layer: 40 tokens one at a time and in chunks give the
+    numpy reference's logits (full cache, masked), its buffers stay that short, and trim within the slack works."""
+    from backends.mlx.cache import SLACK
+
+    gguf = read_gguf(write_model(tmp_path / "m.gguf", sliding_window=5))
+    fast, ref = load_model(gguf, "mlx"), load_model(gguf, "numpy")
+    tokens = np.random.default_rng(1).integers(0, 40, 40)
+    want = ref.forward(tokens, ref.new_cache(64), all_logits=True)
+    cache = fast.new_cache(64)
+    got, pos = [], 0
+    for n in [1] * 20 + [3, 8, 2, 7]:
+        got.append(fast.forward(tokens[pos:pos + n], cache, all_logits=True))
+        pos += n
+        assert cache.keys[0].shape[2] <= 5 - 1 + SLACK
+    # MLX holds float matrices as float16: compare distributions
+    assert kl_per_position(np.concatenate(got), want).max() < 1e-4
+    assert cache.trim(3) == 3
+    assert kl_per_position(fast.forward(tokens[37:], cache, all_logits=True), want[37:]).max() < 1e-4

@@ -139,14 +139,14 @@ class MlxModel:
             q = mx.fast.rms_norm(q, layer.q_norm, hp.norm_eps)
             k = mx.fast.rms_norm(k, layer.k_norm, hp.norm_eps)
         q, k = self.rope(q, cache.offset, i, cache.max_seq), self.rope(k, cache.offset, i, cache.max_seq)
-        keys, values = cache.update(i, k, v)  # (1, n_kv_heads, offset + T, head_dim)
+        keys, values, first = cache.update(i, k, v)  # (1, n_kv_heads, positions first .. offset + T, head_dim)
         window = hp.window(i)
         if window and T == 1:  # one query: its window is the last `window` keys
             keys, values = keys[:, :, -window:], values[:, :, -window:]
             mask = None
         elif window:  # query at position p sees keys p - window < s <= p
             pos = mx.arange(cache.offset, cache.offset + T)[:, None]
-            s = mx.arange(cache.offset + T)[None, :]
+            s = mx.arange(first, cache.offset + T)[None, :]
             mask = (s <= pos) & (s > pos - window)
         else:  # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
             mask = "causal" if T > 1 else None
