@@ -34,8 +34,9 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None = None) -> Model:
-    """Load the weights of `gguf` on `backend` (default: default_backend())."""
+def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None = None, options=None) -> Model:
+    """Load the weights of `gguf` on `backend` (default: default_backend()); `options`, the backend's tuning
+    options (backends.numba.NumbaOptions), default its defaults."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -50,4 +51,4 @@ def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None =
 
     threadpool_limits(threads, user_api="blas")
     module = importlib.import_module(f"backends.{backend}")
-    return module.load(gguf, hp, threads)
+    return module.load(gguf, hp, threads) if options is None else module.load(gguf, hp, threads, options)

@@ -109,10 +109,11 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     """Per-position KL(numpy || numba) of the next-token distributions over the first n_tokens of wikitext-2,
     and top-1 agreement: through the decode stack (the matvec kernels, chunks of SMALL_T tokens) and through the
     prompt path (the integer GEMM, one pass)."""
+    import dataclasses
+
     from conftest import WIKITEXT
     from test_numba_backend import kl_per_position
 
-    import backends.numba
     from backends import load_model
     from llmcli.tokenizer import Tokenizer
     from quant.gguf_file import read_gguf
@@ -123,7 +124,7 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
     rows = []
     for label, min_t in (("decode stack", 1 << 30), ("prompt path", 1)):
-        backends.numba.GEMM_MIN_T, backends.numba.GEMM_MIN_T_COLD = min_t, 0
+        fast.options = dataclasses.replace(fast.options, gemm_min_t=min_t, gemm_min_t_cold=0)
         got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
         kl = kl_per_position(got, want)
         rows.append({"model": path.name, "path": label, "tokens": len(ids), "kl_mean": float(kl.mean()),
