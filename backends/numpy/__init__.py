@@ -84,6 +84,10 @@ class NumpyModel:
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
 
+    def forward_batch(self, tokens: np.ndarray, caches: list[SimpleKVCache]) -> np.ndarray:
+        """One token for each cache, at its offset: (B, n_vocab). The reference: one forward per cache."""
+        return np.stack([self.forward(np.asarray(tokens[i:i + 1]), c) for i, c in enumerate(caches)])
+
     def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
         hp = self.hparams
         tokens = np.asarray(tokens, dtype=np.int64)
