@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import HParams, Model, load_model
+from backends import HParams, KVCache, Model, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
@@ -212,10 +212,11 @@ class Generation:
 class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
-    def __init__(self, lm: LoadedModel, ctx: int | None = None):
+    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None):
+        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
-        self.cache = lm.model.new_cache(self.n_ctx)
+        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx)
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
 

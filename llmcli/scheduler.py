@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmcli.engine import GenerationConfig, GenerationResponse, LoadedModel, Session, finish_record
+from llmcli.engine import GenerationConfig, GenerationResponse, LoadedModel, Session, context_size, finish_record
 from quant.errors import LlmError
 
 _END = object()  # the record that closes a job's stream
@@ -77,11 +77,10 @@ class Scheduler:
         if parallel < 1:
             raise LlmError(f"--parallel must be at least 1, got {parallel}")
         self.lm = lm
-        new_caches = getattr(lm.model, "new_caches", None)
-        self.slots = [Session(lm, ctx) for _ in range(parallel)]
-        if new_caches is not None:  # caches the backend can run together (one pooled array)
-            for slot, cache in zip(self.slots, new_caches(parallel, self.slots[0].n_ctx), strict=True):
-                slot.cache = cache
+        n_ctx = context_size(lm.hparams, ctx)
+        new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
+        caches = new_caches(parallel, n_ctx) if new_caches is not None else [None] * parallel
+        self.slots = [Session(lm, n_ctx, cache) for cache in caches]
         self.n_ctx = self.slots[0].n_ctx
         self._active: dict[int, _Active] = {}  # slot index -> its generation
         self._last_used = [0.0] * parallel

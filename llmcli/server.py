@@ -14,6 +14,7 @@ import json
 import math
 import queue
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -116,10 +117,12 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
             ("temperature", 0, 2, False, False), ("top_p", 0, 1, False, True), ("top_k", 0, None, True, False),
             ("min_p", 0, 1, False, False), ("repeat_penalty", 0, None, False, True),
             ("frequency_penalty", -2, 2, False, False), ("presence_penalty", -2, 2, False, False),
-            ("seed", None, None, True, False)):
+            ("seed", -1, 2**63 - 1, True, False)):
         value = _number(body, name, lo, hi, integer, lo_open)
         if value is not None:
             sampling[name] = value
+    if sampling.get("seed") == -1:  # -1: a random seed, as llama.cpp's servers take it
+        sampling["seed"] = None
     max_tokens = _number(body, "max_completion_tokens", 1, None, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, None, integer=True)
@@ -177,15 +180,13 @@ class Api:
 
     def app(self) -> Starlette:
         routes = [
-            Route("/health", self.health, methods=["GET"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/health", _guard(self.health), methods=["GET"]),
+            Route("/v1/models", _guard(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _guard(self.model), methods=["GET"]),
+            Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
+            Route("/v1/completions", _guard(self.completions), methods=["POST"]),
         ]
-        return Starlette(routes=routes, exception_handlers={
-            HTTPException: _http_error, ApiError: lambda _r, e: e.response(),
-        })
+        return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -312,7 +313,10 @@ class Api:
         try:
             if render.chat:
                 yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
-            async for r in _records(job, wake):
+            async for r in _records_or_error(job, wake):
+                if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
+                    yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
+                    return
                 if r.finish_reason == "interrupted":
                     yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
                                           "param": None, "code": "server_shutting_down"}})
@@ -350,6 +354,14 @@ async def _records(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationRes
         yield item
 
 
+async def _records_or_error(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationResponse | ApiError]:
+    try:
+        async for r in _records(job, wake):
+            yield r
+    except ApiError as e:
+        yield e
+
+
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     """Wait for the client to go away (the body is read already, so the next message is the disconnect)."""
     while True:
@@ -361,6 +373,22 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     return ApiError(exc.status_code, exc.detail or "error", None, None).response()
+
+
+def _guard(handler):
+    """The route's ApiError as its response; any other exception (a bug, not bad input) as a 500 with OpenAI's
+    body and one line on the server's stderr, never a traceback."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except Exception as e:
+            print(f"llm serve: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error").response()
+
+    return route
 
 
 class _Render:

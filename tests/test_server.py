@@ -141,6 +141,17 @@ def test_chat_logprobs_and_stop(server):
     assert cut.choices[0].message.content == full[:4] and cut.choices[0].finish_reason == "stop"
 
 
+def test_same_seed_same_text(server):
+    c = server.client()
+
+    def ask(seed):
+        return c.completions.create(model=server.model, prompt=PROMPTS[2], temperature=1.0, max_tokens=10,
+                                    seed=seed).choices[0].text
+
+    assert ask(7) == ask(7)
+    assert len({ask(s) for s in (1, 2, 3)}) > 1
+
+
 def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     c = server.client()
 
@@ -212,6 +223,22 @@ def test_api_key_is_required_when_set(server1):
     r = httpx.post(server1.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert [m.id for m in server1.client().models.list().data] == [server1.model]
+
+
+def test_requests_beyond_parallel_wait_their_turn(server1):
+    c = server1.client()
+
+    def ask(i: int) -> str:
+        return c.completions.create(model=server1.model, prompt=PROMPTS[i], temperature=0, max_tokens=6).choices[0].text
+
+    alone = [ask(i) for i in range(3)]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(3)] == alone
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server1, smollm2_path):
