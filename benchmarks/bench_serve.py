@@ -126,8 +126,8 @@ def aggregate_decode(server: Server, clients: int, n: int, ban: dict) -> float:
 
 
 def history_messages(tokens: int) -> list[dict]:
-    """A user message of about `tokens` tokens of prose (at ~4.3 characters per token)."""
-    text = HISTORY_TEXT.read_text(encoding="utf-8")[: int(tokens * 4.3)]
+    """A user message of about `tokens` tokens of prose (SmolLM2's tokenizer: ~3.3 characters per token)."""
+    text = HISTORY_TEXT.read_text(encoding="utf-8")[: int(tokens * 3.3)]
     return [{"role": "user", "content": "Summarize this text.\n\n" + text}]
 
 

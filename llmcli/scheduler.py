@@ -142,6 +142,7 @@ class Scheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
+            job.put(GenerationResponse("", None, "interrupted", prompt_tokens=len(job.prompt)))
             job.put(_END)
 
     def _pick_slot(self, prompt: list[int]) -> int:
