@@ -1,149 +1,40 @@
-"""What every backend shares: the model blueprint (`HParams`), the weight naming, and the
+"""What every backend shares: the model blueprint (`HParams`, from the family modules in quant/families), and the
 interface of a loaded model and its KV cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from quant.errors import ModelFileError
-from quant.gguf_file import GGUFFile, Tensor, check_arch
+from quant.families import (
+    HParams,
+    global_weights,
+    layer_weights,
+    read_hparams,
+    rope_groups,
+    rope_inv_freq,
+)
+from quant.gguf_file import GGUFFile, Tensor
 
-
-@dataclass(frozen=True)
-class HParams:
-    """Hyper-parameters of a decoder-only transformer, read from GGUF metadata."""
-
-    arch: str
-    n_vocab: int
-    n_embd: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    norm_eps: float
-    rope_base: float
-    rope_dim: int
-    rope_neox: bool  # qwen: rotate halves (x[i], x[i + d/2]); llama GGUF: adjacent pairs (x[2i], x[2i+1])
-    rope_scale: float  # linear position scaling (1.0 = none)
-    tied_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
-    has_rope_freqs: bool  # llama3-style per-frequency factors in tensor `rope_freqs.weight`
-
-
-def read_hparams(gguf: GGUFFile) -> HParams:
-    """Build HParams from metadata; refuses architectures the engine cannot run."""
-    arch = gguf.get("general.architecture")
-    if arch is None:
-        raise ModelFileError(f"{gguf.path}: no general.architecture in metadata")
-    check_arch(arch)
-
-    def need(key: str):
-        value = gguf.get(f"{arch}.{key}")
-        if value is None:
-            raise ModelFileError(f"{gguf.path}: metadata key {arch}.{key} is missing")
-        return value
-
-    n_embd = int(need("embedding_length"))
-    n_heads = int(need("attention.head_count"))
-    n_kv_heads = int(gguf.get(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(gguf.get(f"{arch}.attention.key_length", n_embd // n_heads))
-    if "token_embd.weight" not in gguf.tensors:
-        raise ModelFileError(f"{gguf.path}: tensor token_embd.weight is missing")
-    n_vocab = int(gguf.get(f"{arch}.vocab_size", gguf.tensors["token_embd.weight"].shape[0]))
-    scaling = gguf.get(f"{arch}.rope.scaling.type", "none")
-    rope_scale = 1.0
-    if scaling == "linear":
-        rope_scale = float(gguf.get(f"{arch}.rope.scaling.factor", 1.0))
-    hp = HParams(
-        arch=arch,
-        n_vocab=n_vocab,
-        n_embd=n_embd,
-        n_layers=int(need("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        n_ff=int(need("feed_forward_length")),
-        n_ctx_train=int(gguf.get(f"{arch}.context_length", 2048)),
-        norm_eps=float(gguf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_base=float(gguf.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(gguf.get(f"{arch}.rope.dimension_count", head_dim)),
-        rope_neox=arch in ("qwen2", "qwen3"),
-        rope_scale=rope_scale,
-        tied_embeddings="output.weight" not in gguf.tensors,
-        qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
-        has_rope_freqs="rope_freqs.weight" in gguf.tensors,
-    )
-    check_tensors(gguf, hp)
-    return hp
-
-
-def layer_tensor_names(hp: HParams) -> list[str]:
-    names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-             "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
-    if hp.qkv_bias:
-        names += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
-    if hp.qk_norm:
-        names += ["attn_q_norm.weight", "attn_k_norm.weight"]
-    return names
-
-
-def check_tensors(gguf: GGUFFile, hp: HParams) -> None:
-    """Every tensor the forward pass needs is present with the shape the metadata implies."""
-    q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-    expected = {
-        "token_embd.weight": (hp.n_vocab, hp.n_embd),
-        "output_norm.weight": (hp.n_embd,),
-    }
-    if not hp.tied_embeddings:
-        expected["output.weight"] = (hp.n_vocab, hp.n_embd)
-    shapes = {
-        "attn_norm.weight": (hp.n_embd,), "ffn_norm.weight": (hp.n_embd,),
-        "attn_q.weight": (q_dim, hp.n_embd), "attn_k.weight": (kv_dim, hp.n_embd),
-        "attn_v.weight": (kv_dim, hp.n_embd), "attn_output.weight": (hp.n_embd, q_dim),
-        "ffn_gate.weight": (hp.n_ff, hp.n_embd), "ffn_up.weight": (hp.n_ff, hp.n_embd),
-        "ffn_down.weight": (hp.n_embd, hp.n_ff),
-        "attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,),
-        "attn_q_norm.weight": (hp.head_dim,), "attn_k_norm.weight": (hp.head_dim,),
-    }
-    for i in range(hp.n_layers):
-        for name in layer_tensor_names(hp):
-            expected[f"blk.{i}.{name}"] = shapes[name]
-    for name, shape in expected.items():
-        t = gguf.tensors.get(name)
-        if t is None:
-            raise ModelFileError(f"{gguf.path}: tensor {name} is missing")
-        if t.shape != shape:
-            raise ModelFileError(f"{gguf.path}: tensor {name} has shape {t.shape}, expected {shape}")
+__all__ = ["HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache", "count_params", "global_weights",
+           "layer_weights", "output_tensor", "read_hparams", "rope_groups", "rope_inv_freq",
+           "weight_bytes_per_token"]
 
 
 def count_params(gguf: GGUFFile) -> int:
     return sum(t.n_elements for t in gguf.tensors.values())
 
 
-def rope_inv_freq(hp: HParams, gguf: GGUFFile) -> np.ndarray:
-    """Inverse frequencies (rope_dim/2,) float32, with llama3 factors and linear scaling folded in."""
-    inv = 1.0 / hp.rope_base ** (np.arange(0, hp.rope_dim, 2, dtype=np.float64) / hp.rope_dim)
-    if hp.has_rope_freqs:
-        inv = inv / np.asarray(gguf.tensors["rope_freqs.weight"].data, dtype=np.float64)
-    return (inv / hp.rope_scale).astype(np.float32)
-
-
 def weight_bytes_per_token(gguf: GGUFFile, hp: HParams) -> int:
     """Bytes of weights a decoded token reads: every tensor, except that the embedding table is read one
     row per token unless it is also the output matrix."""
     total = sum(t.n_bytes for t in gguf.tensors.values())
-    return total if hp.tied_embeddings else total - gguf.tensors["token_embd.weight"].n_bytes
+    return total if hp.tied_embeddings else total - global_weights(gguf, hp)["embd"].n_bytes
 
 
 def output_tensor(gguf: GGUFFile, hp: HParams) -> Tensor:
-    return gguf.tensors["token_embd.weight" if hp.tied_embeddings else "output.weight"]
+    return global_weights(gguf, hp)["output"]
 
 
 class KVCache(Protocol):
@@ -189,6 +80,60 @@ class OffsetCache:
 
     def reset(self) -> None:
         self.offset = 0
+
+
+def kv_capacity(hp: HParams, layer: int, max_seq: int, slack: int) -> int:
+    """Positions a layer's cache keeps: all max_seq, or for a sliding-window layer its window plus `slack` (the
+    most tokens one forward step writes before its first query has read what they overwrite, less one)."""
+    window = hp.window(layer)
+    return max_seq if not window else min(max_seq, window + slack)
+
+
+def kv_cache_bytes(hp: HParams, max_seq: int, slack: int | None = 8, value_bytes: int = 4) -> int:
+    """Bytes of keys and values for `max_seq` positions: rotating windowed layers with `slack`, or with
+    slack None a cache that keeps every position of every layer."""
+    per_position = 2 * hp.n_kv_heads * hp.head_dim * value_bytes
+    if slack is None:
+        return hp.n_layers * max_seq * per_position
+    return sum(kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)) * per_position
+
+
+class RingKVCache(OffsetCache):
+    """Keys and values with a ring per sliding-window layer: a layer keeps its last kv_capacity positions,
+    position p in slot p % capacity (full-attention layers: every position, p in slot p).
+
+    k, v: flat float32; layer i's block starts at float layout[i, 0] and is (n_kv_heads, layout[i, 1], head_dim).
+    """
+
+    def __init__(self, hp: HParams, max_seq: int, slack: int):
+        self.hp, self.max_seq, self.offset = hp, max_seq, 0
+        caps = [kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)]
+        block = hp.n_kv_heads * hp.head_dim
+        offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * block
+        self.layout = np.array(list(zip(offsets, caps, strict=True)), dtype=np.int64).reshape(-1, 2)
+        self.k = np.zeros(sum(caps) * block, dtype=np.float32)
+        self.v = np.zeros_like(self.k)
+
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views (n_kv_heads, capacity, head_dim) of layer i's keys and values."""
+        off, cap = self.layout[i]
+        shape = (self.hp.n_kv_heads, int(cap), self.hp.head_dim)
+        return self.k[off:off + cap * shape[0] * shape[2]].reshape(shape), \
+            self.v[off:off + cap * shape[0] * shape[2]].reshape(shape)
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions. A ring that has overwritten a position the next token would see
+        (n beyond its slack) cannot go back that far: then everything is dropped (offset 0)."""
+        n = min(n, self.offset)
+        new = self.offset - n
+        for i, (_, cap) in enumerate(self.layout):
+            window = self.hp.window(i)
+            if window and max(0, new - window + 1) < max(0, self.offset - int(cap)):
+                dropped = self.offset
+                self.reset()
+                return dropped
+        self.offset = new
+        return n
 
 
 class SimpleKVCache(OffsetCache):

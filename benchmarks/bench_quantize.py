@@ -1,12 +1,15 @@
 """`llm quantize` against llama.cpp's quantizer on a 1B-shape F16 model (Llama-3.2-1B shapes, random weights).
 
     python benchmarks/bench_quantize.py [--threads 2] [--repeats 3] [--types q4_0,q8_0] [--keep]
+    python benchmarks/bench_quantize.py --types q4_k_m --repeats 1        # a K-quant mix (llama.cpp's policy)
     python benchmarks/bench_quantize.py --kld HF_FOLDER [--windows 8]   # what --optimize buys
+    python benchmarks/bench_quantize.py --kld HF_FOLDER --kquants       # the same for Q4_K_M / Q5_K_M
 
 Both run end to end as separate processes (start-up, reading the F16 file, writing the result) with the
 same thread count, alternating, after one warm-up run each (numba's cache and the page cache are warm).
 Reports the median wall time with its spread, the CPU time, and output size. llama.cpp runs through
-llama-cpp-python's `llama_model_quantize` with `pure` set, so both write the same types everywhere.
+llama-cpp-python's `llama_model_quantize` with `pure` set for the legacy types, so both write the same types
+everywhere; for a K-quant mix both apply llama.cpp's per-tensor policy (and write the same file).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import numpy as np
 # Llama-3.2-1B: 16 layers, 2048 wide, 32 heads (8 KV), FFN 8192, 128256 tokens, tied embeddings
 SHAPE = dict(n_embd=2048, n_layers=16, n_head=32, n_kv=8, n_ff=8192, n_vocab=128256)
 WORK = Path(os.environ.get("BENCH_DIR", Path(tempfile.gettempdir()) / "llm-bench-quantize"))
-LLAMA_FTYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}
+LLAMA_FTYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+               "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 def make_model(path: Path) -> Path:
@@ -82,15 +87,17 @@ def make_model(path: Path) -> Path:
 def run_llm(src: Path, out: Path, qtype: str, threads: int) -> None:
     # a cache of our own: kernels edited meanwhile in the source tree must not trigger a recompile mid-run
     env = {"NUMBA_CACHE_DIR": str(WORK / "numba-cache"), **os.environ, "NUMBA_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "llmcli", "quantize", str(src), "-t", qtype, "-o", str(out), "--pure"],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pure = ["--pure"] if qtype in LEGACY else []
+    subprocess.run([sys.executable, "-m", "llmcli", "quantize", str(src), "-t", qtype, "-o", str(out), *pure,
+                    "--threads", str(threads)], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
 
 
 def run_llamacpp(src: Path, out: Path, qtype: str, threads: int) -> None:
     code = (
         "import llama_cpp, sys\n"
         "p = llama_cpp.llama_model_quantize_default_params()\n"
-        f"p.nthread = {threads}; p.ftype = {LLAMA_FTYPE[qtype]}; p.pure = True\n"
+        f"p.nthread = {threads}; p.ftype = {LLAMA_FTYPE[qtype]}; p.pure = {qtype in LEGACY}\n"
         f"rc = llama_cpp.llama_model_quantize({str(src)!r}.encode(), {str(out)!r}.encode(), p)\n"
         "sys.exit(rc)\n"
     )
@@ -107,7 +114,7 @@ def timed(fn, *args) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512) -> None:
+def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = False) -> None:
     """KL divergence of q4_0 / q5_0 (default rounding and --optimize) against the F16 conversion, on
     wikitext-2 windows scored as `llm perplexity` does. Logits come from transformers loading each GGUF
     (an independent reader and forward pass; much faster than the numpy reference backend on CPU)."""
@@ -124,6 +131,9 @@ def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512) -> None:
     first = ctx // 2
     WORK.mkdir(parents=True, exist_ok=True)
     variants = [("f16", {}), ("q4_0", {}), ("q4_0", {"optimize": True}), ("q5_0", {}), ("q5_0", {"optimize": True})]
+    if kquants:  # without --optimize llm's file is llama.cpp's Q4_K_M / Q5_K_M byte for byte (tests/test_kquants.py)
+        variants = [("f16", {}), ("q4_k_m", {}), ("q4_k_m", {"optimize": True}), ("q5_k_m", {}),
+                    ("q5_k_m", {"optimize": True})]
     base, rows = None, []
     for qtype, opts in variants:
         label = qtype + (" --optimize" if opts else "")
@@ -165,9 +175,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--kld", type=Path, help="an HF model folder: measure --optimize's KL divergence instead")
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--kquants", action="store_true", help="with --kld: Q4_K_M and Q5_K_M instead of Q4_0/Q5_0")
     args = ap.parse_args()
     if args.kld:
-        kld_table(args.kld, args.windows)
+        kld_table(args.kld, args.windows, kquants=args.kquants)
         return
     src = make_model(WORK / "bench-1b-f16.gguf")
     n_weights = 1_235_814_400

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,30 +27,39 @@ Ctrl-C stops a reply; Ctrl-D leaves."""
 
 @dataclass
 class Conversation:
-    """The messages of a chat and the policy that keeps them within the context: drop the oldest turns,
-    keep the system prompt, and say so."""
+    """The messages of a chat and the policy that keeps them within the context: the prompt leaves out the
+    oldest turns, keeps the system prompt, and says so. Every turn stays in `turns` (and in /save)."""
 
     system: str | None = None
     turns: list[dict] = field(default_factory=list)  # user/assistant messages, oldest first
+    first: int = 0  # the oldest turn the prompt still holds
 
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns
+        return head + self.turns[self.first:]
+
+    def clear(self) -> None:
+        self.turns.clear()
+        self.first = 0
 
     def fit(self, session: Session, reserve: int) -> tuple[list[int], int]:
-        """Prompt ids for the conversation leaving `reserve` positions for the reply; drops the oldest
-        turns if needed. Returns (ids, number of messages dropped)."""
+        """Prompt ids for the conversation leaving `reserve` positions for the reply; leaves the oldest turns
+        out if needed. Returns (ids, number of messages left out now). A last message that cannot fit even
+        alone is refused before anything is left out."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        alone = encode_chat(session, head + self.turns[-1:])
+        if len(alone) + reserve > session.n_ctx:
+            raise PromptError(f"the message needs {len(alone)} tokens, and the context holds {session.n_ctx} "
+                              f"with {reserve} kept for the reply (raise --ctx or shorten it)")
         dropped = 0
         while True:
             ids = encode_chat(session, self.messages())
-            if len(ids) + reserve <= session.n_ctx:
+            if len(ids) + reserve <= session.n_ctx or self.first >= len(self.turns) - 1:
                 return ids, dropped
-            if len(self.turns) <= 1:
-                raise PromptError(f"the message needs {len(ids)} tokens, and the context holds {session.n_ctx} "
-                                  f"with {reserve} kept for the reply (raise --ctx or shorten it)")
-            # drop the oldest exchange: a user message and the reply that follows it
-            n = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
-            del self.turns[:n]
+            # leave out the oldest exchange: a user message and the reply that follows it
+            rest = self.turns[self.first:]
+            n = 2 if len(rest) > 2 and rest[1]["role"] == "assistant" else 1
+            self.first += n
             dropped += n
 
     def to_json(self) -> str:
@@ -68,17 +78,19 @@ class Conversation:
         return cls(system=system, turns=turns)
 
 
-def read_input(console: Console) -> str | None:
-    """One user message; None at end of input (Ctrl-D)."""
+def read_input(console: Console, prompts: bool = True) -> str | None:
+    """One user message; None at end of input (Ctrl-D). Without `prompts` (input from a pipe) no `>>> `
+    is written: the output is only the replies."""
+    first, more = ("[bold green]>>> [/]", "[dim]... [/]") if prompts else ("", "")
     try:
-        line = console.input("[bold green]>>> [/]")
+        line = console.input(first)
     except EOFError:
         return None
     if line.strip().startswith('"""'):
         lines = [line.strip()[3:]]
         while not lines[-1].endswith('"""'):
             try:
-                lines.append(console.input("[dim]... [/]"))
+                lines.append(console.input(more))
             except EOFError:
                 break
         lines[-1] = lines[-1].removesuffix('"""')
@@ -87,7 +99,7 @@ def read_input(console: Console) -> str | None:
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
         try:
-            lines.append(console.input("[dim]... [/]"))
+            lines.append(console.input(more))
         except EOFError:
             break
     return "\n".join(lines)
@@ -101,6 +113,7 @@ class ChatLoop:
         self.session, self.config, self.console, self.err = session, config, console, err
         self.conv = Conversation(system=system)
         self.last: GenerationResponse | None = None
+        self.interactive = sys.stdin.isatty()
 
     def reserve(self) -> int:
         """Positions kept free for a reply: max tokens, but never more than half the context."""
@@ -115,7 +128,9 @@ class ChatLoop:
         if name == "/help":
             self.console.print(HELP, markup=False, highlight=False)
         elif name == "/clear":
-            self.conv.turns.clear()
+            self.conv.clear()
+            self.session.reset()  # the cache held the old conversation: /stats counts from zero again
+            self.last = None
             self.err.print("[dim]conversation cleared[/]")
         elif name == "/system":
             self.conv.system = arg or None
@@ -145,7 +160,8 @@ class ChatLoop:
 
     def load(self, path: Path) -> None:
         try:
-            self.conv = Conversation.from_json(path.read_text())
+            # bytes that are not UTF-8 become U+FFFD rather than ending the chat
+            self.conv = Conversation.from_json(path.read_bytes().decode("utf-8", errors="replace"))
         except OSError as e:
             self.err.print(f"[red]cannot read {path}: {e.strerror or e}[/]")
             return
@@ -156,7 +172,8 @@ class ChatLoop:
 
     def stats(self) -> None:
         s = self.session
-        self.err.print(f"context: {len(s.tokens)} / {s.n_ctx} tokens, {len(self.conv.turns)} messages")
+        n = len(self.conv.turns)
+        self.err.print(f"context: {len(s.tokens)} / {s.n_ctx} tokens, {n} message{'s' if n != 1 else ''}")
         if self.last:
             r = self.last
             self.err.print(f"last reply: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s; prompt: "
@@ -167,13 +184,13 @@ class ChatLoop:
         self.conv.turns.append({"role": "user", "content": text})
         try:
             ids, dropped = self.conv.fit(self.session, self.reserve())
-        except PromptError as e:
+        except LlmError as e:  # too long, or the template failed: the message is refused, the history kept
             self.conv.turns.pop()
-            self.err.print(f"[red]{e}[/]")
+            self.err.print(str(e), style="red", markup=False)
             return
         if dropped:
-            self.err.print(f"[yellow]context nearly full: dropped the {dropped} oldest messages "
-                           f"(the system prompt is kept)[/]")
+            self.err.print(f"[yellow]context nearly full: the {dropped} oldest messages are left out of the prompt "
+                           f"(the system prompt is kept; /save keeps them all)[/]")
         pieces, interrupted = [], False
         try:
             for r in self.session.generate(ids, self.config):
@@ -185,6 +202,12 @@ class ChatLoop:
                     interrupted = r.finish_reason == "interrupted"
         except KeyboardInterrupt:  # arrived while printing, outside the generator
             interrupted = True
+        except LlmError as e:  # the model failed mid-reply (non-finite logits): say so, keep the conversation
+            self.console.print()
+            self.err.print(str(e), style="red", markup=False)
+            self.conv.turns.pop()
+            self.session.reset()
+            return
         self.console.print()
         if interrupted:
             self.err.print("[dim](reply stopped)[/]")
@@ -194,7 +217,7 @@ class ChatLoop:
         self.err.print("[dim]Type a message, /help for commands, Ctrl-D to leave.[/]")
         while True:
             try:
-                text = read_input(self.console)
+                text = read_input(self.console, prompts=self.interactive)
             except KeyboardInterrupt:
                 self.console.print()
                 self.err.print("[dim](use /exit or Ctrl-D to leave)[/]")

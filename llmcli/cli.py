@@ -26,6 +26,32 @@ def _register_commands() -> None:
         module.register(app)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"llm {version('llmcli')}")
+        except PackageNotFoundError:
+            print("llm (not installed as a package)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", help="Print the version and exit.", metavar=" ",
+                                      callback=_version, is_eager=True),
+) -> None:
+    """Run quantized language models locally: chat, run, pull, quantize, bench."""
+
+
+def one_line(message: str) -> str:
+    """An error message fit for one terminal line: whitespace runs (newlines included) become one space, other
+    control characters are escaped (a message can quote bytes from a file)."""
+    text = " ".join(message.split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main() -> None:
     """Entry point: every LlmError or usage error becomes one line on stderr and a non-zero exit."""
     from typer._click import exceptions as click_exceptions  # typer ships its own click
@@ -37,7 +63,7 @@ def main() -> None:
         print(f"error: --{e.field.replace('_', '-')} {e.detail}", file=sys.stderr)
         sys.exit(1)
     except LlmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
@@ -46,7 +72,7 @@ def main() -> None:
         e.show()  # plain `llm`: the help
         sys.exit(e.exit_code)
     except click_exceptions.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+        print(f"error: {one_line(e.format_message())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -47,7 +47,8 @@ def bench(
         "--plot", help="Also draw tok/s across the swept threads or depths into this PNG (needs matplotlib).",
         show_default=False)] = None,
     remeasure_bw: Annotated[bool, typer.Option(
-        "--remeasure-bw", help="Measure the machine's read bandwidth again, not the cached figure.")] = False,
+        "--remeasure-bw", help="Measure the machine's read bandwidth again, not the cached figure.",
+        metavar=" ")] = False,
 ) -> None:
     """Measure prefill (pp) and decode (tg) speed; every combination of the listed values is one row.
 

@@ -31,17 +31,41 @@ def _is_model_ref(ref: str) -> bool:
     return Path(ref).is_file() or ref.endswith(".gguf") or ref.lower() in PACKAGED_MODELS or bool(match_models(ref))
 
 
-def _split_model_and_text(model: str | None, text: str | None, stdin_ok: bool) -> tuple[str | None, str | None]:
-    """`cmd [MODEL] [TEXT]`: with one argument it is the model when the text comes from stdin, else the text."""
-    if text is None and model is not None:
-        if stdin_ok and not sys.stdin.isatty():
-            return model, None
-        if not _is_model_ref(model):
-            return None, model
+def _split_model_and_text(model: str | None, text: str | None) -> tuple[str | None, str | None]:
+    """`cmd [MODEL] [TEXT]`: a lone argument is the model when it names one (a file, a .gguf path, a store name,
+    an alias), else the text."""
+    if text is None and model is not None and not _is_model_ref(model):
+        return None, model
     return model, text
 
 
-def _open(model: str | None, backend, threads, template=None):
+def _piped_stdin() -> str | None:
+    """What is piped to stdin (None at a terminal), decoded with replacement: bytes that are not UTF-8 become
+    U+FFFD. One trailing newline is dropped: `echo X | llm run` is `llm run X`."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def _text_and_stdin(text: str | None, what: str) -> str:
+    """The text argument, the piped text, or both (the argument first, as in `cat notes.txt | llm run "Sum it"`)."""
+    piped = _piped_stdin()
+    if text is None:
+        if not piped:
+            raise PromptError(f"no {what}: give it as an argument or on stdin")
+        return piped
+    return f"{text}\n\n{piped}" if piped else text
+
+
+def _warn_ctx(session, ctx: int | None) -> None:
+    trained = session.lm.hparams.n_ctx_train
+    if ctx is not None and ctx > trained:
+        print(f"warning: --ctx {ctx} is beyond the model's trained context of {trained} tokens; "
+              "output past it may degrade", file=sys.stderr)
+
+
+def _open(model: str | Path | None, backend, threads, template=None):
     """Load the model for a command. The garbage collector is paused while loading: the start-up allocates some
     hundred thousand objects that live as long as the process (numba's registries, the vocabulary), and
     collecting them again and again cost ~0.2 s; they are then frozen, which also spares the collector and the
@@ -49,7 +73,7 @@ def _open(model: str | None, backend, threads, template=None):
     from llmcli import engine
     from llmcli.store import resolve_model
 
-    path = resolve_model(model)
+    path = model if isinstance(model, Path) else resolve_model(model)
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -62,11 +86,13 @@ def _open(model: str | None, backend, threads, template=None):
 
 def run(
     model: opt.ModelArg = None,
-    prompt: Annotated[str | None, typer.Argument(help="The prompt (default: read from stdin).",
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; text piped to stdin is added after it.",
                                                     show_default=False)] = None,
     system: opt.System = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as-is, without the chat template.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print statistics on stderr.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as-is, without the chat template.",
+                                      metavar=opt.FLAG)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print statistics on stderr.",
+                                          metavar=opt.FLAG)] = False,
     template: opt.Template = None,
     backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
@@ -79,18 +105,20 @@ def run(
     Example: llm run smollm2 "Write a haiku about the sea" --temperature 0
     """
     from llmcli.engine import Session, encode_chat
+    from llmcli.store import resolve_model
 
-    model, prompt = _split_model_and_text(model, prompt, stdin_ok=True)
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise PromptError("no prompt: give it as an argument or on stdin")
-        prompt = sys.stdin.read()
+    model, prompt = _split_model_and_text(model, prompt)
+    if raw and system:
+        raise PromptError("--system needs the chat template, which --raw skips: drop one of them")
+    path = resolve_model(model)  # a model that is not there is said before anything about the prompt
+    prompt = _text_and_stdin(prompt, "prompt")
     if not prompt.strip():
         raise PromptError("the prompt is empty")
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
-    lm = _open(model, backend, threads, template)
+    lm = _open(path, backend, threads, template)
     session = Session(lm, ctx)
+    _warn_ctx(session, ctx)
     if raw:
         ids = lm.tokenizer.encode(prompt)
     else:
@@ -140,6 +168,9 @@ def chat(
     with err.status("loading model…"):
         lm = _open(model, backend, threads, template)
     session = Session(lm, ctx)
+    _warn_ctx(session, ctx)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 must not end the conversation
     label = model or DEFAULT_MODEL
     err.print(f"[dim]{label} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
     ChatLoop(session, config, Console(highlight=False), err, system=system).run()
@@ -161,25 +192,24 @@ def tokenize(
     from llmcli.tokenizer import Tokenizer
     from quant.gguf_file import read_gguf
 
-    model, text = _split_model_and_text(model, text, stdin_ok=True)
-    if text is None:
-        if sys.stdin.isatty():
-            raise PromptError("no text: give it as an argument or on stdin")
-        text = sys.stdin.read()
-    tok = Tokenizer.from_gguf(read_gguf(resolve_model(model)))
+    model, text = _split_model_and_text(model, text)
+    path = resolve_model(model)
+    text = _text_and_stdin(text, "text")
+    tok = Tokenizer.from_gguf(read_gguf(path))
     ids = tok.encode(text)
     if as_json:
         print(json.dumps({"ids": ids, "count": len(ids)}))
         return
-    table = Table("#", "id", "piece", title=f"{len(ids)} tokens")
+    table = Table("#", "id", "piece", title=f"{len(ids)} token{'s' if len(ids) != 1 else ''}")
     for i, t in enumerate(ids):
         table.add_row(str(i), str(t), repr(tok.piece(t)))
     Console().print(table)
 
 
-def describe(model: str | None, template: Path | None = None) -> dict:
+def describe(model: str | None, template: Path | None = None, ctx: int | None = None) -> dict:
     """What `llm show` prints, as a dict."""
-    from backends.base import count_params, read_hparams
+    from backends.base import count_params, kv_cache_bytes, read_hparams
+    from llmcli.engine import context_size
     from llmcli.store import resolve_model
     from llmcli.template import ChatTemplate
     from llmcli.tokenizer import Tokenizer
@@ -191,6 +221,7 @@ def describe(model: str | None, template: Path | None = None) -> dict:
     tmpl = ChatTemplate.from_gguf(gguf, override=template, bos_token=tok.bos_token, eos_token=tok.eos_token)
     special = {"bos": tok.bos_token, "eos": tok.eos_token,
                "stop": sorted(tok.piece(i) for i in tok.stop_ids), "add_bos": tok.add_bos}
+    n_ctx = context_size(hp, ctx)
     return {
         "file": str(gguf.path),
         "name": gguf.get("general.name"),
@@ -204,10 +235,14 @@ def describe(model: str | None, template: Path | None = None) -> dict:
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
         "special_tokens": special,
         "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
+        # float32 keys and values at the chosen context (numba's rotating cache), and if every layer kept all
+        "kv_cache": {"context": n_ctx, "bytes": kv_cache_bytes(hp, n_ctx),
+                     "full_bytes": kv_cache_bytes(hp, n_ctx, slack=None)},
     }
 
 
-def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt.Json = False) -> None:
+def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx = None,
+         as_json: opt.Json = False) -> None:
     """Architecture, size, tensor types, chat template and special tokens of a model.
 
     Example: llm show smollm2
@@ -215,7 +250,7 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt
     from rich.console import Console
     from rich.table import Table
 
-    info = describe(model, template)
+    info = describe(model, template, ctx)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -229,6 +264,9 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, as_json: opt
         table.add_row(key.replace("_", " "), str(value))
     table.add_row("file size", f"{info['file_size'] / 2**20:.1f} MiB")
     table.add_row("tensor types", ", ".join(f"{k} × {v}" for k, v in info["tensor_types"].items()))
+    kv = info["kv_cache"]
+    table.add_row("kv cache", f"{kv['bytes'] / 2**20:.1f} MiB at {kv['context']} tokens (keeping every position "
+                              f"of every layer: {kv['full_bytes'] / 2**20:.1f} MiB)")
     sp = info["special_tokens"]
     table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
     ct = info["chat_template"]

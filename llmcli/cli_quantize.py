@@ -14,15 +14,17 @@ import typer
 
 from llmcli import options as opt
 
-QTYPE_HELP = "q4_0, q4_1, q5_0, q5_1, q8_0, f16, bf16 (or f32)."
+QTYPE_HELP = ("q4_0, q4_1, q5_0, q5_1, q8_0, f16, bf16 (or f32); K-quants as llama-quantize names them: q2_k, "
+              "q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (q3_k, q4_k, q5_k are the _m mixes).")
 
 
 def _progress(console):
     from rich import progress as rp
 
+    # off when stderr is not a terminal: a log gets no bar, and no blank line the bar leaves before an error
     return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.TaskProgressColumn(),
                        rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[detail]}"),
-                       console=console, transient=True)
+                       console=console, transient=True, disable=not console.is_terminal)
 
 
 def _size(n: int) -> str:
@@ -71,10 +73,12 @@ def quantize(
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already-quantized GGUF "
                                                                              "as the source.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (types, sizes); write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow the output to replace the source's own file.")] = False,
+    threads: opt.Threads = None,
 ) -> None:
     """Quantize a model into a GGUF (tokenizer and chat template included).
 
-    Example: llm quantize ./SmolLM2-135M-Instruct -t q4_0 --optimize -o smollm2-q4_0.gguf
+    Example: llm quantize ./SmolLM2-135M-Instruct -t q4_k_m --optimize -o smollm2-q4_k_m.gguf
     """
     from rich.console import Console
 
@@ -83,9 +87,17 @@ def quantize(
     # the quantizer runs one parallel region per chunk with Python and the writer thread in between:
     # OpenMP workers that spin while they wait take the cores those need (this process runs nothing else)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is not None:
+        import numba
+
+        from quant.errors import LlmError
+
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise LlmError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+        numba.set_num_threads(threads)
     err = Console(stderr=True, highlight=False)
     options = dict(embedding_type=embedding_type, output_type=output_type, tensor_types=tensor_type, pure=pure,
-                   optimize=optimize, allow_requantize=allow_requantize)
+                   optimize=optimize, allow_requantize=allow_requantize, force=force)
     if dry_run:
         report = run_quantize(source, qtype, output, dry_run=True, calibration=calibration, **options)
         for w in report.warnings:

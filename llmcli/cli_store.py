@@ -33,6 +33,11 @@ def pull(
     """
     from llmcli import hub, store
 
+    if quantize:
+        from quant.convert import parse_type
+
+        parse_type(quantize)  # an unknown type is refused before anything is downloaded
+    store.check_writable()
     if model.lower() == store.DEFAULT_MODEL:
         path = store.ensure_smollm2()
         print(f"{store.DEFAULT_MODEL}: {path}")
@@ -77,7 +82,7 @@ def _progress():
 
 
 def list_cmd(
-    as_json: bool = typer.Option(False, "--json", help="One JSON array, for scripts."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array, for scripts.", metavar=" "),
 ) -> None:
     """List the models in the store: name, source, type, size, modified.
 
@@ -104,7 +109,7 @@ def list_cmd(
     for column in ("NAME", "SOURCE", "TYPE", "SIZE", "MODIFIED"):
         table.add_column(column, justify="right" if column == "SIZE" else "left")
     for m in models:
-        table.add_row(m.name, m.source, m.type, human_size(m.size()), _ago(m.created))
+        table.add_row(m.name, m.source, m.type.upper(), human_size(m.size()), _ago(m.created))
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # pipes get whole names
 
 
@@ -119,7 +124,7 @@ def _ago(t: float) -> str:
 
 def rm(
     models: list[str] = typer.Argument(..., help="Names from `llm list` (REPO:TAG, or REPO when unique)."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (for scripts)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (for scripts).", metavar=" "),
 ) -> None:
     """Remove models from the store and free their disk space (cache files no other model uses).
 
@@ -138,8 +143,12 @@ def rm(
         if not sys.stdin.isatty():
             raise LlmError("not asking on a non-interactive input: pass --yes to remove without a question")
         names = ", ".join(e.name for e in entries)
-        if not typer.confirm(f"Remove {names}?"):
-            raise SystemExit(1)
+        try:
+            answer = typer.confirm(f"Remove {names}?")
+        except typer.Abort:  # end of input: no answer is not a yes
+            answer = False
+        if not answer:
+            raise LlmError("nothing removed")
     for entry in entries:
         freed = store.remove_model(entry)
         print(f"removed {entry.name} (freed {human_size(freed)})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from backends import HParams, KVCache, Model, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
-from quant.errors import FieldError, LlmError, PromptError
+from quant.errors import FieldError, LlmError, ModelFileError, PromptError
 from quant.gguf_file import GGUFFile, read_gguf
 
 DEFAULT_CTX_CAP = 4096
@@ -142,6 +142,17 @@ class StopMatcher:
         return out
 
 
+@contextmanager
+def broken_model_math():
+    """NaN or infinite weights can leave a softmax with nothing to normalise by; the numba kernels then raise
+    ZeroDivisionError. That is a broken file, said in one line like non-finite logits."""
+    try:
+        yield
+    except ZeroDivisionError:
+        raise ModelFileError("the model's computation broke down (a division by zero on non-finite values): "
+                             "its weights or parameters are broken") from None
+
+
 def top_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
     """log softmax of the model's logits at `token`, and the k most likely tokens (float64 for the sum)."""
     x = np.asarray(logits, dtype=np.float64)
@@ -190,7 +201,8 @@ class Generation:
         if token in self.tokenizer.stop_ids:
             self.finish = "stop"
             return token, ""
-        text, stopped = self.stops.feed(self.detok.add(token))
+        # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
+        text, stopped = self.stops.feed(self.detok.add(token) if token < self.tokenizer.vocab_size else "")
         if stopped:
             self.finish = "stop"
         elif self.n_gen >= self.budget:
@@ -237,6 +249,7 @@ class Session:
         """Keep the longest cached prefix of `prompt` (at least one token is left to run); return its length."""
         n = min(self.common_prefix(prompt), len(prompt) - 1)
         self.cache.trim(len(self.tokens) - n)
+        n = self.cache.offset  # a rotating cache may have to drop more than asked
         del self.tokens[n:]
         return n
 
@@ -246,6 +259,12 @@ class Session:
         if len(prompt) >= self.n_ctx:
             raise PromptError(f"the prompt has {len(prompt)} tokens, the context holds {self.n_ctx} "
                               f"(raise --ctx or shorten the prompt)")
+        n_vocab = self.lm.hparams.n_vocab
+        if min(prompt) < 0 or max(prompt) >= n_vocab:
+            # a tokenizer vocabulary larger than the embedding table spells ids the model has no row for
+            bad = next(t for t in prompt if not 0 <= t < n_vocab)
+            raise PromptError(f"the prompt has token id {bad}, outside the model's {n_vocab}-row embedding table "
+                              f"(the file's vocabulary and weights disagree)")
 
     def prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Run the part of `prompt` not already cached; return the logits of its last token."""
@@ -255,13 +274,15 @@ class Session:
         logits = None
         for i in range(start, len(prompt), PREFILL_CHUNK):
             chunk = list(prompt[i:i + PREFILL_CHUNK])
-            logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
+            with broken_model_math():
+                logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
             self.tokens.extend(chunk)
         return logits
 
     def feed(self, token: int) -> np.ndarray:
         """Run one sampled token; return the logits for the next."""
-        logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
+        with broken_model_math():
+            logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
         self.tokens.append(token)
         return logits
 

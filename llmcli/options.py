@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+FLAG = " "  # the metavar of an option that takes no value (typer would show <bool>)
 ModelArg = Annotated[str | None, typer.Argument(
     help="A .gguf path, a name from `llm list`, or an alias: `smollm2` (the default) or `gemma3`.", show_default=False)]
 Backend = Annotated[str | None, typer.Option(
@@ -32,7 +33,7 @@ FrequencyPenalty = Annotated[float | None, typer.Option(
     "--frequency-penalty", help="Subtract per occurrence (default 0).", show_default=False)]
 PresencePenalty = Annotated[float | None, typer.Option(
     "--presence-penalty", help="Subtract once if present (default 0).", show_default=False)]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same text.",
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same text; -1 = random.",
                                              show_default=False)]
 MaxTokens = Annotated[int | None, typer.Option(
     "--max-tokens", "-n", help="Most tokens to generate (default 512).", show_default=False)]
@@ -41,7 +42,7 @@ Stop = Annotated[list[str] | None, typer.Option(
 Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.", metavar=FLAG)]
 
 
 def sampling_options(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,

@@ -20,6 +20,7 @@ from quant.convert import (
     gguf_source,
     hf_source,
     make_plan,
+    parse_target,
     parse_tensor_types,
     parse_type,
     write_gguf,
@@ -90,8 +91,9 @@ def resolve_source(source: str, allow_requantize: bool = False,
 def _options(qtype: str, embedding_type: str | None = None, output_type: str | None = None,
              tensor_types: list[str] | None = None, pure: bool = False, optimize: bool = False,
              allow_requantize: bool = False) -> ConvertOptions:
+    main_type, mix = parse_target(qtype)
     return ConvertOptions(
-        qtype=parse_type(qtype),
+        qtype=main_type, mix=mix,
         embedding_type=parse_type(embedding_type) if embedding_type else None,
         output_type=parse_type(output_type) if output_type else None,
         tensor_types=parse_tensor_types(tensor_types),
@@ -99,14 +101,33 @@ def _options(qtype: str, embedding_type: str | None = None, output_type: str | N
     )
 
 
+def _notes(plan: list[TensorPlan]) -> list[str]:
+    """One warning per distinct note (a fallback hits every layer alike), naming the tensor when it is one."""
+    groups: dict[str, list[str]] = {}
+    for p in plan:
+        if p.note:
+            groups.setdefault(p.note, []).append(p.name)
+    return [f"{names[0]}: {note}" if len(names) == 1 else f"{len(names)} tensors ({names[0]}, ...): {note}"
+            for note, names in groups.items()]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def run_quantize(source: str, qtype: str, output: Path | None = None, *, dry_run: bool = False,
                  on_plan: Callable[[QuantizeReport], None] | None = None,
                  on_tensor: Callable[[TensorPlan], None] | None = None, revision: str | None = None,
                  calibration: Path | str | None = None,
-                 on_calibrate: Callable[[int, int], None] | None = None, **options) -> QuantizeReport:
+                 on_calibrate: Callable[[int, int], None] | None = None, force: bool = False,
+                 **options) -> QuantizeReport:
     """Quantize `source` to `qtype`; see `quantize`. With dry_run, only plan (nothing is written).
     `on_plan(report)` is called once the plan is made, `on_calibrate(done, total)` after each calibration
-    window (with optimize), `on_tensor(plan entry)` after each tensor."""
+    window (with optimize), `on_tensor(plan entry)` after each tensor. The output is never the source's own
+    file unless `force`."""
     from llmcli import calibrate
 
     opts = _options(qtype, **options)
@@ -117,26 +138,39 @@ def run_quantize(source: str, qtype: str, output: Path | None = None, *, dry_run
     if opts.optimize:
         calibrate.check_length(text, where)
     src, base_name = resolve_source(source, opts.allow_requantize, revision)
-    report = QuantizeReport(source, opts.qtype.name.lower(), make_plan(src, opts))
-    if src.quantized:
-        report.warnings.append(f"{len(src.quantized)} tensors are already quantized: requantizing them loses "
-                               f"more quality than quantizing from the float model")
-    report.warnings += [f"{p.name}: {p.qtype.name} ({p.note})" for p in report.plan if p.note]
-    if on_plan is not None:
-        on_plan(report)
-    if dry_run:
-        return report
+    report = QuantizeReport(source, opts.target_name, make_plan(src, opts))
     if output is None:
         from llmcli import store
 
         report.store_name = f"{base_name}:{report.qtype}"
-        folder = store.model_dir(report.store_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / "model.gguf"
+        target = store.model_dir(report.store_name) / "model.gguf"
     else:
         target = Path(output).expanduser()
-    importance = calibrate.importance(src, text, target, where, on_calibrate) if opts.optimize else None
-    report.result = write_gguf(src, opts, target, on_tensor, importance)
+    if not dry_run and not force and src.path is not None and _same_file(src.path, target):
+        raise LlmError(f"the output {target} is the source itself; write elsewhere (-o), or pass --force to "
+                       f"replace it")
+    if src.quantized:
+        report.warnings.append(f"{len(src.quantized)} tensors are already quantized: requantizing them loses "
+                               f"more quality than quantizing from the float model")
+    report.warnings += _notes(report.plan)
+    if on_plan is not None:
+        on_plan(report)
+    if dry_run:
+        return report
+    new_folder = None
+    if output is None and not target.parent.is_dir():
+        target.parent.mkdir(parents=True)
+        new_folder = target.parent
+    try:
+        importance = calibrate.importance(src, text, target, where, on_calibrate) if opts.optimize else None
+        report.result = write_gguf(src, opts, target, on_tensor, importance)
+    except BaseException:
+        if new_folder is not None:  # an interrupted first write leaves no empty model folder behind
+            try:
+                new_folder.rmdir()
+            except OSError:
+                pass
+        raise
     if report.store_name is not None:
         from llmcli import store
 
@@ -152,7 +186,7 @@ def quantize(source: str, qtype: str, output: Path | None = None, **options) -> 
 
     Options: embedding_type, output_type, tensor_types (['REGEX=TYPE']), pure, optimize, calibration (a text
     file for optimize's activation statistics; default: llm's own), allow_requantize, revision (of a Hub
-    repo id in the cache), on_tensor (called after each tensor is written).
+    repo id in the cache), force (replace the source's own file), on_tensor (called after each tensor).
     """
     report = run_quantize(source, qtype, output, **options)
     if report.result is None:

@@ -6,6 +6,7 @@ logit -inf. Temperature 0 means greedy (argmax after penalties).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ Filter = Callable[[np.ndarray], np.ndarray]
 
 
 class SamplingError(LlmError):
-    """A sampling option is out of range."""
+    """A sampling option is out of range, or the model gave logits nothing can be drawn from."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,15 @@ class SamplingConfig:
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # None or -1: a random seed
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise SamplingError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.seed is not None and self.seed < -1:
+            raise SamplingError(f"--seed must be -1 (random) or a number >= 0, got {self.seed}")
         if self.temperature < 0:
             raise SamplingError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -62,6 +69,8 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], cfg: SamplingCon
     ):
         return logits
     ids, counts = np.unique(np.asarray(history[-cfg.repeat_last_n:], dtype=np.int64), return_counts=True)
+    inside = (ids >= 0) & (ids < logits.size)  # a prompt id the output layer has no row for has no logit
+    ids, counts = ids[inside], counts[inside]
     out = logits.copy()
     seen = out[ids]
     seen = np.where(seen > 0, seen / cfg.repeat_penalty, seen * cfg.repeat_penalty)
@@ -116,11 +125,18 @@ class Sampler:
 
     def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(None if cfg.seed == -1 else cfg.seed)
         self.filters = make_filters(cfg)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, self.cfg)
+        logits = np.asarray(logits, dtype=np.float32)
+        if not np.isfinite(logits).all():
+            # as llama.cpp: a NaN or +inf logit is not a choice; nothing finite left means the model is broken
+            logits = np.where(np.isfinite(logits), logits, np.float32(-np.inf))
+            if not np.isfinite(logits).any():
+                raise SamplingError("the model produced no finite logits (NaN or infinity): its weights or "
+                                    "parameters are broken")
+        logits = apply_penalties(logits, history, self.cfg)
         if self.cfg.temperature == 0.0:
             return int(np.argmax(logits))
         ids = None  # the vocabulary ids of `logits` when it holds only top-k's survivors
@@ -130,6 +146,8 @@ class Sampler:
         for f in self.filters:
             logits = f(logits)
         live = np.flatnonzero(np.isfinite(logits))
+        if live.size == 0:
+            raise SamplingError("no token is left to sample (the penalties removed every candidate)")
         cdf = np.cumsum(softmax(logits[live].astype(np.float64) / self.cfg.temperature))
         pick = int(live[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)])
         return pick if ids is None else int(ids[pick])

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmcli.engine import GenerationConfig, GenerationResponse, LoadedModel, Session, context_size, finish_record
+from llmcli.engine import (
+    GenerationConfig,
+    GenerationResponse,
+    LoadedModel,
+    Session,
+    broken_model_math,
+    context_size,
+    finish_record,
+)
 from quant.errors import LlmError
 
 _END = object()  # the record that closes a job's stream
@@ -202,7 +210,8 @@ class Scheduler:
         tokens = [self._active[i].token for i in order]
         try:
             if self._batched is not None and len(order) > 1:
-                logits = self._batched(np.asarray(tokens, dtype=np.int32), [self.slots[i].cache for i in order])
+                with broken_model_math():
+                    logits = self._batched(np.asarray(tokens, dtype=np.int32), [self.slots[i].cache for i in order])
                 for i, token in zip(order, tokens, strict=True):
                     self.slots[i].tokens.append(token)
             else:

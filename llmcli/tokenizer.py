@@ -18,16 +18,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from quant.errors import ModelFileError, UnsupportedError
-from quant.gguf_file import GGUFFile
+from quant.gguf_file import GGUFFile, safe_text
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SPIECE_SPACE = "\u2581"
+MAX_MERGED_TOKEN = 256  # longest SentencePiece token given merges (Gemma's longest pieces are ~32 characters)
 
 # Pre-tokenizer split regexes. A vocabulary's merges were learned on text cut by one of these; each
 # regex of a sequence cuts every piece left by the one before it, keeping what it does not match.
@@ -99,47 +101,53 @@ class Tokenizer:
         """The tokenizer from `tokenizer.ggml.*` metadata. Raises UnsupportedError for vocabulary kinds
         other than gpt2 and llama, ModelFileError when the metadata is missing or inconsistent."""
         meta, where = gguf.metadata, gguf.path
-        kind = meta.get("tokenizer.ggml.model")
+        kind = gguf.get_str("tokenizer.ggml.model")
         if kind is None:
             raise ModelFileError(f"{where}: has no tokenizer (no tokenizer.ggml.model in its metadata)")
         if kind not in ("gpt2", "llama"):
-            raise UnsupportedError(f"{where}: tokenizer type {kind!r} is not supported "
+            raise UnsupportedError(f"{where}: tokenizer type {safe_text(repr(kind), 60)} is not supported "
                                    "(supported: gpt2, llama)")
-        tokens = meta.get("tokenizer.ggml.tokens")
+        tokens = _array(gguf, "tokenizer.ggml.tokens", str)
         if not tokens:
             raise ModelFileError(f"{where}: tokenizer.ggml.tokens is missing or empty")
-        token_types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        token_types = _array(gguf, "tokenizer.ggml.token_type", int)
+        if token_types is None or len(token_types) == 0:
+            token_types = [NORMAL] * len(tokens)
         if len(token_types) != len(tokens):
             raise ModelFileError(f"{where}: {len(token_types)} token types for {len(tokens)} tokens")
+        token_types = [int(t) for t in token_types] if not isinstance(token_types, list) else token_types
 
         def token_id(key: str) -> int | None:
-            value = meta.get(f"tokenizer.ggml.{key}")
-            if value is None:
+            if meta.get(f"tokenizer.ggml.{key}") is None:
                 return None
+            value = gguf.get_int(f"tokenizer.ggml.{key}")
             if not 0 <= value < len(tokens):
                 raise ModelFileError(f"{where}: tokenizer.ggml.{key} = {value} is outside the vocabulary "
                                      f"of {len(tokens)} tokens")
-            return int(value)
+            return value
 
         vocab = dict(zip(tokens, range(len(tokens)), strict=True))
-        pre = meta.get("tokenizer.ggml.pre", "default")
+        pre = gguf.get_str("tokenizer.ggml.pre", "default")
         if kind == "gpt2":
-            merges = meta.get("tokenizer.ggml.merges")
+            merges = _array(gguf, "tokenizer.ggml.merges", str)
             if merges is None:
                 raise ModelFileError(f"{where}: a gpt2 tokenizer needs tokenizer.ggml.merges, "
                                      "which is missing")
             backend = _byte_level_backend(vocab, merges, pre, where)
             add_space_prefix = False
         else:
-            scores = meta.get("tokenizer.ggml.scores")
+            scores = _array(gguf, "tokenizer.ggml.scores", float)
             if scores is None or len(scores) != len(tokens):
                 raise ModelFileError(f"{where}: a llama tokenizer needs one tokenizer.ggml.scores "
                                      "entry per token")
-            add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix", True)
             unk_id = token_id("unknown_token_id")
             backend = _sentencepiece_backend(vocab, tokens, scores, add_space_prefix,
-                                             tokens[unk_id] if unk_id is not None else None)
-        _add_special_tokens(backend, tokens, token_types)
+                                             tokens[unk_id] if unk_id is not None else None, where)
+        try:
+            _add_special_tokens(backend, tokens, token_types)
+        except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
+            raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
 
         eos_id = token_id("eos_token_id")
         stops = {i for i in (eos_id, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
@@ -148,9 +156,8 @@ class Tokenizer:
                    bos_id=token_id("bos_token_id"), eos_id=eos_id,
                    # llama.cpp's defaults: SentencePiece and Llama 3 vocabularies start with BOS, other
                    # byte-level ones do not
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token",
-                                         kind == "llama" or pre in _LLAMA3_FAMILY)),
-                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+                   add_bos=gguf.get_bool("tokenizer.ggml.add_bos_token", kind == "llama" or pre in _LLAMA3_FAMILY),
+                   add_eos=gguf.get_bool("tokenizer.ggml.add_eos_token", False),
                    add_space_prefix=add_space_prefix, stop_ids=frozenset(stops))
 
     # ---- encoding ----
@@ -158,7 +165,7 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids for `text`. Special-token strings in the text become their ids; BOS (and EOS, where
         the model asks for it) are added when `add_special`."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(_valid_text(text), add_special_tokens=False).ids
         if add_special:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
@@ -234,6 +241,47 @@ class StreamDecoder:
 
 # ---- backends ----
 
+_GGUF_STRING, _GGUF_ARRAY = GGUFValueType.STRING, GGUFValueType.ARRAY
+_ELEMENT_KINDS = {
+    str: {GGUFValueType.STRING},
+    int: {GGUFValueType.INT8, GGUFValueType.UINT8, GGUFValueType.INT16, GGUFValueType.UINT16, GGUFValueType.INT32,
+          GGUFValueType.UINT32, GGUFValueType.INT64, GGUFValueType.UINT64},
+}
+_ELEMENT_KINDS[float] = _ELEMENT_KINDS[int] | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+
+
+def _array(gguf: GGUFFile, key: str, kind: type) -> Sequence | None:
+    """An array of `kind` elements (checked by its stored type, not element by element: a vocabulary has
+    ~10^5 of them); None when absent."""
+    if gguf.metadata.get(key) is None:
+        return None
+    vtype, sub = gguf.types.get(key, (None, None))
+    if vtype != _GGUF_ARRAY or sub not in _ELEMENT_KINDS[kind]:
+        shown = sub.name.lower() if vtype == _GGUF_ARRAY and sub is not None else getattr(vtype, "name", "?").lower()
+        raise ModelFileError(f"{gguf.path}: metadata {key} is {'an array of ' if vtype == _GGUF_ARRAY else 'a '}"
+                             f"{shown}, not an array of {kind.__name__}")
+    return gguf.metadata[key]
+
+
+def _valid_text(text: str) -> str:
+    """`text` as valid Unicode: an argument or file that was not UTF-8 reaches Python with lone surrogates
+    (which `tokenizers` refuses); their bytes are decoded again with U+FFFD for what is not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogateescape" if _only_escapes(text) else "replace").decode(
+            "utf-8", errors="replace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _one_line(error: Exception) -> str:
+    return safe_text(" ".join(str(error).split()))
+
+
 def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, where: Path) -> _HFTokenizer:
     # A merge whose result is not a token can never produce one (llama.cpp skips it too); `tokenizers`
     # would crash on it, so it is left out.
@@ -241,11 +289,11 @@ def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, wher
         pairs = [(a, b) for a, b in (m.split(" ", 1) for m in merges) if a + b in vocab]
     except ValueError:
         bad = next(m for m in merges if " " not in m)
-        raise ModelFileError(f"{where}: tokenizer merge {bad!r} is not two tokens") from None
+        raise ModelFileError(f"{where}: tokenizer merge {safe_text(repr(bad), 60)} is not two tokens") from None
     try:
         model = models.BPE(vocab, pairs, ignore_merges=pre in _LLAMA3_FAMILY)
     except Exception as e:  # tokenizers raises a bare Exception for merges of unknown tokens
-        raise ModelFileError(f"{where}: bad tokenizer merges: {e}") from None
+        raise ModelFileError(f"{where}: bad tokenizer merges: {_one_line(e)}") from None
     backend = _HFTokenizer(model)
     splits = _SPLITS.get(pre, _SPLITS["default"])
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -255,9 +303,12 @@ def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, wher
 
 
 def _sentencepiece_backend(vocab: dict[str, int], tokens: list[str], scores: list[float],
-                           add_space_prefix: bool, unk_token: str | None) -> _HFTokenizer:
-    model = models.BPE(vocab, _merges_from_scores(vocab, tokens, scores), unk_token=unk_token,
-                       fuse_unk=True, byte_fallback=True)
+                           add_space_prefix: bool, unk_token: str | None, where: Path) -> _HFTokenizer:
+    try:
+        model = models.BPE(vocab, _merges_from_scores(vocab, tokens, scores), unk_token=unk_token,
+                           fuse_unk=True, byte_fallback=True)
+    except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
+        raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
     backend = _HFTokenizer(model)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement=SPIECE_SPACE, prepend_scheme="first" if add_space_prefix else "never", split=False)
@@ -274,6 +325,8 @@ def _merges_from_scores(vocab: dict[str, int], tokens: list[str],
     score, left_len, right_len = [], [], []
     for token, token_score in dict(zip(tokens, scores, strict=True)).items():
         n = len(token)
+        if n > MAX_MERGED_TOKEN:  # cutting it every way costs n^2: no real vocabulary merges such a token
+            continue
         for i in range(1, n):
             left = token[:i]
             if left in vocab:

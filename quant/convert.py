@@ -6,10 +6,11 @@ writer streams: header first, then each tensor read in row chunks, quantized, wr
 A second thread writes one tensor while the next is quantized, so at most three output tensors
 (being written, waiting, being built) and one input chunk are held at a time.
 
-Type policy (as llama.cpp's): 1-D tensors stay F32; the token embedding and the output matrix get
+Type policy for the legacy types: 1-D tensors stay F32; the token embedding and the output matrix get
 q8_0 (or the requested type when it is q8_0 or a float type); every other matrix gets the requested
 type. --embedding-type / --output-type / --tensor-type REGEX=TYPE override, --pure turns the q8_0
 exception off. A row length that does not split into 32-weight blocks falls back to f16.
+The K-quant mixes (q4_k_m, ...) follow llama.cpp's own per-tensor policy: quant/policy.py.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
+from quant import policy
 from quant.errors import LlmError, ModelFileError, UnsupportedError
+from quant.families import FAMILIES, Family, hf_family
 from quant.formats import dequantize
 from quant.gguf_file import check_arch, read_gguf
 from quant.hf_tokenizer import read_hf_tokenizer
+from quant.kquants import K_TYPES, quantize_k_rows
 from quant.quantize import BLOCK_TYPES, QK, QUANTIZE_TYPES, quantize_rows
 from quant.safetensors_file import SafeTensor, read_safetensors
 
 Q = GGMLQuantizationType
 FLOAT_KINDS = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
-TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES, key=lambda t: t.value)}
+TYPE_NAMES = {t.name.lower(): t for t in sorted(QUANTIZE_TYPES | K_TYPES, key=lambda t: t.value)}
+# what -t accepts: the legacy and float types, and llama.cpp's K-quant file types (q4_k = q4_k_m, as there)
+TARGET_NAMES = [n for n in TYPE_NAMES if n not in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")] + \
+    ["q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k"]
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
               Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
               Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
@@ -54,6 +61,17 @@ def parse_type(name: str) -> GGMLQuantizationType:
     return t
 
 
+def parse_target(name: str) -> tuple[GGMLQuantizationType, str | None]:
+    """-t's value -> (the main tensor type, the K-quant mix name or None); one clear error otherwise."""
+    mix = policy.find_mix(name)
+    if mix is not None:
+        return mix.default, mix.name
+    t = TYPE_NAMES.get(name.strip().lower())
+    if t is None:
+        raise LlmError(f"unknown quantization type '{name}' (choose from {', '.join(TARGET_NAMES)})")
+    return t, None
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """What to write. Defaults live here."""
@@ -65,6 +83,15 @@ class ConvertOptions:
     pure: bool = False
     optimize: bool = False
     allow_requantize: bool = False
+    mix: str | None = None  # a K-quant file type (policy.MIXES): llama.cpp's per-tensor policy
+
+    @property
+    def target_name(self) -> str:
+        return self.mix or self.qtype.name.lower()
+
+    @property
+    def file_type(self) -> LlamaFileType:
+        return policy.MIXES[self.mix].ftype if self.mix else _FILE_TYPE[self.qtype]
 
 
 def parse_tensor_types(specs: list[str] | None) -> tuple[tuple[str, GGMLQuantizationType], ...]:
@@ -137,33 +164,20 @@ def qk_permutation(n_rows: int, n_head: int) -> np.ndarray:
     return (h * head_dim + j * half + i).reshape(-1)
 
 
-_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """HF tensor name -> GGUF name; None for buffers that are not weights."""
-    if hf_name in _TOP_MAP:
-        return _TOP_MAP[hf_name]
+def gguf_name(hf_name: str, family: Family = FAMILIES["llama"]) -> str | None:
+    """HF tensor name -> GGUF name in `family`; None for buffers that are not weights."""
+    if hf_name in family.hf_top_names:
+        return family.hf_top_names[hf_name]
     m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    if m and m.group(2) in family.hf_layer_names:
+        return f"blk.{m.group(1)}.{family.hf_layer_names[m.group(2)]}"
     if _IGNORED.fullmatch(hf_name):
         return None
-    raise UnsupportedError(f"tensor {hf_name} has no GGUF counterpart (not a llama/qwen2/qwen3 weight)")
+    raise UnsupportedError(f"tensor {hf_name} has no GGUF counterpart (not a {family.arch} weight)")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -194,6 +208,7 @@ def _rope_config(config: dict) -> tuple[float, dict]:
     """(rope_theta, scaling dict) from either form of config.json (`rope_theta` + `rope_scaling`,
     or the newer `rope_parameters`)."""
     params = config.get("rope_parameters") or {}
+    params = params.get("full_attention", params)  # per layer type (Gemma 3): the global layers' own
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling") or {}
     if not scaling and params.get("rope_type", "default") != "default":
@@ -227,8 +242,8 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
-    arch = config.get("model_type")
-    check_arch(arch)
+    family = hf_family(config.get("model_type"))
+    arch = family.arch
 
     def need(key: str):
         if key not in config:
@@ -259,16 +274,19 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
         factors = llama3_rope_factors(scaling, head_dim, theta)
         out.append(SourceTensor("rope_freqs.weight", factors.shape, Q.F32, _rows_reader(factors, "f32")))
     for hf_name, t in tensors.items():
-        gname = gguf_name(hf_name)
+        gname = gguf_name(hf_name, family)
         if gname is None:
             continue
         perm = None
-        if arch == "llama" and re.search(r"attn_[qk]\.(weight|bias)$", gname):
+        if family.permute_qk and re.search(r"attn_[qk]\.(weight|bias)$", gname):
             perm = qk_permutation(t.shape[0], n_head if ".attn_q." in gname else n_kv)
         qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[t.kind]
+        if family.norm_offset and gname.endswith("norm.weight"):  # stored as the multiplier the norm applies
+            out.append(SourceTensor(gname, t.shape, Q.F32, _offset_reader(t.data, t.kind, family.norm_offset)))
+            continue
         raw = None if perm is not None else (lambda t=t: t.data.view(np.uint8))
         out.append(SourceTensor(gname, t.shape, qtype, _rows_reader(t.data, t.kind, perm), raw))
-    _check_complete(out, n_layers, arch, folder)
+    _check_complete(out, n_layers, family.hf_required(config), folder)
     out.sort(key=_tensor_order)
 
     def write_metadata(w: GGUFWriter) -> None:
@@ -289,20 +307,33 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
         if rope_type == "linear":
             w.add_rope_scaling_type(RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(scaling["factor"]))
+        for key, value in family.hf_metadata(config).items():
+            if isinstance(value, float):
+                w.add_float32(f"{arch}.{key}", value)
+            else:
+                w.add_uint32(f"{arch}.{key}", value)
         tokenizer.add_to(w)
 
     return Source(arch, name or folder.name, out, write_metadata)
 
 
-def _check_complete(tensors: list[SourceTensor], n_layers: int, arch: str, folder: Path) -> None:
+def _offset_reader(data: np.ndarray, kind: str, offset: float):
+    """Reader of a norm weight as float32 plus `offset` (Gemma's HF norms multiply by 1 + w)."""
+    def read(r0: int, r1: int) -> tuple[np.ndarray, str]:
+        if kind == "bf16":
+            w = (data.astype(np.uint32) << 16).view(np.float32)
+        else:
+            w = (data.view(np.float16) if kind == "f16" else data).astype(np.float32)
+        return (w.reshape(1, -1) + np.float32(offset)).astype(np.float32), "f32"
+
+    return read
+
+
+def _check_complete(tensors: list[SourceTensor], n_layers: int, per_layer: list[str], folder: Path) -> None:
     names = {t.name for t in tensors}
     need = ["token_embd.weight", "output_norm.weight"]
     for i in range(n_layers):
-        need += [f"blk.{i}.{n}" for n in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                                          "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight",
-                                          "ffn_up.weight", "ffn_down.weight")]
-        if arch == "qwen3":
-            need += [f"blk.{i}.attn_q_norm.weight", f"blk.{i}.attn_k_norm.weight"]
+        need += [f"blk.{i}.{n}" for n in per_layer]
     missing = [n for n in need if n not in names]
     if missing:
         raise ModelFileError(f"{folder}: {len(missing)} weight(s) missing from the safetensors, e.g. {missing[0]}")
@@ -396,10 +427,16 @@ def choose_type(t: SourceTensor, opts: ConvertOptions, tied: bool) -> tuple[GGML
             chosen = opts.qtype
     if chosen in BLOCK_TYPES and t.shape[-1] % QK:
         return Q.F16, f"rows of {t.shape[-1]} do not split into {QK}-weight blocks"
+    if chosen in K_TYPES:
+        return policy.fallback(chosen, t.shape[-1])
     return chosen, ""
 
 
 def make_plan(source: Source, opts: ConvertOptions) -> list[TensorPlan]:
+    if opts.mix:
+        mopts = policy.MixOptions(opts.embedding_type, opts.output_type, opts.tensor_types, opts.pure)
+        types = policy.plan_mix([(t.name, t.shape, t.qtype) for t in source.tensors], policy.MIXES[opts.mix], mopts)
+        return [TensorPlan(t, qtype, note) for t, (qtype, note) in zip(source.tensors, types, strict=True)]
     tied = not any(t.name == "output.weight" for t in source.tensors)
     plans = []
     for t in source.tensors:
@@ -426,7 +463,9 @@ def encode_tensor(t: SourceTensor, qtype: GGMLQuantizationType, optimize: bool |
     for r0 in range(0, t.n_rows, step):
         r1 = min(t.n_rows, r0 + step)
         rows, kind = t.read(r0, r1)
-        if qtype in BLOCK_TYPES:
+        if qtype in K_TYPES:  # --optimize here is ggml's imatrix search, which needs the importance
+            quantize_k_rows(rows, qtype, kind, col_weights if optimize else None, out=rows_out[r0:r1])
+        elif qtype in BLOCK_TYPES:
             quantize_rows(rows, qtype, optimize, kind, col_weights, out=rows_out[r0:r1])
         else:
             rows_out[r0:r1] = quantize_rows(rows, qtype, optimize, kind).reshape(r1 - r0, -1)
@@ -528,7 +567,7 @@ def write_gguf(source: Source, opts: ConvertOptions, output: Path,
     writer = GGUFWriter(tmp, source.arch)
     try:
         source.write_metadata(writer)
-        writer.add_file_type(_FILE_TYPE[opts.qtype])
+        writer.add_file_type(opts.file_type)
         writer.add_quantization_version(2)
         for p in plan:
             writer.add_tensor_info(p.name, (p.n_bytes,) if len(p.shape) == 1 else

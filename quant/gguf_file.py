@@ -21,7 +21,7 @@ from quant.errors import ModelFileError, UnsupportedError
 from quant.formats import READABLE_TYPES
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # the architectures the engine runs (and the converter writes)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # the families in quant/families (it imports this module)
 DEFAULT_ALIGNMENT = 32
 
 _SCALAR = {
@@ -64,17 +64,31 @@ class Tensor:
 def check_arch(arch: str | None) -> None:
     """Refuse, in one line, an architecture the engine does not run."""
     if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedError(f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+        shown = safe_text(str(arch), 60)
+        raise UnsupportedError(f"unsupported architecture '{shown}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+
+MAX_ARRAY_DEPTH = 4  # arrays of arrays this deep at most: a file cannot make the reader recurse without bound
+MAX_ALIGNMENT = 1 << 16
+# the fewest bytes one item of a kind can take: a count is checked against what the rest of the file can hold
+_MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 
 
 class _Cursor:
     def __init__(self, buf: memoryview, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def truncated(self, needs: int) -> ModelFileError:
+        return ModelFileError(f"{self.path}: truncated GGUF header (needs {needs} bytes, file has {len(self.buf)})")
+
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise ModelFileError(f"{self.path}: truncated GGUF header (needs {self.pos + n} bytes, file has "
-                                 f"{len(self.buf)})")
+            raise self.truncated(self.pos + n)
         view = self.buf[self.pos:self.pos + n]
         self.pos += n
         return view
@@ -85,6 +99,15 @@ class _Cursor:
     def string(self) -> str:
         n = self.scalar("<Q")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def count(self, item_type: GGUFValueType, what: str) -> int:
+        """An array's element count, refused when the rest of the file cannot hold that many elements."""
+        n = self.scalar("<Q")
+        size = np.dtype(_NUMPY[item_type]).itemsize if item_type in _NUMPY else _MIN_BYTES.get(item_type, 1)
+        if n * size > self.left():
+            raise ModelFileError(f"{self.path}: corrupt GGUF metadata: {what} claims {n} elements, more than the "
+                                 f"{self.left()} bytes left in the file hold")
+        return n
 
     def strings(self, count: int) -> list[str]:
         """`count` length-prefixed strings: the vocabulary and merges, so this loop is kept tight."""
@@ -104,22 +127,35 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int) -> Any:
-        vtype = GGUFValueType(vtype)
+    def value_type(self, what: str) -> GGUFValueType:
+        raw = self.scalar("<I")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise ModelFileError(f"{self.path}: corrupt GGUF metadata: {what} has unknown value type {raw}") from None
+
+    def value(self, vtype: GGUFValueType, what: str, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype in _SCALAR:
             return self.scalar(_SCALAR[vtype])
-        if vtype == GGUFValueType.ARRAY:
-            item_type = GGUFValueType(self.scalar("<I"))
-            count = self.scalar("<Q")
-            if item_type in _NUMPY:
-                dtype = np.dtype(_NUMPY[item_type])
-                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-            if item_type == GGUFValueType.STRING:
-                return self.strings(count)
-            return [self.value(item_type) for _ in range(count)]
-        raise ModelFileError(f"{self.path}: unknown GGUF value type {vtype}")
+        # ARRAY (value_type admits nothing else)
+        if depth >= MAX_ARRAY_DEPTH:
+            raise ModelFileError(f"{self.path}: corrupt GGUF metadata: {what} nests arrays more than "
+                                 f"{MAX_ARRAY_DEPTH} deep")
+        item_type = self.value_type(what)
+        count = self.count(item_type, what)
+        if item_type in _NUMPY:
+            dtype = np.dtype(_NUMPY[item_type])
+            values = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
+            # a list for the sizes metadata has (a vocabulary's scores, token types); a huge one stays an array
+            return values.tolist() if count <= _LIST_LIMIT else values
+        if item_type == GGUFValueType.STRING:
+            return self.strings(count)
+        return [self.value(item_type, what, depth + 1) for _ in range(count)]
+
+
+_LIST_LIMIT = 1 << 21
 
 
 @dataclass
@@ -221,52 +257,74 @@ def read_gguf(path: str | os.PathLike, check_types: bool = True) -> GGUFFile:
     if version not in (2, 3):
         raise ModelFileError(f"{path}: unsupported GGUF version {version}")
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise ModelFileError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    if n_kv * _MIN_KV_BYTES > cur.left() or n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left():
+        raise ModelFileError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys do not fit in "
+                             f"{size} bytes)")
 
     metadata: dict[str, Any] = {}
     types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
-    try:
-        for _ in range(n_kv):
-            key = cur.string()
-            vtype = GGUFValueType(cur.scalar("<I"))
-            sub = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0]) if vtype == GGUFValueType.ARRAY else None
-            types[key] = (vtype, sub)
-            metadata[key] = cur.value(vtype)
-    except ValueError as e:
-        raise ModelFileError(f"{path}: corrupt GGUF metadata: {e}") from None
+    for _ in range(n_kv):
+        key = cur.string()
+        shown = safe_text(key, 80)
+        if key in metadata:
+            raise ModelFileError(f"{path}: corrupt GGUF metadata: key {shown} appears twice")
+        vtype = cur.value_type(f"key {shown}")
+        sub = None
+        if vtype == GGUFValueType.ARRAY:
+            if cur.left() < 4:
+                raise cur.truncated(cur.pos + 4)
+            raw = struct.unpack_from("<I", cur.buf, cur.pos)[0]
+            sub = GGUFValueType(raw) if raw in _KNOWN_TYPES else None
+        types[key] = (vtype, sub)
+        metadata[key] = cur.value(vtype, f"key {shown}")
 
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
+        shown = safe_text(name, 80)
         n_dims = cur.scalar("<I")
-        if n_dims > 4:
-            raise ModelFileError(f"{path}: tensor {name} has {n_dims} dimensions")
+        if not 1 <= n_dims <= 4:
+            raise ModelFileError(f"{path}: tensor {shown} has {n_dims} dimensions (1 to 4 are valid)")
         dims = [cur.scalar("<Q") for _ in range(n_dims)]
         raw_type = cur.scalar("<I")
         offset = cur.scalar("<Q")
         infos.append((name, dims, raw_type, offset))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= MAX_ALIGNMENT
+            or alignment & (alignment - 1)):
+        raise ModelFileError(f"{path}: metadata general.alignment = {safe_text(repr(alignment), 60)} is not a "
+                             f"power of two up to {MAX_ALIGNMENT}")
     data_start = (cur.pos + alignment - 1) // alignment * alignment
 
     tensors: dict[str, Tensor] = {}
     for name, dims, raw_type, offset in infos:
+        shown = safe_text(name, 80)
+        if name in tensors:
+            raise ModelFileError(f"{path}: tensor {shown} appears twice")
         try:
             qtype = GGMLQuantizationType(raw_type)
         except ValueError:
-            raise UnsupportedError(f"{path}: tensor {name} has unknown type id {raw_type}") from None
-        if check_types and qtype not in READABLE_TYPES:
-            raise UnsupportedError(f"{path}: tensor {name} has type {qtype.name}, which llm cannot read "
+            raise UnsupportedError(f"{path}: tensor {shown} has unknown type id {raw_type}") from None
+        if qtype not in GGML_QUANT_SIZES or (check_types and qtype not in READABLE_TYPES):
+            raise UnsupportedError(f"{path}: tensor {shown} has type {qtype.name}, which llm cannot read "
                                    f"(readable: {', '.join(sorted(t.name for t in READABLE_TYPES))})")
+        if min(dims) < 1:
+            raise ModelFileError(f"{path}: tensor {shown} has an empty dimension {dims}")
         shape = tuple(int(d) for d in reversed(dims))  # ggml lists the fastest dimension first
         block, tsize = GGML_QUANT_SIZES[qtype]
         if shape[-1] % block:
-            raise ModelFileError(f"{path}: tensor {name} row length {shape[-1]} is not a multiple of {block}")
-        n_bytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * tsize
+            raise ModelFileError(f"{path}: tensor {shown} row length {shape[-1]} is not a multiple of {block}")
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d  # Python integers: a product past 2^63 is caught below, not wrapped
+        n_bytes = rows * (shape[-1] // block) * tsize
+        if offset % alignment:
+            raise ModelFileError(f"{path}: tensor {shown} offset {offset} is not a multiple of the alignment "
+                                 f"{alignment}")
         start = data_start + offset
         if start + n_bytes > size:
-            raise ModelFileError(f"{path}: truncated: tensor {name} ends at byte {start + n_bytes}, "
+            raise ModelFileError(f"{path}: truncated: tensor {shown} ends at byte {start + n_bytes}, "
                                  f"file has {size}")
         raw = mm[start:start + n_bytes]
         if qtype == GGMLQuantizationType.F32:
@@ -277,3 +335,6 @@ def read_gguf(path: str | os.PathLike, check_types: bool = True) -> GGUFFile:
             data = raw.reshape(*shape[:-1], shape[-1] // block * tsize)
         tensors[name] = Tensor(name, qtype, shape, data)
     return GGUFFile(path, version, metadata, tensors, size, types)
+
+
+_KNOWN_TYPES = {int(t) for t in GGUFValueType}

@@ -37,6 +37,15 @@ def smollm2_gguf(smollm2_path):
     return read_gguf(smollm2_path)
 
 
+def sigint_default() -> None:
+    """preexec_fn for a child the test interrupts with SIGINT: a shell starts background jobs with SIGINT ignored,
+    and the child would inherit that (Python then never raises KeyboardInterrupt), so a Ctrl-C test would depend on
+    how the test run itself was started."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_hf_copy(gguf_path: Path, out: Path) -> Path:
     """SmolLM2 in Hugging Face format (config.json, f16 model.safetensors, tokenizer files), written by
     transformers from the GGUF: the source for conversion tests and the test Hub's safetensors repo."""

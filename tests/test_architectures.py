@@ -55,3 +55,77 @@ def test_converted_model_matches_transformers(kind, tmp_path, smollm2_hf_dir):
     for t in range(len(IDS)):
         assert np.abs(ours[t] - ref[t]).max() <= 1e-3 * np.abs(ref[t]).max(), f"{kind} position {t}"
         assert ours[t].argmax() == ref[t].argmax()
+
+
+def make_family_model(kind: str, folder, tokenizer_dir):
+    """A tiny random HF model of each newer family, in float32: Gemma 3 (sandwich norms, GELU, q/k norms, a
+    4-token window on five layers of six), Llama 3 (llama3 RoPE factors), Mistral (a sliding window)."""
+    import torch
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+    if kind == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+                                                   sliding_window=4, tie_word_embeddings=True, **common))
+    elif kind == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, rope_parameters=rope, tie_word_embeddings=False,
+                                             **common))
+    else:
+        model = MistralForCausalLM(MistralConfig(num_hidden_layers=2, sliding_window=4, tie_word_embeddings=False,
+                                                 **common))
+    with torch.no_grad():  # random norms, so a missing or misplaced one shows (Gemma's are 1 + w)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_((0.0 if kind == "gemma3" else 1.0) + 0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, folder / f)
+    return model.eval()
+
+
+def _kl(logits, ref):
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gemma3", "llama3", "mistral"])
+def test_family_converted_to_f32_and_q8_0_matches_transformers(kind, tmp_path, smollm2_hf_dir):
+    """`llm quantize` to F32 and Q8_0, then every backend against transformers on the same weights: per-position
+    KL < 1e-3 and the same argmax on 99 % of positions (16 positions: past the 4-token windows)."""
+    import torch
+
+    from backends import BACKENDS, mlx_available
+
+    hf = make_family_model(kind, tmp_path / kind, smollm2_hf_dir)
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0].float().numpy()
+    for qtype in ("f32", "q8_0"):
+        gguf = read_gguf(quantize(str(tmp_path / kind), qtype, tmp_path / f"{kind}-{qtype}.gguf"))
+        assert gguf.get("general.architecture") == ("gemma3" if kind == "gemma3" else "llama")
+        for backend in BACKENDS:
+            if backend == "mlx" and not mlx_available():
+                continue
+            model = load_model(gguf, backend, threads=2)
+            cache = model.new_cache(32)
+            ours = np.concatenate([model.forward(np.array(IDS[:10]), cache, all_logits=True),
+                                   model.forward(np.array(IDS[10:]), cache, all_logits=True)])
+            kl = _kl(ours, ref)
+            assert kl.max() < 1e-3, (kind, qtype, backend, kl.max())
+            assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99, (kind, qtype, backend)

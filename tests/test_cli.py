@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 from test_gguf_file import write_tiny
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def llm(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input, capture_output=True, text=True,
+    # stdin is always a pipe (empty unless `input`): a run never waits on a stdin inherited from the test runner
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input or "", capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 
@@ -201,11 +203,14 @@ def test_ctrl_c_stops_the_reply_not_the_chat(tmp_path, smollm2_path):
     save = tmp_path / "after.json"
     p = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", str(smollm2_path), "--backend", "numpy",
                           "--temperature", "0", "-n", "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0)
+                         stderr=subprocess.PIPE, text=True, env=ENV, bufsize=0, preexec_fn=sigint_default)
     p.stdin.write("Count from 1 to 500, one number per line.\n")
     p.stdin.flush()
-    seen, deadline = b"", time.time() + 240
-    while b"5" not in seen and time.time() < deadline:  # wait until the reply is well under way
+    # Ready when the reply's first token is on stdout (anything but input prompts). A deadline only bounds a
+    # broken run; the interrupt is never sent before the reply has started.
+    seen, deadline = b"", time.time() + 600
+    while not seen.replace(b">>> ", b"").strip():
+        assert time.time() < deadline and p.poll() is None, f"the reply never started: {seen!r}"
         if select.select([p.stdout], [], [], 1.0)[0]:
             seen += os.read(p.stdout.fileno(), 1024)
     p.send_signal(signal.SIGINT)

@@ -187,9 +187,15 @@ def test_attention_kernels_match_numpy(T, start, D):
     from backends.numba import prompt_attention
     from backends.numba.layers import attention, attention_serial
 
+    def decode(kernel):  # the decode kernels without a sliding window, scores scaled by 1/sqrt(head_dim)
+        return lambda q, k, v, start, out: kernel(q, k, v, start, 0, np.float32(1 / np.sqrt(D)), out)
+
+    def prompt(q, k, v, start, out):
+        prompt_attention(q, k, v, start, out, 1 / np.sqrt(D))
+
     def pooled(q, k, v, start, out):
         with ThreadPoolExecutor(2) as pool:
-            prompt_attention(q, k, v, start, out, lambda work, n: list(pool.map(work, range(n))))
+            prompt_attention(q, k, v, start, out, 1 / np.sqrt(D), run=lambda work, n: list(pool.map(work, range(n))))
 
     rng = np.random.default_rng(4)
     H, KVH = 6, 2
@@ -198,7 +204,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
     kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, positions, D)
-    for kernel in (attention, attention_serial, prompt_attention, pooled):
+    for kernel in (decode(attention), decode(attention_serial), prompt, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
         kernel(q, kh, vh, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)

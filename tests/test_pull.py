@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sigint_default
 from hub_server import HubServer
 
 from llmcli.hub import (
@@ -343,13 +344,15 @@ def test_a_dropped_connection_is_resumed_within_the_pull(hub, env):
 def test_ctrl_c_keeps_the_partial_download(hub, env):
     size, stall = hub.smollm2.stat().st_size, 20_000_000
     hub.stall_after(GGUF_REPO, Q4KM, stall)
-    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "pull", GGUF_REPO], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The stall must outlast any wait of the test under load: a read timeout would retry and finish the download.
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "pull", GGUF_REPO],
+                            env={**env, "HF_HUB_DOWNLOAD_TIMEOUT": "600"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     try:
         assert hub.stalled.wait(120), "the pull never started downloading"
-        deadline = time.time() + 30
+        deadline = time.time() + 300  # ready: every byte sent before the stall is on disk
         while not (_partial(env, GGUF_REPO) and _partial(env, GGUF_REPO)[0].stat().st_size == stall):
-            assert time.time() < deadline, "the client did not write what it received"
+            assert time.time() < deadline and proc.poll() is None, "the client did not write what it received"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

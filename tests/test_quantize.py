@@ -165,3 +165,48 @@ def test_bad_tensor_type_spec(smollm2_hf_dir, tmp_path):
     with pytest.raises(LlmError, match="bad regular expression"):
         run_quantize(str(smollm2_hf_dir), "q4_0", tmp_path / "x.gguf", tensor_types=["attn_(v=q8_0"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_is_never_the_source_unless_force(smollm2_path, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    src = tmp_path / "m.gguf"
+    shutil.copy(smollm2_path, src)
+    before = src.read_bytes()
+    code, err = _cli(["quantize", str(src), "-t", "q8_0", "-o", str(src), "--allow-requantize"], monkeypatch, capsys)
+    assert code == 1 and err.startswith("error: ") and "is the source itself" in err and "--force" in err, err
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    # into the store: `llm quantize NAME:TYPE -t TYPE` would land on the stored file itself
+    monkeypatch.setenv("LLMCLI_HOME", str(tmp_path / "home"))
+    from llmcli import store
+
+    first = run_quantize(str(src), "q8_0", allow_requantize=True)
+    stored = store.resolve_model(first.store_name)
+    mtime = stored.stat().st_mtime_ns
+    from quant.errors import LlmError
+
+    with pytest.raises(LlmError, match="is the source itself"):
+        run_quantize(first.store_name, "q8_0", allow_requantize=True)
+    assert stored.stat().st_mtime_ns == mtime
+    again = run_quantize(first.store_name, "q8_0", allow_requantize=True, force=True)
+    assert again.result.path == stored and stored.stat().st_mtime_ns != mtime
+
+
+def test_interrupted_store_write_leaves_no_folder(smollm2_hf_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCLI_HOME", str(tmp_path / "home"))
+
+    def stop(plan_entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(str(smollm2_hf_dir), "q8_0", on_tensor=stop)
+    models = tmp_path / "home" / "models"
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_error_has_no_blank_line_before_it(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "llmcli", "quantize", str(tmp_path / "missing.gguf"), "-t",
+                           "q4_k_m"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: "), repr(proc.stderr)

@@ -103,7 +103,8 @@ def test_raise_exception_becomes_one_clean_error(tmp_path, no_template_gguf):
     assert template.render(CONVERSATION[1:]) == "ok"
     with pytest.raises(LlmError) as err:
         template.render(CONVERSATION)
-    assert str(err.value) == f"chat template (file {path}): Conversation must start with a user message"
+    assert str(err.value) == ("chat template failed: Conversation must start with a user message "
+                              f"(template: file {path})")
 
 
 def test_bad_templates_give_clean_errors(tmp_path, no_template_gguf):
@@ -111,8 +112,9 @@ def test_bad_templates_give_clean_errors(tmp_path, no_template_gguf):
         ChatTemplate.from_gguf(no_template_gguf, override=tmp_path / "missing.jinja")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }}")
-    with pytest.raises(TemplateError, match=r"does not parse: line 1: .*endfor"):
-        ChatTemplate.from_gguf(no_template_gguf, override=broken)
+    lazy = ChatTemplate.from_gguf(no_template_gguf, override=broken)  # compiled on first use
+    with pytest.raises(TemplateError, match=r"^chat template failed: does not parse: line 1: .*endfor"):
+        lazy.render(CONVERSATION)
     failing = tmp_path / "failing.jinja"
     failing.write_text("{{ messages[0].content + 1 }}")
     with pytest.raises(TemplateError, match="failed: TypeError"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from backends.base import HParams, output_tensor, rope_inv_freq
+from backends.base import HParams, global_weights, layer_weights, rope_inv_freq
 from backends.mlx.cache import MlxKVCache
 from backends.mlx.weights import Linear, fuse, linear, vector
 from quant.gguf_file import GGUFFile
@@ -35,10 +35,13 @@ class Layer:
     v_bias: mx.array | None = None
     q_norm: mx.array | None = None  # (head_dim,)
     k_norm: mx.array | None = None
+    post_attn_norm: mx.array | None = None  # (n_embd,): Gemma's sandwich norms
+    post_ffn_norm: mx.array | None = None
 
     def arrays(self) -> list[mx.array]:
         """Every array the block holds (for mx.eval and byte counts)."""
-        out = [self.attn_norm, self.ffn_norm, self.q_bias, self.k_bias, self.v_bias, self.q_norm, self.k_norm]
+        out = [self.attn_norm, self.ffn_norm, self.q_bias, self.k_bias, self.v_bias, self.q_norm, self.k_norm,
+               self.post_attn_norm, self.post_ffn_norm]
         for m in (*self.qkv, self.wo, *self.gate_up, self.down):
             out += m.arrays()
         return [a for a in out if a is not None]
@@ -50,21 +53,18 @@ def default_dtype() -> mx.Dtype:
 
 
 def load_layer(gguf: GGUFFile, hp: HParams, i: int, dtype: mx.Dtype) -> Layer:
-    t = gguf.tensors
-    p = f"blk.{i}."
-    extras = {}
-    if hp.qkv_bias:
-        extras |= {f"{x}_bias": vector(t[f"{p}attn_{x}.bias"], dtype) for x in "qkv"}
-    if hp.qk_norm:
-        extras |= {f"{x}_norm": vector(t[f"{p}attn_{x}_norm.weight"], dtype) for x in "qk"}
+    w = layer_weights(gguf, hp, i)
+    vectors = {name: vector(w[slot], dtype) for name, slot in (
+        ("q_bias", "bq"), ("k_bias", "bk"), ("v_bias", "bv"), ("q_norm", "q_norm"), ("k_norm", "k_norm"),
+        ("post_attn_norm", "post_attn_norm"), ("post_ffn_norm", "post_ffn_norm")) if slot in w}
     return Layer(
-        attn_norm=vector(t[p + "attn_norm.weight"], dtype),
-        ffn_norm=vector(t[p + "ffn_norm.weight"], dtype),
-        qkv=fuse([linear(t[p + f"attn_{x}.weight"]) for x in "qkv"]),
-        wo=linear(t[p + "attn_output.weight"]),
-        gate_up=fuse([linear(t[p + "ffn_gate.weight"]), linear(t[p + "ffn_up.weight"])]),
-        down=linear(t[p + "ffn_down.weight"]),
-        **extras,
+        attn_norm=vector(w["attn_norm"], dtype),
+        ffn_norm=vector(w["ffn_norm"], dtype),
+        qkv=(linear(w["wqkv"]),) if "wqkv" in w else fuse([linear(w[s]) for s in ("wq", "wk", "wv")]),
+        wo=linear(w["wo"]),
+        gate_up=(linear(w["gate_up"]),) if "gate_up" in w else fuse([linear(w["gate"]), linear(w["up"])]),
+        down=linear(w["down"]),
+        **vectors,
     )
 
 
@@ -74,23 +74,24 @@ class MlxModel:
     def __init__(self, gguf: GGUFFile, hp: HParams, dtype: mx.Dtype | None = None):
         self.hparams = hp
         self.dtype = dtype or default_dtype()
-        self.embed = linear(gguf.tensors["token_embd.weight"])  # (n_vocab, n_embd); rows() is the lookup
-        self.output = self.embed if hp.tied_embeddings else linear(output_tensor(gguf, hp))
-        self.output_norm = vector(gguf.tensors["output_norm.weight"], self.dtype)
+        g = global_weights(gguf, hp)
+        self.embed = linear(g["embd"])  # (n_vocab, n_embd); rows() is the lookup
+        self.output = self.embed if hp.tied_embeddings else linear(g["output"])
+        self.output_norm = vector(g["out_norm"], self.dtype)
         self.layers: list[Layer] = []
         for i in range(hp.n_layers):  # evaluated one by one, so the unfused matrices are freed as we go
             self.layers.append(load_layer(gguf, hp, i, self.dtype))
             mx.eval(self.layers[-1].arrays())
-        # mx.fast.rope wants the period of each pair: 1 / inv_freq (llama3 factors, scaling folded in)
-        self.rope_periods = mx.array(1.0 / rope_inv_freq(hp, gguf))
-        self.attn_scale = 1.0 / float(np.sqrt(hp.head_dim))
+        # mx.fast.rope wants the period of each pair: 1 / inv_freq (llama3 factors, scaling folded in), per layer
+        self.rope_periods = [mx.array(1.0 / rope_inv_freq(hp, gguf, i)) for i in range(hp.n_layers)]
+        self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
     def new_cache(self, max_seq: int) -> MlxKVCache:
         return MlxKVCache(self.hparams, max_seq, self.dtype)
 
     def arrays(self) -> list[mx.array]:
-        out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, self.rope_periods]
+        out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]
         for layer in self.layers:
             out += layer.arrays()
         return out
@@ -104,11 +105,12 @@ class MlxModel:
 
     # -- the graph --------------------------------------------------------------------------------
 
-    def rope(self, x: mx.array, offset: int) -> mx.array:
-        """x: (1, heads, T, head_dim) at positions offset..; neox rotates halves, llama GGUF adjacent ones."""
+    def rope(self, x: mx.array, offset: int, i: int) -> mx.array:
+        """x: (1, heads, T, head_dim) at positions offset.. in layer i; neox rotates halves, llama GGUF adjacent
+        ones."""
         hp = self.hparams
         return mx.fast.rope(x, hp.rope_dim, traditional=not hp.rope_neox, base=None, scale=1.0, offset=offset,
-                            freqs=self.rope_periods)
+                            freqs=self.rope_periods[i])
 
     def attention(self, layer: Layer, i: int, h: mx.array, cache: MlxKVCache) -> mx.array:
         """h: (T, n_embd) -> (T, n_embd); writes this layer's keys and values into the cache."""
@@ -127,11 +129,19 @@ class MlxModel:
         if layer.q_norm is not None:
             q = mx.fast.rms_norm(q, layer.q_norm, hp.norm_eps)
             k = mx.fast.rms_norm(k, layer.k_norm, hp.norm_eps)
-        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
+        q, k = self.rope(q, cache.offset, i), self.rope(k, cache.offset, i)
         keys, values = cache.update(i, k, v)  # (1, n_kv_heads, offset + T, head_dim)
-        # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.attn_scale,
-                                                   mask="causal" if T > 1 else None)
+        window = hp.window(i)
+        if window and T == 1:  # one query: its window is the last `window` keys
+            keys, values = keys[:, :, -window:], values[:, :, -window:]
+            mask = None
+        elif window:  # query at position p sees keys p - window < s <= p
+            pos = mx.arange(cache.offset, cache.offset + T)[:, None]
+            s = mx.arange(cache.offset + T)[None, :]
+            mask = (s <= pos) & (s > pos - window)
+        else:  # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
+            mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.attn_scale, mask=mask)
         return layer.wo(out.transpose(0, 2, 1, 3).reshape(T, q_dim))
 
     def mlp(self, layer: Layer, h: mx.array) -> mx.array:
@@ -139,6 +149,9 @@ class MlxModel:
             g, u = mx.split(layer.gate_up[0](h), 2, axis=-1)
         else:
             g, u = (w(h) for w in layer.gate_up)
+        if self.hparams.act == "gelu_tanh":
+            # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)), the tanh form rewritten
+            return layer.down(g * mx.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u)
         return layer.down(g * mx.sigmoid(g) * u)
 
     def logits(self, tokens: mx.array, cache: MlxKVCache, all_logits: bool = False) -> mx.array:
@@ -147,13 +160,24 @@ class MlxModel:
         T = tokens.shape[0]
         cache.reserve(T)
         x = self.embed.rows(tokens, self.dtype)  # (T, n_embd): the residual stream
+        if hp.embed_scale != 1.0:
+            x = x * hp.embed_scale
         for i, layer in enumerate(self.layers):
-            x = x + self.attention(layer, i, mx.fast.rms_norm(x, layer.attn_norm, hp.norm_eps), cache)
-            x = x + self.mlp(layer, mx.fast.rms_norm(x, layer.ffn_norm, hp.norm_eps))
+            a = self.attention(layer, i, mx.fast.rms_norm(x, layer.attn_norm, hp.norm_eps), cache)
+            if layer.post_attn_norm is not None:
+                a = mx.fast.rms_norm(a, layer.post_attn_norm, hp.norm_eps)
+            x = x + a
+            f = self.mlp(layer, mx.fast.rms_norm(x, layer.ffn_norm, hp.norm_eps))
+            if layer.post_ffn_norm is not None:
+                f = mx.fast.rms_norm(f, layer.post_ffn_norm, hp.norm_eps)
+            x = x + f
         cache.offset += T
         if not all_logits:
             x = x[-1]
-        return self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
+        logits = self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
+        if hp.logit_softcap:
+            logits = hp.logit_softcap * mx.tanh(logits / hp.logit_softcap)
+        return logits
 
     # -- the interface the engine uses -------------------------------------------------------------
 

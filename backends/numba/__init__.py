@@ -20,13 +20,13 @@ from threadpoolctl import threadpool_limits
 from backends.base import (
     HParams,
     SimpleKVCache,
-    layer_tensor_names,
-    output_tensor,
-    rope_inv_freq,
+    global_weights,
+    layer_weights,
+    rope_groups,
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
-from backends.numba.batch import CachePool, PooledKVCache, forward_batch_stack
+from backends.numba.batch import CachePool, PooledKVCache
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
@@ -67,12 +67,12 @@ SPLIT_MIN_WORK = 3e7  # multiply-adds below which an integer GEMM runs on one th
 QUERY_BLOCK = 128  # prompt attention: queries per block of score products
 TILE_FLOATS = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
 
-_KIND_NAMES = {
-    L.ATTN_NORM: "attn_norm.weight", L.WQ: "attn_q.weight", L.WK: "attn_k.weight", L.WV: "attn_v.weight",
-    L.WO: "attn_output.weight", L.FFN_NORM: "ffn_norm.weight", L.GATE: "ffn_gate.weight",
-    L.UP: "ffn_up.weight", L.DOWN: "ffn_down.weight", L.BQ: "attn_q.bias", L.BK: "attn_k.bias",
-    L.BV: "attn_v.bias", L.Q_NORM: "attn_q_norm.weight", L.K_NORM: "attn_k_norm.weight",
+_KIND_SLOTS = {  # layer_tab column -> weight slot (quant/families/spec.py)
+    L.ATTN_NORM: "attn_norm", L.WQ: "wq", L.WK: "wk", L.WV: "wv", L.WO: "wo", L.FFN_NORM: "ffn_norm",
+    L.GATE: "gate", L.UP: "up", L.DOWN: "down", L.BQ: "bq", L.BK: "bk", L.BV: "bv", L.Q_NORM: "q_norm",
+    L.K_NORM: "k_norm", L.POST_ATTN_NORM: "post_attn_norm", L.POST_FFN_NORM: "post_ffn_norm",
 }
+_ACTS = {"silu": L.ACT_SILU, "gelu_tanh": L.ACT_GELU_TANH}
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
@@ -149,7 +149,7 @@ def _mmap_root(gguf: GGUFFile) -> np.ndarray:
 
 
 def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray,
-                     run=None) -> None:
+                     scale: float, window: int = 0, run=None) -> None:
     """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its heads
     stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks see more
     keys). BLAS for the two products, numba for the masked softmax: 9 ms per SmolLM2 layer at pp512 on one
@@ -158,18 +158,19 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
     T, H, D = q.shape
     KVH = k_cache.shape[0]
     group = H // KVH
-    scale = np.float32(1.0 / np.sqrt(D))
+    scale = np.float32(scale)
     tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
 
     def work(i):
         t0, kv = tasks[i]
         t1 = min(T, t0 + QUERY_BLOCK)
         S = start + t1  # keys seen by the block's last query
+        k0 = max(0, start + t0 + 1 - window) if window > 0 else 0  # and the first query's first key
         qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
-        scores = (qg * scale) @ k_cache[kv, :S].T  # (group * block, S)
-        L.causal_softmax(scores, t1 - t0, start + t0)
-        out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[kv, :S]).reshape(group, t1 - t0, D
-                                                                                    ).transpose(1, 0, 2)
+        scores = (qg * scale) @ k_cache[kv, k0:S].T  # (group * block, S - k0)
+        L.causal_softmax(scores, t1 - t0, start + t0, k0, window)
+        out[t0:t1, kv * group:(kv + 1) * group] = (scores @ v_cache[kv, k0:S]).reshape(group, t1 - t0, D
+                                                                                       ).transpose(1, 0, 2)
 
     if run is None:
         for i in range(len(tasks)):
@@ -188,23 +189,28 @@ class NumbaModel:
         self.wv = weight_views(root)
         # layer_tab: (n_layers, N_KINDS, 2) int64 (byte offset, qtype); -1 for tensors the model lacks
         self.layer_tab = np.full((hp.n_layers, L.N_KINDS, 2), -1, dtype=np.int64)
+        kinds = {slot: kind for kind, slot in _KIND_SLOTS.items()}
         for i in range(hp.n_layers):
-            for kind, name in _KIND_NAMES.items():
-                t = gguf.tensors.get(f"blk.{i}.{name}")
-                if t is not None:
-                    self.layer_tab[i, kind] = self._locate(t)
-        missing = set(layer_tensor_names(hp)) - set(_KIND_NAMES.values())
-        if missing:
-            raise UnsupportedError(f"numba backend cannot use tensors {sorted(missing)}")
-        self.glob_tab = np.array([self._locate(gguf.tensors["token_embd.weight"]),
-                                  self._locate(gguf.tensors["output_norm.weight"]),
-                                  self._locate(output_tensor(gguf, hp))], dtype=np.int64)
+            for slot, t in layer_weights(gguf, hp, i).items():
+                if slot not in kinds:
+                    raise UnsupportedError(f"numba backend cannot use {hp.arch} weight slot '{slot}' ({t.name})")
+                self.layer_tab[i, kinds[slot]] = self._locate(t)
+        g = global_weights(gguf, hp)
+        self.glob_tab = np.array([self._locate(g["embd"]), self._locate(g["out_norm"]), self._locate(g["output"])],
+                                 dtype=np.int64)
         self.dims = np.zeros(L.N_DIMS, dtype=np.int64)
         self.dims[[L.D_EMBD, L.D_HEADS, L.D_KV_HEADS, L.D_HEAD_DIM, L.D_FF, L.D_VOCAB, L.D_ROPE_HALF,
-                   L.D_NEOX, L.D_LAYERS]] = [
+                   L.D_NEOX, L.D_LAYERS, L.D_ACT]] = [
             hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim // 2,
-            int(hp.rope_neox), hp.n_layers]
-        self.inv_freq = rope_inv_freq(hp, gguf)
+            int(hp.rope_neox), hp.n_layers, _ACTS[hp.act]]
+        self.fparams = np.zeros(L.N_FPARAMS, dtype=np.float32)
+        self.fparams[[L.F_EPS, L.F_EMBED_SCALE, L.F_ATTN_SCALE, L.F_SOFTCAP]] = [
+            hp.norm_eps, hp.embed_scale, hp.scale, hp.logit_softcap]
+        # inv_freq: (G, rope_dim/2), the distinct RoPE frequency sets; layer_opt: (n_layers, N_LAYER_OPTS)
+        self.inv_freq, groups = rope_groups(hp, gguf)
+        self.layer_opt = np.zeros((hp.n_layers, L.N_LAYER_OPTS), dtype=np.int64)
+        self.layer_opt[:, L.L_WINDOW] = [hp.window(i) for i in range(hp.n_layers)]
+        self.layer_opt[:, L.L_ROPE] = groups
         self._scratch = self._make_scratch(SMALL_T)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
         tile = np.empty(TILE_FLOATS, dtype=np.float32)
@@ -235,7 +241,7 @@ class NumbaModel:
         gu_desc = np.array([[0, 0, F], [0, 0, F]], dtype=np.int64)
         return (f32(T, E), f32(T, E), f32(T, nq + 2 * nkv), f32(T, hp.n_heads, hp.head_dim),
                 f32(T, hp.n_kv_heads, hp.head_dim), f32(T, nq), f32(T, 2 * F), f32(T, F), f32(T, E),
-                f32(T, hp.rope_dim // 2), f32(T, hp.rope_dim // 2),
+                f32(len(self.inv_freq), T, hp.rope_dim // 2), f32(len(self.inv_freq), T, hp.rope_dim // 2),
                 activation_blocks(T, E), activation_blocks(T, nq), activation_blocks(T, F),
                 qkv_desc, gu_desc)
 
@@ -274,8 +280,8 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
-        forward_batch_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps, self.inv_freq,
-                            tokens, positions, slots, pool.k, pool.v, pool.scratch, logits)
+        L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt, self.inv_freq,
+                        tokens, positions, slots, pool.k, pool.v, True, pool.scratch, logits)
         for c in caches:
             c.offset += 1
         return logits
@@ -296,11 +302,14 @@ class NumbaModel:
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
+            slots = np.zeros(SMALL_T, dtype=np.int64)  # the cache as the one slot of a pool: (1, n_layers, ...)
             for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
                 chunk = tokens[c0:c0 + SMALL_T]
                 out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps,
-                                self.inv_freq, chunk, start + c0, cache.k, cache.v, all_logits, self._scratch, out)
+                positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
+                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
+                                self.inv_freq, chunk, positions, slots[:len(chunk)], cache.k[None], cache.v[None],
+                                all_logits, self._scratch, out)
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 
@@ -404,12 +413,14 @@ class NumbaModel:
         h = np.empty((T, E), dtype=np.float32)
         att = np.empty((T, H, D), dtype=np.float32)
         ff = np.empty((T, F), dtype=np.float32)
-        cos = np.empty((T, hp.rope_dim // 2), dtype=np.float32)
+        cos = np.empty((len(self.inv_freq), T, hp.rope_dim // 2), dtype=np.float32)  # per RoPE frequency set
         sin = np.empty_like(cos)
-        L.embed(self.wv, self.glob_tab[L.EMBD, 1], self.glob_tab[L.EMBD, 0], E, tokens, x)
+        L.embed(self.wv, self.glob_tab[L.EMBD, 1], self.glob_tab[L.EMBD, 0], E, tokens, np.float32(hp.embed_scale),
+                x)
         L.rope_tables(start, self.inv_freq, cos, sin)
         for i in range(hp.n_layers):
             lt = self.layer_tab[i]
+            g, window = self.layer_opt[i, L.L_ROPE], int(self.layer_opt[i, L.L_WINDOW])
             L.rms_norm(x, f32, lt[L.ATTN_NORM, 0], eps, h)
             qkv = self._gemm_cat(h, [(lt[L.WQ], H * D), (lt[L.WK], KVH * D), (lt[L.WV], KVH * D)])
             q, k, v = np.split(qkv, [H * D, (H + KVH) * D], axis=1)
@@ -422,16 +433,16 @@ class NumbaModel:
             if lt[L.Q_NORM, 0] >= 0:
                 L.head_norm(q3, f32, lt[L.Q_NORM, 0], eps)
                 L.head_norm(k3, f32, lt[L.K_NORM, 0], eps)
-            L.rope(q3, cos, sin, hp.rope_neox)
-            L.rope(k3, cos, sin, hp.rope_neox)
+            L.rope(q3, cos[g], sin[g], hp.rope_neox)
+            L.rope(k3, cos[g], sin[g], hp.rope_neox)
             cache.k[i, :, start:start + T] = k3.transpose(1, 0, 2)
             cache.v[i, :, start:start + T] = v.reshape(T, KVH, D).transpose(1, 0, 2)
-            prompt_attention(q3, cache.k[i], cache.v[i], start, att, self._run)
-            x += self._gemm(att.reshape(T, H * D), lt[L.WO], E)
+            prompt_attention(q3, cache.k[i], cache.v[i], start, att, hp.scale, window, self._run)
+            x += self._post_norm(self._gemm(att.reshape(T, H * D), lt[L.WO], E), lt[L.POST_ATTN_NORM])
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
             gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
-            L.swiglu(gu, ff)
-            x += self._gemm(ff, lt[L.DOWN], E)
+            L.glu(gu, ff, self.dims[L.D_ACT])
+            x += self._post_norm(self._gemm(ff, lt[L.DOWN], E), lt[L.POST_FFN_NORM])
 
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
@@ -440,9 +451,18 @@ class NumbaModel:
             # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
             # about what the dot products do), and a process whose prompt takes this path need not load the
             # matvec kernels' machine code (~40 ms) as well as the GEMM's
-            return self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab)
-        xb = activation_blocks(len(rows), E)
-        prepare(h, xb)
-        logits = np.empty((len(rows), hp.n_vocab), dtype=np.float32)
-        matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xb, logits)
+            logits = self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab)
+        else:
+            xb = activation_blocks(len(rows), E)
+            prepare(h, xb)
+            logits = np.empty((len(rows), hp.n_vocab), dtype=np.float32)
+            matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xb, logits)
+        if hp.logit_softcap:
+            L.softcap(logits, np.float32(hp.logit_softcap))
         return logits
+
+    def _post_norm(self, y: np.ndarray, desc: np.ndarray) -> np.ndarray:
+        """y normalized in place by the post-norm weight at desc (Gemma's sandwich), or y when there is none."""
+        if desc[0] >= 0:
+            L.rms_norm(y, self.wv[2], desc[0], self.hparams.norm_eps, y)
+        return y

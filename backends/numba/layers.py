@@ -7,7 +7,12 @@ offsets and type codes built at load:
 
   layer_tab: (n_layers, N_KINDS, 2) int64  (byte offset, qtype) of each per-layer tensor, -1 when absent
   glob_tab:  (3, 2) int64                  token_embd, output_norm, output
-  dims:      (N_DIMS,) int64               the integer hyper-parameters (indices below)
+  dims:      (N_DIMS,) int64               the integer hyper-parameters and block options (indices below)
+  fparams:   (N_FPARAMS,) float32          the real ones: norm epsilon, embedding scale, score scale, logit cap
+  layer_opt: (n_layers, N_LAYER_OPTS) int64  per layer: sliding window (0 = full), RoPE table row
+
+Block options are data (dims and which layer_tab entries exist): a post-norm after each sub-block when its
+weight exists (Gemma's sandwich), the FFN activation, a sliding window per layer, RoPE frequencies per layer.
 """
 
 from __future__ import annotations
@@ -21,13 +26,21 @@ from quant.jit import njit, prange
 from quant.kernels import dequant_row, matvec, matvec_multi, prepare, row_bytes
 
 # kinds of per-layer tensors (columns of layer_tab)
-ATTN_NORM, WQ, WK, WV, WO, FFN_NORM, GATE, UP, DOWN, BQ, BK, BV, Q_NORM, K_NORM = range(14)
-N_KINDS = 14
+(ATTN_NORM, WQ, WK, WV, WO, FFN_NORM, GATE, UP, DOWN, BQ, BK, BV, Q_NORM, K_NORM, POST_ATTN_NORM,
+ POST_FFN_NORM) = range(16)
+N_KINDS = 16
 # global tensors (rows of glob_tab)
 EMBD, OUT_NORM, OUTPUT = range(3)
 # dims entries
-D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS = range(9)
-N_DIMS = 9
+D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_LAYERS, D_ACT = range(10)
+N_DIMS = 10
+ACT_SILU, ACT_GELU_TANH = 0, 1  # dims[D_ACT]
+# fparams entries
+F_EPS, F_EMBED_SCALE, F_ATTN_SCALE, F_SOFTCAP = range(4)
+N_FPARAMS = 4
+# layer_opt columns
+L_WINDOW, L_ROPE = range(2)
+N_LAYER_OPTS = 2
 # Decode attention below this many multiply-adds (query x cached position x head_dim, over all heads) runs on
 # one thread: SmolLM2 (9 heads of 64) up to ~450 cached positions. One parallel region less per layer.
 SERIAL_ATTENTION = 1 << 18
@@ -49,13 +62,15 @@ def rms_norm(x, f32, w_off, eps, out):
 
 @njit(cache=True, fastmath=True)
 def rope_tables(start, inv_freq, cos, sin):
-    """cos, sin: (T, rope_dim/2) float32 for positions start .. start + T."""
-    for t in range(cos.shape[0]):
-        pos = np.float32(start + t)
-        for i in range(inv_freq.size):
-            angle = pos * inv_freq[i]
-            cos[t, i] = math.cos(angle)
-            sin[t, i] = math.sin(angle)
+    """cos, sin: (G, T, rope_dim/2) float32 for positions start .. start + T, for each of the G frequency sets
+    inv_freq: (G, rope_dim/2)."""
+    for g in range(inv_freq.shape[0]):
+        for t in range(cos.shape[1]):
+            pos = np.float32(start + t)
+            for i in range(inv_freq.shape[1]):
+                angle = pos * inv_freq[g, i]
+                cos[g, t, i] = math.cos(angle)
+                sin[g, t, i] = math.sin(angle)
 
 
 @njit(cache=True, fastmath=True)
@@ -90,22 +105,23 @@ def head_norm(x, f32, w_off, eps):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend(q, k_cache, v_cache, start, out, i):
-    """Attention of query (t, h) = divmod(i, n_heads) over cache positions 0 .. start + t (see attention)."""
+def _attend(q, k_cache, v_cache, start, window, scale, out, i):
+    """Attention of query (t, h) = divmod(i, n_heads) over its visible cache positions (see attention)."""
     T, H, D = q.shape
     KVH, S = k_cache.shape[0], k_cache.shape[1]
     t, h = i // H, i % H
     kv = h // (H // KVH)
-    n = start + t + 1
+    end = start + t + 1
+    first = max(0, end - window) if window > 0 else 0
+    n = end - first
     nb = D // 32  # whole 32-float blocks of a head vector; the rest (head_dim not a multiple of 32) below
-    scale = np.float32(1.0 / math.sqrt(D))
     qv = q[t, h]
     scores = np.empty(n, dtype=np.float32)
     top = np.float32(-np.inf)
     for s in range(n):
-        acc = simd.dot_f32(k_cache, ((kv * S + s) * D) * 4, q, (t * H + h) * D, nb)
+        acc = simd.dot_f32(k_cache, ((kv * S + first + s) * D) * 4, q, (t * H + h) * D, nb)
         for j in range(nb * 32, D):
-            acc += qv[j] * k_cache[kv, s, j]
+            acc += qv[j] * k_cache[kv, first + s, j]
         scores[s] = acc * scale
         top = max(top, scores[s])
     total = np.float32(0.0)
@@ -116,49 +132,76 @@ def _attend(q, k_cache, v_cache, start, out, i):
     for s in range(n):
         scores[s] *= inv
     d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
-    simd.weighted_rows(v_cache, kv * S * D * 4, D * 4, scores, n, d16, out, (t * H + h) * D)
+    simd.weighted_rows(v_cache, (kv * S + first) * D * 4, D * 4, scores, n, d16, out, (t * H + h) * D)
     for j in range(d16, D):
         acc = np.float32(0.0)
         for s in range(n):
-            acc += scores[s] * v_cache[kv, s, j]
+            acc += scores[s] * v_cache[kv, first + s, j]
         out[t, h, j] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, k_cache, v_cache, start, out):
+def attention(q, k_cache, v_cache, start, window, scale, out):
     """Causal attention of T new queries over the cache, grouped-query.
     q: (T, n_heads, head_dim); k_cache, v_cache: (n_kv_heads, max_seq, head_dim) of one layer, holding
-    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions 0 .. start + t.
+    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions start + t - window < s <=
+    start + t (window 0: every s <= start + t); scores are q.k * scale.
     Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place; the
     (query, head) pairs are shared across threads."""
     for i in prange(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, out, i)
+        _attend(q, k_cache, v_cache, start, window, scale, out, i)
 
 
 @njit(cache=True, fastmath=True)
-def attention_serial(q, k_cache, v_cache, start, out):
+def attention_serial(q, k_cache, v_cache, start, window, scale, out):
     """`attention` on the calling thread: for short contexts, cheaper than a parallel region's synchronization."""
     for i in range(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, out, i)
+        _attend(q, k_cache, v_cache, start, window, scale, out, i)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_rows(q, k_pool, v_pool, layer, slots, positions, window, scale, out):
+    """`attention` for rows that each have their own cache and position: query t (q: (T, n_heads, head_dim)) is
+    at position positions[t] of slot slots[t] of k_pool, v_pool: (n_slots, n_layers, n_kv_heads, max_seq,
+    head_dim), and sees that slot's positions up to its own (the last `window` of them when window > 0)."""
+    H = q.shape[1]
+    for i in prange(q.shape[0] * H):
+        t, h = i // H, i % H
+        _attend(q[t:t + 1], k_pool[slots[t], layer], v_pool[slots[t], layer], positions[t], window, scale,
+                out[t:t + 1], h)
+
+
+@njit(cache=True, fastmath=True)
+def attention_rows_serial(q, k_pool, v_pool, layer, slots, positions, window, scale, out):
+    """`attention_rows` on the calling thread."""
+    H = q.shape[1]
+    for i in range(q.shape[0] * H):
+        t, h = i // H, i % H
+        _attend(q[t:t + 1], k_pool[slots[t], layer], v_pool[slots[t], layer], positions[t], window, scale,
+                out[t:t + 1], h)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def causal_softmax(scores, T, start):
+def causal_softmax(scores, T, start, first_key, window):
     """Softmax in place over each row of scores: (rows, S) of one query block, row r holding query r % T
-    (the heads of a group stacked, T queries each) at position start + r % T, which sees keys 0 .. itself;
-    later keys get probability 0. Serial and without the GIL: the prompt path's pool runs one per thread."""
+    (the heads of a group stacked, T queries each) at position start + r % T, against keys first_key ..
+    first_key + S. A query sees the keys up to itself, and with a window > 0 only the last `window` of them;
+    other keys get probability 0. Serial and without the GIL: the prompt path's pool runs one per thread."""
     for r in range(scores.shape[0]):
         row = scores[r]
-        n = start + r % T + 1
-        top = simd.max_f32(row, n)
+        pos = start + r % T
+        n = pos + 1 - first_key  # keys up to the query itself
+        lo = max(0, n - window) if window > 0 else 0
+        top = simd.max_f32(row[lo:], n - lo)
         total = np.float32(0.0)
-        for s in range(n):
+        for s in range(lo, n):
             e = simd.exp_f32(row[s] - top)
             row[s] = e
             total += e
         inv = np.float32(1.0) / total
-        for s in range(n):
+        for s in range(lo, n):
             row[s] *= inv
+        row[:lo] = 0.0
         row[n:] = 0.0
 
 
@@ -172,12 +215,43 @@ def swiglu(gu, out):
             o[j] = gate[j] / (np.float32(1.0) + simd.exp_f32(-gate[j])) * up[j]
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def gelu_tanh_glu(gu, out):
+    """out = gelu_tanh(gate) * up, with gu: (T, 2 * n_ff) = [gate | up] side by side (Gemma).
+    gelu_tanh(g) = g / 2 * (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) * (g + 0.044715 g^3)."""
+    n = out.shape[1]
+    c = np.float32(2.0 * math.sqrt(2.0 / math.pi))
+    for t in range(out.shape[0]):
+        gate, up, o = gu[t, :n], gu[t, n:], out[t]
+        for j in range(n):
+            g = gate[j]
+            o[j] = g / (np.float32(1.0) + simd.exp_f32(-c * (g + np.float32(0.044715) * g * g * g))) * up[j]
+
+
+@njit(cache=True, inline="always")
+def glu(gu, out, act):
+    if act == ACT_GELU_TANH:
+        gelu_tanh_glu(gu, out)
+    else:
+        swiglu(gu, out)
+
+
+@njit(cache=True, fastmath=True)
+def softcap(logits, cap):
+    """logits = cap * tanh(logits / cap) in place (a final logit soft-cap; cap > 0)."""
+    for t in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            logits[t, j] = cap * math.tanh(logits[t, j] / cap)
+
+
 @njit(cache=True)
-def embed(wv, qtype, off, n, tokens, out):
-    """out[t] = row tokens[t] of the embedding table (n columns), dequantized."""
+def embed(wv, qtype, off, n, tokens, scale, out):
+    """out[t] = row tokens[t] of the embedding table (n columns), dequantized, times scale."""
     rb = row_bytes(qtype, n)
     for t in range(tokens.size):
         dequant_row(wv, qtype, off + tokens[t] * rb, n, out[t])
+        if scale != 1.0:
+            out[t] *= scale
 
 
 @njit(cache=True, fastmath=True)
@@ -196,24 +270,31 @@ def _rows(xb, a, b):
 
 
 @njit(cache=True, fastmath=True)
-def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k_cache, v_cache, all_logits,
-                  scratch, logits):
-    """All layers for T tokens at positions start.. with the quantized matvec kernels; writes K/V into the
-    cache and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see Scratch)."""
+def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
+                  v_pool, all_logits, scratch, logits):
+    """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
+    cache in slot slots[t] of k_pool, v_pool: (n_slots, n_layers, n_kv_heads, max_seq, head_dim) (one
+    conversation's run of tokens: one slot, consecutive positions; a batched decode step: a token from each of
+    several conversations, every weight row read once for all of them). Writes K/V into the caches and logits:
+    (T or 1, n_vocab). scratch: tuple of buffers sized for T (see NumbaModel._make_scratch);
+    inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks from."""
     x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
     T = tokens.size
-    E, H, KVH, D, _F = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM], dims[D_FF]
+    E, H, KVH, D = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
     nq, nkv = H * D, KVH * D
+    eps, scale = fparams[F_EPS], fparams[F_ATTN_SCALE]
     x, h, qkv, q3, k3, att = x[:T], h[:T], qkv[:T], q3[:T], k3[:T], att[:T]
-    gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:T], sin[:T]
+    gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:, :T], sin[:, :T]
     xs_e, xs_q, xs_f = _rows(xs_e, 0, T), _rows(xs_q, 0, T), _rows(xs_f, 0, T)
     f32 = wv[2]
 
-    embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, x)
-    rope_tables(start, inv_freq, cos, sin)
+    embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, fparams[F_EMBED_SCALE], x)
+    for t in range(T):
+        rope_tables(positions[t], inv_freq, cos[:, t:t + 1], sin[:, t:t + 1])
     for layer in range(dims[D_LAYERS]):
         lt = layer_tab[layer]
-        # attention block: x += Wo . attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)
+        window, g = layer_opt[layer, L_WINDOW], layer_opt[layer, L_ROPE]
+        # attention block: x += [norm](Wo . attn(rope(Wq h), rope(Wk h), Wv h)), h = norm(x)
         rms_norm(x, f32, lt[ATTN_NORM, 0], eps, h)
         prepare(h, xs_e)
         for i in range(3):
@@ -231,29 +312,35 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
         if lt[Q_NORM, 0] >= 0:
             head_norm(q3, f32, lt[Q_NORM, 0], eps)
             head_norm(k3, f32, lt[K_NORM, 0], eps)
-        rope(q3, cos, sin, dims[D_NEOX] != 0)
-        rope(k3, cos, sin, dims[D_NEOX] != 0)
+        rope(q3, cos[g], sin[g], dims[D_NEOX] != 0)
+        rope(k3, cos[g], sin[g], dims[D_NEOX] != 0)
+        seen = 0  # cached positions the queries see, over all of them
         for t in range(T):
             for kh in range(KVH):
-                k_cache[layer, kh, start + t] = k3[t, kh]
-                v_cache[layer, kh, start + t] = v[t, kh * D:(kh + 1) * D]
+                k_pool[slots[t], layer, kh, positions[t]] = k3[t, kh]
+                v_pool[slots[t], layer, kh, positions[t]] = v[t, kh * D:(kh + 1) * D]
+            seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
-        if T * H * (start + T) * D < SERIAL_ATTENTION:
-            attention_serial(q3, k_cache[layer], v_cache[layer], start, att3)
+        if H * seen * D < SERIAL_ATTENTION:
+            attention_rows_serial(q3, k_pool, v_pool, layer, slots, positions, window, scale, att3)
         else:
-            attention(q3, k_cache[layer], v_cache[layer], start, att3)
+            attention_rows(q3, k_pool, v_pool, layer, slots, positions, window, scale, att3)
         prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
+        if lt[POST_ATTN_NORM, 0] >= 0:
+            rms_norm(tmp, f32, lt[POST_ATTN_NORM, 0], eps, tmp)
         x += tmp
-        # feed-forward block: x += Wdown . (silu(Wgate h) * Wup h), h = norm(x)
+        # feed-forward block: x += [norm](Wdown . (act(Wgate h) * Wup h)), h = norm(x)
         rms_norm(x, f32, lt[FFN_NORM, 0], eps, h)
         prepare(h, xs_e)
         for i in range(2):
             gu_desc[i, 0], gu_desc[i, 1] = lt[GATE + i, 0], lt[GATE + i, 1]
         matvec_multi(wv, gu_desc, h, xs_e, gu)
-        swiglu(gu, ff)
+        glu(gu, ff, dims[D_ACT])
         prepare(ff, xs_f)
         matvec(wv, lt[DOWN, 1], lt[DOWN, 0], E, ff, xs_f, tmp)
+        if lt[POST_FFN_NORM, 0] >= 0:
+            rms_norm(tmp, f32, lt[POST_FFN_NORM, 0], eps, tmp)
         x += tmp
 
     first = 0 if all_logits else T - 1
@@ -261,3 +348,5 @@ def forward_stack(wv, layer_tab, glob_tab, dims, eps, inv_freq, tokens, start, k
     xb = _rows(xs_e, first, T)
     prepare(h[first:], xb)
     matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xb, logits)
+    if fparams[F_SOFTCAP] > 0:
+        softcap(logits, fparams[F_SOFTCAP])

@@ -8,13 +8,21 @@ It trades memory for simplicity: each weight is dequantized to float32 on first 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
-from backends.base import HParams, SimpleKVCache, output_tensor, rope_inv_freq, weight_bytes_per_token
+from backends.base import (
+    HParams,
+    SimpleKVCache,
+    global_weights,
+    layer_weights,
+    rope_inv_freq,
+    weight_bytes_per_token,
+)
 from quant.formats import dequantize
-from quant.gguf_file import GGUFFile
+from quant.gguf_file import GGUFFile, Tensor
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumpyModel:
@@ -46,6 +54,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -57,26 +72,27 @@ class NumpyModel:
     def __init__(self, gguf: GGUFFile, hp: HParams, keep_weights: bool = True,
                  on_input: Callable[[str, np.ndarray], None] | None = None):
         self.gguf, self.hparams = gguf, hp
-        self.inv_freq = rope_inv_freq(hp, gguf)
+        self.inv_freq = [rope_inv_freq(hp, gguf, i) for i in range(hp.n_layers)]  # per layer: (rope_dim/2,)
+        self.layers = [layer_weights(gguf, hp, i) for i in range(hp.n_layers)]  # slot -> Tensor
+        self.globals = global_weights(gguf, hp)
         self.keep_weights = keep_weights
         self.on_input = on_input  # on_input(weight name, its input rows (T, n_cols) float32)
         self._w: dict[str, np.ndarray] = {}
 
-    def w(self, name: str) -> np.ndarray:
-        """Weight `name` as float32, dequantized once (or on every use without keep_weights)."""
-        if name in self._w:
-            return self._w[name]
-        t = self.gguf.tensors[name]
+    def w(self, t: Tensor) -> np.ndarray:
+        """Weight `t` as float32, dequantized once (or on every use without keep_weights)."""
+        if t.name in self._w:
+            return self._w[t.name]
         w = dequantize(t.data, t.qtype).reshape(t.shape)
         if self.keep_weights:
-            self._w[name] = w
+            self._w[t.name] = w
         return w
 
-    def matmul(self, h: np.ndarray, name: str) -> np.ndarray:
-        """h (T, n_cols) @ weight `name` (n_rows, n_cols).T -> (T, n_rows)."""
+    def matmul(self, h: np.ndarray, t: Tensor) -> np.ndarray:
+        """h (T, n_cols) @ weight t (n_rows, n_cols).T -> (T, n_rows)."""
         if self.on_input is not None:
-            self.on_input(name, h)
-        return h @ self.w(name).T
+            self.on_input(t.name, h)
+        return h @ self.w(t).T
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
         return SimpleKVCache(self.hparams, max_seq)
@@ -88,6 +104,50 @@ class NumpyModel:
         """One token for each cache, at its offset: (B, n_vocab). The reference: one forward per cache."""
         return np.stack([self.forward(np.asarray(tokens[i:i + 1]), c) for i, c in enumerate(caches)])
 
+    def attention(self, i: int, lw: dict[str, Tensor], h: np.ndarray, cache: SimpleKVCache,
+                  pos: np.ndarray) -> np.ndarray:
+        """h: (T, n_embd) at positions pos -> (T, n_heads * head_dim); writes layer i's keys and values."""
+        hp = self.hparams
+        T, start = len(pos), int(pos[0])
+        q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
+        if hp.fused_qkv:
+            q, k, v = np.split(self.matmul(h, lw["wqkv"]), [q_dim, q_dim + kv_dim], axis=1)
+        else:
+            q, k, v = (self.matmul(h, lw[s]) for s in ("wq", "wk", "wv"))
+        if hp.qkv_bias:
+            q, k, v = q + self.w(lw["bq"]), k + self.w(lw["bk"]), v + self.w(lw["bv"])
+        q = q.reshape(T, hp.n_heads, hp.head_dim)
+        k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
+        v = v.reshape(T, hp.n_kv_heads, hp.head_dim)
+        if hp.qk_norm:
+            q = rms_norm(q, self.w(lw["q_norm"]), hp.norm_eps)
+            k = rms_norm(k, self.w(lw["k_norm"]), hp.norm_eps)
+        q, k = rope(q, pos, self.inv_freq[i], hp.rope_neox), rope(k, pos, self.inv_freq[i], hp.rope_neox)
+        cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
+        keys, values = cache.k[i, : start + T], cache.v[i, : start + T]  # (S, n_kv_heads, head_dim)
+
+        # query at position p sees keys p - window < s <= p (window 0: every s <= p)
+        s = np.arange(start + T)[None, :]
+        visible = s <= pos[:, None]
+        if hp.window(i):
+            visible &= s > pos[:, None] - hp.window(i)
+        mask = np.where(visible, np.float32(0), np.float32(-np.inf))  # (T, S)
+        group = hp.n_heads // hp.n_kv_heads
+        att = np.empty((T, hp.n_heads, hp.head_dim), dtype=np.float32)
+        for hd in range(hp.n_heads):
+            kv = hd // group
+            scores = q[:, hd, :] @ keys[:, kv, :].T * np.float32(hp.scale) + mask  # (T, S)
+            att[:, hd, :] = softmax(scores) @ values[:, kv, :]
+        return att.reshape(T, q_dim)
+
+    def mlp(self, lw: dict[str, Tensor], h: np.ndarray) -> np.ndarray:
+        hp = self.hparams
+        if hp.fused_gate_up:
+            g, u = np.split(self.matmul(h, lw["gate_up"]), 2, axis=1)
+        else:
+            g, u = self.matmul(h, lw["gate"]), self.matmul(h, lw["up"])
+        return self.matmul(ACTIVATIONS[hp.act](g) * u, lw["down"])
+
     def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
         hp = self.hparams
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -95,39 +155,22 @@ class NumpyModel:
         if start + T > cache.max_seq:
             raise ValueError(f"KV cache holds {cache.max_seq} positions; {start + T} needed")
         pos = np.arange(start, start + T)
-        group = hp.n_heads // hp.n_kv_heads
-        scale = 1.0 / np.sqrt(hp.head_dim)
-        mask = np.triu(np.full((T, start + T), -np.inf, dtype=np.float32), k=start + 1)  # (T, start+T)
+        eps = hp.norm_eps
 
-        x = self.w("token_embd.weight")[tokens]  # (T, n_embd)
-        for i in range(hp.n_layers):
-            p = f"blk.{i}."
-            h = rms_norm(x, self.w(p + "attn_norm.weight"), hp.norm_eps)
-            q, k, v = (self.matmul(h, p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
-            if hp.qkv_bias:
-                q, k, v = q + self.w(p + "attn_q.bias"), k + self.w(p + "attn_k.bias"), v + self.w(p + "attn_v.bias")
-            q = q.reshape(T, hp.n_heads, hp.head_dim)
-            k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
-            v = v.reshape(T, hp.n_kv_heads, hp.head_dim)
-            if hp.qk_norm:
-                q = rms_norm(q, self.w(p + "attn_q_norm.weight"), hp.norm_eps)
-                k = rms_norm(k, self.w(p + "attn_k_norm.weight"), hp.norm_eps)
-            q, k = rope(q, pos, self.inv_freq, hp.rope_neox), rope(k, pos, self.inv_freq, hp.rope_neox)
-            cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
-            keys, values = cache.k[i, : start + T], cache.v[i, : start + T]  # (S, n_kv_heads, head_dim)
-
-            att = np.empty((T, hp.n_heads, hp.head_dim), dtype=np.float32)
-            for hd in range(hp.n_heads):
-                kv = hd // group
-                scores = q[:, hd, :] @ keys[:, kv, :].T * scale + mask  # (T, S)
-                att[:, hd, :] = softmax(scores) @ values[:, kv, :]
-            x = x + self.matmul(att.reshape(T, -1), p + "attn_output.weight")
-
-            h = rms_norm(x, self.w(p + "ffn_norm.weight"), hp.norm_eps)
-            ff = silu(self.matmul(h, p + "ffn_gate.weight")) * self.matmul(h, p + "ffn_up.weight")
-            x = x + self.matmul(ff, p + "ffn_down.weight")
+        x = self.w(self.globals["embd"])[tokens] * np.float32(hp.embed_scale)  # (T, n_embd): the residual stream
+        for i, lw in enumerate(self.layers):
+            a = self.matmul(self.attention(i, lw, rms_norm(x, self.w(lw["attn_norm"]), eps), cache, pos), lw["wo"])
+            if hp.norm == "sandwich":
+                a = rms_norm(a, self.w(lw["post_attn_norm"]), eps)
+            x = x + a
+            f = self.mlp(lw, rms_norm(x, self.w(lw["ffn_norm"]), eps))
+            if hp.norm == "sandwich":
+                f = rms_norm(f, self.w(lw["post_ffn_norm"]), eps)
+            x = x + f
 
         cache.offset = start + T
-        x = rms_norm(x if all_logits else x[-1:], self.w("output_norm.weight"), hp.norm_eps)
-        logits = self.matmul(x, output_tensor(self.gguf, hp).name).astype(np.float32)
+        x = rms_norm(x if all_logits else x[-1:], self.w(self.globals["out_norm"]), eps)
+        logits = self.matmul(x, self.globals["output"]).astype(np.float32)
+        if hp.logit_softcap:
+            logits = np.float32(hp.logit_softcap) * np.tanh(logits / np.float32(hp.logit_softcap))
         return logits if all_logits else logits[0]

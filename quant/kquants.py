@@ -1,0 +1,679 @@
+"""K-quant quantizers (Q2_K..Q6_K), Numba-parallel over rows, byte-identical to ggml's.
+
+A K-quant super-block holds 256 weights: sub-blocks of 16 or 32 weights, each with its own scale
+(and min), and those scales quantized again to 4, 6 or 8 bits against one or two float16 super-scales.
+Without importance weights the rounding is ggml's reference one (quantize_row_qN_K_ref: what
+llama-quantize writes without an imatrix); with them it is ggml's imatrix one (quantize_qN_K with
+quant_weights), which `--optimize` feeds with the per-column importance from llmcli/calibrate.py.
+
+Everything is float32 arithmetic in ggml's order (ggml-base is built without FMA contraction), ints are
+converted to float32 before they meet a float, and every C narrowing (uint8_t, int8_t) is written out.
+
+Block layouts (bytes):
+  Q2_K  84: scales[16] (low nibble scale, high nibble min) | qs[64] 2-bit | d | dmin
+  Q3_K 110: hmask[32] high bits | qs[64] 2-bit | scales[12] 6-bit signed+32 | d
+  Q4_K 144: d | dmin | scales[12] 6-bit scale/min pairs | qs[128] 4-bit
+  Q5_K 176: d | dmin | scales[12] | qh[32] high bits | qs[128] 4-bit
+  Q6_K 210: ql[128] 4-bit | qh[64] 2-bit | scales[16] int8 | d
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import types
+from numba.extending import overload
+
+from quant.jit import njit, prange
+from quant.quantize import _F16_TO_F32, _f16_bits, _put_u16, bits_lut
+
+Q = GGMLQuantizationType
+QK_K = 256
+_KIND = {Q.Q2_K: 0, Q.Q3_K: 1, Q.Q4_K: 2, Q.Q5_K: 3, Q.Q6_K: 4}
+K_TYPES = frozenset(_KIND)
+
+f32 = np.float32
+# per-thread work arrays: codes (int32), their trial copy, error weights, sub-block scales/mins and their codes
+_Scratch = namedtuple("_Scratch", "L Laux w scales mins sw Ls Lm")
+_EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS: a group whose largest magnitude is below this is all zero
+
+
+# ---- scalar helpers ------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _nearest(v):
+    """ggml's nearest_int: round half to even."""
+    return int(np.rint(v))
+
+
+@njit(cache=True, inline="always")
+def _u8(v):
+    return v & 0xFF
+
+
+@njit(cache=True, inline="always")
+def _i8(v):
+    return ((v + 128) & 0xFF) - 128
+
+
+@njit(cache=True, inline="always")
+def _half(v, lut):
+    """float32 -> its float16 bits and the float32 value they hold."""
+    bits = _f16_bits(v)
+    return bits, lut[bits]
+
+
+# ---- per-group scale searches (ggml's make_*_quants) -----------------------------------------------------
+
+@njit(cache=True)
+def _make_qx_quants(n, nmax, x, L, qw, use_qw):
+    """Symmetric codes in [-nmax, nmax): L = code + nmax. Error weights qw, or x² (rmse_type 1)."""
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / mx
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _nearest(iscale * x[i])))
+        L[i] = l + nmax
+        w = qw[i] if use_qw else x[i] * x[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / mx
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, _nearest(iscale * x[i])))
+            w = qw[i] if use_qw else x[i] * x[i]
+            fl = f32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, _nearest(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def _make_q3_quants(n, nmax, x, L):
+    """Q3_K's reference search: codes in [-nmax, nmax) refined one at a time (5 passes); L = code + nmax."""
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / mx
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _nearest(iscale * x[i])))
+        L[i] = l
+        w = x[i] * x[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            li = f32(L[i])
+            slx = sumlx - w * x[i] * li
+            if slx > 0:
+                sl2 = suml2 - w * li * li
+                new_l = max(-nmax, min(nmax - 1, _nearest(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    fn = f32(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+@njit(cache=True)
+def _make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """Affine codes in [0, nmax] (w = scale * L - min): ggml's make_qkx2_quants (= make_qkx3 with weights).
+    Returns (scale, the_min) as float32."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > 0:
+        mn = f32(0.0)
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0), -mn
+    iscale = f32(nmax) / (mx - mn)
+    scale = f32(1.0) / iscale
+    best_error = f32(0.0)
+    for i in range(n):
+        l = max(0, min(nmax, _nearest(iscale * (x[i] - mn))))
+        L[i] = l
+        diff = scale * f32(l) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(step) + f32(nmax)) / (mx - mn)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, _nearest(iscale * (x[i] - mn))))
+            Laux[i] = l
+            w = weights[i]
+            fl = f32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur_error = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(cache=True)
+def _make_qp_quants(n, nmax, x, L, qw):
+    """Non-negative codes in [0, nmax] for the sub-block scales themselves (imatrix path); L as uint8."""
+    mx = f32(0.0)
+    for i in range(n):
+        mx = mx if mx > x[i] else x[i]
+    if mx < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(nmax) / mx
+    for i in range(n):
+        L[i] = _u8(_nearest(iscale * x[i]))
+    scale = f32(1.0) / iscale
+    best_mse = f32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * f32(L[i])
+        best_mse += qw[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (f32(0.1) * f32(step) + f32(nmax)) / mx
+        scale_is = f32(1.0) / iscale_is
+        mse = f32(0.0)
+        for i in range(n):
+            l = min(nmax, _nearest(iscale_is * x[i]))
+            diff = x[i] - scale_is * f32(l)
+            mse += qw[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = min(nmax, _nearest(iscale * x[i]))
+        L[i] = _u8(l)
+        w = qw[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = qw[i]
+            li = f32(L[i])
+            slx = sumlx - w * x[i] * li
+            sl2 = suml2 - w * li * li
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, _nearest(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    fn = f32(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = _u8(new_l)
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+# ---- packing ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _pack_2bit(L, out, off):
+    """256 2-bit codes: byte l of each 32-byte run holds codes l, l+32, l+64, l+96 of its 128."""
+    for j in range(0, QK_K, 128):
+        for l in range(32):
+            out[off + j // 4 + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+
+
+@njit(cache=True, inline="always")
+def _pack_scale_min_k4(ls, lm, out, off):
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit (scale, min) pairs."""
+    for j in range(12):
+        out[off + j] = 0
+    for j in range(8):
+        if j < 4:
+            out[off + j] = ls[j]
+            out[off + j + 4] = lm[j]
+        else:
+            out[off + j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            out[off + j - 4] = np.int64(out[off + j - 4]) | ((ls[j] >> 4) << 6)
+            out[off + j] = np.int64(out[off + j]) | ((lm[j] >> 4) << 6)
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(j, out, off):
+    if j < 4:
+        return np.int64(out[off + j]) & 63, np.int64(out[off + j + 4]) & 63
+    sc = (np.int64(out[off + j + 4]) & 0xF) | ((np.int64(out[off + j - 4]) >> 6) << 4)
+    m = (np.int64(out[off + j + 4]) >> 4) | ((np.int64(out[off + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(cache=True, inline="always")
+def _pack_q3_scales(ls, out, off):
+    """Q3_K's 12 bytes of sixteen 6-bit scales (already offset by 32)."""
+    for j in range(12):
+        out[off + j] = 0
+    for j in range(16):
+        l = ls[j]
+        if j < 8:
+            out[off + j] = l & 0xF
+        else:
+            out[off + j - 8] = np.int64(out[off + j - 8]) | ((l & 0xF) << 4)
+        out[off + 8 + j % 4] = np.int64(out[off + 8 + j % 4]) | ((l >> 4) << (2 * (j // 4)))
+
+
+@njit(cache=True, inline="always")
+def _q3_scale(j, out, off):
+    sc = (np.int64(out[off + j]) & 0xF) if j < 8 else (np.int64(out[off + j - 8]) >> 4)
+    return (sc | (((np.int64(out[off + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
+# ---- one super-block per type ---------------------------------------------------------------------------
+
+@njit(cache=True)
+def _q2_k(x, qw, use_qw, out, off, lut, s):
+    L, Laux, w, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.w, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    if not use_qw:
+        max_scale = f32(0.0)
+        max_min = f32(0.0)
+        for j in range(16):
+            for l in range(16):
+                w[l] = abs(x[16 * j + l])
+            sc, mn = _make_qkx_quants(16, 3, x[16 * j:16 * j + 16], w, L[16 * j:16 * j + 16], Laux,
+                                      f32(-0.5), f32(0.1), 15, True)
+            scales[j] = sc
+            mins[j] = mn
+            if sc > max_scale:
+                max_scale = sc
+            if mn > max_min:
+                max_min = mn
+        if max_scale > 0:
+            iscale = f32(15.0) / max_scale
+            for j in range(16):
+                out[off + j] = _u8(_nearest(iscale * scales[j]))
+            _put_u16(out, off + 80, _f16_bits(max_scale / f32(15.0)))
+        else:
+            for j in range(16):
+                out[off + j] = 0
+            _put_u16(out, off + 80, 0)
+        if max_min > 0:
+            iscale = f32(15.0) / max_min
+            for j in range(16):
+                out[off + j] = _u8(np.int64(out[off + j]) | (_nearest(iscale * mins[j]) << 4))
+            _put_u16(out, off + 82, _f16_bits(max_min / f32(15.0)))
+        else:
+            _put_u16(out, off + 82, 0)
+        dm = lut[np.int64(out[off + 80]) | (np.int64(out[off + 81]) << 8)]
+        mm = lut[np.int64(out[off + 82]) | (np.int64(out[off + 83]) << 8)]
+    else:
+        sumx2 = f32(0.0)
+        for j in range(QK_K):
+            sumx2 += x[j] * x[j]
+        sigma2 = sumx2 / f32(QK_K)
+        for j in range(16):
+            sw[j] = f32(0.0)
+            for l in range(16):
+                w[l] = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
+            for l in range(16):
+                sw[j] += w[l]
+            sc, mn = _make_qkx_quants(16, 3, x[16 * j:16 * j + 16], w, L[16 * j:16 * j + 16], Laux,
+                                      f32(-0.9), f32(0.05), 36, False)
+            scales[j] = sc
+            mins[j] = mn
+        dbits, dm = _half(_make_qp_quants(16, 15, scales, Ls, sw), lut)
+        mbits, mm = _half(_make_qp_quants(16, 15, mins, Lm, sw), lut)
+        _put_u16(out, off + 80, dbits)
+        _put_u16(out, off + 82, mbits)
+        for j in range(16):
+            out[off + j] = _u8(Ls[j] | (Lm[j] << 4))
+    for j in range(16):
+        d = dm * f32(np.int64(out[off + j]) & 0xF)
+        if d == 0:
+            continue
+        m = mm * f32(np.int64(out[off + j]) >> 4)
+        for ii in range(16):
+            L[16 * j + ii] = max(0, min(3, _nearest((x[16 * j + ii] + m) / d)))
+    _pack_2bit(L, out, off + 16)
+
+
+@njit(cache=True)
+def _q3_k(x, qw, use_qw, out, off, lut, s):
+    L, w, scales, sw, Ls = s.L, s.w, s.scales, s.sw, s.Ls
+    if not use_qw:
+        max_scale = f32(0.0)
+        amax = f32(0.0)
+        for j in range(16):
+            sc = _make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            scales[j] = sc
+            if abs(sc) > amax:
+                amax = abs(sc)
+                max_scale = sc
+        if max_scale != 0:
+            iscale = f32(-32.0) / max_scale
+            for j in range(16):
+                Ls[j] = max(-32, min(31, _i8(_nearest(iscale * scales[j])))) + 32
+            _pack_q3_scales(Ls, out, off + 96)
+            _put_u16(out, off + 108, _f16_bits(f32(1.0) / iscale))
+        else:
+            for j in range(12):
+                out[off + 96 + j] = 0
+            _put_u16(out, off + 108, 0)
+    else:
+        sumx2 = f32(0.0)
+        for j in range(QK_K):
+            sumx2 += x[j] * x[j]
+        sigma2 = f32(2.0) * sumx2 / f32(QK_K)
+        for j in range(16):
+            for l in range(16):
+                w[l] = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
+            sumw = f32(0.0)
+            for l in range(16):
+                sumw += w[l]
+            sw[j] = sumw
+            scales[j] = _make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], w, True)
+        d_block = _make_qx_quants(16, 32, scales, Ls, sw, True)
+        _pack_q3_scales(Ls, out, off + 96)
+        _put_u16(out, off + 108, _f16_bits(d_block))
+    dall = lut[np.int64(out[off + 108]) | (np.int64(out[off + 109]) << 8)]
+    for j in range(16):
+        d = dall * f32(_q3_scale(j, out, off + 96))
+        if d == 0:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-4, min(3, _nearest(x[16 * j + ii] / d))) + 4
+    # high bit of code j into bit j // 32 of hmask[j % 32]
+    for m in range(32):
+        out[off + m] = 0
+    for j in range(QK_K):
+        if L[j] > 3:
+            out[off + j % 32] = np.int64(out[off + j % 32]) | (1 << (j // 32))
+            L[j] -= 4
+    _pack_2bit(L, out, off + 32)
+
+
+@njit(cache=True)
+def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
+    """Q4_K (nmax 15) and Q5_K (nmax 31): eight 32-weight sub-blocks with 6-bit scales and mins."""
+    L, Laux, w, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.w, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    if not use_qw:
+        max_scale = f32(0.0)
+        max_min = f32(0.0)
+        rmin, nstep = (f32(-1.0), 20) if nmax == 15 else (f32(-0.5), 15)
+        for j in range(8):
+            sum_x2 = f32(0.0)
+            for l in range(32):
+                sum_x2 += x[32 * j + l] * x[32 * j + l]
+            av_x = np.sqrt(sum_x2 / f32(32.0))
+            for l in range(32):
+                w[l] = av_x + abs(x[32 * j + l])
+            sc, mn = _make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], w, L[32 * j:32 * j + 32], Laux,
+                                      rmin, f32(0.1), nstep, False)
+            scales[j] = sc
+            mins[j] = mn
+            if sc > max_scale:
+                max_scale = sc
+            if mn > max_min:
+                max_min = mn
+        inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
+        inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
+        for j in range(8):
+            Ls[j] = min(63, _u8(_nearest(inv_scale * scales[j])))
+            Lm[j] = min(63, _u8(_nearest(inv_min * mins[j])))
+        dbits = _f16_bits(max_scale / f32(63.0))
+        mbits = _f16_bits(max_min / f32(63.0))
+    else:
+        sum_x2 = f32(0.0)
+        for l in range(QK_K):
+            sum_x2 += x[l] * x[l]
+        sigma2 = f32(2.0) * sum_x2 / f32(QK_K)
+        for j in range(8):
+            for l in range(32):
+                w[l] = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
+            sumw = f32(0.0)
+            for l in range(32):
+                sumw += w[l]
+            sw[j] = sumw
+            sc, mn = _make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], w, L[32 * j:32 * j + 32], Laux,
+                                      f32(-0.9), f32(0.05), 36, False)
+            scales[j] = sc
+            mins[j] = mn
+        dbits = _f16_bits(_make_qp_quants(8, 63, scales[:8], Ls, sw))
+        mbits = _f16_bits(_make_qp_quants(8, 63, mins[:8], Lm, sw))
+        for j in range(8):
+            Ls[j] = min(63, Ls[j])
+            Lm[j] = min(63, Lm[j])
+    _pack_scale_min_k4(Ls, Lm, out, off + 4)
+    _put_u16(out, off, dbits)
+    _put_u16(out, off + 2, mbits)
+    dall = lut[dbits]
+    mall = lut[mbits]
+    for j in range(8):
+        sc, m = _scale_min_k4(j, out, off + 4)
+        d = dall * f32(sc)
+        if d == 0:
+            continue
+        dm = mall * f32(m)
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, _nearest((x[32 * j + ii] + dm) / d)))
+    if nmax == 15:
+        for j in range(0, QK_K, 64):
+            for l in range(32):
+                out[off + 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
+    else:
+        for j in range(32):
+            out[off + 16 + j] = 0
+        m1 = 1
+        m2 = 2
+        for n in range(0, QK_K, 64):
+            for j in range(32):
+                l1 = L[n + j]
+                if l1 > 15:
+                    l1 -= 16
+                    out[off + 16 + j] = np.int64(out[off + 16 + j]) | (m1)
+                l2 = L[n + j + 32]
+                if l2 > 15:
+                    l2 -= 16
+                    out[off + 16 + j] = np.int64(out[off + 16 + j]) | (m2)
+                out[off + 48 + n // 2 + j] = l1 | (l2 << 4)
+            m1 <<= 2
+            m2 <<= 2
+
+
+@njit(cache=True)
+def _q6_k(x, qw, use_qw, out, off, lut, s):
+    L, scales = s.L, s.scales
+    max_scale = f32(0.0)
+    max_abs = f32(0.0)
+    for ib in range(16):
+        sc = _make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], qw[16 * ib:16 * ib + 16],
+                             use_qw)
+        scales[ib] = sc
+        if abs(sc) > max_abs:
+            max_abs = abs(sc)
+            max_scale = sc
+    if max_abs < _EPS:
+        for j in range(210):
+            out[off + j] = 0
+        return
+    iscale = f32(-128.0) / max_scale
+    dbits, dall = _half(f32(1.0) / iscale, lut)
+    _put_u16(out, off + 208, dbits)
+    for ib in range(16):
+        out[off + 192 + ib] = _u8(_i8(min(127, _nearest(iscale * scales[ib]))))
+    for j in range(16):
+        d = dall * f32(_i8(np.int64(out[off + 192 + j])))
+        if d == 0:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-32, min(31, _nearest(x[16 * j + ii] / d))) + 32
+    for j in range(0, QK_K, 128):
+        for l in range(32):
+            q1 = L[j + l] & 0xF
+            q2 = L[j + l + 32] & 0xF
+            q3 = L[j + l + 64] & 0xF
+            q4 = L[j + l + 96] & 0xF
+            out[off + j // 2 + l] = q1 | (q3 << 4)
+            out[off + j // 2 + l + 32] = q2 | (q4 << 4)
+            out[off + 128 + j // 4 + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2)
+                                           | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6))
+
+
+# ---- drivers: rows in parallel ---------------------------------------------------------------------------
+
+def _read_superblock(src, lut, r, b, x):
+    """x[:] = the 256 source values of super-block b of row r, as float32."""
+
+
+@overload(_read_superblock, inline="always")
+def _read_superblock_impl(src, lut, r, b, x):
+    if src.dtype == types.float32:
+        def read(src, lut, r, b, x):
+            for j in range(QK_K):
+                x[j] = src[r, b * QK_K + j]
+    else:
+        def read(src, lut, r, b, x):
+            for j in range(QK_K):
+                x[j] = lut[src[r, b * QK_K + j]]
+    return read
+
+
+_SIZES = (84, 110, 144, 176, 210)
+
+
+@njit(cache=True)
+def _quantize_superblock(x, qw, use_qw, out, off, kind, lut, s):
+    if kind == 0:
+        _q2_k(x, qw, use_qw, out, off, lut, s)
+    elif kind == 1:
+        _q3_k(x, qw, use_qw, out, off, lut, s)
+    elif kind == 2:
+        _q45_k(x, qw, use_qw, out, off, lut, s, 15)
+    elif kind == 3:
+        _q45_k(x, qw, use_qw, out, off, lut, s, 31)
+    else:
+        _q6_k(x, qw, use_qw, out, off, lut, s)
+
+
+@njit(cache=True, inline="always")
+def _scratch():
+    return _Scratch(np.zeros(QK_K, np.int32), np.zeros(32, np.int32), np.zeros(32, np.float32),
+                    np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
+                    np.zeros(16, np.int32), np.zeros(16, np.int32))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantize_k_rows(src, src_lut, out, kind, qw, use_qw, lut):
+    # src: (rows, cols) float32, or uint16 bit patterns decoded by src_lut; qw: (cols,) float32 importance
+    # (ignored unless use_qw); out: (rows, cols // 256 * type_size) uint8
+    rows, cols = src.shape
+    size = _SIZES[kind]
+    for r in prange(rows):
+        x = np.empty(QK_K, dtype=np.float32)
+        s = _scratch()
+        orow = out[r]
+        for b in range(cols // QK_K):
+            _read_superblock(src, src_lut, r, b, x)
+            _quantize_superblock(x, qw[b * QK_K:(b + 1) * QK_K], use_qw, orow, b * size, kind, lut, s)
+
+
+def quantize_k_rows(rows: np.ndarray, qtype: GGMLQuantizationType, source: str = "f32",
+                    col_weights: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize (n_rows, n_cols) rows into K-quant bytes: (n_rows, n_cols // 256 * type_size) uint8.
+
+    `rows` is float32 when source == "f32", else the uint16 bits of "f16" / "bf16" values. With
+    `col_weights` (n_cols,), the importance of each column, the search is ggml's imatrix one.
+    """
+    if rows.ndim != 2:
+        raise ValueError(f"quantize_k_rows needs a 2-D array, got shape {rows.shape}")
+    n_rows, n_cols = rows.shape
+    if n_cols % QK_K:
+        raise ValueError(f"row length {n_cols} is not a multiple of {QK_K}")
+    kind = _KIND[qtype]
+    if out is None:
+        out = np.empty((n_rows, n_cols // QK_K * _SIZES[kind]), dtype=np.uint8)
+    use_qw = col_weights is not None
+    qw = np.zeros(n_cols, np.float32) if col_weights is None else np.ascontiguousarray(col_weights, np.float32)
+    if qw.shape != (n_cols,):
+        raise ValueError(f"col_weights has shape {qw.shape}, expected ({n_cols},)")
+    f32_src = source == "f32"
+    src = np.ascontiguousarray(rows, dtype=np.float32) if f32_src else np.ascontiguousarray(rows)
+    _quantize_k_rows(src, _F16_TO_F32 if f32_src else bits_lut(source), out, kind, qw, use_qw, _F16_TO_F32)
+    return out
