@@ -13,7 +13,7 @@ banned through logit_bias so every request decodes exactly -n tokens):
 Every figure is a median over -r repetitions (min..max beside it). Models: SmolLM2-135M Q4_0 and the 1B-shape
 random Q4_0 model (made by bench_decode.prepare_models into .test-models/numba/ on first use).
 
-    python benchmarks/bench_serve.py --threads 2 -n 32 -r 3 [--json out.json] [--skip-llama]
+    python benchmarks/bench_serve.py --threads 2 -n 32 -r 3 [--json out.json] [--skip-llama] [--models smollm2,1b]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,11 +65,14 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(self.port),
                    "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server (llama.cpp's load log)
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
         deadline = time.monotonic() + 900
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{kind} server exited: {self.log.read()[-2000:]}")
             try:
                 r = httpx.get(self.base + "/v1/models", timeout=2)
                 if r.status_code == 200:
@@ -177,7 +181,8 @@ def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
         for _ in range(args.reps):  # alternate, so that a load coming and going hits both alike
             one.append(aggregate_decode(server, 1, args.n, ban))
             many.append(aggregate_decode(server, args.clients, args.n, ban))
-        follow, fresh, n_hist = followup_ttft(server, args.history, args.reps) if not args.skip_ttft else ([], [], 0)
+        skip = args.skip_ttft or path.name in args.skip_ttft_for.split(",")
+        follow, fresh, n_hist = followup_ttft(server, args.history, args.reps) if not skip else ([], [], 0)
     finally:
         server.stop()
     return {"model": name, "server": kind, "threads": args.threads, "n": args.n, "clients": args.clients,
@@ -196,6 +201,8 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,1b", help="comma list of smollm2, 1b")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--skip-ttft-for", default="", help="comma list of model file names to skip the TTFT test for")
+    ap.add_argument("-n1b", type=int, default=None, help="tokens per request on the 1B-shape model (default -n)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -220,14 +227,15 @@ def main() -> None:
         path = paths[name]
         ban = {str(t): -100 for t in Tokenizer.from_gguf(read_gguf(path)).stop_ids}
         for kind in kinds:
-            res = bench_model(name, path, kind, args, ban)
+            margs = argparse.Namespace(**{**vars(args), "n": args.n1b or args.n}) if key == "1b" else args
+            res = bench_model(name, path, kind, margs, ban)
             if kind == "llm":
-                res["llm_run_tps"] = [llm_run_decode(path, args.threads, args.n) for _ in range(args.reps)]
+                res["llm_run_tps"] = [llm_run_decode(path, args.threads, margs.n) for _ in range(args.reps)]
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
 
-    print(f"\nthreads {args.threads}, {args.n} tokens per request, {args.clients} clients, medians of {args.reps} "
-          f"(min..max), load average {os.getloadavg()[0]:.1f}\n")
+    print(f"\nthreads {args.threads}, {args.n} tokens per request (1B: {args.n1b or args.n}), {args.clients} clients, "
+          f"medians of {args.reps} (min..max), load average {os.getloadavg()[0]:.1f}\n")
     print(f"| model | server | 1 client tok/s | {args.clients} clients tok/s (sum) | ratio | follow-up TTFT s "
           f"| fresh TTFT s | ratio | `llm run` tok/s | server ÷ run |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
