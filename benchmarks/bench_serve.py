@@ -63,8 +63,10 @@ class Server:
             cmd = [sys.executable, "-m", "llmcli", "serve", str(model), "--port", str(self.port), "--ctx", str(ctx),
                    "--parallel", str(clients), "--threads", str(threads)]
         else:
+            # by default a new request interrupts the one streaming; here they queue, as clients expect
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(self.port),
-                   "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+                   "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                   "--interrupt_requests", "False"]
         # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server (llama.cpp's load log)
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
@@ -113,7 +115,8 @@ def stream(base: str, path: str, body: dict) -> tuple[float, float, float, int]:
 
 
 def aggregate_decode(server: Server, clients: int, n: int, ban: dict) -> float:
-    """Decode tokens of `clients` concurrent streams over the span from the first first token to the last token."""
+    """Decode tokens of `clients` concurrent streams (pieces after each one's first) over the span from the
+    first first token to the last token."""
     out: list = [None] * clients
 
     def one(i):
@@ -126,7 +129,8 @@ def aggregate_decode(server: Server, clients: int, n: int, ban: dict) -> float:
     for t in threads:
         t.join()
     start, end = min(o[1] for o in out), max(o[2] for o in out)
-    return clients * (n - 1) / (end - start)
+    # tokens counted as streamed pieces (a piece may hold two tokens: counts low, never high)
+    return sum(o[3] - 1 for o in out) / (end - start)
 
 
 def history_messages(tokens: int) -> list[dict]:
