@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from quant.errors import LlmError
+from quant.errors import FieldError, LlmError
 
 app = typer.Typer(
     name="llm",
@@ -20,9 +20,9 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     # each module adds its commands to `app`; imports inside them stay lazy
-    from llmcli import cli_bench, cli_core, cli_quantize, cli_store
+    from llmcli import cli_bench, cli_core, cli_quantize, cli_serve, cli_store
 
-    for module in (cli_core, cli_store, cli_quantize, cli_bench):
+    for module in (cli_core, cli_store, cli_quantize, cli_bench, cli_serve):
         module.register(app)
 
 
@@ -59,6 +59,9 @@ def main() -> None:
     _register_commands()
     try:
         code = app(standalone_mode=False)
+    except FieldError as e:  # the engine names its field; here it is the option of the same name
+        print(f"error: --{e.field.replace('_', '-')} {e.detail}", file=sys.stderr)
+        sys.exit(1)
     except LlmError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(1)

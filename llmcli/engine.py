@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import HParams, Model, load_model
+from backends import HParams, KVCache, Model, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
-from quant.errors import LlmError, ModelFileError, PromptError
+from quant.errors import FieldError, LlmError, ModelFileError, PromptError
 from quant.gguf_file import GGUFFile, read_gguf
 
 DEFAULT_CTX_CAP = 4096
@@ -28,17 +28,35 @@ PREFILL_CHUNK = 512  # tokens per batched prefill pass: bounds the activation me
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """What to generate; defaults live here and in SamplingConfig."""
+    """What to generate; defaults live here and in SamplingConfig. Errors name these fields (FieldError): the
+    CLI words them as its flags, the server as the request's JSON fields."""
 
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
     def __post_init__(self):
         if self.max_tokens < 1:
-            raise LlmError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+            raise FieldError("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if any(s == "" for s in self.stop):
-            raise LlmError("--stop needs a non-empty string")
+            raise FieldError("stop", "needs a non-empty string")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise FieldError("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling filters), with the most likely
+    alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -54,6 +72,7 @@ class GenerationResponse:
     ttft_s: float = 0.0  # prompt given -> first token sampled
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens behind `text` (with config.logprobs)
 
 
 @dataclass
@@ -124,7 +143,7 @@ class StopMatcher:
 
 
 @contextmanager
-def _broken_model_math():
+def broken_model_math():
     """NaN or infinite weights can leave a softmax with nothing to normalise by; the numba kernels then raise
     ZeroDivisionError. That is a broken file, said in one line like non-finite logits."""
     try:
@@ -134,13 +153,82 @@ def _broken_model_math():
                              "its weights or parameters are broken") from None
 
 
+def top_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """log softmax of the model's logits at `token`, and the k most likely tokens (float64 for the sum)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = float(np.max(x))
+    log_z = top + float(np.log(np.sum(np.exp(x - top))))
+    best = np.argsort(-x, kind="stable")[:k] if k else np.zeros(0, dtype=np.int64)
+    return TokenLogprob(int(token), float(x[token] - log_z), [(int(i), float(x[i] - log_z)) for i in best])
+
+
+class Generation:
+    """The state of one request's generation, apart from the model: its sampler (and random generator), the
+    token history, the streaming detokenizer and the stop matcher. Whoever runs the model (Session.generate for
+    one conversation, the server's scheduler for many at once) hands it each step's logits; `step` samples a
+    token and says what text it makes and whether the generation is over."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], config: GenerationConfig, budget: int):
+        self.tokenizer, self.config = tokenizer, config
+        self.sampler = Sampler(config.sampling)
+        self.bias = None
+        if config.logit_bias:
+            self.bias = np.zeros(tokenizer.vocab_size, dtype=np.float32)
+            for token, value in config.logit_bias:
+                self.bias[token] += value
+        self.history = list(prompt)
+        self.n_prompt = len(prompt)
+        self.budget = budget  # most tokens to sample (max_tokens, or less where the context ends first)
+        self.detok, self.stops = tokenizer.stream(), StopMatcher(config.stop)
+        self.n_gen = 0
+        self.finish: str | None = None
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not yet handed out
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from the model's logits for this step."""
+        if self.bias is not None:
+            logits = np.asarray(logits, dtype=np.float32) + self.bias
+        return self.sampler(logits, self.history)
+
+    def step(self, logits: np.ndarray) -> tuple[int, str]:
+        """Sample a token from `logits` and take it: -> (token, text it completes). Sets `finish` when this
+        was the last token; the token then need not be fed back."""
+        token = self.sample(logits)
+        if self.config.logprobs is not None:
+            self.logprobs.append(top_logprobs(logits, token, self.config.logprobs))
+        self.n_gen += 1
+        self.history.append(token)
+        if token in self.tokenizer.stop_ids:
+            self.finish = "stop"
+            return token, ""
+        # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
+        text, stopped = self.stops.feed(self.detok.add(token) if token < self.tokenizer.vocab_size else "")
+        if stopped:
+            self.finish = "stop"
+        elif self.n_gen >= self.budget:
+            self.finish = "length"
+        return token, text
+
+    def tail(self) -> str:
+        """Text still held back when the generation ends other than by a stop (a partial stop string or
+        character is real output then)."""
+        if self.finish == "stop":
+            return ""
+        return self.stops.feed(self.detok.flush())[0] + self.stops.flush()
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        out, self.logprobs = self.logprobs, []
+        return out
+
+
 class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
-    def __init__(self, lm: LoadedModel, ctx: int | None = None):
+    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None):
+        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
-        self.cache = lm.model.new_cache(self.n_ctx)
+        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx)
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
 
@@ -148,21 +236,24 @@ class Session:
         self.cache.reset()
         self.tokens = []
 
-    def _sync_cache(self, prompt: Sequence[int]) -> int:
-        """Keep the longest cached prefix of `prompt` (at least one token is left to run); return its length."""
+    def common_prefix(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` the cache holds already."""
         n = 0
         for a, b in zip(self.tokens, prompt, strict=False):
             if a != b:
                 break
             n += 1
-        n = min(n, len(prompt) - 1)
+        return n
+
+    def _sync_cache(self, prompt: Sequence[int]) -> int:
+        """Keep the longest cached prefix of `prompt` (at least one token is left to run); return its length."""
+        n = min(self.common_prefix(prompt), len(prompt) - 1)
         self.cache.trim(len(self.tokens) - n)
         n = self.cache.offset  # a rotating cache may have to drop more than asked
         del self.tokens[n:]
         return n
 
-    def prefill(self, prompt: Sequence[int]) -> np.ndarray:
-        """Run the part of `prompt` not already cached; return the logits of its last token."""
+    def check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:
             raise PromptError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -174,81 +265,90 @@ class Session:
             bad = next(t for t in prompt if not 0 <= t < n_vocab)
             raise PromptError(f"the prompt has token id {bad}, outside the model's {n_vocab}-row embedding table "
                               f"(the file's vocabulary and weights disagree)")
+
+    def prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Run the part of `prompt` not already cached; return the logits of its last token."""
+        self.check_prompt(prompt)
         start = self._sync_cache(prompt)
         self.reused = start
         logits = None
         for i in range(start, len(prompt), PREFILL_CHUNK):
             chunk = list(prompt[i:i + PREFILL_CHUNK])
-            with _broken_model_math():
+            with broken_model_math():
                 logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
             self.tokens.extend(chunk)
         return logits
 
-    def _decode(self, logits: np.ndarray, sampler: Sampler, history: list[int], n: int) -> Iterator[int]:
-        """Sample up to `n` tokens, each fed back through the model. Every token yielded but the last is
-        in the cache (self.tokens tracks it); the caller appends each token to `history` before asking for
-        the next. A backend with `decode_stream` (MLX) pipelines the steps asynchronously."""
-        token = sampler(logits, history)
-        yield token
+    def feed(self, token: int) -> np.ndarray:
+        """Run one sampled token; return the logits for the next."""
+        with broken_model_math():
+            logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
+        self.tokens.append(token)
+        return logits
+
+    def start(self, prompt: Sequence[int], config: GenerationConfig) -> Generation:
+        """A Generation for `prompt` whose budget is what the context leaves after it."""
+        self.check_prompt(prompt)
+        return Generation(self.lm.tokenizer, prompt, config, min(config.max_tokens, self.n_ctx - len(prompt)))
+
+    def _decode(self, gen: Generation, logits: np.ndarray) -> Iterator[tuple[int, str]]:
+        """gen.step over the logits of each token fed back, until gen finishes. A backend with
+        `decode_stream` (MLX) pipelines the steps asynchronously: it samples through gen.step and runs ahead
+        by a token, so self.tokens records a token once the next one is out."""
         stream = getattr(self.lm.model, "decode_stream", None)
+        token, text = gen.step(logits)
+        yield token, text
+        if gen.finish is not None:
+            return
         if stream is not None:
-            with closing(stream(token, self.cache, lambda x: sampler(x, history), n - 1)) as steps:
+            texts = []
+
+            def sample(x):
+                nxt, piece = gen.step(x)
+                texts.append(piece)
+                return nxt
+
+            with closing(stream(token, self.cache, sample, gen.budget - gen.n_gen)) as steps:
                 for nxt in steps:
                     self.tokens.append(token)
                     token = nxt
-                    yield token
+                    yield token, texts.pop(0)
+                    if gen.finish is not None:
+                        return
             return
-        for _ in range(n - 1):
-            with _broken_model_math():
-                logits = self.lm.model.forward(np.asarray([token], dtype=np.int32), self.cache)
-            self.tokens.append(token)
-            token = sampler(logits, history)
-            yield token
+        while gen.finish is None:
+            token, text = gen.step(self.feed(token))
+            yield token, text
 
     def generate(self, prompt: Sequence[int], config: GenerationConfig | None = None) -> Iterator[GenerationResponse]:
         """Yield text pieces as they are decoded; the last record carries the finish reason and timings."""
         config = config or GenerationConfig()
-        sampler = Sampler(config.sampling)
-        tok = self.lm.tokenizer
-        detok, stops = tok.stream(), StopMatcher(config.stop)
+        gen = self.start(prompt, config)
         t0 = time.perf_counter()
-        history = list(prompt)
-        n_gen, finish, t_first = 0, None, None
+        t_first = None
         try:
             logits = self.prefill(prompt)
             t_first = time.perf_counter()
-            budget = min(config.max_tokens, self.n_ctx - len(self.tokens))
-            with closing(self._decode(logits, sampler, history, budget)) as tokens:
-                for token in tokens:
-                    n_gen += 1
-                    history.append(token)
-                    if token in tok.stop_ids:
-                        finish = "stop"
-                        break
-                    # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
-                    text, stopped = stops.feed(detok.add(token) if token < tok.vocab_size else "")
+            with closing(self._decode(gen, logits)) as steps:
+                for token, text in steps:
                     if text:
-                        yield GenerationResponse(text, token)
-                    if stopped:
-                        finish = "stop"
-                        break
-                else:
-                    finish = "length"
+                        yield GenerationResponse(text, token, logprobs=gen.take_logprobs())
         except KeyboardInterrupt:
-            finish = "interrupted"
-        if finish != "stop":
-            # text held back for a possible stop string (or a partial character) is real output
-            tail = stops.feed(detok.flush())[0] + stops.flush()
-        else:
-            tail = ""
+            gen.finish = "interrupted"
+        tail = gen.tail()
         t_end = time.perf_counter()
-        t_first = t_first or t_end
-        n_prefilled = len(prompt) - self.reused
-        decode_n = max(n_gen - 1, 0)  # the first token comes from the prefill
-        yield GenerationResponse(
-            tail, None, finish,
-            prompt_tokens=len(prompt), prefilled_tokens=n_prefilled, generation_tokens=n_gen,
-            ttft_s=t_first - t0,
-            prompt_tps=n_prefilled / max(t_first - t0, 1e-9),
-            generation_tps=decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
-        )
+        yield finish_record(gen, tail, len(prompt) - self.reused, t0, t_first or t_end, t_end)
+
+
+def finish_record(gen: Generation, tail: str, n_prefilled: int, t0: float, t_first: float,
+                  t_end: float) -> GenerationResponse:
+    """The last record of a generation: the held-back text, the finish reason, counts and timings."""
+    decode_n = max(gen.n_gen - 1, 0)  # the first token comes from the prefill
+    return GenerationResponse(
+        tail, None, gen.finish,
+        prompt_tokens=gen.n_prompt, prefilled_tokens=n_prefilled, generation_tokens=gen.n_gen,
+        ttft_s=t_first - t0,
+        prompt_tps=n_prefilled / max(t_first - t0, 1e-9),
+        generation_tps=decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
+        logprobs=gen.take_logprobs(),
+    )

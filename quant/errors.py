@@ -23,3 +23,12 @@ class PromptError(LlmError):
 
 class BackendError(LlmError):
     """A backend is unknown or cannot be loaded on this machine."""
+
+
+class FieldError(LlmError):
+    """A generation setting out of range, named by its field (`max_tokens`): the CLI words it as its flag
+    (--max-tokens), the server as an HTTP 400 whose `param` is the field."""
+
+    def __init__(self, field: str, detail: str):
+        self.field, self.detail = field, detail
+        super().__init__(f"{field} {detail}")

@@ -185,10 +185,15 @@ def test_attention_kernels_match_numpy(T, start, D):
     from concurrent.futures import ThreadPoolExecutor
 
     from backends.numba import prompt_attention
-    from backends.numba.layers import attention, attention_serial
+    from backends.numba.layers import attention_rows, attention_rows_serial
 
-    def decode(kernel):  # the decode kernels without a sliding window, scores scaled by 1/sqrt(head_dim)
-        return lambda q, k, v, start, out: kernel(q, k, v, start, 0, np.float32(1 / np.sqrt(D)), out)
+    def decode(kernel):  # the decode kernels over one cache (row 0 of a pool), no sliding window
+        def run(q, k, v, start, out):
+            KVH, S = k.shape[0], k.shape[1]
+            slots, positions = np.zeros(len(q), dtype=np.int64), np.arange(start, start + len(q), dtype=np.int64)
+            kernel(q, k.reshape(1, -1), v.reshape(1, -1), 0, S, KVH, slots, positions, 0, np.float32(1 / np.sqrt(D)),
+                   out)
+        return run
 
     def prompt(q, k, v, start, out):
         prompt_attention(q, k, v, start, out, 1 / np.sqrt(D))
@@ -204,7 +209,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
     kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, positions, D)
-    for kernel in (decode(attention), decode(attention_serial), prompt, pooled):
+    for kernel in (decode(attention_rows), decode(attention_rows_serial), prompt, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
         kernel(q, kh, vh, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)

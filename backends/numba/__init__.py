@@ -27,6 +27,7 @@ from backends.base import (
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
+from backends.numba.batch import CachePool, PooledKVCache
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
@@ -275,8 +276,37 @@ class NumbaModel:
         keeps its window plus small_t positions (a decode-stack step writes up to small_t)."""
         return RingKVCache(self.hparams, max_seq, self.options.small_t)
 
+    def new_caches(self, n: int, max_seq: int) -> list[PooledKVCache]:
+        """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
+        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n)).caches
+
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
+
+    def forward_batch(self, tokens: np.ndarray, caches: list[PooledKVCache]) -> np.ndarray:
+        """One token for each cache (of one pool from new_caches), at that cache's offset; advances each.
+        Returns logits (B, n_vocab) float32. The weights are read once for the batch."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        pool = caches[0].pool if caches and isinstance(caches[0], PooledKVCache) else None
+        if pool is None or any(getattr(c, "pool", None) is not pool for c in caches):
+            raise BackendError("forward_batch needs caches of one pool (NumbaModel.new_caches)")
+        slots = np.array([c.slot for c in caches], dtype=np.int64)
+        positions = np.array([c.offset for c in caches], dtype=np.int64)
+        if len(tokens) != len(caches) or len(set(slots.tolist())) != len(slots):
+            raise BackendError("forward_batch needs one token per cache, each cache once")
+        if len(caches) > len(pool.caches):
+            raise BackendError(f"forward_batch takes at most {len(pool.caches)} tokens")
+        if positions.max() >= pool.max_seq:
+            raise PromptError(f"context full: the KV cache holds {pool.max_seq} positions")
+        if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
+            raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
+        logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
+        L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
+                        self._inv_freq(caches[0]), tokens, positions, slots, pool.k, pool.v, pool.layout, True,
+                        pool.scratch, logits)
+        for c in caches:
+            c.offset += 1
+        return logits
 
     def forward(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
@@ -295,12 +325,14 @@ class NumbaModel:
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
+            slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool
             for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
                 chunk = tokens[c0:c0 + opts.small_t]
                 out = logits[c0:c0 + len(chunk)] if all_logits else logits
+                positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
                 L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                                self._inv_freq(cache), chunk, start + c0, cache.k, cache.v, cache.layout, all_logits,
-                                self._scratch, out)
+                                self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
+                                cache.v[None], cache.layout, all_logits, self._scratch, out)
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 

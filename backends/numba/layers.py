@@ -107,7 +107,10 @@ def head_norm(x, f32, w_off, eps):
 
 @njit(cache=True, fastmath=True, inline="always")
 def _attend(q, k_cache, v_cache, start, window, scale, out, i):
-    """Attention of query (t, h) = divmod(i, n_heads) over its visible cache positions (see attention)."""
+    """Attention of query (t, h) = divmod(i, n_heads) of q: (T, n_heads, head_dim) at position start + t over the
+    cache of one layer, k_cache, v_cache: (n_kv_heads, S, head_dim), position p in slot p % S; it sees positions
+    start + t - window < s <= start + t (window 0: every s <= start + t); scores are q.k * scale. Scores and the
+    weighted sum of values are vector kernels (quant/simd.py) over the cache in place."""
     T, H, D = q.shape
     KVH, S = k_cache.shape[0], k_cache.shape[1]
     t, h = i // H, i % H
@@ -153,23 +156,33 @@ def _attend(q, k_cache, v_cache, start, window, scale, out, i):
         out[t, h, j] = acc
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i):
+    """Query (t, h) = divmod(i, n_heads) over the cache in row slots[t] of the pools (see attention_rows)."""
+    H, D = q.shape[1], q.shape[2]
+    t, h = i // H, i % H
+    kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+    vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+    _attend(q[t:t + 1], kc, vc, positions[t], window, scale, out[t:t + 1], h)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, k_cache, v_cache, start, window, scale, out):
-    """Causal attention of T new queries over the cache, grouped-query.
-    q: (T, n_heads, head_dim); k_cache, v_cache: (n_kv_heads, S, head_dim) of one layer, position p in slot
-    p % S, holding the positions the queries see; out: (T, n_heads, head_dim). Query t sees positions
-    start + t - window < s <= start + t (window 0: every s <= start + t); scores are q.k * scale.
-    Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place; the
-    (query, head) pairs are shared across threads."""
+def attention_rows(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+    """Causal grouped-query attention of T queries, each with its own cache and position: query t (q: (T,
+    n_heads, head_dim)) is at position positions[t] of the cache in row slots[t] of k_pool, v_pool (this layer's
+    keys: (KVH, S, head_dim) from float `off` of the row, position p in slot p % S) and sees that cache's
+    positions up to its own (the last `window` of them when window > 0); out: (T, n_heads, head_dim). The (query,
+    head) pairs are shared across threads."""
     for i in prange(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, window, scale, out, i)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, fastmath=True)
-def attention_serial(q, k_cache, v_cache, start, window, scale, out):
-    """`attention` on the calling thread: for short contexts, cheaper than a parallel region's synchronization."""
+def attention_rows_serial(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+    """`attention_rows` on the calling thread: for short contexts, cheaper than a parallel region's
+    synchronization."""
     for i in range(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, window, scale, out, i)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -261,13 +274,16 @@ def _rows(xb, a, b):
 
 
 @njit(cache=True, fastmath=True)
-def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, start, k_cache, v_cache,
-                  kv_layout, all_logits, scratch, logits):
-    """All layers for T tokens at positions start.. with the quantized matvec kernels; writes K/V into the
-    cache and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see NumbaModel._make_scratch);
-    inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks from.
-    k_cache, v_cache: flat float32; layer i's keys are (n_kv_heads, S, head_dim) from float kv_layout[i, 0], with
-    S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S positions for a windowed layer)."""
+def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
+                  v_pool, kv_layout, all_logits, scratch, logits):
+    """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
+    cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
+    batched decode step: a token from each of several conversations, every weight row read once for all of them).
+    Writes K/V into the caches and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see
+    NumbaModel._make_scratch); inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks
+    from. k_pool, v_pool: (n_slots, cache floats); in each row layer i's keys are (n_kv_heads, S, head_dim) from
+    float kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
+    positions for a windowed layer)."""
     x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
     T = tokens.size
     E, H, KVH, D = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
@@ -279,7 +295,8 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
     f32 = wv[2]
 
     embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, fparams[F_EMBED_SCALE], x)
-    rope_tables(start, inv_freq, fparams[F_ROPE_MSCALE], cos, sin)
+    for t in range(T):
+        rope_tables(positions[t], inv_freq, fparams[F_ROPE_MSCALE], cos[:, t:t + 1], sin[:, t:t + 1])
     for layer in range(dims[D_LAYERS]):
         lt = layer_tab[layer]
         window, g = layer_opt[layer, L_WINDOW], layer_opt[layer, L_ROPE]
@@ -304,19 +321,20 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
         rope(q3, cos[g], sin[g], dims[D_NEOX] != 0)
         rope(k3, cos[g], sin[g], dims[D_NEOX] != 0)
         off, S = kv_layout[layer, 0], kv_layout[layer, 1]
-        kc = k_cache[off:off + KVH * S * D].reshape((KVH, S, D))
-        vc = v_cache[off:off + KVH * S * D].reshape((KVH, S, D))
+        seen = 0  # cached positions the queries see, over all of them
         for t in range(T):
-            slot = (start + t) % S
+            kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+            vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+            slot = positions[t] % S
             for kh in range(KVH):
                 kc[kh, slot] = k3[t, kh]
                 vc[kh, slot] = v[t, kh * D:(kh + 1) * D]
+            seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
-        seen = start + T if window <= 0 else min(start + T, window + T)
-        if T * H * seen * D < SERIAL_ATTENTION:
-            attention_serial(q3, kc, vc, start, window, scale, att3)
+        if H * seen * D < SERIAL_ATTENTION:
+            attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
         else:
-            attention(q3, kc, vc, start, window, scale, att3)
+            attention_rows(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
         prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         if lt[POST_ATTN_NORM, 0] >= 0:

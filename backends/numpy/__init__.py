@@ -110,6 +110,10 @@ class NumpyModel:
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
 
+    def forward_batch(self, tokens: np.ndarray, caches: list[SimpleKVCache]) -> np.ndarray:
+        """One token for each cache, at its offset: (B, n_vocab). The reference: one forward per cache."""
+        return np.stack([self.forward(np.asarray(tokens[i:i + 1]), c) for i, c in enumerate(caches)])
+
     def attention(self, i: int, lw: dict[str, Tensor], h: np.ndarray, cache: SimpleKVCache,
                   pos: np.ndarray) -> np.ndarray:
         """h: (T, n_embd) at positions pos -> (T, n_heads * head_dim); writes layer i's keys and values."""

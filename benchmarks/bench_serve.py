@@ -1,0 +1,259 @@
+"""`llm serve` under concurrent clients, against one client, `llm run`, and llama-cpp-python's server.
+
+For each model and server, over real HTTP on 127.0.0.1 (streaming /v1/completions, greedy, the stop tokens
+banned through logit_bias so every request decodes exactly -n tokens):
+
+- aggregate decode tok/s of C concurrent streaming clients (C = 1 and --clients): the decode tokens of all
+  clients (each one's tokens after its first) over the time from the first client's first token to the last
+  client's last token; the ratio C ÷ 1 is what batching buys;
+- follow-up TTFT: a chat with --history tokens of history (one turn already answered), then the next user turn:
+  request sent -> first streamed token; against a fresh 20-token raw prompt's (words in an order no slot holds);
+- one client's decode tok/s through the server against `llm run --verbose`'s on the same prompt and model.
+
+Every figure is a median over -r repetitions (min..max beside it). Models: SmolLM2-135M Q4_0 and the 1B-shape
+random Q4_0 model (made by bench_decode.prepare_models into .test-models/numba/ on first use).
+
+    python benchmarks/bench_serve.py --threads 2 -n 32 -r 3 [--json out.json] [--skip-llama] [--models smollm2,1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "The best way to learn Python is",
+           "def fibonacci(n):", "Water boils at", "My favourite colour is", "The sun rises in the",
+           "In 1492, Columbus", "The quick brown fox", "To make bread you need", "Dear diary, today",
+           "The mitochondria is", "import numpy as np", "Roses are red,", "The theory of relativity"]
+FRESH_WORDS = ("zebra quartz violin harbour lantern copper meadow glacier orchid tunnel saffron pebble falcon ember "
+               "thistle marble canyon velvet").split()
+HISTORY_TEXT = REPO / "llmcli" / "data" / "calibration.txt"  # English prose, shipped with the package
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process (ours or llama-cpp-python's) on a free port."""
+
+    def __init__(self, kind: str, model: Path, threads: int, clients: int, ctx: int):
+        self.kind, self.port = kind, _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if kind == "llm":
+            cmd = [sys.executable, "-m", "llmcli", "serve", str(model), "--port", str(self.port), "--ctx", str(ctx),
+                   "--parallel", str(clients), "--threads", str(threads)]
+        else:
+            # by default a new request interrupts the one streaming; here they queue, as clients expect
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(self.port),
+                   "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                   "--interrupt_requests", "False"]
+        # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server (llama.cpp's load log)
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
+        deadline = time.monotonic() + 900
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{kind} server exited: {self.log.read()[-2000:]}")
+            try:
+                r = httpx.get(self.base + "/v1/models", timeout=2)
+                if r.status_code == 200:
+                    self.model = r.json()["data"][0]["id"]
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} server did not start")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stream(base: str, path: str, body: dict) -> tuple[float, float, float, int]:
+    """-> (request sent, first token, last token, streamed chunks) in perf_counter seconds."""
+    t0 = time.perf_counter()
+    t_first = t_last = None
+    n = 0
+    with httpx.stream("POST", base + path, json={**body, "stream": True}, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"]
+            piece = choice[0].get("text") or (choice[0].get("delta") or {}).get("content") if choice else None
+            if piece:
+                t_last = time.perf_counter()
+                t_first = t_first or t_last
+                n += 1
+    return t0, t_first, t_last, n
+
+
+def aggregate_decode(server: Server, clients: int, n: int, ban: dict) -> float:
+    """Decode tokens of `clients` concurrent streams (pieces after each one's first) over the span from the
+    first first token to the last token."""
+    out: list = [None] * clients
+
+    def one(i):
+        out[i] = stream(server.base, "/v1/completions", {"model": server.model, "prompt": PROMPTS[i % len(PROMPTS)],
+                                                         "max_tokens": n, "temperature": 0, "logit_bias": ban})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start, end = min(o[1] for o in out), max(o[2] for o in out)
+    # tokens counted as streamed pieces (a piece may hold two tokens: counts low, never high)
+    return sum(o[3] - 1 for o in out) / (end - start)
+
+
+def history_messages(tokens: int) -> list[dict]:
+    """A user message of about `tokens` tokens of prose (SmolLM2's tokenizer: ~3.3 characters per token)."""
+    text = HISTORY_TEXT.read_text(encoding="utf-8")[: int(tokens * 3.3)]
+    return [{"role": "user", "content": "Summarize this text.\n\n" + text}]
+
+
+def followup_ttft(server: Server, history: int, reps: int) -> tuple[list[float], list[float], int]:
+    """(follow-up TTFTs, fresh-prompt TTFTs, prompt tokens of the follow-up)."""
+    follow, fresh, n_prompt = [], [], 0
+    for r in range(reps):
+        msgs = history_messages(history)
+        msgs[0]["content"] = f"[{r}] " + msgs[0]["content"]  # a new conversation each repetition
+        first = httpx.post(server.base + "/v1/chat/completions", timeout=900, json={
+            "model": server.model, "messages": msgs, "max_tokens": 8, "temperature": 0}).json()
+        n_prompt = first["usage"]["prompt_tokens"]
+        msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And what happened next?"}]
+        t0, t1, _, _ = stream(server.base, "/v1/chat/completions",
+                              {"model": server.model, "messages": msgs, "max_tokens": 2, "temperature": 0})
+        follow.append(t1 - t0)
+        # a fresh prompt of 20 tokens that no slot holds (raw: the chat template's system prompt would be cached)
+        words = FRESH_WORDS[r % len(FRESH_WORDS):] + FRESH_WORDS[:r % len(FRESH_WORDS)]
+        fresh_prompt = " ".join(words)
+        t0, t1, _, _ = stream(server.base, "/v1/completions", {"model": server.model, "prompt": fresh_prompt,
+                                                               "max_tokens": 2, "temperature": 0})
+        fresh.append(t1 - t0)
+    return follow, fresh, n_prompt
+
+
+def llm_run_decode(model: Path, threads: int, n: int) -> float:
+    """`llm run --raw --verbose`'s decode tok/s for PROMPTS[0] (it cannot ban EOS: -n small enough)."""
+    r = subprocess.run([sys.executable, "-m", "llmcli", "run", str(model), PROMPTS[0], "--raw", "--temperature", "0",
+                        "-n", str(n), "--threads", str(threads), "--verbose"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900)
+    m = re.search(r"decode: (\d+) tokens, ([\d.]+) tok/s", r.stderr)
+    if not m:
+        raise RuntimeError(r.stderr[-2000:])
+    return float(m.group(2))
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}..{max(xs):.2f})"
+
+
+def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
+    server = Server(kind, path, args.threads, args.clients, args.ctx)
+    try:
+        aggregate_decode(server, 1, 4, ban)  # warm-up
+        one, many = [], []
+        for _ in range(args.reps):  # alternate, so that a load coming and going hits both alike
+            one.append(aggregate_decode(server, 1, args.n, ban))
+            many.append(aggregate_decode(server, args.clients, args.n, ban))
+        skip = args.skip_ttft or path.name in args.skip_ttft_for.split(",")
+        follow, fresh, n_hist = followup_ttft(server, args.history, args.reps) if not skip else ([], [], 0)
+    finally:
+        server.stop()
+    return {"model": name, "server": kind, "threads": args.threads, "n": args.n, "clients": args.clients,
+            "one_tps": one, "many_tps": many, "followup_ttft_s": follow, "fresh_ttft_s": fresh,
+            "history_tokens": n_hist}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-n", type=int, default=32, help="tokens per request")
+    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--history", type=int, default=2000, help="tokens of history for the follow-up TTFT")
+    ap.add_argument("--models", default="smollm2,1b", help="comma list of smollm2, 1b")
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--skip-ttft-for", default="", help="comma list of model file names to skip the TTFT test for")
+    ap.add_argument("-n1b", type=int, default=None, help="tokens per request on the 1B-shape model (default -n)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from bench_decode import prepare_models
+
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    paths = prepare_models()
+    chosen = {"smollm2": "SmolLM2-135M Q4_0", "1b": "1B-shape random Q4_0"}
+    kinds = ["llm"]
+    try:
+        import llama_cpp  # noqa: F401
+
+        if not args.skip_llama:
+            kinds.append("llama_cpp")
+    except ImportError:
+        print("llama_cpp is not installed: its server is left out", file=sys.stderr)
+    results = []
+    for key in args.models.split(","):
+        name = chosen[key]
+        path = paths[name]
+        ban = {str(t): -100 for t in Tokenizer.from_gguf(read_gguf(path)).stop_ids}
+        for kind in kinds:
+            margs = argparse.Namespace(**{**vars(args), "n": args.n1b or args.n}) if key == "1b" else args
+            res = bench_model(name, path, kind, margs, ban)
+            if kind == "llm":
+                res["llm_run_tps"] = [llm_run_decode(path, args.threads, margs.n) for _ in range(args.reps)]
+            results.append(res)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+
+    print(f"\nthreads {args.threads}, {args.n} tokens per request (1B: {args.n1b or args.n}), {args.clients} clients, "
+          f"medians of {args.reps} (min..max), load average {os.getloadavg()[0]:.1f}\n")
+    print(f"| model | server | 1 client tok/s | {args.clients} clients tok/s (sum) | ratio | follow-up TTFT s "
+          f"| fresh TTFT s | ratio | `llm run` tok/s | server ÷ run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        one, many = statistics.median(r["one_tps"]), statistics.median(r["many_tps"])
+        fol = statistics.median(r["followup_ttft_s"]) if r["followup_ttft_s"] else float("nan")
+        fre = statistics.median(r["fresh_ttft_s"]) if r["fresh_ttft_s"] else float("nan")
+        run = statistics.median(r["llm_run_tps"]) if r.get("llm_run_tps") else None
+        print(f"| {r['model']} | {r['server']} | {med(r['one_tps'])} | {med(r['many_tps'])} | {many / one:.2f} | "
+              f"{fol:.3f} | {fre:.3f} | {fol / fre:.2f} | "
+              + (f"{med(r['llm_run_tps'])} | {one / run:.2f} |" if run else "– | – |"))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

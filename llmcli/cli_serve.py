@@ -1,0 +1,78 @@
+"""Command: serve (the OpenAI-compatible HTTP server)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmcli import options as opt
+
+
+def serve(
+    model: opt.ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    parallel: Annotated[int, typer.Option(
+        "--parallel", help="Requests generated at once, each with its own KV cache; more wait in a queue.")] = 4,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 request.",
+        show_default=False)] = None,
+    template: opt.Template = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
+    repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
+    frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
+    seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+) -> None:
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models). The sampling
+    options are the defaults of requests that do not set them.
+
+    Example: llm serve smollm2 --port 8080 --parallel 4
+    """
+    import uvicorn
+
+    from llmcli.cli_core import _gen_config, _open
+    from llmcli.scheduler import Scheduler
+    from llmcli.server import Api
+    from llmcli.store import DEFAULT_MODEL
+    from quant.errors import LlmError
+
+    if not 0 <= port <= 65535:
+        raise LlmError(f"--port must be in 0..65535, got {port}")
+    defaults = _gen_config(max_tokens, stop, opt.sampling_options(
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    lm = _open(model, backend, threads, template)
+    scheduler = Scheduler(lm, parallel, ctx)
+    ref = model or DEFAULT_MODEL
+    model_id = Path(ref).name if ref.endswith(".gguf") else ref
+    app = Api(scheduler, model_id, defaults, api_key).app()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C / SIGTERM: requests in flight end now, not at max_tokens
+            scheduler.close()
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print(f"llm serve: {model_id} ({lm.model.name} backend, {parallel} slots of {scheduler.n_ctx} "
+                      f"tokens) on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+                      file=sys.stderr, flush=True)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                   timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    finally:
+        scheduler.close()
+        scheduler.join(10)
+    if not server.started:
+        raise LlmError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+    print("llm serve: stopped", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

@@ -1,0 +1,227 @@
+"""Many generations on one model at once: slots, a queue, and batched decode steps.
+
+A slot is a Session (its own KV cache and the tokens it holds). One worker thread runs every model call, so
+the model's scratch buffers are never used by two forward passes at once. Each turn of its loop it admits
+waiting requests into free slots (prefilling only what a slot does not hold already: a follow-up turn of a
+conversation goes back to the slot that holds its earlier turns), then runs one decode step for every active
+slot: their tokens go to one `model.forward_batch(tokens, caches)` where the backend has it (the weights are
+read once for all of them; decoding is memory-bound), else one forward per slot.
+
+Front ends talk to it through `submit`, which returns a Job: an iterator of GenerationResponse records
+(pieces of text, then a last record with the finish reason and counts), and `cancel` to end it early.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmcli.engine import (
+    GenerationConfig,
+    GenerationResponse,
+    LoadedModel,
+    Session,
+    broken_model_math,
+    context_size,
+    finish_record,
+)
+from quant.errors import LlmError
+
+_END = object()  # the record that closes a job's stream
+
+
+@dataclass
+class Job:
+    """One request: its prompt and settings, and the stream of records the worker hands back."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    records: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    notify: Callable[[], None] | None = None  # called (on the worker thread) after each record is queued
+    t_submit: float = field(default_factory=time.perf_counter)
+
+    def put(self, item) -> None:
+        self.records.put(item)
+        if self.notify is not None:
+            self.notify()
+
+    def cancel(self) -> None:
+        """End the generation at its next token (a client went away); its slot is freed."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        """Records as they come (blocking); an error the worker met is raised here."""
+        while True:
+            item = self.records.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclass
+class _Active:
+    """A slot's generation in flight."""
+
+    job: Job
+    gen: object  # engine.Generation
+    token: int  # sampled, not yet fed to the model
+    n_prefilled: int
+    t_first: float
+
+
+class Scheduler:
+    """Runs up to `parallel` generations at once on `lm`, each in its own slot; more wait in a queue."""
+
+    def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None):
+        if parallel < 1:
+            raise LlmError(f"--parallel must be at least 1, got {parallel}")
+        self.lm = lm
+        n_ctx = context_size(lm.hparams, ctx)
+        new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
+        caches = new_caches(parallel, n_ctx) if new_caches is not None else [None] * parallel
+        self.slots = [Session(lm, n_ctx, cache) for cache in caches]
+        self.n_ctx = self.slots[0].n_ctx
+        self._active: dict[int, _Active] = {}  # slot index -> its generation
+        self._last_used = [0.0] * parallel
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._batched = getattr(lm.model, "forward_batch", None)
+        self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- front end side -----------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], config: GenerationConfig,
+               notify: Callable[[], None] | None = None) -> Job:
+        """Queue a generation; a prompt that cannot fit raises PromptError here, before anything runs.
+        `notify` is called from the worker thread after each record (an event loop's wake-up)."""
+        self.slots[0].check_prompt(prompt)
+        job = Job(list(prompt), config, notify=notify)
+        with self._cond:
+            if self._closing:
+                raise LlmError("the server is shutting down")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def close(self) -> None:
+        """End every request in flight or waiting (finish reason "interrupted") and stop the worker. Returns at
+        once (safe in a signal handler); the worker ends them after its current model call."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        return len(self._active)
+
+    # --- worker side -------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._active and not self._waiting:
+                    self._cond.wait()
+                if self._closing:
+                    break
+                admit = []
+                while self._waiting and len(self._active) + len(admit) < len(self.slots):
+                    admit.append(self._waiting.popleft())
+            for job in admit:
+                self._admit(job)
+            self._drop_cancelled()
+            if self._active:
+                self._decode_step()
+        for i in list(self._active):
+            self._end(i, "interrupted")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.put(GenerationResponse("", None, "interrupted", prompt_tokens=len(job.prompt)))
+            job.put(_END)
+
+    def _pick_slot(self, prompt: list[int]) -> int:
+        """The free slot holding the longest prefix of `prompt`; else the one unused the longest."""
+        free = [i for i in range(len(self.slots)) if i not in self._active]
+        return max(free, key=lambda i: (self.slots[i].common_prefix(prompt), -self._last_used[i]))
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            job.put(_END)
+            return
+        i = self._pick_slot(job.prompt)
+        slot = self.slots[i]
+        try:
+            gen = slot.start(job.prompt, job.config)
+            logits = slot.prefill(job.prompt)
+        except LlmError as e:
+            job.put(e)
+            job.put(_END)
+            return
+        except Exception as e:  # a bug must end this request, not the worker that serves every other one
+            slot.reset()
+            job.put(e)
+            job.put(_END)
+            return
+        self._last_used[i] = time.monotonic()
+        active = _Active(job, gen, 0, len(job.prompt) - slot.reused, time.perf_counter())
+        self._active[i] = active
+        self._take(i, logits)
+
+    def _take(self, i: int, logits: np.ndarray) -> None:
+        """Sample slot i's next token from `logits` and hand out its text; end the slot when it is done."""
+        a = self._active[i]
+        token, text = a.gen.step(logits)
+        a.token = token
+        if text:
+            a.job.put(GenerationResponse(text, token, logprobs=a.gen.take_logprobs()))
+        if a.gen.finish is not None:
+            self._end(i, a.gen.finish)
+
+    def _end(self, i: int, finish: str) -> None:
+        a = self._active.pop(i)
+        a.gen.finish = finish
+        tail = a.gen.tail()
+        a.job.put(finish_record(a.gen, tail, a.n_prefilled, a.job.t_submit, a.t_first,
+                                        time.perf_counter()))
+        a.job.put(_END)
+        self._last_used[i] = time.monotonic()
+
+    def _drop_cancelled(self) -> None:
+        for i in [i for i, a in self._active.items() if a.job.cancelled.is_set()]:
+            self._end(i, "interrupted")
+
+    def _decode_step(self) -> None:
+        """Feed every active slot its sampled token, all in one model call where the backend batches."""
+        order = sorted(self._active)
+        tokens = [self._active[i].token for i in order]
+        try:
+            if self._batched is not None and len(order) > 1:
+                with broken_model_math():
+                    logits = self._batched(np.asarray(tokens, dtype=np.int32), [self.slots[i].cache for i in order])
+                for i, token in zip(order, tokens, strict=True):
+                    self.slots[i].tokens.append(token)
+            else:
+                logits = [self.slots[i].feed(token) for i, token in zip(order, tokens, strict=True)]
+        except Exception as e:  # the step's requests end with the error; the slots start afresh
+            for i in order:
+                a = self._active.pop(i)
+                self.slots[i].reset()
+                a.job.put(e)
+                a.job.put(_END)
+            return
+        for row, i in enumerate(order):
+            self._take(i, logits[row])

@@ -1,0 +1,459 @@
+"""`llm serve`: the OpenAI HTTP API (chat completions, completions, models) over the scheduler.
+
+Starlette routes parse and check each request into the engine's GenerationConfig, submit it to the
+Scheduler (which runs the model on its own thread) and render its records as OpenAI's JSON or as
+Server-Sent Events. Every bad request gets OpenAI's error body {"error": {"message", "type", "param", "code"}}
+and a 4xx status; the engine's own errors (FieldError names the request field) become 400s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import queue
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse, TokenLogprob
+from llmcli.scheduler import _END, Job, Scheduler
+from quant.errors import FieldError, LlmError
+
+MAX_STOPS = 4  # as OpenAI
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
+CHAT_ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """A request the server refuses: the status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# --- request fields ---------------------------------------------------------------------------------------
+
+def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
+            lo_open: bool = False):
+    """body[name] as a finite number (an int when `integer`) within [lo, hi] (or (lo, hi]); None when absent."""
+    value = body.get(name)
+    if value is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ApiError(400, f"'{name}' must be {kind}, got {json.dumps(value)[:40]}", name, "invalid_type")
+    if not integer and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number", name, "invalid_value")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if below or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        rng = f"{left}{lo}, {hi}]" if hi is not None else (f"> {lo}" if lo_open else f">= {lo}")
+        raise ApiError(400, f"'{name}' must be in {rng}, got {value}", name, "invalid_value")
+    return value
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be a boolean", name, "invalid_type")
+    return value
+
+
+def _stops(body: dict) -> tuple[str, ...] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOPS} strings", "stop", "invalid_value")
+    return tuple(stops)
+
+
+def _logit_bias(body: dict, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ApiError(400, "'logit_bias' must map token ids to numbers", "logit_bias", "invalid_type")
+    out = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"'logit_bias' key {key!r} is not a token id", "logit_bias", "invalid_value") from None
+        if not 0 <= token < n_vocab:
+            raise ApiError(400, f"'logit_bias' token {token} is outside the vocabulary (0..{n_vocab - 1})",
+                           "logit_bias", "invalid_value")
+        out.append((token, float(_number({"logit_bias": value}, "logit_bias", -100, 100))))
+    return tuple(out)
+
+
+def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logprobs: int | None
+                      ) -> GenerationConfig:
+    """The request's settings over the server's defaults (`llm serve`'s options)."""
+    if _number(body, "n", 1, None, integer=True) not in (None, 1):
+        raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
+    sampling = {}
+    for name, lo, hi, integer, lo_open in (
+            ("temperature", 0, 2, False, False), ("top_p", 0, 1, False, True), ("top_k", 0, None, True, False),
+            ("min_p", 0, 1, False, False), ("repeat_penalty", 0, None, False, True),
+            ("frequency_penalty", -2, 2, False, False), ("presence_penalty", -2, 2, False, False),
+            ("seed", -1, 2**63 - 1, True, False)):
+        value = _number(body, name, lo, hi, integer, lo_open)
+        if value is not None:
+            sampling[name] = value
+    if sampling.get("seed") == -1:  # -1: a random seed, as llama.cpp's servers take it
+        sampling["seed"] = None
+    max_tokens = _number(body, "max_completion_tokens", 1, None, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, None, integer=True)
+    stop = _stops(body)
+    try:
+        return dataclasses.replace(
+            defaults, sampling=dataclasses.replace(defaults.sampling, **sampling),
+            max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+            stop=defaults.stop if stop is None else stop,
+            logit_bias=_logit_bias(body, n_vocab), logprobs=logprobs)
+    except FieldError as e:
+        raise ApiError(400, str(e), e.field, "invalid_value") from None
+    except LlmError as e:  # SamplingConfig's own checks
+        raise ApiError(400, str(e), None, "invalid_value") from None
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'{where}' must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {sorted(CHAT_ROLES)}", f"{where}.role",
+                           "invalid_value")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"'{where}.content' parts must be text parts", f"{where}.content",
+                               "invalid_value")
+            content = "".join(p["text"] for p in content)
+        elif not isinstance(content, str):
+            raise ApiError(400, f"'{where}.content' must be a string", f"{where}.content", "invalid_type")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+# --- the app ---------------------------------------------------------------------------------------------
+
+class Api:
+    """The routes, over one scheduler and the model it serves."""
+
+    def __init__(self, scheduler: Scheduler, model_id: str, defaults: GenerationConfig,
+                 api_key: str | None = None):
+        self.scheduler, self.model_id, self.defaults, self.api_key = scheduler, model_id, defaults, api_key
+        self.lm = scheduler.lm
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", _guard(self.health), methods=["GET"]),
+            Route("/v1/models", _guard(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _guard(self.model), methods=["GET"]),
+            Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
+            Route("/v1/completions", _guard(self.completions), methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
+                           None, "invalid_api_key")
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "slots": len(self.scheduler.slots), "busy": self.scheduler.busy})
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llm"}
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._model_card())
+
+    def _check_model(self, model) -> None:
+        if model is not None and model != self.model_id:
+            raise ApiError(404, f"The model '{model}' does not exist (this server serves '{self.model_id}')",
+                           "model", "model_not_found")
+
+    async def _body(self, request: Request) -> dict:
+        self._authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "We could not parse the JSON body of your request.", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", None, "invalid_type")
+        if "model" in body and not isinstance(body["model"], str):
+            raise ApiError(400, "'model' must be a string", "model", "invalid_type")
+        self._check_model(body.get("model"))
+        return body
+
+    def _submit(self, prompt: list[int], config: GenerationConfig, notify) -> Job:
+        try:
+            return self.scheduler.submit(prompt, config, notify)
+        except LlmError as e:  # the prompt does not fit the context, or the server is closing
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise ApiError(400, str(e), "messages" if code else None, code) from None
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        messages = _chat_messages(body)
+        want_logprobs = _bool(body, "logprobs")
+        top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not want_logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
+                                   (top or 0) if want_logprobs else None)
+        try:
+            text = self.lm.template.render(messages, add_generation_prompt=True)
+        except LlmError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+        prompt = self.lm.tokenizer.encode(text, add_special=False)
+        return await self._respond(request, body, prompt, config, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.lm.tokenizer.encode(prompt)
+        elif (isinstance(prompt, list) and prompt
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            if not all(0 <= t < self.lm.hparams.n_vocab for t in prompt):
+                raise ApiError(400, f"'prompt' token ids must be in 0..{self.lm.hparams.n_vocab - 1}", "prompt",
+                               "invalid_value")
+            ids = list(prompt)
+        else:
+            raise ApiError(400, "'prompt' must be a string, or a list of token ids (one prompt per request)",
+                           "prompt", "invalid_type")
+        if not ids:
+            raise ApiError(400, "'prompt' is empty", "prompt", "invalid_value")
+        for name in ("echo",):
+            if _bool(body, name):
+                raise ApiError(400, f"'{name}' is not supported", name, "unsupported_value")
+        if body.get("suffix") is not None:
+            raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_value")
+        if _number(body, "best_of", 1, 1, integer=True) not in (None, 1):
+            raise ApiError(400, "only best_of = 1 is supported", "best_of", "invalid_value")
+        logprobs = _number(body, "logprobs", 0, MAX_LEGACY_LOGPROBS, integer=True)
+        config = generation_config(body, self.defaults, self.lm.hparams.n_vocab, logprobs)
+        return await self._respond(request, body, ids, config, chat=False)
+
+    async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,
+                       chat: bool) -> Response:
+        stream = _bool(body, "stream")
+        options = body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or not stream):
+            raise ApiError(400, "'stream_options' must be an object, and only with 'stream': true",
+                           "stream_options", "invalid_value")
+        include_usage = bool(options and _bool(options, "include_usage"))
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        job = self._submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
+        render = _Render(self, chat, config.logprobs is not None)
+        if stream:
+            return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            records = [r async for r in _records(job, wake)]
+        finally:
+            watcher.cancel()
+            job.cancel()
+        last = records[-1]
+        if last.finish_reason == "interrupted":
+            raise ApiError(503, "the server is shutting down", None, "server_shutting_down", "server_error")
+        return JSONResponse(render.whole(records))
+
+    async def _events(self, job: Job, wake: asyncio.Event, render: _Render, include_usage: bool
+                      ) -> AsyncIterator[str]:
+        """The SSE stream; whenever it stops early (the client left), the job ends at its next token."""
+        try:
+            if render.chat:
+                yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
+            async for r in _records_or_error(job, wake):
+                if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
+                    yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
+                    return
+                if r.finish_reason == "interrupted":
+                    yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
+                                          "param": None, "code": "server_shutting_down"}})
+                    return
+                if r.text or r.logprobs:
+                    yield _sse(render.chunk(r.text, None, r.logprobs, include_usage))
+                if r.finish_reason is not None:
+                    yield _sse(render.chunk(None, r.finish_reason, [], include_usage))
+                    if include_usage:
+                        yield _sse(render.usage_chunk(r))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _records(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationResponse]:
+    """The job's records, awaited without a thread: the worker sets `wake` after each one."""
+    while True:
+        wake.clear()
+        try:
+            item = job.records.get_nowait()
+        except queue.Empty:
+            await wake.wait()
+            continue
+        if item is _END:
+            return
+        if isinstance(item, LlmError):
+            raise ApiError(400, str(item), getattr(item, "field", None), "invalid_value")
+        if isinstance(item, BaseException):
+            raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", None, None, "server_error")
+        yield item
+
+
+async def _records_or_error(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationResponse | ApiError]:
+    try:
+        async for r in _records(job, wake):
+            yield r
+    except ApiError as e:
+        yield e
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Wait for the client to go away (the body is read already, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return ApiError(exc.status_code, exc.detail or "error", None, None).response()
+
+
+def _guard(handler):
+    """The route's ApiError as its response; any other exception (a bug, not bad input) as a 500 with OpenAI's
+    body and one line on the server's stderr, never a traceback."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except Exception as e:
+            print(f"llm serve: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error").response()
+
+    return route
+
+
+class _Render:
+    """OpenAI's response objects for one request."""
+
+    def __init__(self, api: Api, chat: bool, logprobs: bool):
+        self.api, self.chat, self.logprobs = api, chat, logprobs
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        self.offset = 0  # text offset (legacy logprobs)
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.api.model_id,
+                "system_fingerprint": None}
+
+    def _logprobs(self, items: list[TokenLogprob], text: str) -> dict | None:
+        if not self.logprobs:
+            return None
+        tok = self.api.lm.tokenizer
+        if self.chat:
+            def entry(t, lp):
+                b = tok.token_bytes(t)
+                return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+            return {"content": [entry(i.token, i.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in i.top]}
+                                for i in items], "refusal": None}
+        tokens = [tok.token_bytes(i.token).decode("utf-8", errors="replace") for i in items]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [i.logprob for i in items],
+                "top_logprobs": [{tok.token_bytes(t).decode("utf-8", errors="replace"): lp for t, lp in i.top}
+                                 for i in items],
+                "text_offset": offsets}
+
+    def _usage(self, last: GenerationResponse) -> dict:
+        return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+                "total_tokens": last.prompt_tokens + last.generation_tokens}
+
+    def whole(self, records: list[GenerationResponse]) -> dict:
+        last = records[-1]
+        text = "".join(r.text for r in records)
+        lps = self._logprobs([i for r in records for i in r.logprobs], text)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": lps, "finish_reason": last.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": last.finish_reason}
+        return self._head(self.object) | {"choices": [choice], "usage": self._usage(last)}
+
+    def chunk(self, delta, finish: str | None, logprobs: list[TokenLogprob], include_usage: bool) -> dict:
+        """A streamed piece: `delta` is the chat delta (dict) or the text (str); None on the finishing chunk."""
+        lps = self._logprobs(logprobs, "") if logprobs else None
+        if self.chat:
+            if isinstance(delta, str):
+                delta = {"content": delta}
+            choice = {"index": 0, "delta": delta or {}, "logprobs": lps, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": lps, "finish_reason": finish}
+        out = self._head(self.object + ".chunk" if self.chat else self.object) | {"choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, last: GenerationResponse) -> dict:
+        obj = self.object + ".chunk" if self.chat else self.object
+        return self._head(obj) | {"choices": [], "usage": self._usage(last)}

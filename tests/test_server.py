@@ -1,0 +1,290 @@
+"""`llm serve` over real HTTP on 127.0.0.1, driven by the official `openai` client: the same text as `llm run`,
+streams that add up, concurrent requests without cross-talk, OpenAI's error bodies, cancellation, API keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+KEY = "sk-test-key"
+CHAT = [{"role": "user", "content": "Write a haiku about the sea"}]
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "The best way to learn Python is",
+           "def fibonacci(n):", "Water boils at", "My favourite colour is", "The sun rises in the"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An `llm serve` process and a client for it."""
+
+    def __init__(self, model, *args: str):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmcli", "serve", str(model), "--port", str(self.port), "--ctx", "512", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        deadline = time.monotonic() + 600  # a cold numba cache compiles the kernels first
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llm serve exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llm serve did not start")
+            time.sleep(0.2)
+        self.model = httpx.get(self.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}
+                               ).json()["data"][0]["id"]
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> tuple[int, str]:
+        """SIGINT, as Ctrl-C: -> (exit status, stderr)."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    s = Served(smollm2_path, "--parallel", "8")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def server1(smollm2_path):
+    """One slot, and an API key."""
+    s = Served(smollm2_path, "--parallel", "1", "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+def _llm_run(model, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "llmcli", "run", str(model), *args, "--temperature", "0"],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_greedy_chat_and_completion_equal_llm_run(server, smollm2_path):
+    c = server.client()
+    chat = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=16)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert _llm_run(smollm2_path, CHAT[0]["content"], "-n", "16") == chat.choices[0].message.content + "\n"
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 16
+
+    done = c.completions.create(model=server.model, prompt=PROMPTS[0], temperature=0, max_tokens=12)
+    assert done.object == "text_completion"
+    assert _llm_run(smollm2_path, PROMPTS[0], "--raw", "-n", "12") == done.choices[0].text
+    u = done.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens == 12
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    assert u.prompt_tokens == len(Tokenizer.from_gguf(read_gguf(smollm2_path)).encode(PROMPTS[0]))
+
+
+def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
+    c = server.client()
+    whole = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12)
+    chunks = list(c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishing == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    done = c.completions.create(model=server.model, prompt=PROMPTS[1], temperature=0, max_tokens=10)
+    parts = list(c.completions.create(model=server.model, prompt=PROMPTS[1], temperature=0, max_tokens=10,
+                                      stream=True))
+    assert "".join(p.choices[0].text for p in parts) == done.choices[0].text
+
+
+def test_chat_logprobs_and_stop(server):
+    c = server.client()
+    r = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=6, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob <= 0
+    full = r.choices[0].message.content
+    cut = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=6,
+                                    stop=[full[4:8]])
+    assert cut.choices[0].message.content == full[:4] and cut.choices[0].finish_reason == "stop"
+
+
+def test_same_seed_same_text(server):
+    c = server.client()
+
+    def ask(seed):
+        return c.completions.create(model=server.model, prompt=PROMPTS[2], temperature=1.0, max_tokens=10,
+                                    seed=seed).choices[0].text
+
+    assert ask(7) == ask(7)
+    assert len({ask(s) for s in (1, 2, 3)}) > 1
+
+
+def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
+    c = server.client()
+
+    def stream(prompt: str) -> str:
+        parts = c.completions.create(model=server.model, prompt=prompt, temperature=0, max_tokens=12, stream=True)
+        return "".join(p.choices[0].text for p in parts)
+
+    alone = [stream(p) for p in PROMPTS]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, stream(PROMPTS[i])))
+               for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(len(PROMPTS))] == alone
+    assert len(set(alone)) == len(alone)  # eight different texts: a mix-up would show
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+    ({"messages": CHAT, "temperature": 2.5}, 400, "temperature"),
+    ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
+    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": 1.5}, 400, "max_tokens"),
+    ({"messages": CHAT, "n": 2}, 400, "n"),
+    ({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+    ({"messages": CHAT, "model": "gpt-4o"}, 404, "model"),
+])
+def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, status, param):
+    body = {"model": server.model, **body}
+    r = httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_malformed_and_unknown_requests_then_the_server_answers_normally(server):
+    c = server.client()
+    for path, content in (("/v1/chat/completions", b"{not json"), ("/v1/completions", b"[1, 2"),
+                          ("/v1/completions", b'"a string"'), ("/v1/completions", b'{"prompt": 5}')):
+        r = httpx.post(server.base + path, content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert httpx.get(server.base + "/v1/nothing").status_code == 404
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=server.model, prompt="Hi", max_tokens=2, presence_penalty=3)
+    assert e.value.body["param"] == "presence_penalty"
+    models = c.models.list()
+    assert [m.id for m in models.data] == [server.model]
+    r = c.completions.create(model=server.model, prompt=PROMPTS[0], temperature=0, max_tokens=4)
+    assert r.choices[0].text and r.usage.completion_tokens == 4
+
+
+def test_api_key_is_required_when_set(server1):
+    for key in ("wrong",):
+        with pytest.raises(openai.AuthenticationError):
+            server1.client(key).models.list()
+    assert httpx.get(server1.base + "/v1/models").status_code == 401
+    r = httpx.post(server1.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in server1.client().models.list().data] == [server1.model]
+
+
+def test_requests_beyond_parallel_wait_their_turn(server1):
+    c = server1.client()
+
+    def ask(i: int) -> str:
+        return c.completions.create(model=server1.model, prompt=PROMPTS[i], temperature=0, max_tokens=6).choices[0].text
+
+    alone = [ask(i) for i in range(3)]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(3)] == alone
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server1, smollm2_path):
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    stop_ids = Tokenizer.from_gguf(read_gguf(smollm2_path)).stop_ids
+    never_stop = {str(t): -100 for t in stop_ids}  # the only slot would be busy for ~480 tokens
+    c = server1.client()
+    t0 = time.perf_counter()
+    alone = c.completions.create(model=server1.model, prompt=PROMPTS[2], temperature=0, max_tokens=8)
+    t_alone = time.perf_counter() - t0
+    stream = c.completions.create(model=server1.model, prompt=PROMPTS[3], temperature=0, max_tokens=2000,
+                                  logit_bias=never_stop, stream=True)
+    for _, _ in zip(range(3), stream, strict=False):
+        pass
+    stream.close()
+    t0 = time.perf_counter()
+    after = c.completions.create(model=server1.model, prompt=PROMPTS[2], temperature=0, max_tokens=8)
+    waited = time.perf_counter() - t0
+    assert after.choices[0].text == alone.choices[0].text
+    # the abandoned generation had ~480 tokens to go; the slot is free after at most one more of them
+    assert waited < 5 * t_alone + 2, (waited, t_alone)
+    assert httpx.get(server1.base + "/health").json()["busy"] == 0
+
+
+def test_ctrl_c_ends_requests_in_flight_and_exits_cleanly(smollm2_path):
+    s = Served(smollm2_path, "--parallel", "2")
+    events: list[str] = []
+
+    def listen():
+        with httpx.stream("POST", s.base + "/v1/completions", timeout=60,
+                          json={"prompt": "Once upon a time", "max_tokens": 400, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    deadline = time.monotonic() + 60
+    while len(events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, err = s.stop()
+    t.join(30)
+    assert not t.is_alive()
+    assert "Traceback" not in err, err
+    assert code in (0, 130, -signal.SIGINT), err
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "server_shutting_down"
