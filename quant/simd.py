@@ -140,8 +140,14 @@ def _half(b, w, at):
 # store q + 8 and q + 16 (`offset`).
 
 def _words(b, w, at):
-    """16 bytes at `at` -> <16 x i16>, zero-extended."""
-    return b.zext(_load(b, w, at, _vec(I8, 16)), _vec(I16, 16))
+    """16 bytes at `at` -> <16 x i16>, zero-extended: as the bytes interleaved with zeros, which LLVM keeps as one
+    widening load (vpmovzxbw from memory) followed by the nibble masks and shifts on the words. A plain zext let
+    it move the mask before the widening (narrower), so each 16 bytes took a load, a byte mask, a shift, a second
+    mask and two widenings: Q4_0 and Q4_K 1.4x faster without those (bench_kernels.py --against)."""
+    v = _load(b, w, at, _vec(I8, 16))
+    z = ir.Constant(_vec(I8, 16), [0] * 16)
+    inter = b.shuffle_vector(v, z, _const(I32, [k for j in range(16) for k in (j, 16 + j)]))
+    return b.bitcast(inter, _vec(I16, 16))
 
 
 def _nibble_words(b, w, at):
@@ -438,6 +444,34 @@ def _make_dot(block, block_bytes: int):
 
 K_ACCS = 4  # accumulators per K-quant row: a super-block's sub-blocks go round them (one chain would wait on FMAs)
 
+LANE_SUMS_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # lane l of a _lane_sums vector: the sum of source LANE_SUMS_ORDER[l]
+
+
+def _lane_sums(b, vs):
+    """Eight <8 x i32> -> one <8 x i32> of their lane sums (lane l: the sum of vs[LANE_SUMS_ORDER[l]]), as a tree
+    of shuffle pairs and adds (3 per pair of inputs, 21 in all): the 8 sums then take one conversion and one FMA
+    with a vector of their scales, instead of a conversion, a scale broadcast and an FMA each. The first level
+    moves 128-bit halves, the others stay within them (one instruction each on AVX2, and on NEON). vs may be a
+    generator: pairs are added as soon as both are made, so that few stay live (all 8 at once spilled registers
+    in Q5_K: 0.88x)."""
+    levels = [([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]),  # [x folded to 4 | y folded to 4]
+              ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+              ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15])]
+    stack: list = []  # (level, partial sums), a binary counter
+    for v in vs:
+        level = 0
+        while stack and stack[-1][0] == level:
+            lo, hi = levels[level]
+            u = stack.pop()[1]
+            v = b.add(b.shuffle_vector(u, v, _const(I32, lo)), b.shuffle_vector(u, v, _const(I32, hi)))
+            level += 1
+        stack.append((level, v))
+    (level, v), = stack
+    if level != 3:
+        raise ValueError("_lane_sums takes 8 vectors")
+    return v
+
+
 def _k4_scales_mins(b, w, o):
     """The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K/Q5_K super-block (12 bytes s at o + 4), as two
     <8 x float>: sub-block j < 4 has scale s[j] & 63 and minimum s[j + 4] & 63; j >= 4 keeps its low 4 bits in
@@ -469,9 +503,13 @@ def _k4_scales_mins(b, w, o):
 def _q45_codes(b, w, o, five):
     """The codes of a Q4_K/Q5_K super-block (d | dmin | 12 bytes of scales and minimums | [qh 32] | qs 128):
     [(sub-block j, (codes of its weights 0..15, of 16..31) as <16 x i16>)] for j = 0..7."""
+    return list(_iter_q45_codes(b, w, o, five))
+
+
+def _iter_q45_codes(b, w, o, five):
+    """_q45_codes one pair of sub-blocks at a time (emitted when asked for: fewer live registers)."""
     q0 = 48 if five else 16
     m15, one, four = _const(I16, [15] * 16), _const(I16, [1] * 16), _const(I16, [4] * 16)
-    out = []
     for g in range(4):
         halves = [_words(b, w, b.add(o, _i64(q0 + 32 * g + 16 * h))) for h in range(2)]
         lows = [b.and_(q, m15) for q in halves]  # sub-block 2g
@@ -484,21 +522,21 @@ def _q45_codes(b, w, o, five):
 
             lows = [b.or_(q, fifth(h, 2 * g)) for q, h in zip(lows, qh, strict=True)]
             highs = [b.or_(q, fifth(h, 2 * g + 1)) for q, h in zip(highs, qh, strict=True)]
-        out += [(2 * g, lows), (2 * g + 1, highs)]
-    return out
+        yield 2 * g, lows
+        yield 2 * g + 1, highs
 
 
 def _q45_k(five):
     def superblock(b, w, o, xq, xd, xs, xb, accs, corr):
         """One Q4_K/Q5_K super-block, x from block xb: accs += d sc_j xd_j (q . xq)_j over its 8 sub-blocks of 32;
-        corr += dmin m_j xs_j."""
+        corr += dmin m_j xs_j. (Summing the 8 dot products by _lane_sums, as Q6_K does, was 0.92-0.99x here.)"""
         accs = list(accs)
         sc, m = _k4_scales_mins(b, w, o)
         xo8 = b.mul(xb, _i64(4))
         scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, o), 8), flags=FAST), _load(b, xd, xo8, V8F), flags=FAST)
         corr = _fma(b, b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8), flags=FAST), _load(b, xs, xo8, V8F),
                     corr)
-        for j, (c0, c1) in _q45_codes(b, w, o, five):
+        for j, (c0, c1) in _iter_q45_codes(b, w, o, five):
             xo = b.mul(b.add(xb, _i64(j)), _i64(64))
             dot = b.add(_pairs(b, c0, xq, xo), _pairs(b, c1, xq, b.add(xo, _i64(32))))
             k = j % K_ACCS
@@ -534,18 +572,20 @@ def _q6_codes(b, w, o):
 
 
 def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
-    """One Q6_K super-block, a scale per 16 weights. The codes are multiplied by their scale as int16
-    (|q - 32| sc <= 4096), so each 32 weights take one conversion."""
+    """One Q6_K super-block, a scale per 16 weights: the 16 int32 dot products of codes and xq (16 products
+    each, exact in float32 up to 2^24) summed by _lane_sums, converted, and multiplied by d sc_m xd_(m/2) as two
+    vectors (the int16 scale multiply and the per-32 broadcasts it replaced were half of the kernel's work)."""
     accs = list(accs)
     d = _half(b, w, b.add(o, _i64(208)))
-    codes = _q6_codes(b, w, o)
-    for n in range(0, 16, 2):
-        j = b.add(xb, _i64(codes[n][0]))  # the x block of these 32 weights
-        xo = b.mul(j, _i64(64))
-        dots = [_pairs(b, b.mul(q, _splat(b, sc)), xq, b.add(xo, _i64(32 * half))) for _, half, q, sc in codes[n:n + 2]]
-        scale = b.fmul(d, _load(b, xd, b.mul(j, _i64(4)), F32), flags=FAST)
-        k = codes[n][0] % K_ACCS
-        accs[k] = _fma(b, b.sitofp(b.add(*dots), V8F), _splat(b, scale, 8), accs[k])
+    dots = [_pairs(b, q, xq, b.add(b.mul(b.add(xb, _i64(j)), _i64(64)), _i64(32 * half)))
+            for j, half, q, _ in _q6_codes(b, w, o)]  # in order of the scales: m = 2 j + half
+    sc = b.sitofp(_load(b, w, b.add(o, _i64(192)), _vec(I8, 16)), V16F)
+    xd8 = _load(b, xd, b.mul(xb, _i64(4)), V8F)
+    scale = b.fmul(b.fmul(sc, b.shuffle_vector(xd8, xd8, _const(I32, [m // 2 for m in range(16)])), flags=FAST),
+                   _splat(b, d, 16), flags=FAST)
+    for g in range(2):
+        lanes = b.shuffle_vector(scale, scale, _const(I32, [8 * g + m for m in LANE_SUMS_ORDER]))
+        accs[g] = _fma(b, b.sitofp(_lane_sums(b, dots[8 * g:8 * g + 8]), V8F), lanes, accs[g])
     return accs, corr
 
 
