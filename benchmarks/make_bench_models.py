@@ -36,6 +36,22 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip=lambda key: Fals
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
 
+PADDED = {"tokenizer.ggml.tokens": lambda i: f"<|pad_{i}|>", "tokenizer.ggml.token_type": lambda i: 4,
+          "tokenizer.ggml.scores": lambda i: 0.0}  # per-token arrays, and what a padding token i has there
+
+
+def _copy_tokenizer(reader: GGUFReader, writer: GGUFWriter, n_vocab: int) -> None:
+    """The tokenizer of another model, its vocabulary padded with user-defined tokens to n_vocab entries (llama.cpp
+    wants as many tokens as the embedding has rows; a smaller model's tokenizer serves a larger vocabulary)."""
+    _copy_metadata(reader, writer, skip=lambda key: not key.startswith("tokenizer.") or key in PADDED)
+    for key, pad in PADDED.items():
+        if key in reader.fields:
+            field = reader.fields[key]
+            values = list(field.contents())
+            values += [pad(i) for i in range(len(values), n_vocab)]
+            writer.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=GGUFValueType(field.types[-1]))
+
+
 def _finish(writer: GGUFWriter, tmp: Path, dst: Path) -> Path:
     """Write the file the writer holds to tmp, then move it to dst (never a half-written dst)."""
     writer.write_header_to_file()
@@ -122,7 +138,7 @@ def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers:
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(n_vocab)
     if tokenizer_from is not None:
-        _copy_metadata(GGUFReader(tokenizer_from), writer, skip=lambda key: not key.startswith("tokenizer."))
+        _copy_tokenizer(GGUFReader(tokenizer_from), writer, n_vocab)
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
