@@ -26,6 +26,7 @@ from backends.base import (
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
+from backends.numba.governor import ThreadGovernor
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
@@ -182,6 +183,7 @@ class NumbaModel:
 
     def __init__(self, gguf: GGUFFile, hp: HParams, threads: int):
         self.gguf, self.hparams, self.threads = gguf, hp, threads
+        self.governor = ThreadGovernor(threads)  # decode's thread count on a shared machine
         root = _mmap_root(gguf)
         self._base = root.ctypes.data
         self.wv = weight_views(root)
@@ -267,11 +269,16 @@ class NumbaModel:
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
-            for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
-                chunk = tokens[c0:c0 + SMALL_T]
-                out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps,
-                                self.inv_freq, chunk, start + c0, cache.k, cache.v, all_logits, self._scratch, out)
+
+            def stack():
+                for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
+                    chunk = tokens[c0:c0 + SMALL_T]
+                    out = logits[c0:c0 + len(chunk)] if all_logits else logits
+                    L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.hparams.norm_eps,
+                                    self.inv_freq, chunk, start + c0, cache.k, cache.v, all_logits, self._scratch,
+                                    out)
+
+            self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 
