@@ -31,3 +31,23 @@ def test_governor_follows_a_load_that_comes_and_goes():
 
 def test_one_thread_needs_no_governing():
     assert set(drive(ThreadGovernor(1), lambda i, c: 0.01, 50)) == {1}
+
+
+def test_default_threads_are_the_performance_cores(tmp_path):
+    """On a hybrid CPU sysfs lists the performance cores' logical CPUs: 16 of them, two per core, are 8 cores;
+    a machine without that file gives no such figure, and the default never exceeds the CPUs we may use."""
+    import os
+
+    from backends import _performance_cores, physical_cores
+
+    (tmp_path / "cpu_core").mkdir()
+    (tmp_path / "cpu_core" / "cpus").write_text("0-15\n")
+    topology = tmp_path / "system" / "cpu" / "cpu0" / "topology"
+    topology.mkdir(parents=True)
+    (topology / "thread_siblings_list").write_text("0-1\n")
+    assert _performance_cores(str(tmp_path)) == 8
+    (topology / "thread_siblings_list").write_text("0\n")
+    (tmp_path / "cpu_core" / "cpus").write_text("0-3,8,10\n")
+    assert _performance_cores(str(tmp_path)) == 6
+    assert _performance_cores(str(tmp_path / "none")) == 0
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
