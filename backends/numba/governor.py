@@ -3,9 +3,9 @@
 A decoded token runs ~150 short parallel regions, each ending when its slowest thread ends. When another process
 keeps a core busy, the thread that shares it is descheduled for whole time slices (milliseconds) while the others
 wait at the region's end: at 2 threads decode fell to half the speed of 1 thread. So the decode is timed per
-token at both counts, and runs at the faster one: the other is tried again every few tokens (rarely while it
-is clearly slower: a quiet machine loses ~1 % to the trials), so a load that comes is followed within a few tokens
-and one that goes within PROBE_FAR / 2.
+token at both counts, and runs at the faster one. The other is tried again now and then, as often as keeps the
+trials' cost at TRIAL_BUDGET of the time: a load that comes is followed within a token or a few, one that goes
+within (k - 1) / TRIAL_BUDGET tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import time
 
 import numba
 
-PROBE_CLOSE, PROBE_FAR = 8, 64  # tokens between trials of the other count: estimates within / beyond CLEAR
-CLEAR = 1.25  # the slower count takes this much longer per token: try it rarely
+PROBE_MIN, PROBE_MAX = 8, 512  # tokens between trials of the slower count: at least, at most
+TRIAL_BUDGET = 0.01  # of the decode's time that trials of the slower count may cost: a trial of a count k times
+# slower comes every (k - 1) / TRIAL_BUDGET tokens (one thread on a quiet 2-core machine, k ~ 1.6: every 60;
+# two threads beside a busy core, k ~ 19 when the machine is loaded: every 512)
 WEIGHT = 0.3  # of a new token time in its count's running estimate (a trial's time replaces it: the estimate
 # is old, and a lucky trial costs only the few tokens until the count it chose has shown its real speed)
 
@@ -41,8 +43,7 @@ class ThreadGovernor:
         other = self.counts[1] if best == self.counts[0] else self.counts[0]
         gap = self.seconds.get(other, 0.0) / max(self.seconds.get(best, 0.0), 1e-9)
         self.since_trial += 1
-        far = PROBE_FAR if best == self.counts[0] else PROBE_FAR // 2  # a load that went away is found sooner
-        if self.since_trial >= (far if gap > CLEAR else PROBE_CLOSE):
+        if self.since_trial >= min(PROBE_MAX, max(PROBE_MIN, (gap - 1) / TRIAL_BUDGET)):
             self.since_trial, self.trial = 0, True
             return other
         return best
