@@ -28,6 +28,7 @@ from backends.base import (
 )
 from backends.numba import layers as L
 from backends.numba.batch import CachePool, PooledKVCache
+from backends.numba.governor import ThreadGovernor
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
@@ -188,6 +189,7 @@ class NumbaModel:
     def __init__(self, gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None = None):
         self.gguf, self.hparams, self.threads = gguf, hp, threads
         self.options = options or NumbaOptions()  # may be replaced later, but for small_t (sizes the scratch)
+        self.governor = ThreadGovernor(threads)  # decode's thread count on a shared machine
         root = _mmap_root(gguf)
         self._base = root.ctypes.data
         self.wv = weight_views(root)
@@ -326,13 +328,17 @@ class NumbaModel:
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
             slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool
-            for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
-                chunk = tokens[c0:c0 + opts.small_t]
-                out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
-                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                                self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
-                                cache.v[None], cache.layout, all_logits, self._scratch, out)
+
+            def stack():
+                for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
+                    chunk = tokens[c0:c0 + opts.small_t]
+                    out = logits[c0:c0 + len(chunk)] if all_logits else logits
+                    positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
+                    L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
+                                    self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
+                                    cache.v[None], cache.layout, all_logits, self._scratch, out)
+
+            self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 
