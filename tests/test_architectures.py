@@ -1,5 +1,6 @@
-"""qwen2 and qwen3 end to end against transformers: a small random HF model is converted by
-`llm quantize` to f16, and the numpy reference backend's logits equal transformers' on the HF model."""
+"""Each family end to end against transformers: a small random HF model (qwen2, qwen3, gemma3, llama3, mistral,
+phi3) is converted by `llm quantize`, and the backends' logits match transformers' on the same weights (and
+llama.cpp's on the converted file)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def test_converted_model_matches_transformers(kind, tmp_path, smollm2_hf_dir):
         assert ours[t].argmax() == ref[t].argmax()
 
 
+def sharpen(model) -> None:
+    """Embedding and output rows 10x the default initialization: logits spread over several units instead of a
+    fraction of one, so the top token of a random model is rarely a near-tie that Q8_0 rounding can flip."""
+    model.get_input_embeddings().weight.mul_(10.0)
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        model.get_output_embeddings().weight.mul_(10.0)
+
+
 def make_family_model(kind: str, folder, tokenizer_dir):
     """A tiny random HF model of each newer family, in float32: Gemma 3 (sandwich norms, GELU, q/k norms, a
     4-token window on five layers of six), Llama 3 (llama3 RoPE factors), Mistral (a sliding window)."""
@@ -88,10 +97,44 @@ def make_family_model(kind: str, folder, tokenizer_dir):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_((0.0 if kind == "gemma3" else 1.0) + 0.2 * torch.randn_like(p))
+        sharpen(model)
     model.save_pretrained(folder, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, folder / f)
     return model.eval()
+
+
+def quantized_reference(hf, gguf_path, arch):
+    """transformers' logits with the Q8_0 file's weights put back into the HF model (dequantized by gguf-py,
+    the converter's row permutation and norm offset undone): the same weights as ours, so what is compared is
+    the forward pass, not the rounding of a random model's weights."""
+    import copy
+
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quant.convert import gguf_name, qk_permutation
+    from quant.families import HF_TYPES
+
+    family = HF_TYPES[hf.config.model_type]
+    tensors = {t.name: dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+               for t in GGUFReader(gguf_path).tensors}
+    model = copy.deepcopy(hf)
+    cfg = hf.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gname = gguf_name(name, family)
+            if gname not in tensors:  # the tied output
+                continue
+            w = np.asarray(tensors[gname], dtype=np.float32).reshape(p.shape)
+            if family.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
+                heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
+                w = w[np.argsort(qk_permutation(w.shape[0], heads))]
+            if family.norm_offset and gname.endswith("norm.weight"):
+                w = w - family.norm_offset
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        return model(torch.tensor([IDS])).logits[0].float().numpy()
 
 
 def _kl(logits, ref):
@@ -115,10 +158,12 @@ def test_family_converted_to_f32_and_q8_0_matches_transformers(kind, tmp_path, s
 
     hf = make_family_model(kind, tmp_path / kind, smollm2_hf_dir)
     with torch.no_grad():
-        ref = hf(torch.tensor([IDS])).logits[0].float().numpy()
+        original = hf(torch.tensor([IDS])).logits[0].float().numpy()
     for qtype in ("f32", "q8_0"):
-        gguf = read_gguf(quantize(str(tmp_path / kind), qtype, tmp_path / f"{kind}-{qtype}.gguf"))
+        path = quantize(str(tmp_path / kind), qtype, tmp_path / f"{kind}-{qtype}.gguf")
+        gguf = read_gguf(path)
         assert gguf.get("general.architecture") == ("gemma3" if kind == "gemma3" else "llama")
+        ref = original if qtype == "f32" else quantized_reference(hf, path, gguf.get("general.architecture"))
         for backend in BACKENDS:
             if backend == "mlx" and not mlx_available():
                 continue
@@ -149,6 +194,7 @@ def make_phi3_model(folder, tokenizer_dir):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        sharpen(model)
     model.save_pretrained(folder, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, folder / f)
@@ -165,9 +211,11 @@ def test_phi3_longrope_converted_matches_transformers(tmp_path, smollm2_hf_dir):
 
     hf = make_phi3_model(tmp_path / "phi3", smollm2_hf_dir)
     with torch.no_grad():
-        ref = hf(torch.tensor([IDS])).logits[0].float().numpy()
+        original = hf(torch.tensor([IDS])).logits[0].float().numpy()
     for qtype in ("f32", "q8_0"):
-        gguf = read_gguf(quantize(str(tmp_path / "phi3"), qtype, tmp_path / f"phi3-{qtype}.gguf"))
+        path = quantize(str(tmp_path / "phi3"), qtype, tmp_path / f"phi3-{qtype}.gguf")
+        gguf = read_gguf(path)
+        ref = original if qtype == "f32" else quantized_reference(hf, path, gguf.get("general.architecture"))
         assert gguf.get("general.architecture") == "phi3" and "rope_factors_long.weight" in gguf.tensors
         for backend in BACKENDS:
             if backend == "mlx" and not mlx_available():
@@ -179,3 +227,21 @@ def test_phi3_longrope_converted_matches_transformers(tmp_path, smollm2_hf_dir):
             kl = _kl(ours, ref)
             assert kl.max() < 1e-3, ("phi3", qtype, backend, kl.max())
             assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gemma3", "llama3"])
+def test_llama_cpp_loads_converted_files_and_agrees(kind, tmp_path, smollm2_hf_dir):
+    """The converted F32 file loads in llama.cpp (llama-cpp-python) with the same logits as ours (KL < 1e-4).
+    (Mistral's window is left out: llama.cpp runs llama-architecture files with full attention; Phi-3 is left
+    out because llama.cpp's Phi-3 vocabulary wants Phi's own special tokens, which the borrowed one lacks.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    make_family_model(kind, tmp_path / kind, smollm2_hf_dir)
+    path = quantize(str(tmp_path / kind), "f32", tmp_path / f"{kind}.gguf")
+    model = load_model(read_gguf(path), "numpy")
+    ours = model.forward(np.array(IDS), model.new_cache(32), all_logits=True)
+    llm = llama_cpp.Llama(str(path), n_ctx=32, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(IDS)
+    theirs = np.array(llm.scores[:len(IDS)], dtype=np.float32)
+    assert _kl(theirs, ours).max() < 1e-4
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
