@@ -220,11 +220,11 @@ def test_optimize_lowers_kl_on_smollm2_q4_k_m(smollm2_f16, tmp_path):
     from llmcli.perplexity import perplexity
 
     # (importance from llm's built-in calibration text, KL measured on wikitext-2: different texts)
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is missing")
     plain, opt = tmp_path / "plain.gguf", tmp_path / "opt.gguf"
     run_quantize(str(smollm2_f16), "q4_k_m", plain)
     run_quantize(str(smollm2_f16), "q4_k_m", opt, optimize=True)
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} is missing")
     text = WIKITEXT.read_text(encoding="utf-8")[:20000]
     kl = {p.name: perplexity(p, text, ctx=128, chunks=6, base=smollm2_f16).kld_mean for p in (plain, opt)}
     assert kl["opt.gguf"] < 0.95 * kl["plain.gguf"], kl
