@@ -28,14 +28,49 @@ def default_backend() -> str:
     return "numba"
 
 
-def physical_cores() -> int:
+def physical_cores(sysfs: str = "/sys/devices") -> int:
+    """The default thread count: the physical cores this process may run on; on a hybrid CPU only the
+    performance cores, where the OS says which they are (Linux: sysfs cpu_core/cpus; macOS: hw.perflevel0)."""
     import psutil
 
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    performance = _performance_cores(sysfs)
+    if performance:
+        cores = min(cores, performance)
+    if hasattr(os, "sched_getaffinity"):  # a process limited to some CPUs (taskset, a container)
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores)
 
 
-def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None = None) -> Model:
-    """Load the weights of `gguf` on `backend` (default: default_backend())."""
+def _performance_cores(sysfs: str) -> int:
+    """Physical performance cores of a hybrid CPU, or 0 where the OS does not tell."""
+    from pathlib import Path
+
+    try:
+        if platform.system() == "Darwin":
+            import ctypes
+
+            value, size = ctypes.c_int(0), ctypes.c_size_t(4)
+            libc = ctypes.CDLL(None)
+            ok = libc.sysctlbyname(b"hw.perflevel0.physicalcpu", ctypes.byref(value), ctypes.byref(size), None, 0)
+            return value.value if ok == 0 else 0
+        cpus = Path(sysfs, "cpu_core", "cpus")  # Intel hybrid: the P-cores' logical CPUs, e.g. "0-15"
+        if not cpus.exists():
+            return 0
+        logical = []
+        for part in cpus.read_text().strip().split(","):
+            lo, _, hi = part.partition("-")
+            logical += range(int(lo), int(hi or lo) + 1)
+        siblings = Path(sysfs, "system", "cpu", f"cpu{logical[0]}", "topology", "thread_siblings_list")
+        per_core = len(siblings.read_text().replace("-", ",").split(",")) if siblings.exists() else 1
+        return len(logical) // max(1, per_core)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
+
+def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None = None, options=None) -> Model:
+    """Load the weights of `gguf` on `backend` (default: default_backend()); `options`, the backend's tuning
+    options (backends.numba.NumbaOptions), default its defaults."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -50,4 +85,4 @@ def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None =
 
     threadpool_limits(threads, user_api="blas")
     module = importlib.import_module(f"backends.{backend}")
-    return module.load(gguf, hp, threads)
+    return module.load(gguf, hp, threads) if options is None else module.load(gguf, hp, threads, options)

@@ -105,14 +105,26 @@ class RingKVCache(OffsetCache):
     k, v: flat float32; layer i's block starts at float layout[i, 0] and is (n_kv_heads, layout[i, 1], head_dim).
     """
 
-    def __init__(self, hp: HParams, max_seq: int, slack: int):
+    def __init__(self, hp: HParams, max_seq: int, slack: int, k: np.ndarray | None = None,
+                 v: np.ndarray | None = None):
+        """A cache of its own, or with k, v given (views of the layout's size) one that lives in them."""
         self.hp, self.max_seq, self.offset = hp, max_seq, 0
+        self.layout = self.plan(hp, max_seq, slack)
+        size = self.floats(self.layout, hp)
+        self.k = np.zeros(size, dtype=np.float32) if k is None else k
+        self.v = np.zeros(size, dtype=np.float32) if v is None else v
+
+    @staticmethod
+    def plan(hp: HParams, max_seq: int, slack: int) -> np.ndarray:
+        """layout: (n_layers, 2) int64, each layer's (first float, positions kept)."""
         caps = [kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)]
-        block = hp.n_kv_heads * hp.head_dim
-        offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * block
-        self.layout = np.array(list(zip(offsets, caps, strict=True)), dtype=np.int64).reshape(-1, 2)
-        self.k = np.zeros(sum(caps) * block, dtype=np.float32)
-        self.v = np.zeros_like(self.k)
+        offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * hp.n_kv_heads * hp.head_dim
+        return np.array(list(zip(offsets, caps, strict=True)), dtype=np.int64).reshape(-1, 2)
+
+    @staticmethod
+    def floats(layout: np.ndarray, hp: HParams) -> int:
+        """Floats of keys (or of values) a cache of this layout holds."""
+        return int(layout[:, 1].sum()) * hp.n_kv_heads * hp.head_dim
 
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Views (n_kv_heads, capacity, head_dim) of layer i's keys and values."""

@@ -13,6 +13,9 @@
                                                             # dequantized float32, 512 tokens, 1 and 2 threads
     python benchmarks/bench_kernels.py --streaming          # the Q4_0 kernel streaming 302 MB from memory at
                                                             # 1 and 2 threads, next to the parallel-sum bandwidth
+    python benchmarks/bench_kernels.py --long-rows [--formats q4_0,q4_k,q6_k]
+                                                            # the same bytes as rows of 2048, 8192, 16384
+                                                            # weights, one thread, CPU time
 
 Prints a table (GB/s of weights read, G weights/s) and, with --json, writes the numbers.
 """
@@ -109,10 +112,11 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     """Per-position KL(numpy || numba) of the next-token distributions over the first n_tokens of wikitext-2,
     and top-1 agreement: through the decode stack (the matvec kernels, chunks of SMALL_T tokens) and through the
     prompt path (the integer GEMM, one pass)."""
+    import dataclasses
+
     from conftest import WIKITEXT
     from test_numba_backend import kl_per_position
 
-    import backends.numba
     from backends import load_model
     from llmcli.tokenizer import Tokenizer
     from quant.gguf_file import read_gguf
@@ -123,7 +127,7 @@ def kl_against_numpy(path: Path, n_tokens: int = 256) -> list[dict]:
     want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
     rows = []
     for label, min_t in (("decode stack", 1 << 30), ("prompt path", 1)):
-        backends.numba.GEMM_MIN_T, backends.numba.GEMM_MIN_T_COLD = min_t, 0
+        fast.options = dataclasses.replace(fast.options, gemm_min_t=min_t, gemm_min_t_cold=0)
         got = fast.forward(ids, fast.new_cache(len(ids)), all_logits=True)
         kl = kl_per_position(got, want)
         rows.append({"model": path.name, "path": label, "tokens": len(ids), "kl_mean": float(kl.mean()),
@@ -185,6 +189,49 @@ def against(variant: Path, formats: list[str]) -> list[dict]:
             a, b = (float(np.median(t)) for t in times)
             result.append({"format": name, "matrix": f"{raw.shape[0]}x{n}", "a_gb_s": raw.nbytes / a / 1e9,
                            "b_gb_s": raw.nbytes / b / 1e9, "b_over_a": a / b})
+    return result
+
+
+def long_rows(formats: list[str]) -> list[dict]:
+    """One thread streaming ~270 MB of a format (a 2048x2048 matrix's bytes repeated 64 times) as rows of 2048,
+    8192 and 16384 weights; CPU time, medians of 9 rounds taking turns."""
+    from gguf import GGMLQuantizationType as Q
+    from numba import njit
+    from test_kernels import weights
+
+    from quant import simd
+    from quant.kernels import activation_blocks, prepare
+
+    rng = np.random.default_rng(0)
+    result = []
+    for name in formats:
+        dot = getattr(simd, "dot_" + name)
+
+        @njit
+        def run(u8, rows, rb, nb, xq, xd, xs, xc, out, dot=dot):
+            for r in range(rows):
+                out[r] = dot(u8, r * rb, xq, xd, xs, xc, nb)
+
+        cases = []
+        for rows, n in [(2048, 2048), (512, 8192), (256, 16384)]:
+            one = weights(Q[name.upper()], rows, n, rng).view(np.uint8)
+            raw = np.ascontiguousarray(np.concatenate([one] * (64 * 2048 * 2048 // (rows * n))))
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            xb = activation_blocks(1, n)
+            prepare(x, xb)
+            nb = n // (256 if name.endswith("_k") else 32)
+            cases.append((n, (raw.reshape(-1), raw.shape[0], raw.shape[1], nb, xb[1][0], xb[2][0], xb[0][0],
+                              xb[3][0], np.empty(raw.shape[0], np.float32)), raw.nbytes, []))
+            run(*cases[-1][1])
+        for _ in range(9):
+            for _, args, _, times in cases:
+                t = time.process_time()
+                run(*args)
+                times.append(time.process_time() - t)
+        base = cases[0][2] / float(np.median(cases[0][3]))
+        for n, _, nbytes, times in cases:
+            gbs = nbytes / float(np.median(times))
+            result.append({"format": name, "row": n, "gb_s": gbs / 1e9, "vs_2048": gbs / base})
     return result
 
 
@@ -371,15 +418,22 @@ def main() -> None:
     ap.add_argument("--kl", type=Path, action="append", help="a GGUF file (repeatable): numba vs numpy logits")
     ap.add_argument("--rounding", type=Path, help="a GGUF file: the reference on rounded activations")
     ap.add_argument("--against", type=Path, help="a variant of quant/simd.py to time against it")
-    ap.add_argument("--formats", default="q4_0,q8_0", help="for --against, --gemm: comma-separated format names")
+    ap.add_argument("--formats", default="q4_0,q8_0",
+                    help="for --against, --gemm, --long-rows: comma-separated format names")
     ap.add_argument("--gemm", action="store_true", help="the integer GEMM against BLAS float32")
     ap.add_argument("--streaming", action="store_true", help="the Q4_0 kernel streaming from memory, 1-2 threads")
+    ap.add_argument("--long-rows", action="store_true", help="rows of 2048, 8192, 16384 weights, same bytes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.streaming:
+    if args.long_rows:
+        result = long_rows(args.formats.split(","))
+        print("| format | row length | GB/s | vs rows of 2048 |\n|---|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['format']} | {r['row']} | {r['gb_s']:.2f} | {r['vs_2048']:.2f}x |")
+    elif args.streaming:
         result = streaming()
         print("| threads | read bandwidth GB/s | kernel, one region | in regions of 2.4 MB | rows of 8192 |\n"
               "|---:|---:|---:|---:|---:|")

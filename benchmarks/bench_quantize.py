@@ -35,13 +35,13 @@ LLAMA_FTYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
-def make_model(path: Path) -> Path:
-    """Write the random F16 model once (about 2.5 GB); weights ~ N(0, 0.02), norms 1."""
+def make_model(path: Path, n_layers: int = SHAPE["n_layers"]) -> Path:
+    """Write the random F16 model once (about 2.5 GB with all 16 layers); weights ~ N(0, 0.02), norms 1."""
     if path.exists():
         return path
     from gguf import GGUFWriter
 
-    s = SHAPE
+    s = {**SHAPE, "n_layers": n_layers}
     hd = s["n_embd"] // s["n_head"]
     tensors = [("token_embd.weight", (s["n_vocab"], s["n_embd"])), ("output_norm.weight", (s["n_embd"],))]
     for i in range(s["n_layers"]):
@@ -114,7 +114,10 @@ def timed(fn, *args) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = False) -> None:
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = False, text_path: Path = WIKITEXT) -> None:
     """KL divergence of q4_0 / q5_0 (default rounding and --optimize) against the F16 conversion, on
     wikitext-2 windows scored as `llm perplexity` does. Logits come from transformers loading each GGUF
     (an independent reader and forward pass; much faster than the numpy reference backend on CPU)."""
@@ -125,7 +128,7 @@ def kld_table(hf_dir: Path, n_windows: int, ctx: int = 512, kquants: bool = Fals
     from llmcli.perplexity import log_softmax, windows
     from llmcli.quantize import quantize
 
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt").read_text()
+    text = text_path.read_text()
     ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     wins = windows(ids, ctx, n_windows, None)
     first = ctx // 2
@@ -172,16 +175,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--types", default="q4_0")
+    ap.add_argument("--layers", type=int, default=SHAPE["n_layers"], help="cut the model to this many layers")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--kld", type=Path, help="an HF model folder: measure --optimize's KL divergence instead")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--kquants", action="store_true", help="with --kld: Q4_K_M and Q5_K_M instead of Q4_0/Q5_0")
+    ap.add_argument("--text", type=Path, default=WIKITEXT, help="with --kld: the text scored (wikitext-2 valid)")
     args = ap.parse_args()
     if args.kld:
-        kld_table(args.kld, args.windows, kquants=args.kquants)
+        kld_table(args.kld, args.windows, kquants=args.kquants, text_path=args.text)
         return
-    src = make_model(WORK / "bench-1b-f16.gguf")
-    n_weights = 1_235_814_400
+    layers = args.layers
+    src = make_model(WORK / ("bench-1b-f16.gguf" if layers == SHAPE["n_layers"] else f"bench-1b-{layers}l-f16.gguf"),
+                     layers)
+    per_layer = 2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 2048 * 8192 + 2 * 2048
+    n_weights = 128256 * 2048 + 2048 + layers * per_layer
     rows = []
     for qtype in args.types.split(","):
         runners = {"llm": run_llm}

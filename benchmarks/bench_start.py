@@ -71,7 +71,7 @@ print(json.dumps(phases))
 _CROSSOVER = r"""
 import json, sys, time
 import numpy as np
-import backends.numba as nb
+import dataclasses
 from backends import load_model
 from quant.gguf_file import read_gguf
 gguf = read_gguf(sys.argv[1])
@@ -82,7 +82,7 @@ for threads in (1, 2):
     model = load_model(gguf, "numba", threads)
     cache = model.new_cache(max(lengths + [16]))
     def timed(T, gemm_min_t):
-        nb.GEMM_MIN_T, nb.GEMM_MIN_T_COLD = gemm_min_t, 0
+        model.options = dataclasses.replace(model.options, gemm_min_t=gemm_min_t, gemm_min_t_cold=0)
         tokens = rng.integers(0, model.hparams.n_vocab, T)
         cache.reset()
         t0 = time.perf_counter()

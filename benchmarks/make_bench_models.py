@@ -4,7 +4,8 @@
   dequantized weights (gguf-py's quantizers, bit-exact with ggml). The token embedding keeps its type.
 - `write_random_model(dst, ...)`: a model of any shape with random blocks, for bandwidth benchmarks and for
   architecture features SmolLM2 lacks (NeoX RoPE, Q/K/V biases, Q/K norms); it can borrow the tokenizer of
-  another GGUF so that llama.cpp loads it too.
+  another GGUF so that llama.cpp loads it too. `mix="q4_k_m"` (or "q5_k_m") gives each tensor the type
+  llama.cpp's Q4_K_M / Q5_K_M files give it (`mixed_type`), written directly quantized.
 
     python benchmarks/make_bench_models.py SRC.gguf q4_0 DST.gguf
 """
@@ -33,6 +34,22 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip=lambda key: Fals
         vtype = GGUFValueType(field.types[0])
         sub = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+PADDED = {"tokenizer.ggml.tokens": lambda i: f"<|pad_{i}|>", "tokenizer.ggml.token_type": lambda i: 4,
+          "tokenizer.ggml.scores": lambda i: 0.0}  # per-token arrays, and what a padding token i has there
+
+
+def _copy_tokenizer(reader: GGUFReader, writer: GGUFWriter, n_vocab: int) -> None:
+    """The tokenizer of another model, its vocabulary padded with user-defined tokens to n_vocab entries (llama.cpp
+    wants as many tokens as the embedding has rows; a smaller model's tokenizer serves a larger vocabulary)."""
+    _copy_metadata(reader, writer, skip=lambda key: not key.startswith("tokenizer.") or key in PADDED)
+    for key, pad in PADDED.items():
+        if key in reader.fields:
+            field = reader.fields[key]
+            values = list(field.contents())
+            values += [pad(i) for i in range(len(values), n_vocab)]
+            writer.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=GGUFValueType(field.types[-1]))
 
 
 def _finish(writer: GGUFWriter, tmp: Path, dst: Path) -> Path:
@@ -84,11 +101,27 @@ def _random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.ra
     return raw.reshape(rows, nb * ts)
 
 
+MIXES = {"q4_k_m": Q.Q4_K, "q5_k_m": Q.Q5_K}  # the base type of each mix
+
+
+def mixed_type(mix: str, name: str, layer: int, n_layers: int) -> GGMLQuantizationType:
+    """The type llama.cpp's `mix` gives tensor `name` of block `layer`: Q6_K for the output matrix (the token
+    embedding when it is tied), and for attn_v and ffn_down in the first and last eighth of the blocks and every
+    third block between; the base type elsewhere."""
+    if name == "output.weight":
+        return Q.Q6_K
+    more_bits = layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+    if name in ("attn_v.weight", "ffn_down.weight") and more_bits:
+        return Q.Q6_K
+    return MIXES[mix]
+
+
 def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers: int, n_heads: int,
                        n_kv_heads: int, n_ff: int, n_vocab: int, qtype: GGMLQuantizationType = Q.Q4_0,
-                       qkv_bias: bool = False, qk_norm: bool = False, tied: bool = True,
+                       mix: str | None = None, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = True,
                        tokenizer_from: Path | None = None, seed: int = 0) -> Path:
-    """A model of the given shape with random weights (norm weights around 1)."""
+    """A model of the given shape with random weights (norm weights around 1); every matrix in `qtype`, or per
+    tensor as the `mix` ("q4_k_m", "q5_k_m") has it."""
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_heads
     tmp = dst.with_name(dst.name + ".tmp")
@@ -105,15 +138,20 @@ def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers:
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(n_vocab)
     if tokenizer_from is not None:
-        _copy_metadata(GGUFReader(tokenizer_from), writer, skip=lambda key: not key.startswith("tokenizer."))
+        _copy_tokenizer(GGUFReader(tokenizer_from), writer, n_vocab)
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", _random_blocks(qtype, n_vocab, n_embd, rng), raw_dtype=qtype)
+    def add_matrix(name, rows, cols, layer=0, role=None):
+        """role: the name whose type the mix gives it (a tied token embedding is the output matrix)."""
+        t = mixed_type(mix, role or name.removeprefix(f"blk.{layer}."), layer, n_layers) if mix else qtype
+        writer.add_tensor(name, _random_blocks(t, rows, cols, rng), raw_dtype=t)
+
+    add_matrix("token_embd.weight", n_vocab, n_embd, role="output.weight" if tied else None)
     writer.add_tensor("output_norm.weight", norm(n_embd))
     if not tied:
-        writer.add_tensor("output.weight", _random_blocks(qtype, n_vocab, n_embd, rng), raw_dtype=qtype)
+        add_matrix("output.weight", n_vocab, n_embd)
     nq, nkv = n_heads * head_dim, n_kv_heads * head_dim
     for i in range(n_layers):
         p = f"blk.{i}."
@@ -123,7 +161,7 @@ def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers:
         writer.add_tensor(p + "attn_norm.weight", norm(n_embd))
         writer.add_tensor(p + "ffn_norm.weight", norm(n_embd))
         for name, (rows, cols) in mats.items():
-            writer.add_tensor(p + name, _random_blocks(qtype, rows, cols, rng), raw_dtype=qtype)
+            add_matrix(p + name, rows, cols, i)
         if qkv_bias:
             for name, n in (("attn_q.bias", nq), ("attn_k.bias", nkv), ("attn_v.bias", nkv)):
                 writer.add_tensor(p + name, (0.1 * rng.standard_normal(n)).astype(np.float32))

@@ -78,6 +78,10 @@ class Conversation:
         return cls(system=system, turns=turns)
 
 
+def _messages(n: int) -> str:
+    return f"{n} message{'' if n == 1 else 's'}"
+
+
 def read_input(console: Console, prompts: bool = True) -> str | None:
     """One user message; None at end of input (Ctrl-D). Without `prompts` (input from a pipe) no `>>> `
     is written: the output is only the replies."""
@@ -156,7 +160,7 @@ class ChatLoop:
         except OSError as e:
             self.err.print(f"[red]cannot write {path}: {e.strerror or e}[/]")
             return
-        self.err.print(f"[dim]saved {len(self.conv.turns)} messages to {path}[/]")
+        self.err.print(f"[dim]saved {_messages(len(self.conv.turns))} to {path}[/]")
 
     def load(self, path: Path) -> None:
         try:
@@ -168,12 +172,11 @@ class ChatLoop:
         except LlmError as e:
             self.err.print(f"[red]{path}: {e}[/]")
             return
-        self.err.print(f"[dim]loaded {len(self.conv.turns)} messages from {path}[/]")
+        self.err.print(f"[dim]loaded {_messages(len(self.conv.turns))} from {path}[/]")
 
     def stats(self) -> None:
         s = self.session
-        n = len(self.conv.turns)
-        self.err.print(f"context: {len(s.tokens)} / {s.n_ctx} tokens, {n} message{'s' if n != 1 else ''}")
+        self.err.print(f"context: {len(s.tokens)} / {s.n_ctx} tokens, {_messages(len(self.conv.turns))}")
         if self.last:
             r = self.last
             self.err.print(f"last reply: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s; prompt: "
@@ -189,7 +192,7 @@ class ChatLoop:
             self.err.print(str(e), style="red", markup=False)
             return
         if dropped:
-            self.err.print(f"[yellow]context nearly full: the {dropped} oldest messages are left out of the prompt "
+            self.err.print(f"[yellow]context nearly full: dropped the {dropped} oldest messages from the prompt "
                            f"(the system prompt is kept; /save keeps them all)[/]")
         pieces, interrupted = [], False
         try:

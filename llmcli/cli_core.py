@@ -52,7 +52,7 @@ def _text_and_stdin(text: str | None, what: str) -> str:
     """The text argument, the piped text, or both (the argument first, as in `cat notes.txt | llm run "Sum it"`)."""
     piped = _piped_stdin()
     if text is None:
-        if not piped:
+        if piped is None:
             raise PromptError(f"no {what}: give it as an argument or on stdin")
         return piped
     return f"{text}\n\n{piped}" if piped else text
@@ -164,7 +164,8 @@ def chat(
 
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
-    err = Console(stderr=True, highlight=False)
+    # soft_wrap: notices stay one line each (a terminal wraps them itself; a log or a pipe gets them whole)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status("loading model…"):
         lm = _open(model, backend, threads, template)
     session = Session(lm, ctx)

@@ -91,7 +91,11 @@ class ConvertOptions:
 
     @property
     def file_type(self) -> LlamaFileType:
-        return policy.MIXES[self.mix].ftype if self.mix else _FILE_TYPE[self.qtype]
+        if self.mix:
+            return policy.MIXES[self.mix].ftype
+        if self.qtype in K_TYPES:  # a K type without its mix (a library caller): llama.cpp's file type of it
+            return policy.find_mix(self.qtype.name.lower()).ftype
+        return _FILE_TYPE[self.qtype]
 
 
 def parse_tensor_types(specs: list[str] | None) -> tuple[tuple[str, GGMLQuantizationType], ...]:
@@ -256,7 +260,7 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
     n_layers, n_vocab = int(need("num_hidden_layers")), int(need("vocab_size"))
     theta, scaling = _rope_config(config)
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if rope_type not in ("default", "linear", "llama3"):
+    if rope_type not in ("default", "linear", "llama3", *family.hf_rope_types):
         raise UnsupportedError(f"{cfg_path}: rope scaling '{rope_type}' is not supported (linear, llama3)")
     tied = bool(config.get("tie_word_embeddings", False))
 
@@ -273,6 +277,8 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
     if rope_type == "llama3":
         factors = llama3_rope_factors(scaling, head_dim, theta)
         out.append(SourceTensor("rope_freqs.weight", factors.shape, Q.F32, _rows_reader(factors, "f32")))
+    for gname, data in family.hf_extra_tensors(config).items():
+        out.append(SourceTensor(gname, data.shape, Q.F32, _rows_reader(data, "f32")))
     for hf_name, t in tensors.items():
         gname = gguf_name(hf_name, family)
         if gname is None:
@@ -299,7 +305,7 @@ def hf_source(folder: Path, name: str | None = None) -> Source:
         w.add_head_count_kv(n_kv)
         w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
         w.add_rope_freq_base(theta)
-        w.add_rope_dimension_count(head_dim)
+        w.add_rope_dimension_count(int(head_dim * float(config.get("partial_rotary_factor") or 1.0)))
         if head_dim != n_embd // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -343,7 +349,8 @@ def _tensor_order(t: SourceTensor) -> tuple:
     m = re.match(r"blk\.(\d+)\.", t.name)
     if m:
         return (1, int(m.group(1)), t.name)
-    return (0 if t.name in ("rope_freqs.weight", "token_embd.weight") else 2, 0, t.name)
+    first = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight", "token_embd.weight")
+    return (0 if t.name in first else 2, 0, t.name)
 
 
 _REWRITTEN_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}

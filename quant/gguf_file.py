@@ -21,7 +21,8 @@ from quant.errors import ModelFileError, UnsupportedError
 from quant.formats import READABLE_TYPES
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # the families in quant/families (it imports this module)
+# the families in quant/families (which imports this module)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 DEFAULT_ALIGNMENT = 32
 
 _SCALAR = {

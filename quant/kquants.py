@@ -35,8 +35,9 @@ _KIND = {Q.Q2_K: 0, Q.Q3_K: 1, Q.Q4_K: 2, Q.Q5_K: 3, Q.Q6_K: 4}
 K_TYPES = frozenset(_KIND)
 
 f32 = np.float32
-# per-thread work arrays: codes (int32), their trial copy, error weights, sub-block scales/mins and their codes
-_Scratch = namedtuple("_Scratch", "L Laux w scales mins sw Ls Lm")
+# per-thread work arrays: codes (int32), error weights, sub-block scales/mins and their codes, and the
+# transposed groups of _make_*_lanes
+_Scratch = namedtuple("_Scratch", "L w scales mins sw Ls Lm X W LT LA V")
 _EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS: a group whose largest magnitude is below this is all zero
 
 
@@ -56,6 +57,13 @@ def _u8(v):
 @njit(cache=True, inline="always")
 def _i8(v):
     return ((v + 128) & 0xFF) - 128
+
+
+@njit(cache=True, inline="always")
+def _fclamp(v, lo, hi):
+    """An integral float clamped to [lo, hi]: the codes of the lane searches stay float32 (no int64
+    conversion, which AVX2 cannot vectorize); exact, as every value is a small integer."""
+    return lo if v < lo else (hi if v > hi else v)
 
 
 @njit(cache=True, inline="always")
@@ -163,73 +171,6 @@ def _make_q3_quants(n, nmax, x, L):
 
 
 @njit(cache=True)
-def _make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
-    """Affine codes in [0, nmax] (w = scale * L - min): ggml's make_qkx2_quants (= make_qkx3 with weights).
-    Returns (scale, the_min) as float32."""
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if mn > 0:
-        mn = f32(0.0)
-    if mx == mn:
-        for i in range(n):
-            L[i] = 0
-        return f32(0.0), -mn
-    iscale = f32(nmax) / (mx - mn)
-    scale = f32(1.0) / iscale
-    best_error = f32(0.0)
-    for i in range(n):
-        l = max(0, min(nmax, _nearest(iscale * (x[i] - mn))))
-        L[i] = l
-        diff = scale * f32(l) + mn - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    if nstep < 1:
-        return scale, -mn
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(step) + f32(nmax)) / (mx - mn)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
-        for i in range(n):
-            l = max(0, min(nmax, _nearest(iscale * (x[i] - mn))))
-            Laux[i] = l
-            w = weights[i]
-            fl = f32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > 0:
-                this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur_error = f32(0.0)
-            for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
-
-
-@njit(cache=True)
 def _make_qp_quants(n, nmax, x, L, qw):
     """Non-negative codes in [0, nmax] for the sub-block scales themselves (imatrix path); L as uint8."""
     mx = f32(0.0)
@@ -292,6 +233,152 @@ def _make_qp_quants(n, nmax, x, L, qw):
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
+# ---- the same searches, for all the groups of a super-block at once --------------------------------------
+# X, W: (n, G) = weight i of group g, transposed so that the inner loop runs over groups: each group keeps
+# its own sums in ggml's order (exact), while one vector instruction serves 8 groups. V: (16, 16) float32
+# rows of per-group temporaries. Divisions are guarded, so error_model="numpy" only drops the checks.
+
+@njit(cache=True, error_model="numpy")
+def _make_qkx_lanes(n, G, nmax, X, W, L, La, V, rmin, rdelta, nstep, use_mad, scales, mins):
+    """ggml's make_qkx2_quants (= make_qkx3 with weights) for G groups of n: affine codes in [0, nmax]
+    (w = scale * L - the_min) into L[:n, :G], scale and the_min into scales/mins[:G]."""
+    fmax = f32(nmax)
+    mn, mx, sw, sx, isc, sc, best, sl = V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7]
+    sl2, sxl, cur, ts, tm, ok, flat = V[8], V[9], V[10], V[11], V[12], V[13], V[14]
+    for g in range(G):
+        mn[g] = X[0, g]
+        mx[g] = X[0, g]
+        sw[g] = W[0, g]
+        sx[g] = W[0, g] * X[0, g]
+    for i in range(1, n):
+        for g in range(G):
+            xi = X[i, g]
+            mn[g] = xi if xi < mn[g] else mn[g]
+            mx[g] = xi if xi > mx[g] else mx[g]
+            sw[g] += W[i, g]
+            sx[g] += W[i, g] * xi
+    for g in range(G):
+        if mn[g] > 0:
+            mn[g] = f32(0.0)
+        flat[g] = f32(1.0) if mx[g] == mn[g] else f32(0.0)
+        rg = mx[g] - mn[g]
+        isc[g] = f32(nmax) / rg if rg != 0 else f32(0.0)
+        sc[g] = f32(1.0) / isc[g] if isc[g] != 0 else f32(0.0)
+        best[g] = f32(0.0)
+    for i in range(n):
+        for g in range(G):
+            l = _fclamp(np.rint(isc[g] * (X[i, g] - mn[g])), f32(0.0), fmax)
+            L[i, g] = l
+            diff = sc[g] * l + mn[g] - X[i, g]
+            diff = abs(diff) if use_mad else diff * diff
+            best[g] += W[i, g] * diff
+    if nstep >= 1:
+        for step in range(nstep + 1):
+            num = rmin + rdelta * f32(step) + f32(nmax)
+            for g in range(G):
+                rg = mx[g] - mn[g]  # the min moves when a candidate wins
+                isc[g] = num / rg if rg != 0 else f32(0.0)
+                sl[g] = f32(0.0)
+                sl2[g] = f32(0.0)
+                sxl[g] = f32(0.0)
+            for i in range(n):
+                for g in range(G):
+                    fl = _fclamp(np.rint(isc[g] * (X[i, g] - mn[g])), f32(0.0), fmax)
+                    La[i, g] = fl
+                    w = W[i, g]
+                    sl[g] += w * fl
+                    sl2[g] += w * fl * fl
+                    sxl[g] += w * fl * X[i, g]
+            for g in range(G):
+                D = sw[g] * sl2[g] - sl[g] * sl[g]
+                ok[g] = f32(1.0) if D > 0 else f32(0.0)
+                Ds = D if D > 0 else f32(1.0)
+                this_scale = (sw[g] * sxl[g] - sx[g] * sl[g]) / Ds
+                this_min = (sl2[g] * sx[g] - sl[g] * sxl[g]) / Ds
+                if this_min > 0:
+                    this_min = f32(0.0)
+                    this_scale = sxl[g] / sl2[g] if sl2[g] != 0 else f32(0.0)
+                ts[g] = this_scale
+                tm[g] = this_min
+                cur[g] = f32(0.0)
+            for i in range(n):
+                for g in range(G):
+                    diff = ts[g] * La[i, g] + tm[g] - X[i, g]
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur[g] += W[i, g] * diff
+            for g in range(G):
+                if ok[g] != 0 and cur[g] < best[g]:
+                    for i in range(n):
+                        L[i, g] = La[i, g]
+                    best[g] = cur[g]
+                    sc[g] = ts[g]
+                    mn[g] = tm[g]
+    for g in range(G):
+        if flat[g] != 0:
+            for i in range(n):
+                L[i, g] = 0
+            sc[g] = f32(0.0)
+        scales[g] = sc[g]
+        mins[g] = -mn[g]
+
+
+@njit(cache=True, error_model="numpy")
+def _make_qx_lanes(n, G, nmax, X, W, use_w, L, La, V, scales):
+    """_make_qx_quants (rmse_type 1) for G groups of n: codes + nmax into L[:n, :G], scales[:G]."""
+    amax, mx, isc, slx, sl2, sc, best = V[0], V[1], V[2], V[3], V[4], V[5], V[6]
+    for g in range(G):
+        amax[g] = f32(0.0)
+        mx[g] = f32(0.0)
+    for i in range(n):
+        for g in range(G):
+            ax = abs(X[i, g])
+            bigger = ax > amax[g]
+            mx[g] = X[i, g] if bigger else mx[g]
+            amax[g] = ax if bigger else amax[g]
+    for g in range(G):
+        isc[g] = f32(-nmax) / mx[g] if amax[g] >= _EPS else f32(0.0)
+        slx[g] = f32(0.0)
+        sl2[g] = f32(0.0)
+    lo, hi, off = f32(-nmax), f32(nmax - 1), f32(nmax)
+    for i in range(n):
+        for g in range(G):
+            fl = _fclamp(np.rint(isc[g] * X[i, g]), lo, hi)
+            L[i, g] = fl + off
+            w = W[i, g] if use_w else X[i, g] * X[i, g]
+            slx[g] += w * X[i, g] * fl
+            sl2[g] += w * fl * fl
+    for g in range(G):
+        sc[g] = slx[g] / sl2[g] if sl2[g] != 0 else f32(0.0)
+        best[g] = sc[g] * slx[g]
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        num = -(f32(nmax) + f32(0.1) * f32(step))
+        for g in range(G):
+            isc[g] = num / mx[g] if amax[g] >= _EPS else f32(0.0)
+            slx[g] = f32(0.0)
+            sl2[g] = f32(0.0)
+        for i in range(n):
+            for g in range(G):
+                fl = _fclamp(np.rint(isc[g] * X[i, g]), lo, hi)
+                La[i, g] = fl + off
+                w = W[i, g] if use_w else X[i, g] * X[i, g]
+                slx[g] += w * X[i, g] * fl
+                sl2[g] += w * fl * fl
+        for g in range(G):
+            if sl2[g] > 0 and slx[g] * slx[g] > best[g] * sl2[g]:
+                for i in range(n):
+                    L[i, g] = La[i, g]
+                sc[g] = slx[g] / sl2[g]
+                best[g] = sc[g] * slx[g]
+    for g in range(G):
+        if amax[g] < _EPS:
+            for i in range(n):
+                L[i, g] = 0
+            sc[g] = f32(0.0)
+        scales[g] = sc[g]
+
+
 # ---- packing ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, inline="always")
@@ -350,21 +437,23 @@ def _q3_scale(j, out, off):
 
 @njit(cache=True)
 def _q2_k(x, qw, use_qw, out, off, lut, s):
-    L, Laux, w, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.w, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    L, scales, mins, sw, Ls, Lm = s.L, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    X, W, LT = s.X, s.W, s.LT
+    for j in range(16):
+        for l in range(16):
+            X[l, j] = x[16 * j + l]
     if not use_qw:
+        for j in range(16):
+            for l in range(16):
+                W[l, j] = abs(x[16 * j + l])
+        _make_qkx_lanes(16, 16, 3, X, W, LT, s.LA, s.V, f32(-0.5), f32(0.1), 15, True, scales, mins)
         max_scale = f32(0.0)
         max_min = f32(0.0)
         for j in range(16):
-            for l in range(16):
-                w[l] = abs(x[16 * j + l])
-            sc, mn = _make_qkx_quants(16, 3, x[16 * j:16 * j + 16], w, L[16 * j:16 * j + 16], Laux,
-                                      f32(-0.5), f32(0.1), 15, True)
-            scales[j] = sc
-            mins[j] = mn
-            if sc > max_scale:
-                max_scale = sc
-            if mn > max_min:
-                max_min = mn
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         if max_scale > 0:
             iscale = f32(15.0) / max_scale
             for j in range(16):
@@ -391,19 +480,19 @@ def _q2_k(x, qw, use_qw, out, off, lut, s):
         for j in range(16):
             sw[j] = f32(0.0)
             for l in range(16):
-                w[l] = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
+                W[l, j] = qw[16 * j + l] * np.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l])
             for l in range(16):
-                sw[j] += w[l]
-            sc, mn = _make_qkx_quants(16, 3, x[16 * j:16 * j + 16], w, L[16 * j:16 * j + 16], Laux,
-                                      f32(-0.9), f32(0.05), 36, False)
-            scales[j] = sc
-            mins[j] = mn
+                sw[j] += W[l, j]
+        _make_qkx_lanes(16, 16, 3, X, W, LT, s.LA, s.V, f32(-0.9), f32(0.05), 36, False, scales, mins)
         dbits, dm = _half(_make_qp_quants(16, 15, scales, Ls, sw), lut)
         mbits, mm = _half(_make_qp_quants(16, 15, mins, Lm, sw), lut)
         _put_u16(out, off + 80, dbits)
         _put_u16(out, off + 82, mbits)
         for j in range(16):
             out[off + j] = _u8(Ls[j] | (Lm[j] << 4))
+    for j in range(16):
+        for l in range(16):
+            L[16 * j + l] = np.int32(LT[l, j])
     for j in range(16):
         d = dm * f32(np.int64(out[off + j]) & 0xF)
         if d == 0:
@@ -472,10 +561,12 @@ def _q3_k(x, qw, use_qw, out, off, lut, s):
 @njit(cache=True)
 def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
     """Q4_K (nmax 15) and Q5_K (nmax 31): eight 32-weight sub-blocks with 6-bit scales and mins."""
-    L, Laux, w, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.w, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    L, scales, mins, sw, Ls, Lm = s.L, s.scales, s.mins, s.sw, s.Ls, s.Lm
+    X, W, LT = s.X, s.W, s.LT
+    for j in range(8):
+        for l in range(32):
+            X[l, j] = x[32 * j + l]
     if not use_qw:
-        max_scale = f32(0.0)
-        max_min = f32(0.0)
         rmin, nstep = (f32(-1.0), 20) if nmax == 15 else (f32(-0.5), 15)
         for j in range(8):
             sum_x2 = f32(0.0)
@@ -483,15 +574,15 @@ def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
                 sum_x2 += x[32 * j + l] * x[32 * j + l]
             av_x = np.sqrt(sum_x2 / f32(32.0))
             for l in range(32):
-                w[l] = av_x + abs(x[32 * j + l])
-            sc, mn = _make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], w, L[32 * j:32 * j + 32], Laux,
-                                      rmin, f32(0.1), nstep, False)
-            scales[j] = sc
-            mins[j] = mn
-            if sc > max_scale:
-                max_scale = sc
-            if mn > max_min:
-                max_min = mn
+                W[l, j] = av_x + abs(x[32 * j + l])
+        _make_qkx_lanes(32, 8, nmax, X, W, LT, s.LA, s.V, rmin, f32(0.1), nstep, False, scales, mins)
+        max_scale = f32(0.0)
+        max_min = f32(0.0)
+        for j in range(8):
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
         inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
         for j in range(8):
@@ -506,20 +597,20 @@ def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
         sigma2 = f32(2.0) * sum_x2 / f32(QK_K)
         for j in range(8):
             for l in range(32):
-                w[l] = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
+                W[l, j] = qw[32 * j + l] * np.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l])
             sumw = f32(0.0)
             for l in range(32):
-                sumw += w[l]
+                sumw += W[l, j]
             sw[j] = sumw
-            sc, mn = _make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], w, L[32 * j:32 * j + 32], Laux,
-                                      f32(-0.9), f32(0.05), 36, False)
-            scales[j] = sc
-            mins[j] = mn
+        _make_qkx_lanes(32, 8, nmax, X, W, LT, s.LA, s.V, f32(-0.9), f32(0.05), 36, False, scales, mins)
         dbits = _f16_bits(_make_qp_quants(8, 63, scales[:8], Ls, sw))
         mbits = _f16_bits(_make_qp_quants(8, 63, mins[:8], Lm, sw))
         for j in range(8):
             Ls[j] = min(63, Ls[j])
             Lm[j] = min(63, Lm[j])
+    for j in range(8):
+        for l in range(32):
+            L[32 * j + l] = np.int32(LT[l, j])
     _pack_scale_min_k4(Ls, Lm, out, off + 4)
     _put_u16(out, off, dbits)
     _put_u16(out, off + 2, mbits)
@@ -559,13 +650,19 @@ def _q45_k(x, qw, use_qw, out, off, lut, s, nmax):
 
 @njit(cache=True)
 def _q6_k(x, qw, use_qw, out, off, lut, s):
-    L, scales = s.L, s.scales
+    L, scales, X, W, LT = s.L, s.scales, s.X, s.W, s.LT
+    for j in range(16):
+        for l in range(16):
+            X[l, j] = x[16 * j + l]
+            W[l, j] = qw[16 * j + l]
+    _make_qx_lanes(16, 16, 32, X, W, use_qw, LT, s.LA, s.V, scales)
+    for j in range(16):
+        for l in range(16):
+            L[16 * j + l] = np.int32(LT[l, j])
     max_scale = f32(0.0)
     max_abs = f32(0.0)
     for ib in range(16):
-        sc = _make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], qw[16 * ib:16 * ib + 16],
-                             use_qw)
-        scales[ib] = sc
+        sc = scales[ib]
         if abs(sc) > max_abs:
             max_abs = abs(sc)
             max_scale = sc
@@ -634,9 +731,11 @@ def _quantize_superblock(x, qw, use_qw, out, off, kind, lut, s):
 
 @njit(cache=True, inline="always")
 def _scratch():
-    return _Scratch(np.zeros(QK_K, np.int32), np.zeros(32, np.int32), np.zeros(32, np.float32),
+    return _Scratch(np.zeros(QK_K, np.int32), np.zeros(32, np.float32),
                     np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
-                    np.zeros(16, np.int32), np.zeros(16, np.int32))
+                    np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros((32, 16), np.float32),
+                    np.zeros((32, 16), np.float32), np.zeros((32, 16), np.float32), np.zeros((32, 16), np.float32),
+                    np.zeros((16, 16), np.float32))
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -3,10 +3,11 @@
 A mix is a file type (Q4_K_M, ...) whose tensors get different types: the output matrix Q6_K, attn_v and
 ffn_down more bits in the `use_more_bits` layers, and so on. The rules below follow llama.cpp's for the
 mixes llm writes (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K), including its walk order: the attn_v and
-ffn_down counters advance in llama.cpp's loader order (by layer, then by name), and only for
-tensors the mix rules see (not for --pure or a --tensor-type match). Hyper-parameters come from the tensor shapes: the layer count from the `blk.N.`
-names, the GQA ratio from the attn_q / attn_k row counts. Not modelled: llama.cpp's 70B-only attn_v bump
-(it keys on the model's size class) and the expert rules (llm reads no mixture-of-experts model).
+ffn_down counters advance in llama.cpp's loader order (by layer, then by name), and only for tensors the
+mix rules see (not for --pure or a --tensor-type match). Hyper-parameters come from the tensor shapes: the
+layer count from the `blk.N.` names, the GQA ratio from the attn_q / attn_k row counts. Not modelled:
+llama.cpp's 70B-only attn_v bump (it keys on the model's size class), its Falcon rules, and the expert
+rules (llm reads neither Falcon nor a mixture-of-experts model).
 
 Row lengths that do not split into 256-weight super-blocks fall back as llama.cpp does: Q2_K and Q3_K to
 Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, and to F16 when even 32 does not divide the row.

@@ -92,6 +92,14 @@ def _prefetch(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value) -> None:
           [b.gep(base, [byte_off]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
+def _prefetch_span(b: ir.IRBuilder, base: ir.Value, byte_off: ir.Value, nbytes: int) -> None:
+    """Prefetch PREFETCH bytes ahead of the `nbytes` at base + byte_off, one hint per cache line: a loop step of
+    more than 64 bytes with a single hint leaves lines to the hardware prefetcher (streamed from memory, Q4_K ran
+    at 0.73x and Q6_K at 0.58x of this, Q8_0 at 0.xx)."""
+    for line in range(0, nbytes, 64):
+        _prefetch(b, base, b.add(byte_off, _i64(PREFETCH + line)))
+
+
 def _loop(b: ir.IRBuilder, start: ir.Value, stop: ir.Value, step: int, init: list, body) -> tuple[list, ir.Value]:
     """for i in range(start, stop - step + 1, step), carrying the values `init`; body(i, values) -> new values.
     Returns the values and the index after the loop."""
@@ -132,8 +140,14 @@ def _half(b, w, at):
 # store q + 8 and q + 16 (`offset`).
 
 def _words(b, w, at):
-    """16 bytes at `at` -> <16 x i16>, zero-extended."""
-    return b.zext(_load(b, w, at, _vec(I8, 16)), _vec(I16, 16))
+    """16 bytes at `at` -> <16 x i16>, zero-extended: as the bytes interleaved with zeros, which LLVM keeps as one
+    widening load (vpmovzxbw from memory) followed by the nibble masks and shifts on the words. A plain zext let
+    it move the mask before the widening (narrower), so each 16 bytes took a load, a byte mask, a shift, a second
+    mask and two widenings: Q4_0 and Q4_K 1.4x faster without those (bench_kernels.py --against)."""
+    v = _load(b, w, at, _vec(I8, 16))
+    z = ir.Constant(_vec(I8, 16), [0] * 16)
+    inter = b.shuffle_vector(v, z, _const(I32, [k for j in range(16) for k in (j, 16 + j)]))
+    return b.bitcast(inter, _vec(I16, 16))
 
 
 def _nibble_words(b, w, at):
@@ -230,7 +244,7 @@ def _emit_int_dot(b, fmt, w, xq, xd, xs, xc, nb):
         return out, corr
 
     def unrolled(i, vals):
-        _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+        _prefetch_span(b, w, b.mul(i, _i64(block_bytes)), UNROLL * block_bytes)
         accs, corr = group(i, UNROLL, vals[:-1], vals[-1])
         return accs + [corr]
 
@@ -392,7 +406,7 @@ def _emit_dot(b, block, block_bytes: int, w, xp, nb):
         return block(b, w, b.mul(i, _i64(block_bytes)), x0, x1, acc)
 
     def unrolled(i, accs):
-        _prefetch(b, w, b.add(b.mul(i, _i64(block_bytes)), _i64(PREFETCH)))
+        _prefetch_span(b, w, b.mul(i, _i64(block_bytes)), UNROLL * block_bytes)
         return [one(b.add(i, _i64(k)), a) for k, a in enumerate(accs)]
 
     accs, i = _loop(b, _i64(0), nb, UNROLL, [zero] * UNROLL, unrolled)
@@ -430,34 +444,72 @@ def _make_dot(block, block_bytes: int):
 
 K_ACCS = 4  # accumulators per K-quant row: a super-block's sub-blocks go round them (one chain would wait on FMAs)
 
+LANE_SUMS_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # lane l of a _lane_sums vector: the sum of source LANE_SUMS_ORDER[l]
+
+
+def _lane_sums(b, vs):
+    """Eight <8 x i32> -> one <8 x i32> of their lane sums (lane l: the sum of vs[LANE_SUMS_ORDER[l]]), as a tree
+    of shuffle pairs and adds (3 per pair of inputs, 21 in all): the 8 sums then take one conversion and one FMA
+    with a vector of their scales, instead of a conversion, a scale broadcast and an FMA each. The first level
+    moves 128-bit halves, the others stay within them (one instruction each on AVX2, and on NEON). vs may be a
+    generator: pairs are added as soon as both are made, so that few stay live (all 8 at once spilled registers
+    in Q5_K: 0.88x)."""
+    levels = [([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]),  # [x folded to 4 | y folded to 4]
+              ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+              ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15])]
+    stack: list = []  # (level, partial sums), a binary counter
+    for v in vs:
+        level = 0
+        while stack and stack[-1][0] == level:
+            lo, hi = levels[level]
+            u = stack.pop()[1]
+            v = b.add(b.shuffle_vector(u, v, _const(I32, lo)), b.shuffle_vector(u, v, _const(I32, hi)))
+            level += 1
+        stack.append((level, v))
+    (level, v), = stack
+    if level != 3:
+        raise ValueError("_lane_sums takes 8 vectors")
+    return v
+
+
 def _k4_scales_mins(b, w, o):
-    """The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K/Q5_K super-block (12 bytes at o + 4), as two
+    """The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K/Q5_K super-block (12 bytes s at o + 4), as two
     <8 x float>: sub-block j < 4 has scale s[j] & 63 and minimum s[j + 4] & 63; j >= 4 keeps its low 4 bits in
-    s[j + 4] (scale: low nibble, minimum: high nibble) and its top 2 bits in s[j - 4] and s[j] (bits 6, 7)."""
-    raw = b.zext(_load(b, w, b.add(o, _i64(4)), _vec(I8, 16)), _vec(I32, 16))  # 12 bytes used
+    s[j + 4] (scale: low nibble, minimum: high nibble) and its top 2 bits in s[j - 4] and s[j] (bits 6, 7).
+    Unpacked four at a time in 32-bit general-purpose registers, then widened as two 8-byte vectors: the same in
+    vector shuffles took ~30 vector instructions per super-block beside the codes' work."""
+    def word(at):
+        return _load(b, w, b.add(o, _i64(4 + at)), I32)
 
-    def pick(idx):
-        return b.shuffle_vector(raw, raw, _const(I32, idx))
+    def c(v):
+        return ir.Constant(I32, v)
 
-    def const(v):
-        return _const(I32, [v] * 8)
+    s0, s1, s2 = word(0), word(4), word(8)  # s[0:4], s[4:8], s[8:12]
+    low6, low4, top2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
 
-    first = [True] * 4 + [False] * 4
-    low_sc, low_m = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([4, 5, 6, 7, 8, 9, 10, 11])
-    top_sc, top_m = b.lshr(pick([0] * 4 + [0, 1, 2, 3]), const(6)), b.lshr(pick([0] * 4 + [4, 5, 6, 7]), const(6))
-    sc = b.select(ir.Constant(_vec(ir.IntType(1), 8), first), b.and_(low_sc, const(63)),
-                  b.or_(b.and_(low_sc, const(15)), b.shl(top_sc, const(4))))
-    m = b.select(ir.Constant(_vec(ir.IntType(1), 8), first), b.and_(low_m, const(63)),
-                 b.or_(b.lshr(low_m, const(4)), b.shl(top_m, const(4))))
-    return b.uitofp(sc, V8F), b.uitofp(m, V8F)
+    def tops(v):  # bits 6, 7 of each byte -> bits 4, 5
+        return b.shl(b.and_(b.lshr(v, c(6)), top2), c(4))
+
+    sc = (b.and_(s0, low6), b.or_(b.and_(s2, low4), tops(s0)))
+    m = (b.and_(s1, low6), b.or_(b.and_(b.lshr(s2, c(4)), low4), tops(s1)))
+
+    def floats(lo, hi):
+        packed = b.or_(b.zext(lo, I64), b.shl(b.zext(hi, I64), _i64(32)))
+        return b.uitofp(b.bitcast(packed, _vec(I8, 8)), V8F)
+
+    return floats(*sc), floats(*m)
 
 
 def _q45_codes(b, w, o, five):
     """The codes of a Q4_K/Q5_K super-block (d | dmin | 12 bytes of scales and minimums | [qh 32] | qs 128):
     [(sub-block j, (codes of its weights 0..15, of 16..31) as <16 x i16>)] for j = 0..7."""
+    return list(_iter_q45_codes(b, w, o, five))
+
+
+def _iter_q45_codes(b, w, o, five):
+    """_q45_codes one pair of sub-blocks at a time (emitted when asked for: fewer live registers)."""
     q0 = 48 if five else 16
     m15, one, four = _const(I16, [15] * 16), _const(I16, [1] * 16), _const(I16, [4] * 16)
-    out = []
     for g in range(4):
         halves = [_words(b, w, b.add(o, _i64(q0 + 32 * g + 16 * h))) for h in range(2)]
         lows = [b.and_(q, m15) for q in halves]  # sub-block 2g
@@ -470,21 +522,21 @@ def _q45_codes(b, w, o, five):
 
             lows = [b.or_(q, fifth(h, 2 * g)) for q, h in zip(lows, qh, strict=True)]
             highs = [b.or_(q, fifth(h, 2 * g + 1)) for q, h in zip(highs, qh, strict=True)]
-        out += [(2 * g, lows), (2 * g + 1, highs)]
-    return out
+        yield 2 * g, lows
+        yield 2 * g + 1, highs
 
 
 def _q45_k(five):
     def superblock(b, w, o, xq, xd, xs, xb, accs, corr):
         """One Q4_K/Q5_K super-block, x from block xb: accs += d sc_j xd_j (q . xq)_j over its 8 sub-blocks of 32;
-        corr += dmin m_j xs_j."""
+        corr += dmin m_j xs_j. (Summing the 8 dot products by _lane_sums, as Q6_K does, was 0.92-0.99x here.)"""
         accs = list(accs)
         sc, m = _k4_scales_mins(b, w, o)
         xo8 = b.mul(xb, _i64(4))
         scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, o), 8), flags=FAST), _load(b, xd, xo8, V8F), flags=FAST)
         corr = _fma(b, b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8), flags=FAST), _load(b, xs, xo8, V8F),
                     corr)
-        for j, (c0, c1) in _q45_codes(b, w, o, five):
+        for j, (c0, c1) in _iter_q45_codes(b, w, o, five):
             xo = b.mul(b.add(xb, _i64(j)), _i64(64))
             dot = b.add(_pairs(b, c0, xq, xo), _pairs(b, c1, xq, b.add(xo, _i64(32))))
             k = j % K_ACCS
@@ -495,35 +547,45 @@ def _q45_k(five):
 
 def _q6_codes(b, w, o):
     """The codes of a Q6_K super-block (ql[128] | qh[64] | int8 scales[16] | d), minus 32:
-    [(sub-block j of 32, half, <16 x i16> codes, their int8 scale as i16)] for j = 0..7, half = 0, 1."""
-    m15, m3, thirty_two = _const(I16, [15] * 16), _const(I16, [3] * 16), _const(I16, [32] * 16)
+    [(sub-block j of 32, half, <16 x i16> codes, their int8 scale as i16)] for j = 0..7, half = 0, 1.
+    Weight 128 h + 32 k + i has low bits ql[64 h + 32 (k & 1) + i] >> 4 (k >> 1) and top bits qh[32 h + i] >> 2 k,
+    so a sub-block's 32 codes are made as bytes in one vector from 32 bytes of ql and 32 of qh (half the vector
+    instructions of decoding each 16 as int16), then sign-extended."""
+    v32 = _vec(I8, 32)
+
+    def c(v):
+        return _const(I8, [v] * 32)
+
     out = []
     for h in range(2):
+        ql = [_load(b, w, b.add(o, _i64(64 * h + 32 * p)), v32) for p in range(2)]
+        qh = _load(b, w, b.add(o, _i64(128 + 32 * h)), v32)
         for k in range(4):
+            low = b.and_(ql[k & 1], c(15)) if k < 2 else b.lshr(ql[k & 1], c(4))
+            top = b.shl(qh, c(4 - 2 * k)) if k < 2 else b.lshr(qh, c(2 * k - 4)) if k > 2 else qh
+            q = b.sub(b.or_(low, b.and_(top, c(0x30))), c(32))
             for half in range(2):
-                ql = _words(b, w, b.add(o, _i64(64 * h + 32 * (k & 1) + 16 * half)))
-                qh = _words(b, w, b.add(o, _i64(128 + 32 * h + 16 * half)))
-                lo = b.and_(b.lshr(ql, _const(I16, [4 * (k >> 1)] * 16)), m15)
-                hi = b.and_(b.lshr(qh, _const(I16, [2 * k] * 16)), m3)
-                q = b.sub(b.or_(lo, b.shl(hi, _const(I16, [4] * 16))), thirty_two)
+                codes = b.sext(b.shuffle_vector(q, q, _const(I32, range(16 * half, 16 * half + 16))), _vec(I16, 16))
                 sc = b.sext(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), I16)
-                out.append((4 * h + k, half, q, sc))
+                out.append((4 * h + k, half, codes, sc))
     return out
 
 
 def _q6_k(b, w, o, xq, xd, xs, xb, accs, corr):
-    """One Q6_K super-block, a scale per 16 weights. The codes are multiplied by their scale as int16
-    (|q - 32| sc <= 4096), so each 32 weights take one conversion."""
+    """One Q6_K super-block, a scale per 16 weights: the 16 int32 dot products of codes and xq (16 products
+    each, exact in float32 up to 2^24) summed by _lane_sums, converted, and multiplied by d sc_m xd_(m/2) as two
+    vectors (the int16 scale multiply and the per-32 broadcasts it replaced were half of the kernel's work)."""
     accs = list(accs)
     d = _half(b, w, b.add(o, _i64(208)))
-    codes = _q6_codes(b, w, o)
-    for n in range(0, 16, 2):
-        j = b.add(xb, _i64(codes[n][0]))  # the x block of these 32 weights
-        xo = b.mul(j, _i64(64))
-        dots = [_pairs(b, b.mul(q, _splat(b, sc)), xq, b.add(xo, _i64(32 * half))) for _, half, q, sc in codes[n:n + 2]]
-        scale = b.fmul(d, _load(b, xd, b.mul(j, _i64(4)), F32), flags=FAST)
-        k = codes[n][0] % K_ACCS
-        accs[k] = _fma(b, b.sitofp(b.add(*dots), V8F), _splat(b, scale, 8), accs[k])
+    dots = [_pairs(b, q, xq, b.add(b.mul(b.add(xb, _i64(j)), _i64(64)), _i64(32 * half)))
+            for j, half, q, _ in _q6_codes(b, w, o)]  # in order of the scales: m = 2 j + half
+    sc = b.sitofp(_load(b, w, b.add(o, _i64(192)), _vec(I8, 16)), V16F)
+    xd8 = _load(b, xd, b.mul(xb, _i64(4)), V8F)
+    scale = b.fmul(b.fmul(sc, b.shuffle_vector(xd8, xd8, _const(I32, [m // 2 for m in range(16)])), flags=FAST),
+                   _splat(b, d, 16), flags=FAST)
+    for g in range(2):
+        lanes = b.shuffle_vector(scale, scale, _const(I32, [8 * g + m for m in LANE_SUMS_ORDER]))
+        accs[g] = _fma(b, b.sitofp(_lane_sums(b, dots[8 * g:8 * g + 8]), V8F), lanes, accs[g])
     return accs, corr
 
 
@@ -561,7 +623,7 @@ def _emit_k_dot(b, superblock, block_bytes: int, w, xq, xd, xs, nsb):
     """The K-quant dot product over nsb super-blocks of 256 weights at w, x given as for _emit_int_dot."""
     def body(i, vals):
         o = b.mul(i, _i64(block_bytes))
-        _prefetch(b, w, b.add(o, _i64(PREFETCH)))
+        _prefetch_span(b, w, o, block_bytes)
         accs, corr = superblock(b, w, o, xq, xd, xs, b.mul(i, _i64(8)), vals[:-1], vals[-1])
         return accs + [corr]
 

@@ -577,6 +577,8 @@ def fuzz(n_cases: int, backend: str, seed: int, workdir: Path, timeout: float = 
                 print(json.dumps(failures[-1]), file=log, flush=True)
             if result["outcome"] in ("crash", "hang"):
                 worker = Worker(backend, warm)
+        if log and (i + 1) % 1000 == 0:
+            print(f"{i + 1} cases: {dict(counts)}", file=log, flush=True)
     worker.kill()
     return counts, failures
 

@@ -129,3 +129,53 @@ def test_family_converted_to_f32_and_q8_0_matches_transformers(kind, tmp_path, s
             kl = _kl(ours, ref)
             assert kl.max() < 1e-3, (kind, qtype, backend, kl.max())
             assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99, (kind, qtype, backend)
+
+
+def make_phi3_model(folder, tokenizer_dir):
+    """A tiny random Phi-3 with LongRoPE (fused Q/K/V and gate/up); original context 64 of 512."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    half = 8  # head_dim 16
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.5 * i for i in range(half)]}
+    config = Phi3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        original_max_position_embeddings=64, rope_parameters=rope, tie_word_embeddings=False,
+                        rms_norm_eps=1e-6, pad_token_id=0)
+    model = Phi3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, folder / f)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_phi3_longrope_converted_matches_transformers(tmp_path, smollm2_hf_dir):
+    """Phi-3 converted to F32 and Q8_0 against transformers on 16 tokens (short factors: the sequence is within
+    the original context), every backend; the fused matrices are split by the backends."""
+    import torch
+
+    from backends import BACKENDS, mlx_available
+
+    hf = make_phi3_model(tmp_path / "phi3", smollm2_hf_dir)
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0].float().numpy()
+    for qtype in ("f32", "q8_0"):
+        gguf = read_gguf(quantize(str(tmp_path / "phi3"), qtype, tmp_path / f"phi3-{qtype}.gguf"))
+        assert gguf.get("general.architecture") == "phi3" and "rope_factors_long.weight" in gguf.tensors
+        for backend in BACKENDS:
+            if backend == "mlx" and not mlx_available():
+                continue
+            model = load_model(gguf, backend, threads=2)
+            cache = model.new_cache(32)  # within the original 64: the short factors, as transformers at 16 tokens
+            ours = np.concatenate([model.forward(np.array(IDS[:10]), cache, all_logits=True),
+                                   model.forward(np.array(IDS[10:]), cache, all_logits=True)])
+            kl = _kl(ours, ref)
+            assert kl.max() < 1e-3, ("phi3", qtype, backend, kl.max())
+            assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99

@@ -146,8 +146,8 @@ def test_chat_session_with_commands(tmp_path, smollm2_path):
 
 def test_chat_drops_the_oldest_turns_visibly_when_the_context_fills(smollm2_path):
     msgs = [f"Tell me one fact about the number {i}." for i in range(6)]
-    r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "24", "--ctx", "160", "--backend", "numpy",
-            "--system", "Be brief.", input="\n".join(msgs) + "\n")
+    r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "24", "--ctx", "160", "--system", "Be brief.",
+            input="\n".join(msgs) + "\n")
     assert r.returncode == 0, r.stderr
     assert "dropped the" in r.stderr and "system prompt is kept" in r.stderr
 

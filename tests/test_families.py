@@ -29,6 +29,16 @@ def tiny_metadata(arch: str = "llama") -> dict:
             f"{a}.vocab_size": (U32, 40)}
 
 
+def kl_per_position(logits, ref):
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
 def write_model(path, arch="llama", meta=None, n_layers=2, n_vocab=40, head_dim=16, extra_tensors=(),
                 sliding_window=None):
     """A tiny random float32 model of `arch` with metadata `meta` (key -> (type, value), None to leave a key
@@ -70,11 +80,12 @@ def read_hparams_like(arch, n_vocab, head_dim):
                   n_ff=96, n_ctx_train=256, norm_eps=1e-5, rope_base=1e4, rope_dim=head_dim, rope_neox=False,
                   rope_scale=1.0, tied_embeddings=True, qkv_bias=False, qk_norm=False, has_rope_freqs=False)
     fields |= {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
-               "gemma3": {"qk_norm": True, "norm": "sandwich"}}[arch]
+               "gemma3": {"qk_norm": True, "norm": "sandwich"},
+               "phi3": {"fused_qkv": True, "fused_gate_up": True}}[arch]
     return HParams(**fields)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_valid_tiny_models_load(arch, tmp_path):
     gguf = read_gguf(write_model(tmp_path / "m.gguf", arch, sliding_window=8 if arch == "gemma3" else None))
     hp = read_hparams(gguf)
@@ -95,14 +106,14 @@ KEY_CASES = [
     ("feed_forward_length", (U32, 0), "in 1.."),
     ("context_length", (U32, 0), "in 1.."),
     ("attention.head_count", (U32, 0), "in 1.."),
-    ("attention.head_count_kv", (U32, 0), "in 1..4"),
-    ("attention.head_count_kv", (U32, 8), "in 1..4"),
+    ("attention.head_count_kv", (U32, 0), "in 1.."),
+    ("attention.head_count_kv", (U32, 8), "not a multiple"),
     ("attention.head_count_kv", (U32, 3), "not a multiple"),
     ("attention.key_length", (U32, 15), "odd"),
     ("attention.key_length", (U32, 0), "in 2.."),
     ("attention.value_length", (U32, 32), "differs"),
-    ("rope.dimension_count", (U32, 7), "odd"),
-    ("rope.dimension_count", (U32, 32), "in 2..16"),
+    ("rope.dimension_count", (U32, 7), "must be even"),
+    ("rope.dimension_count", (U32, 32), "at most the head size 16"),
     ("rope.freq_base", (F32, 0.0), "above 0"),
     ("rope.freq_base", (F32, -1.0), "above 0"),
     ("rope.freq_base", (F32, math.nan), "finite"),
@@ -156,7 +167,7 @@ def test_unknown_architecture_and_rope_scaling(tmp_path):
 
 
 def test_registry():
-    assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "gemma3"}
+    assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "gemma3", "phi3"}
     assert HF_TYPES["mistral"] is FAMILIES["llama"] and HF_TYPES["gemma3_text"] is FAMILIES["gemma3"]
 
 
@@ -183,7 +194,9 @@ def test_rotating_cache_equals_full_attention_masked_to_the_window(tmp_path):
     at a time and in chunks (wrapping the ring many times), then a long prompt through the prompt path, gives
     the numpy reference's logits (a full cache, attention masked to the window)."""
     from backends.base import kv_cache_bytes
-    from backends.numba import GEMM_MIN_T_COLD, SMALL_T
+    from backends.numba import NumbaOptions
+
+    GEMM_MIN_T_COLD, SMALL_T = NumbaOptions().gemm_min_t_cold, NumbaOptions().small_t
 
     gguf = read_gguf(write_model(tmp_path / "m.gguf", sliding_window=5))
     fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
@@ -211,3 +224,25 @@ def test_rotating_cache_trims_within_its_slack_else_drops_everything(tmp_path):
     assert cache.trim(5) == 30 and cache.offset == 0  # position 21 was overwritten: start again
     cache.offset = 6
     assert cache.trim(6) == 6 and cache.offset == 0
+
+
+@pytest.mark.skipif(not __import__("backends").mlx_available(), reason="needs MLX")
+def test_mlx_windowed_layers_keep_a_bounded_cache(tmp_path):
+    """MLX keeps window - 1 + SLACK positions of a windowed layer: 40 tokens one at a time and in chunks give the
+    numpy reference's logits (full cache, masked), its buffers stay that short, and trim within the slack works."""
+    from backends.mlx.cache import SLACK
+
+    gguf = read_gguf(write_model(tmp_path / "m.gguf", sliding_window=5))
+    fast, ref = load_model(gguf, "mlx"), load_model(gguf, "numpy")
+    tokens = np.random.default_rng(1).integers(0, 40, 40)
+    want = ref.forward(tokens, ref.new_cache(64), all_logits=True)
+    cache = fast.new_cache(64)
+    got, pos = [], 0
+    for n in [1] * 20 + [3, 8, 2, 7]:
+        got.append(fast.forward(tokens[pos:pos + n], cache, all_logits=True))
+        pos += n
+        assert cache.keys[0].shape[2] <= 5 - 1 + SLACK
+    # MLX holds float matrices as float16: compare distributions
+    assert kl_per_position(np.concatenate(got), want).max() < 1e-4
+    assert cache.trim(3) == 3
+    assert kl_per_position(fast.forward(tokens[37:], cache, all_logits=True), want[37:]).max() < 1e-4

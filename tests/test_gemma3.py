@@ -125,6 +125,17 @@ def test_greedy_tokens_match_transformers(prompt, gguf, tokenizer, gemma3_path):
     assert gaps.max() < 0.05, (prompt, gaps.max(), tokenizer.decode(out))
 
 
+def test_show_prints_the_kv_cache_at_the_chosen_context(gemma3_path):
+    """At 32k tokens the 15 local layers keep 512 + 8 positions each: 207 MiB of float32 keys and values against
+    1152 MiB for a cache that keeps every position of every layer."""
+    from llmcli.cli_core import describe
+
+    kv = describe(str(gemma3_path), ctx=32768)["kv_cache"]
+    per_position = 2 * 1 * 256 * 4
+    assert kv == {"context": 32768, "bytes": (3 * 32768 + 15 * 520) * per_position,
+                  "full_bytes": 18 * 32768 * per_position}
+
+
 def test_chat_template_is_gemmas(gguf, tokenizer):
     """The file carries no template: the built-in Gemma one renders Gemma's format, and <end_of_turn> stops."""
     assert gguf.get("tokenizer.chat_template") is None

@@ -185,10 +185,15 @@ def test_attention_kernels_match_numpy(T, start, D):
     from concurrent.futures import ThreadPoolExecutor
 
     from backends.numba import prompt_attention
-    from backends.numba.layers import attention, attention_serial
+    from backends.numba.layers import attention_rows, attention_rows_serial
 
-    def decode(kernel):  # the decode kernels without a sliding window, scores scaled by 1/sqrt(head_dim)
-        return lambda q, k, v, start, out: kernel(q, k, v, start, 0, np.float32(1 / np.sqrt(D)), out)
+    def decode(kernel):  # the decode kernels over one cache (row 0 of a pool), no sliding window
+        def run(q, k, v, start, out):
+            KVH, S = k.shape[0], k.shape[1]
+            slots, positions = np.zeros(len(q), dtype=np.int64), np.arange(start, start + len(q), dtype=np.int64)
+            kernel(q, k.reshape(1, -1), v.reshape(1, -1), 0, S, KVH, slots, positions, 0, np.float32(1 / np.sqrt(D)),
+                   out)
+        return run
 
     def prompt(q, k, v, start, out):
         prompt_attention(q, k, v, start, out, 1 / np.sqrt(D))
@@ -204,7 +209,7 @@ def test_attention_kernels_match_numpy(T, start, D):
     v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
     want = naive_attention(q, k, v, start)
     kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, positions, D)
-    for kernel in (decode(attention), decode(attention_serial), prompt, pooled):
+    for kernel in (decode(attention_rows), decode(attention_rows_serial), prompt, pooled):
         out = np.full((T, H, D), np.nan, dtype=np.float32)
         kernel(q, kh, vh, start, out)
         np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
@@ -279,3 +284,48 @@ def test_jit_cache_folders_are_pruned(tmp_path):
     os.utime(recent, (now - 2 * PRUNE_AFTER_DAYS * 86400,) * 2)
     use_cache_dir(recent, now)  # an existing folder: marked used, nothing removed
     assert recent.stat().st_mtime == pytest.approx(now) and ours.is_dir()
+
+
+@pytest.mark.slow
+def test_k_quant_mix_model_matches_numpy(tmp_path):
+    """A random model typed as llama.cpp types a Q4_K_M file (Q4_K, Q6_K for the output and some attn_v and
+    ffn_down, matrices of mixed types merged in one product): numba logits against the numpy reference, per
+    position KL < 1e-3 on the prompt path and the decode stack, and the same greedy tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    from test_numba_backend import kl_per_position
+
+    from backends import load_model
+    from quant.gguf_file import read_gguf
+
+    spec = importlib.util.spec_from_file_location(
+        "make_bench_models", Path(__file__).resolve().parent.parent / "benchmarks" / "make_bench_models.py")
+    bench_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_models)
+    path = bench_models.write_random_model(tmp_path / "mix.gguf", n_embd=256, n_layers=3, n_heads=8, n_kv_heads=2,
+                                           n_ff=768, n_vocab=256, mix="q4_k_m", tied=False)
+    gguf = read_gguf(path)
+    types = {name: t.qtype.name for name, t in gguf.tensors.items() if len(t.shape) == 2}
+    assert types["output.weight"] == types["blk.2.ffn_down.weight"] == types["blk.2.attn_v.weight"] == "Q6_K"
+    assert types["blk.1.ffn_down.weight"] == types["blk.2.attn_q.weight"] == "Q4_K"
+    fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
+    prompt = np.resize(np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 250]), 40)
+    want = ref.forward(prompt, ref.new_cache(64), all_logits=True)
+    whole = fast.forward(prompt, fast.new_cache(64), all_logits=True)  # the prompt path (integer GEMM)
+    cache = fast.new_cache(64)
+    pieces = np.concatenate([fast.forward(prompt[i:i + 4], cache, all_logits=True)  # the matvec kernels
+                             for i in range(0, len(prompt), 4)])
+    for got in (whole, pieces):
+        assert kl_per_position(got, want).max() < 1e-3
+        assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+    def greedy(model, n=12):
+        c, out = model.new_cache(64), []
+        logits = model.forward(prompt[:8], c)
+        for _ in range(n):
+            out.append(int(np.argmax(logits)))
+            logits = model.forward(np.array(out[-1:]), c)
+        return out
+
+    assert greedy(fast) == greedy(ref)

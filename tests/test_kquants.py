@@ -169,7 +169,13 @@ def test_quantize_smollm2_equals_reference_with_fallbacks(smollm2_f16, mix, tmp_
 
 
 def test_dry_run_plan_and_sizes(smollm2_path):
+    from quant.errors import LlmError
+
+    with pytest.raises(LlmError, match="already quantized"):
+        run_quantize(str(smollm2_path), "q4_k_m", dry_run=True)
     report = run_quantize(str(smollm2_path), "q4_k_m", dry_run=True, allow_requantize=True)
+    assert any("requantizing them loses" in w for w in report.warnings)
+    assert any("Q4_K -> Q5_0, as llama.cpp" in w for w in report.warnings)
     types = {p.name: p.qtype for p in report.plan}
     assert types["token_embd.weight"] == Q.Q8_0  # tied output: Q6_K wanted, 576 does not split into 256
     assert types["blk.0.ffn_down.weight"] == Q.Q6_K and types["blk.0.attn_q.weight"] == Q.Q5_0
@@ -213,9 +219,12 @@ def test_optimize_lowers_kl_on_smollm2_q4_k_m(smollm2_f16, tmp_path):
 
     from llmcli.perplexity import perplexity
 
+    # (importance from llm's built-in calibration text, KL measured on wikitext-2: different texts)
     plain, opt = tmp_path / "plain.gguf", tmp_path / "opt.gguf"
     run_quantize(str(smollm2_f16), "q4_k_m", plain)
     run_quantize(str(smollm2_f16), "q4_k_m", opt, optimize=True)
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is missing")
     text = WIKITEXT.read_text(encoding="utf-8")[:20000]
-    kl = {p.name: perplexity(p, text, ctx=256, chunks=4, base=smollm2_f16).kld_mean for p in (plain, opt)}
+    kl = {p.name: perplexity(p, text, ctx=128, chunks=6, base=smollm2_f16).kld_mean for p in (plain, opt)}
     assert kl["opt.gguf"] < 0.95 * kl["plain.gguf"], kl

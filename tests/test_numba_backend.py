@@ -5,6 +5,7 @@ lacks (NeoX RoPE with Q/K/V biases, Q/K norms)."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,22 @@ import pytest
 
 import backends.numba
 from backends import load_model
-from backends.numba import GEMM_MIN_T, GEMM_MIN_T_COLD, SMALL_T, jit_cache_is_cold
+from backends.numba import NumbaOptions, jit_cache_is_cold
 from quant.errors import PromptError
 from quant.gguf_file import read_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = REPO / ".test-models"
+
+DEFAULTS = NumbaOptions()
+GEMM_MIN_T, GEMM_MIN_T_COLD, SMALL_T = DEFAULTS.gemm_min_t, DEFAULTS.gemm_min_t_cold, DEFAULTS.small_t
+
+
+def with_options(model, **changes):
+    """`model` with some tuning options changed (the options are read at each forward)."""
+    model.options = replace(DEFAULTS, **changes)
+    return model
+
 
 PROMPTS = [
     [1, 504, 3458, 282, 4195, 314, 253, 1345, 30, 216, 701, 3124, 28, 3, 99, 1412, 30, 2052, 314, 260],
@@ -84,21 +95,20 @@ def models(smollm2_variants):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
-def test_logits_match_numpy(models, variant, monkeypatch):
+def test_logits_match_numpy(models, variant):
     """Every numba path gives the reference's distribution at every position: the prompt in one GEMM pass, the
     prompt through the matvec kernels in chunks of SMALL_T (what prompts shorter than GEMM_MIN_T take), and
     pieces of 5 tokens through the cache."""
     fast, ref = models(variant)
     tokens = np.array(PROMPTS[0])
     want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 2 * SMALL_T)  # these 20 tokens through the GEMM path
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T_COLD", 0)
+    with_options(fast, gemm_min_t=2 * SMALL_T, gemm_min_t_cold=0)  # these 20 tokens through the GEMM path
     assert len(tokens) % SMALL_T  # and in chunks with a partial last one
     whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", len(tokens) + 1)
+    with_options(fast, gemm_min_t=len(tokens) + 1)
     chunked = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     last = fast.forward(tokens, fast.new_cache(32))
-    monkeypatch.undo()
+    with_options(fast)
     np.testing.assert_array_equal(last, chunked[-1])
     cache = fast.new_cache(32)
     pieces = np.concatenate([fast.forward(tokens[i:i + 5], cache, all_logits=True) for i in range(0, 20, 5)])
@@ -156,13 +166,12 @@ def test_short_prompts_take_the_decode_stack_until_the_gemm_path_is_loaded(model
     def forward(t):
         return fast.forward(t, fast.new_cache(len(t)))
 
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 1 << 30)
+    with_options(fast, gemm_min_t=1 << 30)
     stack = forward(tokens)
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T", 1)
-    monkeypatch.setattr(backends.numba, "GEMM_MIN_T_COLD", 0)
+    with_options(fast, gemm_min_t=1, gemm_min_t_cold=0)
     gemm = forward(tokens)
     assert not np.array_equal(stack, gemm)
-    monkeypatch.undo()
+    with_options(fast)
     monkeypatch.setattr(backends.numba, "_gemm_path_loaded", False)
     np.testing.assert_array_equal(forward(tokens), stack)
     forward(np.resize(tokens, GEMM_MIN_T_COLD))

@@ -82,8 +82,14 @@ class MlxModel:
         for i in range(hp.n_layers):  # evaluated one by one, so the unfused matrices are freed as we go
             self.layers.append(load_layer(gguf, hp, i, self.dtype))
             mx.eval(self.layers[-1].arrays())
-        # mx.fast.rope wants the period of each pair: 1 / inv_freq (llama3 factors, scaling folded in), per layer
+        # mx.fast.rope wants the period of each pair: 1 / inv_freq (llama3 factors, scaling folded in), per layer;
+        # with LongRoPE a second list for contexts past the original one
         self.rope_periods = [mx.array(1.0 / rope_inv_freq(hp, gguf, i)) for i in range(hp.n_layers)]
+        self.rope_periods_long = [mx.array(1.0 / rope_inv_freq(hp, gguf, i, hp.rope_orig_ctx + 1))
+                                  for i in range(hp.n_layers)] if hp.rope_long else self.rope_periods
+        # LongRoPE's attention factor multiplies the rotated dims (cos and sin) of q and k
+        self.rope_mscale = None if hp.rope_attn_factor == 1.0 else mx.array(
+            np.where(np.arange(hp.head_dim) < hp.rope_dim, hp.rope_attn_factor, 1.0).astype(np.float32))
         self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
@@ -92,6 +98,7 @@ class MlxModel:
 
     def arrays(self) -> list[mx.array]:
         out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]
+        out += [] if self.rope_periods_long is self.rope_periods else self.rope_periods_long
         for layer in self.layers:
             out += layer.arrays()
         return out
@@ -105,12 +112,14 @@ class MlxModel:
 
     # -- the graph --------------------------------------------------------------------------------
 
-    def rope(self, x: mx.array, offset: int, i: int) -> mx.array:
+    def rope(self, x: mx.array, offset: int, i: int, max_seq: int) -> mx.array:
         """x: (1, heads, T, head_dim) at positions offset.. in layer i; neox rotates halves, llama GGUF adjacent
         ones."""
         hp = self.hparams
-        return mx.fast.rope(x, hp.rope_dim, traditional=not hp.rope_neox, base=None, scale=1.0, offset=offset,
-                            freqs=self.rope_periods[i])
+        periods = self.rope_periods_long if max_seq > hp.rope_orig_ctx else self.rope_periods
+        out = mx.fast.rope(x, hp.rope_dim, traditional=not hp.rope_neox, base=None, scale=1.0, offset=offset,
+                           freqs=periods[i])
+        return out if self.rope_mscale is None else out * self.rope_mscale.astype(out.dtype)
 
     def attention(self, layer: Layer, i: int, h: mx.array, cache: MlxKVCache) -> mx.array:
         """h: (T, n_embd) -> (T, n_embd); writes this layer's keys and values into the cache."""
@@ -129,15 +138,15 @@ class MlxModel:
         if layer.q_norm is not None:
             q = mx.fast.rms_norm(q, layer.q_norm, hp.norm_eps)
             k = mx.fast.rms_norm(k, layer.k_norm, hp.norm_eps)
-        q, k = self.rope(q, cache.offset, i), self.rope(k, cache.offset, i)
-        keys, values = cache.update(i, k, v)  # (1, n_kv_heads, offset + T, head_dim)
+        q, k = self.rope(q, cache.offset, i, cache.max_seq), self.rope(k, cache.offset, i, cache.max_seq)
+        keys, values, first = cache.update(i, k, v)  # (1, n_kv_heads, positions first .. offset + T, head_dim)
         window = hp.window(i)
         if window and T == 1:  # one query: its window is the last `window` keys
             keys, values = keys[:, :, -window:], values[:, :, -window:]
             mask = None
         elif window:  # query at position p sees keys p - window < s <= p
             pos = mx.arange(cache.offset, cache.offset + T)[:, None]
-            s = mx.arange(cache.offset + T)[None, :]
+            s = mx.arange(first, cache.offset + T)[None, :]
             mask = (s <= pos) & (s > pos - window)
         else:  # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
             mask = "causal" if T > 1 else None

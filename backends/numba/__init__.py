@@ -1,8 +1,8 @@
 """The Numba CPU backend: kernels that read the quantized blocks in the memory map.
 
 Decoding (a few tokens per call) runs the whole layer stack in one jitted call (layers.forward_stack) with
-integer block dot products; a prompt of GEMM_MIN_T tokens or more (GEMM_MIN_T_COLD before the first such prompt
-in the process) goes through `_forward_gemm`, whose products are matrix x matrix: the integer GEMM of
+integer block dot products; a prompt of NumbaOptions.gemm_min_t tokens or more (gemm_min_t_cold before the first such
+prompt in the process) goes through `_forward_gemm`, whose products are matrix x matrix: the integer GEMM of
 quant/gemm.py (packed int16 codes x the int16 activation copies the matvec kernels use), or BLAS on dequantized
 float32 tiles for the float formats.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from backends.base import (
     HParams,
-    SimpleKVCache,
+    RingKVCache,
     global_weights,
     layer_weights,
     rope_groups,
@@ -27,6 +28,7 @@ from backends.base import (
 )
 from backends.numba import layers as L
 from backends.numba.batch import CachePool, PooledKVCache
+from backends.numba.governor import ThreadGovernor
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kernels import (
@@ -40,46 +42,48 @@ from quant.kernels import (
     weight_views,
 )
 
-SMALL_T = 8  # tokens per forward_stack call (its scratch buffers hold this many)
-# Prompts of at least GEMM_MIN_T tokens go through the GEMM path (a fixed cost of packing or dequantizing every
-# weight, then cheap per token); shorter ones run forward_stack over chunks of SMALL_T tokens (no fixed cost, the
-# matvec kernels' cost per token). The crossover moves with the kernels' speed: re-measure with
-# `python benchmarks/bench_start.py --crossover` (table in benchmarks/RESULTS.md; with the integer GEMM and its
-# packing 16 rows at a time, SmolLM2 Q4_0, ms, GEMM path against chunks: 8 tokens 41-47 / 35-48 at 1 thread,
-# 42-48 / 27-39 at 2; 12 tokens 40-41 / 52-53 at 1, 43-49 / 42-56 at 2; 16 tokens 50-51 / 68-75 at 1, 57-58 /
-# 52-65 at 2).
-GEMM_MIN_T = 12
-# ... once the GEMM path's machine code is loaded in this process. Before, a fresh process's first prompt would
-# pay ~50 ms to load it (`llm run MODEL "Hi"`, 31 tokens: 1.15 s against 1.09 s in chunks, alternating fresh
-# processes), which a prompt this short does not earn back; so until a prompt of GEMM_MIN_T_COLD tokens has taken
-# the GEMM path, shorter ones take the decode stack. (A chat's first turn usually loads it.)
-GEMM_MIN_T_COLD = 32
+
+@dataclass(frozen=True)
+class NumbaOptions:
+    """Tuning thresholds of the numba backend, chosen at load (benchmarks/RESULTS.md holds the measurements behind
+    the defaults; re-measure the crossover with `python benchmarks/bench_start.py --crossover`)."""
+
+    small_t: int = 8  # tokens per forward_stack call (its scratch buffers hold this many)
+    # Prompts of at least gemm_min_t tokens take the GEMM path (a fixed cost of packing or dequantizing every
+    # weight, then cheap per token); shorter ones run forward_stack over chunks of small_t tokens (no fixed cost,
+    # the matvec kernels' cost per token).
+    gemm_min_t: int = 12
+    # ... once the GEMM path's machine code is loaded in this process: loading it costs a fresh process's first
+    # prompt more than a prompt this short earns back, so until a prompt of gemm_min_t_cold tokens has taken the
+    # GEMM path, shorter ones take the decode stack. (A chat's first turn usually loads it.)
+    gemm_min_t_cold: int = 32
+    # A hand-off to the prompt path's pool costs ~0.1 ms, so an activation smaller than prepare_split floats is
+    # prepared on the calling thread, and an integer GEMM of fewer multiply-adds than split_min_work runs there.
+    prepare_split: int = 1 << 16
+    split_min_work: float = 3e7
+    query_block: int = 128  # prompt attention: queries per block of score products
+    tile_floats: int = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
+
+
 _gemm_path_loaded = False  # the GEMM path has run in this process (its dispatchers hold their machine code)
 # The prompt path splits each product across its own pool of --threads Python threads, each running GIL-free
 # numba (the integer GEMM's groups; or a dequantization beside a single-threaded BLAS product for the formats it
-# does not take, and the attention's score products): one set of threads, which sleep when idle.
-# (BLAS's own thread pool beside numba's spun against it: with other jobs on the 2 cores, pp512 fell to 50 tok/s
-# with two BLAS threads against 330 with one; a 31-token prompt took 3-7 s instead of 0.2 s.) A hand-off to the
-# pool costs ~0.1 ms, so an integer GEMM smaller than SPLIT_MIN_WORK stays on the calling thread (SmolLM2's Q/K/V
-# up to ~40 tokens), and so does preparing an activation smaller than PREPARE_SPLIT.
-PREPARE_SPLIT = 1 << 16  # activations of at least this many floats are prepared by the pool's threads together
-SPLIT_MIN_WORK = 3e7  # multiply-adds below which an integer GEMM runs on one thread (~0.3 ms: 3 hand-offs)
-QUERY_BLOCK = 128  # prompt attention: queries per block of score products
-TILE_FLOATS = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
+# does not take, and the attention's score products): one set of threads, which sleep when idle. BLAS's own
+# thread pool beside numba's spun against it (benchmarks/RESULTS.md).
 
 _KIND_SLOTS = {  # layer_tab column -> weight slot (quant/families/spec.py)
     L.ATTN_NORM: "attn_norm", L.WQ: "wq", L.WK: "wk", L.WV: "wv", L.WO: "wo", L.FFN_NORM: "ffn_norm",
     L.GATE: "gate", L.UP: "up", L.DOWN: "down", L.BQ: "bq", L.BK: "bk", L.BV: "bv", L.Q_NORM: "q_norm",
     L.K_NORM: "k_norm", L.POST_ATTN_NORM: "post_attn_norm", L.POST_FFN_NORM: "post_ffn_norm",
 }
+_FUSED = {"wqkv": (L.WQ, L.WK, L.WV), "gate_up": (L.GATE, L.UP)}  # fused slot -> the kinds of its row blocks
 _ACTS = {"silu": L.ACT_SILU, "gelu_tanh": L.ACT_GELU_TANH}
 
 
-def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
-    # Idle OpenMP workers spin briefly, then sleep (unless the user chose a policy). Decode runs ~150 short
-    # parallel regions per token, back to back: a sleeping pool (OMP_WAIT_POLICY=PASSIVE) halves decode speed
-    # on 2 cores, while long spinning (ACTIVE) starves BLAS's threads during the prefill GEMMs (pp128: 50
-    # instead of 450 tok/s). 1000 spins serve both (benchmarks/RESULTS.md). Read when numba starts its pool.
+def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None = None) -> NumbaModel:
+    # Idle OpenMP workers spin briefly, then sleep (unless the user chose a policy): decode runs ~150 short
+    # parallel regions per token, which a sleeping pool slows, while long spinning starves BLAS during prefill
+    # (benchmarks/RESULTS.md). Read when numba starts its pool.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = "1000"
     import numba
@@ -97,7 +101,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumbaModel:
     # registries (~0.2 s, once). Pay it here, with a call the prompt path makes anyway (same types), so that
     # loading is loading and the first token's time is the forward pass.
     prepare(np.zeros((1, 32), dtype=np.float32), activation_blocks(1, 32))
-    model = NumbaModel(gguf, hp, threads)
+    model = NumbaModel(gguf, hp, threads, options or NumbaOptions())
     if cold:  # compile both paths now, so that the message is not shown again by a run that used only one
         model.warm_up()
     return model
@@ -149,21 +153,21 @@ def _mmap_root(gguf: GGUFFile) -> np.ndarray:
 
 
 def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray,
-                     scale: float, window: int = 0, run=None) -> None:
+                     scale: float, window: int = 0, run=None, query_block: int = 128) -> None:
     """Causal grouped-query attention of many queries as matrix products: per KV head, the queries of its heads
-    stacked against the keys, QUERY_BLOCK queries at a time (bounds the score matrix; later blocks see more
-    keys). BLAS for the two products, numba for the masked softmax: 9 ms per SmolLM2 layer at pp512 on one
-    thread, against 25 ms for a numba kernel vectorized along the keys (RESULTS.md). The (block, KV head) tasks
-    go to run(work, n_tasks) (the model's pool), or run here in turn."""
+    stacked against the keys, query_block queries at a time (bounds the score matrix; later blocks see more
+    keys). BLAS for the two products, numba for the masked softmax (faster than a numba kernel along the keys:
+    benchmarks/RESULTS.md). The (block, KV head) tasks go to run(work, n_tasks) (the model's pool), or run here
+    in turn. A window > 0 keeps each query to its last `window` keys."""
     T, H, D = q.shape
     KVH = k_cache.shape[0]
     group = H // KVH
     scale = np.float32(scale)
-    tasks = [(t0, kv) for t0 in range(0, T, QUERY_BLOCK) for kv in range(KVH)]
+    tasks = [(t0, kv) for t0 in range(0, T, query_block) for kv in range(KVH)]
 
     def work(i):
         t0, kv = tasks[i]
-        t1 = min(T, t0 + QUERY_BLOCK)
+        t1 = min(T, t0 + query_block)
         S = start + t1  # keys seen by the block's last query
         k0 = max(0, start + t0 + 1 - window) if window > 0 else 0  # and the first query's first key
         qg = q[t0:t1, kv * group:(kv + 1) * group].transpose(1, 0, 2).reshape(group * (t1 - t0), D)
@@ -182,16 +186,27 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
 class NumbaModel:
     name = "numba"
 
-    def __init__(self, gguf: GGUFFile, hp: HParams, threads: int):
+    def __init__(self, gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None = None):
         self.gguf, self.hparams, self.threads = gguf, hp, threads
+        self.options = options or NumbaOptions()  # may be replaced later, but for small_t (sizes the scratch)
+        self.governor = ThreadGovernor(threads)  # decode's thread count on a shared machine
         root = _mmap_root(gguf)
         self._base = root.ctypes.data
         self.wv = weight_views(root)
         # layer_tab: (n_layers, N_KINDS, 2) int64 (byte offset, qtype); -1 for tensors the model lacks
         self.layer_tab = np.full((hp.n_layers, L.N_KINDS, 2), -1, dtype=np.int64)
         kinds = {slot: kind for kind, slot in _KIND_SLOTS.items()}
+        q, kv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
         for i in range(hp.n_layers):
             for slot, t in layer_weights(gguf, hp, i).items():
+                if slot in _FUSED:  # a fused matrix is its parts' rows one after the other: located by offset
+                    off, qtype = self._locate(t)
+                    row = t.n_bytes // t.shape[0]
+                    parts = {"wqkv": (q, kv, kv), "gate_up": (hp.n_ff, hp.n_ff)}[slot]
+                    for kind, first in zip(_FUSED[slot], np.cumsum((0, *parts[:-1])), strict=True):
+                        self.layer_tab[i, kind] = (off + int(first) * row, qtype)
+                        self._check_aligned(t, off + int(first) * row)
+                    continue
                 if slot not in kinds:
                     raise UnsupportedError(f"numba backend cannot use {hp.arch} weight slot '{slot}' ({t.name})")
                 self.layer_tab[i, kinds[slot]] = self._locate(t)
@@ -204,17 +219,19 @@ class NumbaModel:
             hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim // 2,
             int(hp.rope_neox), hp.n_layers, _ACTS[hp.act]]
         self.fparams = np.zeros(L.N_FPARAMS, dtype=np.float32)
-        self.fparams[[L.F_EPS, L.F_EMBED_SCALE, L.F_ATTN_SCALE, L.F_SOFTCAP]] = [
-            hp.norm_eps, hp.embed_scale, hp.scale, hp.logit_softcap]
-        # inv_freq: (G, rope_dim/2), the distinct RoPE frequency sets; layer_opt: (n_layers, N_LAYER_OPTS)
+        self.fparams[[L.F_EPS, L.F_EMBED_SCALE, L.F_ATTN_SCALE, L.F_SOFTCAP, L.F_ROPE_MSCALE]] = [
+            hp.norm_eps, hp.embed_scale, hp.scale, hp.logit_softcap, hp.rope_attn_factor]
+        # inv_freq: (G, rope_dim/2), the distinct RoPE frequency sets; layer_opt: (n_layers, N_LAYER_OPTS). With
+        # LongRoPE, a second set for contexts past the original one (picked by the cache's size)
         self.inv_freq, groups = rope_groups(hp, gguf)
+        self.inv_freq_long = rope_groups(hp, gguf, hp.rope_orig_ctx + 1)[0] if hp.rope_long else self.inv_freq
         self.layer_opt = np.zeros((hp.n_layers, L.N_LAYER_OPTS), dtype=np.int64)
         self.layer_opt[:, L.L_WINDOW] = [hp.window(i) for i in range(hp.n_layers)]
         self.layer_opt[:, L.L_ROPE] = groups
-        self._scratch = self._make_scratch(SMALL_T)
+        self._scratch = self._make_scratch(self.options.small_t)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
-        tile = np.empty(TILE_FLOATS, dtype=np.float32)
-        self._tiles = [tile[i * (TILE_FLOATS // threads):(i + 1) * (TILE_FLOATS // threads)] for i in range(threads)]
+        tile, n = np.empty(self.options.tile_floats, dtype=np.float32), self.options.tile_floats // threads
+        self._tiles = [tile[i * n:(i + 1) * n] for i in range(threads)]
         self._packed = None  # each thread's buffers for a group of packed rows, made by the first integer GEMM
 
     def _locate(self, t: Tensor) -> tuple[int, int]:
@@ -225,9 +242,13 @@ class NumbaModel:
         if len(t.shape) == 1 and qtype != F32:
             raise UnsupportedError(f"numba backend expects float32 for {t.name}, found {t.qtype.name}")
         off = t.data.ctypes.data - self._base
+        self._check_aligned(t, off)
+        return off, qtype
+
+    @staticmethod
+    def _check_aligned(t: Tensor, off: int) -> None:
         if off % 4:  # the float views address whole words (GGUF aligns tensors to 32 bytes by default)
             raise UnsupportedError(f"{t.name} starts at byte {off}, not a multiple of 4")
-        return off, qtype
 
     def _make_scratch(self, T: int) -> tuple:
         """Buffers of the decode stack for up to T tokens, allocated once (shapes in layers.forward_stack)."""
@@ -247,17 +268,19 @@ class NumbaModel:
 
     def warm_up(self) -> None:
         """Run the prompt path and the decode stack once on a scratch cache (compiles or loads their kernels)."""
-        n = max(GEMM_MIN_T, GEMM_MIN_T_COLD)
+        n = max(self.options.gemm_min_t, self.options.gemm_min_t_cold)
         cache = self.new_cache(n + 1)
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int) -> SimpleKVCache:
-        return SimpleKVCache(self.hparams, max_seq, heads_first=True)
+    def new_cache(self, max_seq: int) -> RingKVCache:
+        """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
+        keeps its window plus small_t positions (a decode-stack step writes up to small_t)."""
+        return RingKVCache(self.hparams, max_seq, self.options.small_t)
 
     def new_caches(self, n: int, max_seq: int) -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
-        return CachePool(self.hparams, n, max_seq, self._make_scratch(n)).caches
+        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n)).caches
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
@@ -280,13 +303,14 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
-        L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt, self.inv_freq,
-                        tokens, positions, slots, pool.k, pool.v, True, pool.scratch, logits)
+        L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
+                        self._inv_freq(caches[0]), tokens, positions, slots, pool.k, pool.v, pool.layout, True,
+                        pool.scratch, logits)
         for c in caches:
             c.offset += 1
         return logits
 
-    def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         T, start = len(tokens), cache.offset
         if T == 0:
@@ -296,20 +320,25 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         global _gemm_path_loaded
-        if T >= (GEMM_MIN_T if _gemm_path_loaded else max(GEMM_MIN_T, GEMM_MIN_T_COLD)):
+        opts = self.options
+        if T >= (opts.gemm_min_t if _gemm_path_loaded else max(opts.gemm_min_t, opts.gemm_min_t_cold)):
             with threadpool_limits(1, user_api="blas"):  # in case another backend in this process raised it
                 logits = self._forward_gemm(tokens, cache, all_logits)
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
-            slots = np.zeros(SMALL_T, dtype=np.int64)  # the cache as the one slot of a pool: (1, n_layers, ...)
-            for c0 in range(0, T, SMALL_T):  # only the last chunk's logits are kept unless all_logits
-                chunk = tokens[c0:c0 + SMALL_T]
-                out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
-                L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                                self.inv_freq, chunk, positions, slots[:len(chunk)], cache.k[None], cache.v[None],
-                                all_logits, self._scratch, out)
+            slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool
+
+            def stack():
+                for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
+                    chunk = tokens[c0:c0 + opts.small_t]
+                    out = logits[c0:c0 + len(chunk)] if all_logits else logits
+                    positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
+                    L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
+                                    self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
+                                    cache.v[None], cache.layout, all_logits, self._scratch, out)
+
+            self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
         return logits if all_logits else logits[-1]
 
@@ -358,8 +387,9 @@ class NumbaModel:
         rows = int(descs[:, 2].sum())
         groups = -(-rows // GROUP)
         # the pool's threads share a product worth more than a hand-off; packing a weight costs ~9 multiply-adds
-        workers = 1 if self._pool is None or rows * x.shape[1] * (T + 9) < SPLIT_MIN_WORK else self.threads
-        xb, tp = padded_activation(x, self._run, workers if x.size >= PREPARE_SPLIT else 1)
+        madds = rows * x.shape[1] * (T + 9)
+        workers = 1 if self._pool is None or madds < self.options.split_min_work else self.threads
+        xb, tp = padded_activation(x, self._run, workers if x.size >= self.options.prepare_split else 1)
         out = np.empty((tp, groups * GROUP), dtype=np.float32)
         bounds = [groups * i // workers for i in range(workers + 1)]
 
@@ -371,7 +401,7 @@ class NumbaModel:
 
     def _gemm_float(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
         """_gemm_cat with BLAS: each thread takes a range of the stacked rows, dequantizes them into its own tile
-        (TILE_FLOATS / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
+        (tile_floats / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
         T, n = x.shape
         segs, r = [], 0  # (first stacked row, rows, byte offset, qtype) of each matrix
         for desc, rows in parts:
@@ -404,7 +434,7 @@ class NumbaModel:
         """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
         return self._gemm_cat(x, [(desc, rows)])
 
-    def _forward_gemm(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool) -> np.ndarray:
+    def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool) -> np.ndarray:
         hp = self.hparams
         T, start = len(tokens), cache.offset
         E, H, KVH, D, F = hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff
@@ -417,10 +447,10 @@ class NumbaModel:
         sin = np.empty_like(cos)
         L.embed(self.wv, self.glob_tab[L.EMBD, 1], self.glob_tab[L.EMBD, 0], E, tokens, np.float32(hp.embed_scale),
                 x)
-        L.rope_tables(start, self.inv_freq, cos, sin)
+        L.rope_tables(start, self._inv_freq(cache), np.float32(hp.rope_attn_factor), cos, sin)
         for i in range(hp.n_layers):
             lt = self.layer_tab[i]
-            g, window = self.layer_opt[i, L.L_ROPE], int(self.layer_opt[i, L.L_WINDOW])
+            g = self.layer_opt[i, L.L_ROPE]
             L.rms_norm(x, f32, lt[L.ATTN_NORM, 0], eps, h)
             qkv = self._gemm_cat(h, [(lt[L.WQ], H * D), (lt[L.WK], KVH * D), (lt[L.WV], KVH * D)])
             q, k, v = np.split(qkv, [H * D, (H + KVH) * D], axis=1)
@@ -435,9 +465,7 @@ class NumbaModel:
                 L.head_norm(k3, f32, lt[L.K_NORM, 0], eps)
             L.rope(q3, cos[g], sin[g], hp.rope_neox)
             L.rope(k3, cos[g], sin[g], hp.rope_neox)
-            cache.k[i, :, start:start + T] = k3.transpose(1, 0, 2)
-            cache.v[i, :, start:start + T] = v.reshape(T, KVH, D).transpose(1, 0, 2)
-            prompt_attention(q3, cache.k[i], cache.v[i], start, att, hp.scale, window, self._run)
+            self._attend_prompt(cache, i, q3, k3, v.reshape(T, KVH, D), start, att)
             x += self._post_norm(self._gemm(att.reshape(T, H * D), lt[L.WO], E), lt[L.POST_ATTN_NORM])
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
             gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
@@ -447,7 +475,7 @@ class NumbaModel:
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
         L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
-        if len(rows) > SMALL_T or int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES:
+        if len(rows) > self.options.small_t or int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES:
             # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
             # about what the dot products do), and a process whose prompt takes this path need not load the
             # matvec kernels' machine code (~40 ms) as well as the GEMM's
@@ -460,6 +488,34 @@ class NumbaModel:
         if hp.logit_softcap:
             L.softcap(logits, np.float32(hp.logit_softcap))
         return logits
+
+    def _inv_freq(self, cache: RingKVCache) -> np.ndarray:
+        """The RoPE frequency sets for this cache's context (LongRoPE: long factors past the original one)."""
+        return self.inv_freq_long if cache.max_seq > self.hparams.rope_orig_ctx else self.inv_freq
+
+    def _attend_prompt(self, cache: RingKVCache, i: int, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray,
+                       start: int, att: np.ndarray) -> None:
+        """Store layer i's new keys and values k3, v3: (T, n_kv_heads, head_dim) and attend to them. A full layer
+        attends over its cache in place; a windowed one over its ring's positions the first query sees, in order,
+        followed by the new ones, and its ring then keeps the last of them."""
+        T, window = len(q3), self.hparams.window(i)
+        kc, vc = cache.layer(i)  # (n_kv_heads, S, head_dim)
+        S = kc.shape[1]
+        if not window:
+            kc[:, start:start + T] = k3.transpose(1, 0, 2)
+            vc[:, start:start + T] = v3.transpose(1, 0, 2)
+            prompt_attention(q3, kc, vc, start, att, self.hparams.scale, 0, self._run, self.options.query_block)
+            return
+        base = max(0, start - window + 1)
+        slots = np.arange(base, start) % S
+        keys = np.concatenate([kc[:, slots], k3.transpose(1, 0, 2)], axis=1)
+        values = np.concatenate([vc[:, slots], v3.transpose(1, 0, 2)], axis=1)
+        prompt_attention(q3, keys, values, start - base, att, self.hparams.scale, window, self._run,
+                         self.options.query_block)
+        keep = min(T, S)
+        slots = np.arange(start + T - keep, start + T) % S
+        kc[:, slots] = k3[T - keep:].transpose(1, 0, 2)
+        vc[:, slots] = v3[T - keep:].transpose(1, 0, 2)
 
     def _post_norm(self, y: np.ndarray, desc: np.ndarray) -> np.ndarray:
         """y normalized in place by the post-norm weight at desc (Gemma's sandwich), or y when there is none."""

@@ -1,39 +1,37 @@
-"""KV caches that can be decoded together: slots of one pooled array.
+"""KV caches that can be decoded together: rows of one pooled array.
 
 layers.forward_stack reads every weight row once for all its tokens (matvec_multi) while each token keeps its
-own position and cache slot, so one decode step of B conversations costs little more than one. For that their
-caches are slots of one array the jitted stack can index:
+own position and cache row, so one decode step of B conversations costs little more than one. For that their
+caches are rows of one array the jitted stack can index:
 
-  k_pool, v_pool: (n_slots, n_layers, n_kv_heads, max_seq, head_dim) float32
+  k_pool, v_pool: (n_slots, cache floats) float32, each row laid out as a RingKVCache (layout: (n_layers, 2))
 
-A slot's cache (PooledKVCache) is a view of its row of the pool: the single-conversation path (forward, the
-prompt path) runs on it as on any cache.
+A slot's cache (PooledKVCache) is a RingKVCache living in its row of the pool: the single-conversation path
+(forward, the prompt path) runs on it as on any cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from backends.base import HParams, OffsetCache
+from backends.base import HParams, RingKVCache
 
 
-class PooledKVCache(OffsetCache):
-    """One slot of a CachePool: k, v are views (n_layers, n_kv_heads, max_seq, head_dim) of the pool's arrays."""
+class PooledKVCache(RingKVCache):
+    """One slot of a CachePool: a RingKVCache whose k, v are views of the pool's row `slot`."""
 
     def __init__(self, pool: CachePool, slot: int):
+        super().__init__(pool.hp, pool.max_seq, pool.slack, pool.k[slot], pool.v[slot])
         self.pool, self.slot = pool, slot
-        self.k, self.v = pool.k[slot], pool.v[slot]
-        self.max_seq = pool.max_seq
-        self.offset = 0
 
 
 class CachePool:
     """KV caches for `n` conversations decoded together, and the batch stack's scratch buffers for n tokens."""
 
-    def __init__(self, hp: HParams, n: int, max_seq: int, scratch: tuple):
-        shape = (n, hp.n_layers, hp.n_kv_heads, max_seq, hp.head_dim)
-        self.max_seq = max_seq
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+    def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple):
+        self.hp, self.max_seq, self.slack = hp, max_seq, slack
+        self.layout = RingKVCache.plan(hp, max_seq, slack)
+        self.k = np.zeros((n, RingKVCache.floats(self.layout, hp)), dtype=np.float32)
+        self.v = np.zeros_like(self.k)
         self.scratch = scratch  # buffers of forward_stack for up to n tokens (NumbaModel._make_scratch)
         self.caches = [PooledKVCache(self, i) for i in range(n)]

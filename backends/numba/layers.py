@@ -8,7 +8,8 @@ offsets and type codes built at load:
   layer_tab: (n_layers, N_KINDS, 2) int64  (byte offset, qtype) of each per-layer tensor, -1 when absent
   glob_tab:  (3, 2) int64                  token_embd, output_norm, output
   dims:      (N_DIMS,) int64               the integer hyper-parameters and block options (indices below)
-  fparams:   (N_FPARAMS,) float32          the real ones: norm epsilon, embedding scale, score scale, logit cap
+  fparams:   (N_FPARAMS,) float32          the real ones: norm epsilon, embedding scale, score scale, logit cap,
+                                           RoPE cos/sin scale
   layer_opt: (n_layers, N_LAYER_OPTS) int64  per layer: sliding window (0 = full), RoPE table row
 
 Block options are data (dims and which layer_tab entries exist): a post-norm after each sub-block when its
@@ -36,8 +37,8 @@ D_EMBD, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FF, D_VOCAB, D_ROPE_HALF, D_NEOX, D_L
 N_DIMS = 10
 ACT_SILU, ACT_GELU_TANH = 0, 1  # dims[D_ACT]
 # fparams entries
-F_EPS, F_EMBED_SCALE, F_ATTN_SCALE, F_SOFTCAP = range(4)
-N_FPARAMS = 4
+F_EPS, F_EMBED_SCALE, F_ATTN_SCALE, F_SOFTCAP, F_ROPE_MSCALE = range(5)
+N_FPARAMS = 5
 # layer_opt columns
 L_WINDOW, L_ROPE = range(2)
 N_LAYER_OPTS = 2
@@ -61,16 +62,16 @@ def rms_norm(x, f32, w_off, eps, out):
 
 
 @njit(cache=True, fastmath=True)
-def rope_tables(start, inv_freq, cos, sin):
+def rope_tables(start, inv_freq, mscale, cos, sin):
     """cos, sin: (G, T, rope_dim/2) float32 for positions start .. start + T, for each of the G frequency sets
-    inv_freq: (G, rope_dim/2)."""
+    inv_freq: (G, rope_dim/2), times mscale (LongRoPE's attention factor, else 1)."""
     for g in range(inv_freq.shape[0]):
         for t in range(cos.shape[1]):
             pos = np.float32(start + t)
             for i in range(inv_freq.shape[1]):
                 angle = pos * inv_freq[g, i]
-                cos[g, t, i] = math.cos(angle)
-                sin[g, t, i] = math.sin(angle)
+                cos[g, t, i] = mscale * math.cos(angle)
+                sin[g, t, i] = mscale * math.sin(angle)
 
 
 @njit(cache=True, fastmath=True)
@@ -106,7 +107,10 @@ def head_norm(x, f32, w_off, eps):
 
 @njit(cache=True, fastmath=True, inline="always")
 def _attend(q, k_cache, v_cache, start, window, scale, out, i):
-    """Attention of query (t, h) = divmod(i, n_heads) over its visible cache positions (see attention)."""
+    """Attention of query (t, h) = divmod(i, n_heads) of q: (T, n_heads, head_dim) at position start + t over the
+    cache of one layer, k_cache, v_cache: (n_kv_heads, S, head_dim), position p in slot p % S; it sees positions
+    start + t - window < s <= start + t (window 0: every s <= start + t); scores are q.k * scale. Scores and the
+    weighted sum of values are vector kernels (quant/simd.py) over the cache in place."""
     T, H, D = q.shape
     KVH, S = k_cache.shape[0], k_cache.shape[1]
     t, h = i // H, i % H
@@ -118,10 +122,12 @@ def _attend(q, k_cache, v_cache, start, window, scale, out, i):
     qv = q[t, h]
     scores = np.empty(n, dtype=np.float32)
     top = np.float32(-np.inf)
+    f0 = first % S  # position p lives in slot p % S (a ring when S is shorter than the context)
     for s in range(n):
-        acc = simd.dot_f32(k_cache, ((kv * S + first + s) * D) * 4, q, (t * H + h) * D, nb)
+        slot = f0 + s if f0 + s < S else f0 + s - S
+        acc = simd.dot_f32(k_cache, ((kv * S + slot) * D) * 4, q, (t * H + h) * D, nb)
         for j in range(nb * 32, D):
-            acc += qv[j] * k_cache[kv, first + s, j]
+            acc += qv[j] * k_cache[kv, slot, j]
         scores[s] = acc * scale
         top = max(top, scores[s])
     total = np.float32(0.0)
@@ -131,54 +137,52 @@ def _attend(q, k_cache, v_cache, start, window, scale, out, i):
     inv = np.float32(1.0) / total
     for s in range(n):
         scores[s] *= inv
-    d16 = D // 16 * 16  # sum of probability-weighted value rows in registers; a head_dim tail below
-    simd.weighted_rows(v_cache, (kv * S + first) * D * 4, D * 4, scores, n, d16, out, (t * H + h) * D)
+    # sum of probability-weighted value rows in registers, over the slots f0 .. and, when the run wraps around
+    # the ring, 0 ..; a head_dim tail below
+    d16 = D // 16 * 16
+    n1 = min(n, S - f0)
+    simd.weighted_rows(v_cache, (kv * S + f0) * D * 4, D * 4, scores, n1, d16, out, (t * H + h) * D)
+    if n1 < n:
+        rest = scores[n1:].copy()
+        part = np.empty(D, dtype=np.float32)
+        simd.weighted_rows(v_cache, kv * S * D * 4, D * 4, rest, n - n1, d16, part, 0)
+        for j in range(d16):
+            out[t, h, j] += part[j]
     for j in range(d16, D):
         acc = np.float32(0.0)
         for s in range(n):
-            acc += scores[s] * v_cache[kv, first + s, j]
+            slot = f0 + s if f0 + s < S else f0 + s - S
+            acc += scores[s] * v_cache[kv, slot, j]
         out[t, h, j] = acc
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i):
+    """Query (t, h) = divmod(i, n_heads) over the cache in row slots[t] of the pools (see attention_rows)."""
+    H, D = q.shape[1], q.shape[2]
+    t, h = i // H, i % H
+    kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+    vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+    _attend(q[t:t + 1], kc, vc, positions[t], window, scale, out[t:t + 1], h)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, k_cache, v_cache, start, window, scale, out):
-    """Causal attention of T new queries over the cache, grouped-query.
-    q: (T, n_heads, head_dim); k_cache, v_cache: (n_kv_heads, max_seq, head_dim) of one layer, holding
-    positions 0 .. start + T; out: (T, n_heads, head_dim). Query t sees positions start + t - window < s <=
-    start + t (window 0: every s <= start + t); scores are q.k * scale.
-    Scores and the weighted sum of values are vector kernels (quant/simd.py) over the cache in place; the
-    (query, head) pairs are shared across threads."""
+def attention_rows(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+    """Causal grouped-query attention of T queries, each with its own cache and position: query t (q: (T,
+    n_heads, head_dim)) is at position positions[t] of the cache in row slots[t] of k_pool, v_pool (this layer's
+    keys: (KVH, S, head_dim) from float `off` of the row, position p in slot p % S) and sees that cache's
+    positions up to its own (the last `window` of them when window > 0); out: (T, n_heads, head_dim). The (query,
+    head) pairs are shared across threads."""
     for i in prange(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, window, scale, out, i)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, fastmath=True)
-def attention_serial(q, k_cache, v_cache, start, window, scale, out):
-    """`attention` on the calling thread: for short contexts, cheaper than a parallel region's synchronization."""
+def attention_rows_serial(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+    """`attention_rows` on the calling thread: for short contexts, cheaper than a parallel region's
+    synchronization."""
     for i in range(q.shape[0] * q.shape[1]):
-        _attend(q, k_cache, v_cache, start, window, scale, out, i)
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def attention_rows(q, k_pool, v_pool, layer, slots, positions, window, scale, out):
-    """`attention` for rows that each have their own cache and position: query t (q: (T, n_heads, head_dim)) is
-    at position positions[t] of slot slots[t] of k_pool, v_pool: (n_slots, n_layers, n_kv_heads, max_seq,
-    head_dim), and sees that slot's positions up to its own (the last `window` of them when window > 0)."""
-    H = q.shape[1]
-    for i in prange(q.shape[0] * H):
-        t, h = i // H, i % H
-        _attend(q[t:t + 1], k_pool[slots[t], layer], v_pool[slots[t], layer], positions[t], window, scale,
-                out[t:t + 1], h)
-
-
-@njit(cache=True, fastmath=True)
-def attention_rows_serial(q, k_pool, v_pool, layer, slots, positions, window, scale, out):
-    """`attention_rows` on the calling thread."""
-    H = q.shape[1]
-    for i in range(q.shape[0] * H):
-        t, h = i // H, i % H
-        _attend(q[t:t + 1], k_pool[slots[t], layer], v_pool[slots[t], layer], positions[t], window, scale,
-                out[t:t + 1], h)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -271,13 +275,15 @@ def _rows(xb, a, b):
 
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
-                  v_pool, all_logits, scratch, logits):
+                  v_pool, kv_layout, all_logits, scratch, logits):
     """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
-    cache in slot slots[t] of k_pool, v_pool: (n_slots, n_layers, n_kv_heads, max_seq, head_dim) (one
-    conversation's run of tokens: one slot, consecutive positions; a batched decode step: a token from each of
-    several conversations, every weight row read once for all of them). Writes K/V into the caches and logits:
-    (T or 1, n_vocab). scratch: tuple of buffers sized for T (see NumbaModel._make_scratch);
-    inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks from."""
+    cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
+    batched decode step: a token from each of several conversations, every weight row read once for all of them).
+    Writes K/V into the caches and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see
+    NumbaModel._make_scratch); inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks
+    from. k_pool, v_pool: (n_slots, cache floats); in each row layer i's keys are (n_kv_heads, S, head_dim) from
+    float kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
+    positions for a windowed layer)."""
     x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
     T = tokens.size
     E, H, KVH, D = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
@@ -290,7 +296,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
 
     embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, fparams[F_EMBED_SCALE], x)
     for t in range(T):
-        rope_tables(positions[t], inv_freq, cos[:, t:t + 1], sin[:, t:t + 1])
+        rope_tables(positions[t], inv_freq, fparams[F_ROPE_MSCALE], cos[:, t:t + 1], sin[:, t:t + 1])
     for layer in range(dims[D_LAYERS]):
         lt = layer_tab[layer]
         window, g = layer_opt[layer, L_WINDOW], layer_opt[layer, L_ROPE]
@@ -314,17 +320,21 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
             head_norm(k3, f32, lt[K_NORM, 0], eps)
         rope(q3, cos[g], sin[g], dims[D_NEOX] != 0)
         rope(k3, cos[g], sin[g], dims[D_NEOX] != 0)
+        off, S = kv_layout[layer, 0], kv_layout[layer, 1]
         seen = 0  # cached positions the queries see, over all of them
         for t in range(T):
+            kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+            vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+            slot = positions[t] % S
             for kh in range(KVH):
-                k_pool[slots[t], layer, kh, positions[t]] = k3[t, kh]
-                v_pool[slots[t], layer, kh, positions[t]] = v[t, kh * D:(kh + 1) * D]
+                kc[kh, slot] = k3[t, kh]
+                vc[kh, slot] = v[t, kh * D:(kh + 1) * D]
             seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
         if H * seen * D < SERIAL_ATTENTION:
-            attention_rows_serial(q3, k_pool, v_pool, layer, slots, positions, window, scale, att3)
+            attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
         else:
-            attention_rows(q3, k_pool, v_pool, layer, slots, positions, window, scale, att3)
+            attention_rows(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
         prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         if lt[POST_ATTN_NORM, 0] >= 0:

@@ -33,11 +33,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool) -> np.ndarray:
-    """Rotate x: (T, n_heads, head_dim) by angle position * inv_freq on the first rope_dim dims."""
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool, mscale: float = 1.0) -> np.ndarray:
+    """Rotate x: (T, n_heads, head_dim) by angle position * inv_freq on the first rope_dim dims (which are also
+    multiplied by mscale: LongRoPE's attention factor)."""
     n_rot = 2 * len(inv_freq)
     angle = positions[:, None].astype(np.float32) * inv_freq[None, :]  # (T, n_rot/2)
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    m = np.float32(mscale)
+    cos, sin = m * np.cos(angle)[:, None, :], m * np.sin(angle)[:, None, :]
     out = x.copy()
     if neox:
         a, b = x[..., : n_rot // 2], x[..., n_rot // 2 : n_rot]
@@ -72,7 +74,7 @@ class NumpyModel:
     def __init__(self, gguf: GGUFFile, hp: HParams, keep_weights: bool = True,
                  on_input: Callable[[str, np.ndarray], None] | None = None):
         self.gguf, self.hparams = gguf, hp
-        self.inv_freq = [rope_inv_freq(hp, gguf, i) for i in range(hp.n_layers)]  # per layer: (rope_dim/2,)
+        self._inv_freq: dict[bool, list[np.ndarray]] = {}  # long context? -> per layer: (rope_dim/2,)
         self.layers = [layer_weights(gguf, hp, i) for i in range(hp.n_layers)]  # slot -> Tensor
         self.globals = global_weights(gguf, hp)
         self.keep_weights = keep_weights
@@ -96,6 +98,14 @@ class NumpyModel:
 
     def new_cache(self, max_seq: int) -> SimpleKVCache:
         return SimpleKVCache(self.hparams, max_seq)
+
+    def inv_freq(self, max_seq: int) -> list[np.ndarray]:
+        """Each layer's RoPE inverse frequencies for a context of max_seq (LongRoPE picks its factors by it)."""
+        long = self.hparams.rope_long and max_seq > self.hparams.rope_orig_ctx
+        if long not in self._inv_freq:
+            self._inv_freq[long] = [rope_inv_freq(self.hparams, self.gguf, i, max_seq)
+                                    for i in range(self.hparams.n_layers)]
+        return self._inv_freq[long]
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
@@ -122,7 +132,8 @@ class NumpyModel:
         if hp.qk_norm:
             q = rms_norm(q, self.w(lw["q_norm"]), hp.norm_eps)
             k = rms_norm(k, self.w(lw["k_norm"]), hp.norm_eps)
-        q, k = rope(q, pos, self.inv_freq[i], hp.rope_neox), rope(k, pos, self.inv_freq[i], hp.rope_neox)
+        inv, m = self.inv_freq(cache.max_seq)[i], hp.rope_attn_factor
+        q, k = rope(q, pos, inv, hp.rope_neox, m), rope(k, pos, inv, hp.rope_neox, m)
         cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
         keys, values = cache.k[i, : start + T], cache.v[i, : start + T]  # (S, n_kv_heads, head_dim)
 

@@ -8,7 +8,7 @@ shapes), and its Hugging Face names for `llm quantize`. Backends get an `HParams
 from __future__ import annotations
 
 from quant.errors import ModelFileError, UnsupportedError
-from quant.families import gemma3, llama, qwen2, qwen3
+from quant.families import gemma3, llama, phi3, qwen2, qwen3
 from quant.families.family import Family
 from quant.families.spec import (
     HParams,
@@ -23,7 +23,8 @@ from quant.families.spec import (
 )
 from quant.gguf_file import GGUFFile, safe_text
 
-FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY)}
+FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY,
+                                                    phi3.FAMILY)}
 # Hugging Face model_type -> the family that converts it (an alias converts to its family's architecture)
 HF_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in (f.arch, *f.hf_aliases)}
 
@@ -53,7 +54,7 @@ def hf_family(model_type: str | None) -> Family:
 def read_hparams(gguf: GGUFFile) -> HParams:
     """The checked blueprint of `gguf`: its family's hyper-parameters, with every tensor the forward pass reads
     present in the shape they imply."""
-    arch = gguf.get("general.architecture")
+    arch = gguf.get_str("general.architecture")  # ModelFileError when it is not a string
     if arch is None:
         raise ModelFileError(f"{gguf.path}: no general.architecture in metadata")
     hp = family_for(arch).read_hparams(gguf)

@@ -25,6 +25,9 @@ class Family:
     norm_offset: float = 0.0  # added to every norm weight (Gemma's HF norms multiply by 1 + w)
     # config.json -> extra metadata (key suffix after "{arch}.", value) beyond the common keys
     hf_metadata: Callable[[dict], dict[str, Any]] = field(default=lambda config: {})
+    hf_rope_types: tuple[str, ...] = ()  # RoPE scaling types of config.json the family converts itself
+    # config.json -> extra float32 tensors by GGUF name (Phi-3's LongRoPE factors)
+    hf_extra_tensors: Callable[[dict], dict[str, Any]] = field(default=lambda config: {})
 
 
 LLAMA_HF_LAYER_NAMES = {

@@ -55,6 +55,11 @@ class HParams:
     windows: tuple[int, ...] = ()  # sliding-window length of each layer, 0 = full attention; () = all full
     rope_bases: tuple[float, ...] = ()  # RoPE base of each layer; () = rope_base everywhere
     rope_scales: tuple[float, ...] = ()  # linear RoPE scaling of each layer; () = rope_scale everywhere
+    # LongRoPE (Phi-3): factors `rope_short` / `rope_long` (the latter for contexts above rope_orig_ctx), and cos
+    # and sin multiplied by rope_attn_factor
+    rope_long: bool = False
+    rope_orig_ctx: int = 0
+    rope_attn_factor: float = 1.0
 
     @property
     def scale(self) -> float:
@@ -125,6 +130,9 @@ def global_slots(hp: HParams) -> dict[str, Slot]:
         out["output"] = Slot(GLOBAL_NAMES["output"], (hp.n_vocab, hp.n_embd))
     if hp.has_rope_freqs:
         out["rope_freqs"] = Slot(GLOBAL_NAMES["rope_freqs"], (hp.rope_dim // 2,))
+    if hp.rope_long:
+        out["rope_long"] = Slot(GLOBAL_NAMES["rope_long"], (hp.rope_dim // 2,))
+        out["rope_short"] = Slot(GLOBAL_NAMES["rope_short"], (hp.rope_dim // 2,))
     return out
 
 
@@ -168,9 +176,10 @@ def positive_float(gguf: GGUFFile, key: str, default: float) -> float:
     return value
 
 
-def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
+def read_common(gguf: GGUFFile, arch: str, scaling_types: tuple[str, ...] = (), **options) -> HParams:
     """The hyper-parameters every family reads the same way, each checked before anything is sized by it;
-    `options` set the family's block options (and may override a field)."""
+    `options` set the family's block options (and may override a field); `scaling_types`, RoPE scaling types
+    the family handles itself."""
     path = gguf.path
 
     def key(k: str) -> str:
@@ -181,7 +190,7 @@ def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
     n_ff = gguf.get_int(key("feed_forward_length"), lo=1, hi=MAX_DIM)
     n_ctx = gguf.get_int(key("context_length"), 2048, lo=1, hi=MAX_CTX)
     n_heads = gguf.get_int(key("attention.head_count"), lo=1, hi=MAX_HEADS)
-    n_kv = gguf.get_int(key("attention.head_count_kv"), n_heads, lo=1, hi=n_heads)
+    n_kv = gguf.get_int(key("attention.head_count_kv"), n_heads, lo=1, hi=MAX_HEADS)
     if n_heads % n_kv:
         raise ModelFileError(f"{path}: metadata {key('attention.head_count')} = {n_heads} is not a multiple of "
                              f"{key('attention.head_count_kv')} = {n_kv}")
@@ -194,16 +203,18 @@ def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
     if value_dim != head_dim:
         raise ModelFileError(f"{path}: metadata {key('attention.value_length')} = {value_dim} differs from the "
                              f"key length {head_dim}, which this engine does not run")
-    rope_dim = gguf.get_int(key("rope.dimension_count"), head_dim, lo=2, hi=head_dim)
-    if rope_dim % 2:
-        raise ModelFileError(f"{path}: metadata {key('rope.dimension_count')} = {rope_dim} is odd")
+    rope_dim = gguf.get_int(key("rope.dimension_count"), head_dim, lo=2, hi=MAX_DIM)
+    if rope_dim > head_dim or rope_dim % 2:
+        # RoPE rotates pairs within each head: an odd count, or one past the head, would write past it
+        raise ModelFileError(f"{path}: metadata {key('rope.dimension_count')} = {rope_dim} must be even and at "
+                             f"most the head size {head_dim}")
     eps = positive_float(gguf, key("attention.layer_norm_rms_epsilon"), 1e-6)
     rope_base = positive_float(gguf, key("rope.freq_base"), 10000.0)
     scaling = gguf.get_str(key("rope.scaling.type"), "none")
     rope_scale = 1.0
     if scaling == "linear":  # GGUF stores the factor; positions are divided by it
         rope_scale = positive_float(gguf, key("rope.scaling.factor"), 1.0)
-    elif scaling != "none":
+    elif scaling != "none" and scaling not in scaling_types:
         raise UnsupportedError(f"{path}: RoPE scaling '{safe_text(scaling)}' is not supported (none, linear)")
 
     embd = gguf.tensors.get(GLOBAL_NAMES["embd"])
@@ -227,20 +238,23 @@ def read_common(gguf: GGUFFile, arch: str, **options) -> HParams:
     return HParams(**fields)
 
 
-def rope_inv_freq(hp: HParams, gguf: GGUFFile, layer: int = -1) -> np.ndarray:
-    """Inverse frequencies (rope_dim/2,) float32 of a layer (-1: the global layers), with llama3 factors and
-    linear scaling folded in."""
+def rope_inv_freq(hp: HParams, gguf: GGUFFile, layer: int = -1, n_ctx: int = 0) -> np.ndarray:
+    """Inverse frequencies (rope_dim/2,) float32 of a layer (-1: the global layers) for a context of n_ctx
+    positions, with llama3 or LongRoPE factors and linear scaling folded in."""
     base, scale = (hp.rope_base, hp.rope_scale) if layer < 0 else hp.layer_rope(layer)
     inv = 1.0 / base ** (np.arange(0, hp.rope_dim, 2, dtype=np.float64) / hp.rope_dim)
     if hp.has_rope_freqs:
         inv = inv / np.asarray(gguf.tensors[GLOBAL_NAMES["rope_freqs"]].data, dtype=np.float64)
+    if hp.rope_long:
+        which = "rope_long" if n_ctx > hp.rope_orig_ctx else "rope_short"
+        inv = inv / np.asarray(gguf.tensors[GLOBAL_NAMES[which]].data, dtype=np.float64)
     return (inv / scale).astype(np.float32)
 
 
-def rope_groups(hp: HParams, gguf: GGUFFile) -> tuple[np.ndarray, np.ndarray]:
+def rope_groups(hp: HParams, gguf: GGUFFile, n_ctx: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(inv_freq (G, rope_dim/2) float32, layer_group (n_layers,) int64): the distinct RoPE frequency sets and
     which one each layer uses (Gemma 3: local and global layers differ)."""
     keys = [hp.layer_rope(i) for i in range(hp.n_layers)]
     distinct = sorted(set(keys), key=keys.index)
-    inv = np.stack([rope_inv_freq(hp, gguf, keys.index(k)) for k in distinct])
+    inv = np.stack([rope_inv_freq(hp, gguf, keys.index(k), n_ctx) for k in distinct])
     return inv, np.array([distinct.index(k) for k in keys], dtype=np.int64)
