@@ -405,7 +405,7 @@ class _Render:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.api.model_id,
                 "system_fingerprint": None}
 
-    def _logprobs(self, items: list[TokenLogprob], text: str) -> dict | None:
+    def _logprobs(self, items: list[TokenLogprob]) -> dict | None:
         if not self.logprobs:
             return None
         tok = self.api.lm.tokenizer
@@ -432,7 +432,7 @@ class _Render:
     def whole(self, records: list[GenerationResponse]) -> dict:
         last = records[-1]
         text = "".join(r.text for r in records)
-        lps = self._logprobs([i for r in records for i in r.logprobs], text)
+        lps = self._logprobs([i for r in records for i in r.logprobs])
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": lps, "finish_reason": last.finish_reason}
@@ -442,7 +442,7 @@ class _Render:
 
     def chunk(self, delta, finish: str | None, logprobs: list[TokenLogprob], include_usage: bool) -> dict:
         """A streamed piece: `delta` is the chat delta (dict) or the text (str); None on the finishing chunk."""
-        lps = self._logprobs(logprobs, "") if logprobs else None
+        lps = self._logprobs(logprobs) if logprobs else None
         if self.chat:
             if isinstance(delta, str):
                 delta = {"content": delta}
