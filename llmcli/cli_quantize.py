@@ -182,7 +182,9 @@ def perplexity(
         print(json.dumps(result.to_json()))
         return
     out = Console(highlight=False)
-    out.print(f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens ({result.n_chunks} windows of {ctx})")
+    windows = "window" if result.n_chunks == 1 else "windows"
+    tokens = "token" if result.n_tokens == 1 else "tokens"
+    out.print(f"perplexity {result.ppl:.4f} over {result.n_tokens} {tokens} ({result.n_chunks} {windows} of {ctx})")
     if result.kld_mean is not None:
         out.print(f"KL divergence vs base: mean {result.kld_mean:.6f}, p99 {result.kld_p99:.6f}; "
                   f"top-1 agreement {100 * result.top1_agree:.2f} %")

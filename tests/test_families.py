@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
+from oracle import kl_per_position
 
 from backends import load_model
 from quant.errors import ModelFileError, UnsupportedError
@@ -29,14 +30,6 @@ def tiny_metadata(arch: str = "llama") -> dict:
             f"{a}.vocab_size": (U32, 40)}
 
 
-def kl_per_position(logits, ref):
-    def log_softmax(z):
-        z = z.astype(np.float64)
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def write_model(path, arch="llama", meta=None, n_layers=2, n_vocab=40, head_dim=16, extra_tensors=(),

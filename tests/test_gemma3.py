@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oracle import hf_logits, hf_tokenizer, kl_per_position
 
 from backends import load_model, mlx_available
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
 from quant.families import read_hparams
-from tests.oracle import hf_logits, hf_tokenizer
 
 TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. At 330 metres it was the tallest "
         "structure in the world until 1930, when the Chrysler Building in New York overtook it. ")
 
 
-def kl_per_position(logits, ref):
-    def log_softmax(z):
-        z = z.astype(np.float64)
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 @pytest.fixture(scope="module")

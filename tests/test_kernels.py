@@ -294,7 +294,7 @@ def test_k_quant_mix_model_matches_numpy(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from test_numba_backend import kl_per_position
+    from oracle import kl_per_position
 
     from backends import load_model
     from quant.gguf_file import read_gguf

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle import kl_per_position
 
 import backends.numba
 from backends import load_model
@@ -58,15 +59,6 @@ def smollm2_variants(smollm2_path):
     return paths
 
 
-def kl_per_position(logits, ref):
-    """KL(ref || logits) for each row, in float64."""
-    def log_softmax(z):
-        z = z.astype(np.float64)
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def greedy(model, prompt, n):

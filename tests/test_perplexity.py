@@ -88,3 +88,16 @@ def test_cli_json(f16_and_q4, wikitext, tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out)
     assert {"ppl", "n_tokens", "kld_mean", "kld_p99", "top1_agree"} <= set(result)
     assert result["n_tokens"] == 2 * (64 - 1 - 32) and result["ppl"] > 1.0 and result["kld_mean"] > 0.0
+
+
+def test_cli_says_one_window(f16_and_q4, wikitext, tmp_path, monkeypatch, capsys):
+    from llmcli.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext[:4000])
+    monkeypatch.setattr(sys, "argv", ["llm", "perplexity", str(f16_and_q4["q4_0"]), str(text), "--ctx", "64",
+                                      "--chunks", "1", "--backend", "numpy"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    assert "(1 window of 64)" in capsys.readouterr().out

@@ -47,7 +47,8 @@ def hf_family(model_type: str | None) -> Family:
     family = HF_TYPES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         shown = safe_text(str(model_type), 60)
-        raise UnsupportedError(f"unsupported model_type '{shown}' (supported: {', '.join(HF_TYPES)})")
+        raise UnsupportedError(f"unsupported architecture '{shown}' (config.json model_type; supported: "
+                               f"{', '.join(HF_TYPES)})")
     return family
 
 
