@@ -75,9 +75,9 @@ def _half(v, lut):
 
 # ---- per-group scale searches (ggml's make_*_quants) -----------------------------------------------------
 
-@njit(cache=True)
-def _make_qx_quants(n, nmax, x, L, qw, use_qw):
-    """Symmetric codes in [-nmax, nmax): L = code + nmax. Error weights qw, or x² (rmse_type 1)."""
+@njit(cache=True, inline="always")
+def _signed_absmax(n, x):
+    """(max |x[i]|, the x[i] it comes from): ggml's searches scale by the signed extreme."""
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
@@ -85,6 +85,13 @@ def _make_qx_quants(n, nmax, x, L, qw, use_qw):
         if ax > amax:
             amax = ax
             mx = x[i]
+    return amax, mx
+
+
+@njit(cache=True)
+def _make_qx_quants(n, nmax, x, L, qw, use_qw):
+    """Symmetric codes in [-nmax, nmax): L = code + nmax. Error weights qw, or x² (rmse_type 1)."""
+    amax, mx = _signed_absmax(n, x)
     if amax < _EPS:
         for i in range(n):
             L[i] = 0
@@ -124,13 +131,7 @@ def _make_qx_quants(n, nmax, x, L, qw, use_qw):
 @njit(cache=True)
 def _make_q3_quants(n, nmax, x, L):
     """Q3_K's reference search: codes in [-nmax, nmax) refined one at a time (5 passes); L = code + nmax."""
-    mx = f32(0.0)
-    amax = f32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx = _signed_absmax(n, x)
     if amax < _EPS:
         for i in range(n):
             L[i] = 0
