@@ -23,11 +23,9 @@ from collections import namedtuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import types
-from numba.extending import overload
 
 from quant.jit import njit, prange
-from quant.quantize import _F16_TO_F32, _f16_bits, _put_u16, bits_lut
+from quant.quantize import _F16_TO_F32, _f16_bits, _put_u16, bits_lut, read_block
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -696,23 +694,6 @@ def _q6_k(x, qw, use_qw, out, off, lut, s):
 
 # ---- drivers: rows in parallel ---------------------------------------------------------------------------
 
-def _read_superblock(src, lut, r, b, x):
-    """x[:] = the 256 source values of super-block b of row r, as float32."""
-
-
-@overload(_read_superblock, inline="always")
-def _read_superblock_impl(src, lut, r, b, x):
-    if src.dtype == types.float32:
-        def read(src, lut, r, b, x):
-            for j in range(QK_K):
-                x[j] = src[r, b * QK_K + j]
-    else:
-        def read(src, lut, r, b, x):
-            for j in range(QK_K):
-                x[j] = lut[src[r, b * QK_K + j]]
-    return read
-
-
 _SIZES = (84, 110, 144, 176, 210)
 
 
@@ -750,7 +731,7 @@ def _quantize_k_rows(src, src_lut, out, kind, qw, use_qw, lut):
         s = _scratch()
         orow = out[r]
         for b in range(cols // QK_K):
-            _read_superblock(src, src_lut, r, b, x)
+            read_block(src, src_lut, r, b, x)  # x: (QK_K,)
             _quantize_superblock(x, qw[b * QK_K:(b + 1) * QK_K], use_qw, orow, b * size, kind, lut, s)
 
 

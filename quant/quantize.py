@@ -388,20 +388,22 @@ def _quantize_block(x, out, off, kind, optimize, lut, q, tmp, w, ref):
 
 # ---- drivers: rows in parallel -----------------------------------------------------------------------------
 
-def _read_block(src, lut, r, b, x):
-    """x[:] = the 32 source values of block b of row r, as float32 (16-bit sources decoded through lut)."""
+def read_block(src, lut, r, b, x):
+    """x[:] = the len(x) source values of block b of row r, as float32 (16-bit sources decoded through lut)."""
 
 
-@overload(_read_block, inline="always")
+@overload(read_block, inline="always")
 def _read_block_impl(src, lut, r, b, x):
     if src.dtype == types.float32:
         def read(src, lut, r, b, x):
-            for j in range(QK):
-                x[j] = src[r, b * QK + j]
+            n = x.shape[0]
+            for j in range(n):
+                x[j] = src[r, b * n + j]
     else:
         def read(src, lut, r, b, x):
-            for j in range(QK):
-                x[j] = lut[src[r, b * QK + j]]
+            n = x.shape[0]
+            for j in range(n):
+                x[j] = lut[src[r, b * n + j]]
     return read
 
 
@@ -419,7 +421,7 @@ def _quantize_rows(src, src_lut, out, kind, optimize, lut, colw):
         ref = np.empty(34, dtype=np.uint8)
         orow = out[r]
         for b in range(cols // QK):
-            _read_block(src, src_lut, r, b, x)
+            read_block(src, src_lut, r, b, x)
             if optimize:
                 for j in range(QK):
                     w[j] = colw[b * QK + j]
