@@ -1,4 +1,4 @@
-"""The tokenizer a GGUF file describes, built from its metadata on the `tokenizers` library.
+"""The tokenizer a GGUF file describes, built from its metadata.
 
 Two vocabulary kinds (`tokenizer.ggml.model`):
   gpt2   byte-level BPE: tokens spelled in GPT-2's byte alphabet, ranked merges, and a pre-tokenizer
@@ -6,8 +6,10 @@ Two vocabulary kinds (`tokenizer.ggml.model`):
   llama  SentencePiece BPE: tokens with U+2581 for spaces, a score per token, `<0xNN>` byte tokens
          for text the vocabulary cannot spell. The file has no merges; they follow from the scores.
 
-Encoding runs in `tokenizers`. Decoding does not need it: every token id maps to the bytes it stands
-for, so `decode` and the streaming decoder are the same byte concatenation and always agree.
+Byte-level BPE encodes with `tokenizers`; SentencePiece encodes with our own merge loop (llmcli/spm.py),
+which ranks pairs by score as it meets them instead of building half a million merges at start.
+Decoding needs neither: every token id maps to the bytes it stands for, so `decode` and the streaming
+decoder are the same byte concatenation and always agree.
 """
 
 from __future__ import annotations
@@ -17,19 +19,16 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from gguf import GGUFValueType
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from llmcli.spm import SPIECE_SPACE, SentencePieceBPE
 from quant.errors import ModelFileError, UnsupportedError
 from quant.gguf_file import GGUFFile, safe_text
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-SPIECE_SPACE = "\u2581"
-MAX_MERGED_TOKEN = 256  # longest SentencePiece token given merges (Gemma's longest pieces are ~32 characters)
 
 # Pre-tokenizer split regexes. A vocabulary's merges were learned on text cut by one of these; each
 # regex of a sequence cuts every piece left by the one before it, keeping what it does not match.
@@ -78,7 +77,8 @@ _CHAR_TO_BYTE = {c: b for b, c in _byte_alphabet().items()}
 class Tokenizer:
     """Text <-> token ids for one model. Build with `Tokenizer.from_gguf`."""
 
-    def __init__(self, *, kind: str, tokens: list[str], token_types: list[int], backend: _HFTokenizer,
+    def __init__(self, *, kind: str, tokens: list[str], token_types: list[int],
+                 backend: _HFTokenizer | SentencePieceBPE,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
                  add_space_prefix: bool, stop_ids: frozenset[int]):
         self.kind = kind  # "gpt2" or "llama"
@@ -128,6 +128,7 @@ class Tokenizer:
 
         vocab = dict(zip(tokens, range(len(tokens)), strict=True))
         pre = gguf.get_str("tokenizer.ggml.pre", "default")
+        backend: _HFTokenizer | SentencePieceBPE
         if kind == "gpt2":
             merges = _array(gguf, "tokenizer.ggml.merges", str)
             if merges is None:
@@ -135,6 +136,10 @@ class Tokenizer:
                                      "which is missing")
             backend = _byte_level_backend(vocab, merges, pre, where)
             add_space_prefix = False
+            try:
+                _add_special_tokens(backend, tokens, token_types)
+            except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
+                raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
         else:
             scores = _array(gguf, "tokenizer.ggml.scores", float)
             if scores is None or len(scores) != len(tokens):
@@ -142,12 +147,10 @@ class Tokenizer:
                                      "entry per token")
             add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix", True)
             unk_id = token_id("unknown_token_id")
-            backend = _sentencepiece_backend(vocab, tokens, scores, add_space_prefix,
-                                             tokens[unk_id] if unk_id is not None else None, where)
-        try:
-            _add_special_tokens(backend, tokens, token_types)
-        except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
-            raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
+            added = [t for t, ty in zip(tokens, token_types, strict=True)
+                     if ty in (CONTROL, UNKNOWN, USER_DEFINED)]
+            backend = SentencePieceBPE(tokens, scores, added, add_space_prefix,
+                                       tokens[unk_id] if unk_id is not None else None)
 
         eos_id = token_id("eos_token_id")
         stops = {i for i in (eos_id, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
@@ -165,7 +168,11 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids for `text`. Special-token strings in the text become their ids; BOS (and EOS, where
         the model asks for it) are added when `add_special`."""
-        ids = self._backend.encode(_valid_text(text), add_special_tokens=False).ids
+        text = _valid_text(text)
+        if isinstance(self._backend, SentencePieceBPE):
+            ids = self._backend.encode(text)
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
@@ -300,45 +307,6 @@ def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, wher
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return backend
-
-
-def _sentencepiece_backend(vocab: dict[str, int], tokens: list[str], scores: list[float],
-                           add_space_prefix: bool, unk_token: str | None, where: Path) -> _HFTokenizer:
-    try:
-        model = models.BPE(vocab, _merges_from_scores(vocab, tokens, scores), unk_token=unk_token,
-                           fuse_unk=True, byte_fallback=True)
-    except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
-        raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
-    backend = _HFTokenizer(model)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPIECE_SPACE, prepend_scheme="first" if add_space_prefix else "never", split=False)
-    return backend
-
-
-def _merges_from_scores(vocab: dict[str, int], tokens: list[str],
-                        scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a scored vocabulary: every way to cut a token into two tokens is a merge,
-    and a merge is tried before another when the token it makes scores higher (SentencePiece merges the
-    best-scoring pair first). Ties go to the longer left part, then the longer right part, then the
-    earlier token, as transformers orders them."""
-    pairs: list[tuple[str, str]] = []
-    score, left_len, right_len = [], [], []
-    for token, token_score in dict(zip(tokens, scores, strict=True)).items():
-        n = len(token)
-        if n > MAX_MERGED_TOKEN:  # cutting it every way costs n^2: no real vocabulary merges such a token
-            continue
-        for i in range(1, n):
-            left = token[:i]
-            if left in vocab:
-                right = token[i:]
-                if right in vocab:
-                    pairs.append((left, right))
-                    score.append(token_score)
-                    left_len.append(i)
-                    right_len.append(n - i)
-    # lexsort is stable and sorts by the last key first
-    order = np.lexsort((-np.array(right_len), -np.array(left_len), -np.array(score, dtype=np.float64)))
-    return [pairs[k] for k in order.tolist()]
 
 
 def _add_special_tokens(backend: _HFTokenizer, tokens: list[str], token_types: list[int]) -> None:

@@ -55,3 +55,31 @@ def kl_per_position(logits, ref, rows: int = 32) -> np.ndarray:
         lp, lq = log_softmax(ref[i:i + rows]), log_softmax(logits[i:i + rows])
         out[i:i + rows] = (np.exp(lp) * (lp - lq)).sum(-1)
     return out
+
+
+def scored_bpe_oracle(tokens: list[str], scores: list[float], token_types: list[int], add_space_prefix: bool,
+                      unk_token: str | None):
+    """`text -> ids` for a SentencePiece vocabulary the way transformers builds it: every way to cut every
+    token in two is a merge, sorted by the merged token's score (then the longer left part, the longer right
+    part, the earlier token), run by the `tokenizers` BPE. Our encoder ranks pairs without the list."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+    pairs, keys = [], []
+    for token, score in dict(zip(tokens, scores, strict=True)).items():
+        if len(token) > 256:
+            continue
+        for i in range(1, len(token)):
+            if token[:i] in vocab and token[i:] in vocab:
+                pairs.append((token[:i], token[i:]))
+                keys.append((score, i, len(token) - i))
+    score, left, right = (np.array(k, dtype=np.float64) for k in zip(*keys, strict=True)) if keys else ([],) * 3
+    order = np.lexsort((-np.asarray(right), -np.asarray(left), -np.asarray(score)))
+    tok = Tokenizer(models.BPE(vocab, [pairs[k] for k in order.tolist()], unk_token=unk_token, fuse_unk=True,
+                               byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                 prepend_scheme="first" if add_space_prefix else "never")
+    typed = list(zip(tokens, token_types, strict=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed if ty in (2, 3) and t])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed if ty == 4 and t])
+    return lambda text: tok.encode(text, add_special_tokens=False).ids

@@ -3,13 +3,15 @@ path also the `sentencepiece` library that trained the vocabulary."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from pathlib import Path
 
 import gguf
 import pytest
 from conftest import WIKITEXT
-from oracle import hf_tokenizer
+from oracle import hf_tokenizer, scored_bpe_oracle
 
 from llmcli.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
 from quant.errors import ModelFileError, UnsupportedError
@@ -351,3 +353,45 @@ def test_pre_tokenizers_match_llama_cpp(byte_level_files, smollm2_path, tok):
         for text in [*CORPUS, "I'M HERE, YOU'LL SEE", "12345678 x² ½"]:
             expected = reference.tokenize(text.encode(), add_bos=False, special=True)
             assert ours.encode(text, add_special=False) == expected, (name, text)
+
+
+# ---- SentencePiece without a merge list, against the merge list transformers builds ----
+
+def test_gemma3_scored_merging_equals_the_merge_list(gemma3_path):
+    """Our encoder ranks pairs as it meets them; transformers sorts half a million merges up front. Same ids on
+    hostile text, random strings, random runs of Gemma's own pieces and a page of wikitext."""
+    gguf = read_gguf(gemma3_path)
+    tok = Tokenizer.from_gguf(gguf)
+    unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
+    oracle = scored_bpe_oracle(tok.tokens, list(gguf.metadata["tokenizer.ggml.scores"]), tok.token_types,
+                               tok.add_space_prefix, tok.tokens[unk] if unk is not None else None)
+    rng = random.Random(0)
+    pieces = [rng.choice(tok.tokens).replace("\u2581", rng.choice([" ", "\u2581"])) for _ in range(3000)]
+    runs = ["".join(pieces[i:i + rng.randint(1, 12)]) for i in range(0, 3000, 6)]
+    for text in [*CORPUS, *random_texts(300, seed=2), *runs, WIKITEXT.read_text(encoding="utf-8")[:20_000]]:
+        assert tok.encode(text, add_special=False) == oracle(text), text
+
+
+def test_scored_merging_on_odd_vocabularies(tmp_path):
+    """Duplicate pieces, NaN and tied scores, a missing byte token (so the unknown token, fused), user-defined
+    and control tokens that overlap: the same ids as the merge-list oracle."""
+    chars = ["a", "b", "c", "\u2581"]
+    tokens = ["<unk>", "<s>", "</s>", "<ctl>", "<ctl>x", "ab"]
+    types = [UNKNOWN, CONTROL, CONTROL, CONTROL, USER_DEFINED, USER_DEFINED]
+    tokens += [f"<0x{b:02X}>" for b in range(256) if b != 0xA9]  # é's second byte is missing: é is unknown
+    types += [BYTE] * 255
+    tokens += chars + ["".join(p) for n in (2, 3) for p in itertools.product(chars, repeat=n)]
+    tokens += ["ab", "\u2581a"]  # duplicates
+    types += [NORMAL] * (len(tokens) - len(types))
+    scores = [float((i * 7919) % 13) for i in range(len(tokens))]
+    scores[len(tokens) - 30] = float("nan")
+    scores[len(tokens) - 31] = float("nan")
+    path = write_vocab_gguf(tmp_path / "odd.gguf", "llama", tokens, types, scores=scores, unk_token_id=0,
+                            add_space_prefix=True)
+    tok = Tokenizer.from_gguf(read_gguf(path))
+    oracle = scored_bpe_oracle(tokens, scores, types, True, "<unk>")
+    rng = random.Random(3)
+    alphabet = ["a", "b", "c", " ", "é", "éé", "ab", "<ctl>", "<ctl>x", "<s>", "\u2581", "z", "日"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20))) for _ in range(2000)]
+    for text in texts:
+        assert tok.encode(text, add_special=False) == oracle(text), text
