@@ -27,19 +27,18 @@ MAX_MERGED_TOKEN = 256  # longest token a merge may make (Gemma's longest pieces
 class SentencePieceBPE:
     """Text -> token ids for a scored SentencePiece vocabulary (byte fallback, unknown pieces fused)."""
 
-    def __init__(self, tokens: Sequence[str], scores: Sequence[float], added: Iterable[str],
-                 add_space_prefix: bool, unk_token: str | None):
-        # A string that appears twice maps to its last id and score, its rank tie-break to its first place
-        # (as a dict built from the lists keeps them).
-        self._vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+    def __init__(self, tokens: Sequence[str], vocab: dict[str, int], scores: Sequence[float],
+                 added: Iterable[str], add_space_prefix: bool, unk_token: str | None):
+        """`vocab` maps each token to its id; a string that appears twice in `tokens` maps to its last id
+        (and so its last score), and ranks by its first place, as transformers' dicts keep them."""
+        self._vocab = vocab
         self._scores = scores
         self._first: dict[str, int] = {}
         if len(self._vocab) != len(tokens):
             for i, t in enumerate(tokens):
                 self._first.setdefault(t, i)
         self._unk = unk_token
-        self._bytes = [f"<0x{b:02X}>" for b in range(256)]
-        self._bytes = [t if t in self._vocab else None for t in self._bytes]
+        self._bytes = [t if t in vocab else None for t in (f"<0x{b:02X}>" for b in range(256))]
         self._add_space_prefix = add_space_prefix
         self._added = {t for t in added if t}
         # Added tokens by first character: the distinct lengths to try there, longest first.

@@ -149,7 +149,7 @@ class Tokenizer:
             unk_id = token_id("unknown_token_id")
             added = [t for t, ty in zip(tokens, token_types, strict=True)
                      if ty in (CONTROL, UNKNOWN, USER_DEFINED)]
-            backend = SentencePieceBPE(tokens, scores, added, add_space_prefix,
+            backend = SentencePieceBPE(tokens, vocab, scores, added, add_space_prefix,
                                        tokens[unk_id] if unk_id is not None else None)
 
         eos_id = token_id("eos_token_id")

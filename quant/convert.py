@@ -36,6 +36,7 @@ from quant.families import FAMILIES, Family, hf_family
 from quant.formats import dequantize
 from quant.gguf_file import check_arch, read_gguf
 from quant.hf_tokenizer import read_hf_tokenizer
+from quant.jit import use_kernel_cache
 from quant.kquants import K_TYPES, quantize_k_rows
 from quant.quantize import BLOCK_TYPES, QK, QUANTIZE_TYPES, quantize_rows
 from quant.safetensors_file import SafeTensor, read_safetensors
@@ -567,6 +568,7 @@ def write_gguf(source: Source, opts: ConvertOptions, output: Path,
     """Write `source` as a GGUF at `output` (via a temporary file renamed at the end). `importance`:
     {tensor name: mean squared input per column}, which the --optimize search weights its error by."""
     t0 = time.perf_counter()
+    use_kernel_cache()
     plan = make_plan(source, opts)
     if output.is_dir():
         raise LlmError(f"cannot write {output}: it is a directory")

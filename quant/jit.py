@@ -2,9 +2,14 @@
 
 Numba checks a cached function against its own file only, not against the files of the functions it calls:
 after an edit (or an upgrade) of quant/kernels.py, the decode stack in backends/numba/layers.py would keep
-running the old inlined kernels from its cache. So every jitted module of this package imports `njit` from
-here, which first points numba's cache at <user cache>/llmcli/numba/<hash of the shared kernel sources>.
-A user's NUMBA_CACHE_DIR is left alone.
+running the old inlined kernels from its cache. So the cache lives in
+<user cache>/llmcli/numba/<hash of the shared kernel sources>. A user's NUMBA_CACHE_DIR is left alone.
+
+Importing a jitted module does nothing to the disk: `njit(cache=True)` only marks the function, and
+`use_kernel_cache()` (called by the numba backend's load and by the converter, before their first jitted
+call) picks the folder and turns caching on for every marked function, and for those defined afterwards.
+Numba binds a function's cache folder when caching is turned on, which is why it is done here and not by
+setting numba.config.CACHE_DIR late.
 
 Each version of the sources gets a new folder, so old ones are pruned: every start marks its folder as used
 (its modification time), and the first start of a new version removes the folders not used for
@@ -16,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numba
-from numba import njit, prange
+from numba import prange
+from numba.core.dispatcher import Dispatcher
 
-__all__ = ["njit", "prange"]
+__all__ = ["njit", "prange", "use_kernel_cache"]
 
 # Modules whose jitted functions are called from other files (a function's own file numba checks itself).
 _SHARED = ("jit.py", "kernels.py", "simd.py", "gemm.py", "quantize.py")
@@ -52,7 +59,38 @@ def use_cache_dir(folder: Path, now: float | None = None) -> None:
         pass
 
 
-if not os.environ.get("NUMBA_CACHE_DIR"):
-    _folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmcli" / "numba" / _sources_hash()
-    use_cache_dir(_folder)
-    numba.config.CACHE_DIR = str(_folder)
+def njit(func=None, /, *, cache: bool = False, **options):
+    """numba.njit; with cache=True the function caches its machine code once `use_kernel_cache()` has run."""
+
+    def decorate(f):
+        dispatcher = numba.njit(**options)(f)
+        if cache:
+            if numba.config.CACHE_DIR:  # the folder is chosen (or the user's NUMBA_CACHE_DIR)
+                dispatcher.enable_caching()
+            else:
+                dispatcher._llm_cache_pending = True
+        return dispatcher
+
+    return decorate(func) if func is not None else decorate
+
+
+def kernel_cache_dir() -> Path:
+    """The folder for this version of the kernels' sources."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "llmcli" / "numba" / _sources_hash()
+
+
+def use_kernel_cache() -> None:
+    """Choose the cache folder (unless NUMBA_CACHE_DIR is set) and turn caching on for the jitted functions
+    marked so far; call before their first call. Later calls only catch functions defined since."""
+    if not numba.config.CACHE_DIR:
+        folder = kernel_cache_dir()
+        use_cache_dir(folder)
+        numba.config.CACHE_DIR = str(folder)
+    for module in list(sys.modules.values()):
+        names = getattr(module, "__dict__", None)
+        if names is None or names.get("njit") is not njit:  # only a module that imported ours marks functions
+            continue
+        for value in list(names.values()):
+            if isinstance(value, Dispatcher) and value.__dict__.pop("_llm_cache_pending", False):
+                value.enable_caching()

@@ -14,6 +14,15 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
 os.environ.setdefault("LLMCLI_HOME", str(TEST_HOME))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache() -> None:
+    """Tests that call jitted kernels without loading a backend cache their machine code where the backend
+    would (functions defined later, in modules a test imports, cache from the start)."""
+    from quant.jit import use_kernel_cache
+
+    use_kernel_cache()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real model: SmolLM2-135M-Instruct Q4_1, fetched into the test store once."""

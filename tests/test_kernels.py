@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REPO
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
@@ -284,6 +285,43 @@ def test_jit_cache_folders_are_pruned(tmp_path):
     os.utime(recent, (now - 2 * PRUNE_AFTER_DAYS * 86400,) * 2)
     use_cache_dir(recent, now)  # an existing folder: marked used, nothing removed
     assert recent.stat().st_mtime == pytest.approx(now) and ours.is_dir()
+
+
+_CACHE_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import probe_kernels, quant.kernels, quant.gemm, backends.numba  # every jitted module of ours
+import os
+print("after import:", sorted(os.listdir(os.environ["XDG_CACHE_HOME"])))
+from quant.jit import use_kernel_cache
+use_kernel_cache()
+assert probe_kernels.twice(21.0) == 42.0
+stats = probe_kernels.twice.stats
+print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
+"""
+
+
+def test_jit_cache_is_chosen_at_load_and_reused(tmp_path):
+    """Importing the jitted modules writes nothing; `use_kernel_cache()` (the backend's load) picks the folder;
+    the first process compiles and saves there, the second loads the machine code from it."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "probe_kernels.py").write_text(
+        "from quant.jit import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2.0 * x\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    (tmp_path / "cache").mkdir()
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path)], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    assert "after import: []" in runs[0].stdout  # nothing written at import
+    assert "hits 0 misses 1" in runs[0].stdout  # compiled, and saved ...
+    assert "hits 1 misses 0" in runs[1].stdout  # ... and loaded by the next process
+    (folder,) = (tmp_path / "cache" / "llmcli" / "numba").iterdir()
+    assert any(p.suffix == ".nbi" for p in folder.rglob("*")) and not (tmp_path / "__pycache__").exists()
 
 
 @pytest.mark.slow

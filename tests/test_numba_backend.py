@@ -239,3 +239,31 @@ def test_architecture_features_match_numpy(arch, opts, tmp_path):
                           fast.forward(tokens[10:], cache, all_logits=True)])
     # the decode stack multiplies int16 copies of the activations (1.5e-5 of each block's largest value)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_two_conversations_run_at_once_on_one_model(models, smollm2_variants):
+    """A loaded model holds no run state: two threads generating greedily on one model, each with its own cache
+    (and so its own scratch buffers), get what each gets alone. One prompt takes the prompt path (the integer
+    GEMM's packed rows), the other the decode stack. (With one scratch shared by both caches they differ.)"""
+    import threading
+
+    fast, _ = models("q4_1")
+    long_prompt = (PROMPTS[0] * 3)[:48]  # past gemm_min_t_cold: the prompt path
+    prompts = [long_prompt, PROMPTS[1]]
+    alone = [greedy(fast, p, 24) for p in prompts]
+    together: list = [None, None]
+    start = threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        for _ in range(3):  # several rounds: the two decode loops overlap for many steps
+            out = greedy(fast, prompts[i], 24)
+            if together[i] is None or out != alone[i]:
+                together[i] = out
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone

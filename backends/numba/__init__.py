@@ -27,10 +27,11 @@ from backends.base import (
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
-from backends.numba.batch import CachePool, PooledKVCache
+from backends.numba.batch import CachePool, NumbaKVCache, PooledKVCache, RunScratch
 from backends.numba.governor import ThreadGovernor
 from quant.errors import BackendError, PromptError, UnsupportedError
 from quant.gguf_file import GGUFFile, Tensor
+from quant.jit import use_kernel_cache
 from quant.kernels import (
     F32,
     KERNEL_TYPES,
@@ -88,6 +89,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None
         os.environ["GOMP_SPINCOUNT"] = "1000"
     import numba
 
+    use_kernel_cache()
     _import_numba_registries_lean()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
@@ -228,11 +230,8 @@ class NumbaModel:
         self.layer_opt = np.zeros((hp.n_layers, L.N_LAYER_OPTS), dtype=np.int64)
         self.layer_opt[:, L.L_WINDOW] = [hp.window(i) for i in range(hp.n_layers)]
         self.layer_opt[:, L.L_ROPE] = groups
-        self._scratch = self._make_scratch(self.options.small_t)
+        # the prompt path's workers, shared: a call waits only for its own tasks, and none submits more
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="llm-prompt") if threads > 1 else None
-        tile, n = np.empty(self.options.tile_floats, dtype=np.float32), self.options.tile_floats // threads
-        self._tiles = [tile[i * n:(i + 1) * n] for i in range(threads)]
-        self._packed = None  # each thread's buffers for a group of packed rows, made by the first integer GEMM
 
     def _locate(self, t: Tensor) -> tuple[int, int]:
         """(byte offset in the file, qtype code) of a tensor the kernels can read."""
@@ -273,14 +272,26 @@ class NumbaModel:
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int) -> RingKVCache:
+    def new_cache(self, max_seq: int) -> NumbaKVCache:
         """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
-        keeps its window plus small_t positions (a decode-stack step writes up to small_t)."""
-        return RingKVCache(self.hparams, max_seq, self.options.small_t)
+        keeps its window plus small_t positions (a decode-stack step writes up to small_t). The cache carries
+        the conversation's scratch buffers too."""
+        return NumbaKVCache(self.hparams, max_seq, self.options.small_t, self._new_scratch())
 
     def new_caches(self, n: int, max_seq: int) -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
-        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n)).caches
+        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n),
+                         self._new_scratch).caches
+
+    def _new_scratch(self) -> RunScratch:
+        return RunScratch(self._make_scratch(self.options.small_t))
+
+    @staticmethod
+    def _scratch_of(cache: RingKVCache) -> RunScratch:
+        scratch = getattr(cache, "scratch", None)
+        if not isinstance(scratch, RunScratch):
+            raise BackendError("the numba backend runs on caches made by its new_cache or new_caches")
+        return scratch
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
@@ -321,9 +332,10 @@ class NumbaModel:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         global _gemm_path_loaded
         opts = self.options
+        scratch = self._scratch_of(cache)
         if T >= (opts.gemm_min_t if _gemm_path_loaded else max(opts.gemm_min_t, opts.gemm_min_t_cold)):
             with threadpool_limits(1, user_api="blas"):  # in case another backend in this process raised it
-                logits = self._forward_gemm(tokens, cache, all_logits)
+                logits = self._forward_gemm(tokens, cache, all_logits, scratch)
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
@@ -336,7 +348,7 @@ class NumbaModel:
                     positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
                     L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                                     self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
-                                    cache.v[None], cache.layout, all_logits, self._scratch, out)
+                                    cache.v[None], cache.layout, all_logits, scratch.stack, out)
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
@@ -365,23 +377,23 @@ class NumbaModel:
         step = -(-per_thread // 16) * 16
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
-    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
         the outputs side by side. The integer GEMM (quant/gemm.py) when every matrix has a type it takes, else
         BLAS on dequantized tiles."""
         if all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
-            return self._gemm_int(x, parts)
-        return self._gemm_float(x, parts)
+            return self._gemm_int(x, parts, scratch)
+        return self._gemm_float(x, parts, scratch)
 
-    def _gemm_int(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    def _gemm_int(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """_gemm_cat with quant.gemm (imported on first use: a run whose prompts are short never needs it); each
         thread takes a range of groups of GROUP stacked rows."""
         from quant.gemm import GROUP, gemm_groups, packed_buffers, padded_activation
 
-        if self._packed is None:
+        if scratch.packed is None:
             hp = self.hparams
             widest = max(hp.n_embd, hp.n_heads * hp.head_dim, hp.n_ff)
-            self._packed = [packed_buffers(widest) for _ in range(self.threads)]
+            scratch.packed = [packed_buffers(widest) for _ in range(self.threads)]
         T = x.shape[0]
         descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
         rows = int(descs[:, 2].sum())
@@ -394,12 +406,12 @@ class NumbaModel:
         bounds = [groups * i // workers for i in range(workers + 1)]
 
         def work(i):
-            gemm_groups(self.wv[0], descs, bounds[i], bounds[i + 1], xb, self._packed[i], out)
+            gemm_groups(self.wv[0], descs, bounds[i], bounds[i + 1], xb, scratch.packed[i], out)
 
         self._run(work, workers)
         return out[:T] if groups * GROUP == rows else np.ascontiguousarray(out[:T, :rows])
 
-    def _gemm_float(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    def _gemm_float(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """_gemm_cat with BLAS: each thread takes a range of the stacked rows, dequantizes them into its own tile
         (tile_floats / threads floats at most at a time) and multiplies them with single-threaded BLAS."""
         T, n = x.shape
@@ -409,13 +421,17 @@ class NumbaModel:
             r += rows
         out = np.empty((T, r), dtype=np.float32)
         ranges = self._parts(r)
-        tile_rows = max(1, len(self._tiles[0]) // n)
+        if scratch.tiles is None:
+            tile, per = np.empty(self.options.tile_floats, dtype=np.float32), self.options.tile_floats // self.threads
+            scratch.tiles = [tile[i * per:(i + 1) * per] for i in range(self.threads)]
+        tiles = scratch.tiles
+        tile_rows = max(1, len(tiles[0]) // n)
 
         def work(i):
             r0, r1 = ranges[i]
             for a in range(r0, r1, tile_rows):
                 b = min(r1, a + tile_rows)
-                tile = self._tiles[i][: (b - a) * n].reshape(b - a, n)
+                tile = tiles[i][: (b - a) * n].reshape(b - a, n)
                 for first, rows, off, qtype in segs:  # the matrices that rows a .. b overlap
                     lo, hi = max(a, first), min(b, first + rows)
                     if lo >= hi:
@@ -430,11 +446,12 @@ class NumbaModel:
         self._run(work, len(ranges))
         return out
 
-    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int) -> np.ndarray:
+    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int, scratch: RunScratch) -> np.ndarray:
         """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
-        return self._gemm_cat(x, [(desc, rows)])
+        return self._gemm_cat(x, [(desc, rows)], scratch)
 
-    def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool) -> np.ndarray:
+    def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool,
+                      scratch: RunScratch) -> np.ndarray:
         hp = self.hparams
         T, start = len(tokens), cache.offset
         E, H, KVH, D, F = hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff
@@ -452,7 +469,7 @@ class NumbaModel:
             lt = self.layer_tab[i]
             g = self.layer_opt[i, L.L_ROPE]
             L.rms_norm(x, f32, lt[L.ATTN_NORM, 0], eps, h)
-            qkv = self._gemm_cat(h, [(lt[L.WQ], H * D), (lt[L.WK], KVH * D), (lt[L.WV], KVH * D)])
+            qkv = self._gemm_cat(h, [(lt[L.WQ], H * D), (lt[L.WK], KVH * D), (lt[L.WV], KVH * D)], scratch)
             q, k, v = np.split(qkv, [H * D, (H + KVH) * D], axis=1)
             q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
             if lt[L.BQ, 0] >= 0:
@@ -466,11 +483,11 @@ class NumbaModel:
             L.rope(q3, cos[g], sin[g], hp.rope_neox)
             L.rope(k3, cos[g], sin[g], hp.rope_neox)
             self._attend_prompt(cache, i, q3, k3, v.reshape(T, KVH, D), start, att)
-            x += self._post_norm(self._gemm(att.reshape(T, H * D), lt[L.WO], E), lt[L.POST_ATTN_NORM])
+            x += self._post_norm(self._gemm(att.reshape(T, H * D), lt[L.WO], E, scratch), lt[L.POST_ATTN_NORM])
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
-            gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)])
+            gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)], scratch)
             L.glu(gu, ff, self.dims[L.D_ACT])
-            x += self._post_norm(self._gemm(ff, lt[L.DOWN], E), lt[L.POST_FFN_NORM])
+            x += self._post_norm(self._gemm(ff, lt[L.DOWN], E, scratch), lt[L.POST_FFN_NORM])
 
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
@@ -479,7 +496,7 @@ class NumbaModel:
             # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
             # about what the dot products do), and a process whose prompt takes this path need not load the
             # matvec kernels' machine code (~40 ms) as well as the GEMM's
-            logits = self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab)
+            logits = self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab, scratch)
         else:
             xb = activation_blocks(len(rows), E)
             prepare(h, xb)

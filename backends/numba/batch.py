@@ -6,32 +6,61 @@ caches are rows of one array the jitted stack can index:
 
   k_pool, v_pool: (n_slots, cache floats) float32, each row laid out as a RingKVCache (layout: (n_layers, 2))
 
-A slot's cache (PooledKVCache) is a RingKVCache living in its row of the pool: the single-conversation path
+A slot's cache (PooledKVCache) is a NumbaKVCache living in its row of the pool: the single-conversation path
 (forward, the prompt path) runs on it as on any cache.
+
+Every cache carries its conversation's scratch buffers (RunScratch): the loaded model holds only weights and
+tables, so conversations on one model can run from several threads at once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from backends.base import HParams, RingKVCache
 
 
-class PooledKVCache(RingKVCache):
-    """One slot of a CachePool: a RingKVCache whose k, v are views of the pool's row `slot`."""
+class RunScratch:
+    """One conversation's work buffers for the forward pass.
 
-    def __init__(self, pool: CachePool, slot: int):
-        super().__init__(pool.hp, pool.max_seq, pool.slack, pool.k[slot], pool.v[slot])
+    stack: forward_stack's buffers for up to small_t tokens (NumbaModel._make_scratch). The prompt path's, made
+    on its first use: tiles, each thread's weight tile for the BLAS products (float formats); packed, each
+    thread's packed rows for the integer GEMM.
+    """
+
+    def __init__(self, stack: tuple):
+        self.stack = stack
+        self.tiles: list[np.ndarray] | None = None
+        self.packed: list | None = None
+
+
+class NumbaKVCache(RingKVCache):
+    """A RingKVCache with its conversation's scratch buffers: the whole run state of one conversation."""
+
+    def __init__(self, hp: HParams, max_seq: int, slack: int, scratch: RunScratch, k: np.ndarray | None = None,
+                 v: np.ndarray | None = None):
+        super().__init__(hp, max_seq, slack, k, v)
+        self.scratch = scratch
+
+
+class PooledKVCache(NumbaKVCache):
+    """One slot of a CachePool: a NumbaKVCache whose k, v are views of the pool's row `slot`."""
+
+    def __init__(self, pool: CachePool, slot: int, scratch: RunScratch):
+        super().__init__(pool.hp, pool.max_seq, pool.slack, scratch, pool.k[slot], pool.v[slot])
         self.pool, self.slot = pool, slot
 
 
 class CachePool:
     """KV caches for `n` conversations decoded together, and the batch stack's scratch buffers for n tokens."""
 
-    def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple):
+    def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple,
+                 slot_scratch: Callable[[], RunScratch]):
         self.hp, self.max_seq, self.slack = hp, max_seq, slack
         self.layout = RingKVCache.plan(hp, max_seq, slack)
         self.k = np.zeros((n, RingKVCache.floats(self.layout, hp)), dtype=np.float32)
         self.v = np.zeros_like(self.k)
         self.scratch = scratch  # buffers of forward_stack for up to n tokens (NumbaModel._make_scratch)
-        self.caches = [PooledKVCache(self, i) for i in range(n)]
+        self.caches = [PooledKVCache(self, i, slot_scratch()) for i in range(n)]
