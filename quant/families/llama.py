@@ -1,6 +1,9 @@
 """Llama (1/2/3.x, SmolLM) and Mistral: pre-norm blocks, SwiGLU, RoPE on adjacent pairs (the converter permutes
 Q/K rows for it), optional Llama 3 `rope_freqs` factors, and a sliding window on every layer where the metadata
-sets one (Mistral 7B v0.1)."""
+sets one (Mistral 7B v0.1).
+
+The window is applied as transformers applies it; llama.cpp ignores `sliding_window` for llama-architecture
+files (full attention), so past the window our logits follow transformers, not llama.cpp."""
 
 from __future__ import annotations
 
