@@ -6,9 +6,12 @@ steps fed their own greedy argmax (tg); the figure is the median. Each engine ru
 process, so thread pools do not collide and peak RSS is its own.
 
     python benchmarks/bench_peers.py [MODEL] [-p 128] [-n 64] [-r 5] [--threads N] [--backend numba]
-                                     [--engines llm,llama_cpp,transformers] [--json FILE]
+                                     [--engines llm,llama_cpp,transformers] [--rounds K] [--json FILE]
 
-Prints a table with the ratios llm ÷ peer (above 1: llm is faster), then the JSON of all figures.
+Prints a table with the ratios llm ÷ peer (above 1: llm is faster), then the JSON of all figures. On a shared
+machine use --rounds K: the engines take turns K times (llm, peer, llm, peer, ...), each figure is the median
+of the rounds' medians, and the ratio is the median of the rounds' ratios (each from neighbouring runs, so a
+load that comes and goes moves both sides of it).
 """
 
 from __future__ import annotations
@@ -149,6 +152,33 @@ def run_worker(args, engine_name: str, path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """One row per engine from K rounds: medians of the rounds' medians, every sample, the rounds' ratios."""
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds]
+        if any("error" in r for r in runs):
+            rows.append(next(r for r in runs if "error" in r))
+            continue
+        row = dict(first, rounds=len(runs))
+        for key in ("pp", "tg"):
+            row[f"{key}_tok_s"] = statistics.median(r[f"{key}_tok_s"] for r in runs)
+            row[f"{key}_round_medians"] = [r[f"{key}_tok_s"] for r in runs]
+            row[f"{key}_runs"] = [x for r in runs for x in r[f"{key}_runs"]]
+        row["load_s"] = statistics.median(r["load_s"] for r in runs)
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+        rows.append(row)
+    base = next((i for i, r in enumerate(rows) if r["engine"] == "llm" and "error" not in r), None)
+    for i, row in enumerate(rows):
+        if base is None or i == base or "error" in row:
+            continue
+        for key in ("pp", "tg"):
+            ratios = [rnd[base][f"{key}_tok_s"] / rnd[i][f"{key}_tok_s"] for rnd in rounds]
+            row[f"llm_ratio_{key}_rounds"] = ratios
+            row[f"llm_ratio_{key}"] = statistics.median(ratios)
+    return rows
+
+
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["engine"] == "llm" and "error" not in r), None)
     lines = ["| engine | backend | threads | pp tok/s | tg tok/s | load s | peak RSS MiB | llm ÷ peer pp | "
@@ -159,8 +189,8 @@ def table(results: list[dict]) -> str:
             continue
         ratio_pp = ratio_tg = "–"
         if base is not None and r is not base:
-            ratio_pp = f"{base['pp_tok_s'] / r['pp_tok_s']:.2f}"
-            ratio_tg = f"{base['tg_tok_s'] / r['tg_tok_s']:.2f}"
+            ratio_pp = f"{r.get('llm_ratio_pp', base['pp_tok_s'] / r['pp_tok_s']):.2f}"
+            ratio_tg = f"{r.get('llm_ratio_tg', base['tg_tok_s'] / r['tg_tok_s']):.2f}"
         lines.append(f"| {r['engine']} | {r['backend']} | {r['threads']} | {r['pp_tok_s']:.1f} | "
                      f"{r['tg_tok_s']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{ratio_pp} | {ratio_tg} |")
@@ -177,11 +207,12 @@ def main() -> None:
                     help="threads for every engine (default: physical cores)")
     ap.add_argument("--backend", default=None, help="llm backend (default: this machine's)")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of " + ", ".join(ENGINES))
+    ap.add_argument("--rounds", type=int, default=1, help="turns of every engine, alternating (default 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if min(args.p, args.n, args.r) < 1:
-        ap.error("-p, -n and -r must be at least 1")
+    if min(args.p, args.n, args.r, args.rounds) < 1:
+        ap.error("-p, -n, -r and --rounds must be at least 1")
 
     from backends import physical_cores
     from llmcli.store import resolve_model
@@ -191,16 +222,23 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, path, args.p, args.n, args.r, args.threads, args.backend)))
         return
-    results = []
+    names = []
     for name in args.engines.split(","):
         if name not in ENGINES:
             ap.error(f"unknown engine '{name}' (choose from {', '.join(ENGINES)})")
         if importlib.util.find_spec(PEER_MODULE[name]) is None:
             print(f"{name}: not installed, skipped", file=sys.stderr)
             continue
-        print(f"{name}: measuring…", file=sys.stderr)
-        results.append(run_worker(args, name, path))
-    print(f"model: {path} · -p {args.p} -n {args.n} -r {args.r} · {args.threads} threads\n")
+        names.append(name)
+    rounds = []
+    for k in range(args.rounds):
+        rounds.append([])
+        for name in names:
+            print(f"{name}: measuring… (round {k + 1} of {args.rounds})", file=sys.stderr)
+            rounds[-1].append(run_worker(args, name, path))
+    results = combine(rounds) if args.rounds > 1 else rounds[0]
+    print(f"model: {path} · -p {args.p} -n {args.n} -r {args.r} · {args.threads} threads"
+          + (f" · {args.rounds} alternating rounds" if args.rounds > 1 else "") + "\n")
     print(table(results))
     print()
     print(json.dumps(results, indent=1))

@@ -3,6 +3,7 @@
   python benchmarks/bench_start.py                # 5 fresh `llm run MODEL "Hi" -n 1`: median (min-max)
   python benchmarks/bench_start.py --breakdown    # where the time goes, phase by phase, in one fresh process
   python benchmarks/bench_start.py --crossover    # prompt forward: GEMM path vs matvec path for T = 8..128
+  python benchmarks/bench_start.py --model A --also B --llama-cpp   # A, B and llama-cpp-python on each, in turn
 
 The JIT cache must be warm (run `llm run` once first). Every run starts a new process from a scratch directory,
 the way the issue measures it (`cd /tmp && /usr/bin/time llm run ...`); the load average is printed with the
@@ -140,6 +141,31 @@ def time_runs(model: Path, prompt: str, runs: int, threads: int | None) -> tuple
     return times, cpu
 
 
+# llama-cpp-python's warm start: load the file, one token of a completion (no chat template).
+_LLAMA_CPP_START = r"""
+import sys
+from llama_cpp import Llama
+model = Llama(sys.argv[1], n_ctx=512, n_threads=int(sys.argv[3]) or None, verbose=False)
+print(model(sys.argv[2], max_tokens=1)["choices"][0]["text"])
+"""
+
+
+def time_in_turn(commands: dict[str, list[str]], runs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """(wall seconds, CPU seconds) of each command, `runs` fresh processes each, the commands taking turns (a
+    load that comes and goes then falls on all of them)."""
+    out = {label: ([], []) for label in commands}
+    with tempfile.TemporaryDirectory() as cwd:
+        for _ in range(runs):
+            for label, cmd in commands.items():
+                t0, c0 = time.perf_counter(), _children_cpu()
+                done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_env())
+                if done.returncode:
+                    sys.exit(f"{label} failed: {done.stderr.strip()[-500:]}")
+                out[label][0].append(time.perf_counter() - t0)
+                out[label][1].append(_children_cpu() - c0)
+    return out
+
+
 def python_start() -> float:
     """Median wall seconds of `python -c pass`: the interpreter and site-packages start-up."""
     times = []
@@ -189,6 +215,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="Hi")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, help="--threads for llm run (default: its own)")
+    ap.add_argument("--also", type=Path, action="append", default=[], help="another model, timed in turn")
+    ap.add_argument("--llama-cpp", action="store_true", help="also time llama-cpp-python's start on each model")
     ap.add_argument("--breakdown", action="store_true", help="time each phase of the start in one process")
     ap.add_argument("--crossover", action="store_true", help="time the two prompt paths for several lengths")
     ap.add_argument("--lengths", default="8,16,32,64,128", help="prompt lengths for --crossover")
@@ -202,6 +230,23 @@ def main() -> None:
         breakdown(args.model, args.prompt, args.threads)
         return
     before = load_average()
+    if args.also or args.llama_cpp:
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        commands = {}
+        for model in [args.model, *args.also]:
+            name = f"{model.parent.name}/{model.name}"  # store files are all model.gguf
+            commands[f"llm run {name}"] = [*llm_command(), "run", str(model), args.prompt, "-n", "1", *threads]
+            if args.llama_cpp:
+                commands[f"llama-cpp-python {name}"] = [sys.executable, "-c", _LLAMA_CPP_START, str(model),
+                                                              args.prompt, str(args.threads or 0)]
+        results = time_in_turn(commands, args.runs)
+        print(f"{args.runs} fresh processes each, in turn; prompt {args.prompt!r}, one token; load average {before} "
+              f"before, {load_average()} after\n")
+        print("| command | wall median s (min–max) | CPU median s |\n|---|---:|---:|")
+        for label, (wall, cpu) in results.items():
+            print(f"| {label} | {statistics.median(wall):.2f} ({min(wall):.2f}–{max(wall):.2f}) | "
+                  f"{statistics.median(cpu):.2f} |")
+        return
     times, cpu = time_runs(args.model, args.prompt, args.runs, args.threads)
     print(f"llm run {args.model.name} {args.prompt!r} -n 1{f' --threads {args.threads}' if args.threads else ''}, "
           f"{args.runs} fresh processes: wall median {statistics.median(times):.2f} s "

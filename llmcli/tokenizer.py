@@ -18,14 +18,16 @@ import codecs
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gguf import GGUFValueType
-from tokenizers import AddedToken, Regex, models, pre_tokenizers
-from tokenizers import Tokenizer as _HFTokenizer
 
 from llmcli.spm import SPIECE_SPACE, SentencePieceBPE
 from quant.errors import ModelFileError, UnsupportedError
 from quant.gguf_file import GGUFFile, safe_text
+
+if TYPE_CHECKING:  # imported where a byte-level vocabulary is built: a SentencePiece one never needs it
+    from tokenizers import Tokenizer as _HFTokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -290,6 +292,9 @@ def _one_line(error: Exception) -> str:
 
 
 def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, where: Path) -> _HFTokenizer:
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as _HFTokenizer
+
     # A merge whose result is not a token can never produce one (llama.cpp skips it too); `tokenizers`
     # would crash on it, so it is left out.
     try:
@@ -311,6 +316,8 @@ def _byte_level_backend(vocab: dict[str, int], merges: list[str], pre: str, wher
 
 def _add_special_tokens(backend: _HFTokenizer, tokens: list[str], token_types: list[int]) -> None:
     """Control, unknown and user-defined tokens are matched whole wherever their text appears."""
+    from tokenizers import AddedToken
+
     typed = list(zip(tokens, token_types, strict=True))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in typed if ty in (CONTROL, UNKNOWN) and t])
