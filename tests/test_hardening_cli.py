@@ -134,11 +134,21 @@ def test_pull_checks_the_quantization_type_before_the_network(tmp_path):
     assert_one_line_error(llm("pull", "some/repo", "-q", "foo", env=env), "unknown quantization type 'foo'")
 
 
+COMMANDS = ("run", "chat", "tokenize", "show", "pull", "list", "rm", "quantize", "perplexity", "bench", "serve")
+
+
 def test_help_and_version():
-    r = llm("run", "--help")
-    assert r.returncode == 0
-    flag_lines = [x for x in r.stdout.splitlines() if "--raw" in x or "--verbose" in x]
-    assert flag_lines and not any("<bool>" in x for x in flag_lines)
+    # one process for every command's help (each `llm` start costs ~1 s): no flag shows a <bool> metavar
+    code = ("import sys; from llmcli import cli; cli._register_commands(); from typer.main import get_command; "
+            "g = get_command(cli.app); ctx = g.make_context('llm', ['--help'], resilient_parsing=True); "
+            f"[print(g.get_command(ctx, c).get_help(ctx), '@@') for c in {COMMANDS!r}]; print(g.get_help(ctx))")
+    helps = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "COLUMNS": "200"},
+                           timeout=120)
+    assert helps.returncode == 0, helps.stderr
+    assert helps.stdout.count("--help") == len(COMMANDS) + 1 and "--pure" in helps.stdout and "--raw" in helps.stdout
+    assert "<bool>" not in helps.stdout and "BOOL" not in helps.stdout
+    r = llm("quantize", "--help")
+    assert r.returncode == 0 and "--dry-run" in r.stdout and "<bool>" not in r.stdout
     r = llm("--version")
     assert r.returncode == 0 and r.stdout.startswith("llm ")
 
