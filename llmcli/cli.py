@@ -29,6 +29,13 @@ class _Group(TyperGroup):
     def get_params(self, ctx):
         return _flag_metavars(super().get_params(ctx))
 
+    def invoke(self, ctx):
+        # typer turns a KeyboardInterrupt into a silent exit code 130; as Abort it reaches main(), which says so
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+
 
 app = typer.Typer(
     name="llm",
