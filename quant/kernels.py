@@ -136,9 +136,9 @@ def dot_row(wv, qtype, off, n, x, xs, xq, xd, xc):
     if qtype == Q6_K:
         return simd.dot_q6_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == Q2_K:
-        return lowbit.dot_q2_k(u8, off, xq, xd, n // 256)
+        return lowbit.dot_q2_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == Q3_K:
-        return lowbit.dot_q3_k(u8, off, xq, xd, n // 256)
+        return lowbit.dot_q3_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == F32:
         acc = simd.dot_f32(u8, off, x, 0, nb)
     elif qtype == F16:
@@ -179,9 +179,9 @@ def dequant_row(wv, qtype, off, n, out):
     elif qtype == Q5_K:
         simd.dequant_q5_k(u8, off, n // 256, out, 0)
     elif qtype == Q2_K:
-        lowbit.dequant_q2_k(u8, off, n // 256, out)
+        lowbit.dequant_q2_k(u8, off, n // 256, out, 0)
     elif qtype == Q3_K:
-        lowbit.dequant_q3_k(u8, off, n // 256, out)
+        lowbit.dequant_q3_k(u8, off, n // 256, out, 0)
     else:  # Q6_K
         simd.dequant_q6_k(u8, off, n // 256, out, 0)
 
