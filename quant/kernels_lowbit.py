@@ -125,16 +125,23 @@ def _xd16(b, xd, xb):
 
 
 def _q2_k(b, w, o, xq, xd, xs, xb, accs, corr):
-    """One Q2_K super-block: accs += d sc_k xd (q . xq)_k; corr += dmin m_k xd (sum of xq)_k, k over 16 sub-blocks."""
+    """One Q2_K super-block: accs += d sc_k xd (q . xq)_k over the 16 sub-blocks k; the minimums of the two halves
+    of a block of 32 from the sum of its first half S and its sum xs: corr += dmin ((m_2b - m_2b+1) xd S + m_2b+1 xs)
+    (half the sums of xq that summing each sub-block would take)."""
     accs = list(accs)
     sc, m = _q2_scales(b, w, o)
-    xd16 = _xd16(b, xd, xb)
-    scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, b.add(o, _i64(80))), 16), flags=FAST), xd16, flags=FAST)
-    mins = b.fmul(b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(82))), 16), flags=FAST), xd16, flags=FAST)
+    scale = b.fmul(b.fmul(sc, _splat(b, _half(b, w, b.add(o, _i64(80))), 16), flags=FAST), _xd16(b, xd, xb),
+                   flags=FAST)
     accs[0], accs[1] = _accumulate(b, _dots(b, _codes(b, w, o, 16, None), xq, xb), scale, accs[0], accs[1])
-    ones = [_const(I16, [1] * 16)] * 16
-    c0, c1 = _accumulate(b, _dots(b, ones, xq, xb), mins, corr, ir.Constant(V8F, [0.0] * 8))
-    return accs, b.fadd(c0, c1, flags=FAST)
+    dm = b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(82))), 16), flags=FAST)
+    even = b.shuffle_vector(dm, dm, _const(I32, range(0, 16, 2)))
+    odd = b.shuffle_vector(dm, dm, _const(I32, range(1, 16, 2)))
+    xd8, xs8 = _load(b, xd, b.mul(xb, _i64(4)), V8F), _load(b, xs, b.mul(xb, _i64(4)), V8F)
+    corr = _fma(b, odd, xs8, corr)
+    first = b.fmul(b.fsub(even, odd, flags=FAST), xd8, flags=FAST)  # by block b, then in the lane sums' order
+    ones = _const(I16, [1] * 16)
+    halves = _lane_sums(b, [_pairs(b, ones, xq, b.add(b.mul(xb, _i64(64)), _i64(64 * k))) for k in range(8)])
+    return accs, _fma(b, b.sitofp(halves, V8F), b.shuffle_vector(first, first, _const(I32, LANE_SUMS_ORDER)), corr)
 
 
 def _q3_k(b, w, o, xq, xd, xs, xb, accs, corr):
