@@ -8,7 +8,7 @@ stored contiguously. Layouts (little-endian, `d`/`m` are float16 unless noted):
   Q5_0  32 w, 22 B: d, 4 B high bits qh, 16 B nibbles;       w = d * (q - 16)
   Q5_1  32 w, 24 B: d, m, 4 B qh, 16 B nibbles;              w = d * q + m
   Q8_0  32 w, 34 B: d, 32 int8;                              w = d * q
-  Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: 256-weight super-blocks with 6- or 8-bit sub-block scales (see gguf-py quants.py)
+  Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: 256-weight super-blocks with 4-, 6- or 8-bit sub-block scales (gguf-py quants.py)
 """
 
 from __future__ import annotations
