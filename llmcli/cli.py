@@ -5,11 +5,41 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from llmcli.options import FLAG
 from quant.errors import FieldError, LlmError
+
+
+def _flag_metavars(params: list) -> list:
+    """Options that take no value (flags, and the --help option typer adds) get no metavar: typer would print
+    <bool> after them in the help."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = FLAG
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _flag_metavars(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _flag_metavars(super().get_params(ctx))
+
+    def invoke(self, ctx):
+        # typer turns a KeyboardInterrupt into a silent exit code 130; as Abort it reaches main(), which says so
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+
 
 app = typer.Typer(
     name="llm",
+    cls=_Group,
     help="Run quantized language models locally: chat, run, pull, quantize, bench.",
     no_args_is_help=True,
     add_completion=False,
@@ -24,6 +54,9 @@ def _register_commands() -> None:
 
     for module in (cli_core, cli_store, cli_quantize, cli_bench, cli_serve):
         module.register(app)
+    for info in app.registered_commands:  # app.command() gave each the plain TyperCommand
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
 
 
 def _version(value: bool) -> None:

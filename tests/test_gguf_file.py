@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from backends import read_hparams
 from quant.errors import ModelFileError, UnsupportedError
@@ -50,8 +50,9 @@ def write_tiny(path, arch="llama", qtype=GGMLQuantizationType.F32):
     if qtype == GGMLQuantizationType.F32:
         w.add_tensor("blk.0.attn_q.weight", rng.normal(size=(32, 32)).astype(np.float32))
     else:
-        # one 256-weight Q2_K block (84 bytes) per row
-        w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 84), dtype=np.uint8), raw_dtype=qtype)
+        # one 256-weight block per row
+        size = GGML_QUANT_SIZES[qtype][1] * 256 // GGML_QUANT_SIZES[qtype][0]
+        w.add_tensor("blk.0.attn_q.weight", np.zeros((32, size), dtype=np.uint8), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -89,8 +90,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = write_tiny(tmp_path / "q2k.gguf", qtype=GGMLQuantizationType.Q2_K)
-    with pytest.raises(UnsupportedError, match="Q2_K"):
+    p = write_tiny(tmp_path / "iq2.gguf", qtype=GGMLQuantizationType.IQ2_XXS)
+    with pytest.raises(UnsupportedError, match="IQ2_XXS"):
         read_gguf(p)
 
 

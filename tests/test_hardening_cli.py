@@ -134,13 +134,68 @@ def test_pull_checks_the_quantization_type_before_the_network(tmp_path):
     assert_one_line_error(llm("pull", "some/repo", "-q", "foo", env=env), "unknown quantization type 'foo'")
 
 
+COMMANDS = ("run", "chat", "tokenize", "show", "pull", "list", "rm", "quantize", "perplexity", "bench", "serve")
+
+
+def all_help() -> dict[str, str]:
+    """The help text of `llm` ('') and of every command, from one process (each `llm` start costs ~1 s)."""
+    code = ("import contextlib, io, json, sys; from llmcli import cli; from typer.main import get_command\n"
+            "cli._register_commands(); g = get_command(cli.app)\n"
+            "ctx = g.make_context('llm', ['--help'], resilient_parsing=True)\n"
+            "def text(c):  # rich prints the help itself\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        print(c.get_help(ctx) or '')\n"
+            "    return out.getvalue()\n"
+            f"h = {{c: text(g.get_command(ctx, c)) for c in {COMMANDS!r}}}; h[''] = text(g)\n"
+            "print(json.dumps(h))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "COLUMNS": "200"},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_help_and_version():
-    r = llm("run", "--help")
-    assert r.returncode == 0
-    flag_lines = [x for x in r.stdout.splitlines() if "--raw" in x or "--verbose" in x]
-    assert flag_lines and not any("<bool>" in x for x in flag_lines)
+    helps = all_help()
+    assert set(helps) == {"", *COMMANDS} and all("--help" in h for h in helps.values())
+    assert "--pure" in helps["quantize"] and "--raw" in helps["run"]
+    assert not any("<bool>" in h or "BOOL" in h for h in helps.values())  # flags take no value
+    r = llm("quantize", "--help")
+    assert r.returncode == 0 and "--dry-run" in r.stdout and "<bool>" not in r.stdout
     r = llm("--version")
     assert r.returncode == 0 and r.stdout.startswith("llm ")
+
+
+def test_readme_commands_and_options_exist():
+    """Every `llm COMMAND --option` of the README's usage block, and every option it lists for run and chat, is in
+    that command's help (B.10: the README named options no command had)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Use", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    helps, seen = all_help(), 0
+    for line in block.splitlines():
+        for part in line.split("#", 1)[0].split("|"):
+            words = shlex.split(part)
+            if not words or words[0] != "llm":
+                continue
+            command = words[1] if len(words) > 1 and not words[1].startswith("-") else ""
+            assert command in helps, line
+            for word in words[2 if command else 1:]:
+                if word.startswith("--"):
+                    assert word in helps[command], (word, line)
+            seen += 1
+    assert seen >= 15
+    shared = readme.split("Options of `run` and `chat`:", 1)[1].split("\n\n", 1)[0]
+    options = set(re.findall(r"`(--[a-z-]+)", shared))
+    assert len(options) >= 15
+    for command in ("run", "chat"):
+        assert not {o for o in options if o not in helps[command]}, command
+
+
+def test_perplexity_errors_have_no_blank_line(tmp_path):
+    assert_one_line_error(llm("perplexity", str(tmp_path / "missing.gguf"), "README.md"), "no such file")
 
 
 def test_misleading_messages(smollm2_path, tmp_path):
