@@ -17,6 +17,9 @@
                                                             # T = 1, 2, 4, 8 tokens through matvec (each block
                                                             # decoded once for up to 4) vs the one-token kernel
                                                             # per token, one thread, CPU time
+    python benchmarks/bench_kernels.py --steps FILE.gguf [--threads 1]
+                                                            # CPU time of a batched decode step of 1, 2, 4, 8
+                                                            # conversations (forward_batch), median of 7
     python benchmarks/bench_kernels.py --long-rows [--formats q4_0,q4_k,q6_k]
                                                             # the same bytes as rows of 2048, 8192, 16384
                                                             # weights, one thread, CPU time
@@ -479,6 +482,29 @@ def several_tokens(formats: list[str], tokens=(1, 2, 4, 8)) -> list[dict]:
     return result
 
 
+def batch_steps(path: Path, threads: int, reps: int = 7) -> dict:
+    """CPU time of one forward_batch step of B = 1, 2, 4, 8 conversations (a batched decode step, as `llm serve`
+    runs it), median of `reps` after a warm-up: CPU time, since on a loaded machine wall time swings 2-3x."""
+    import statistics
+
+    from backends import load_model
+    from quant.gguf_file import read_gguf
+
+    model = load_model(read_gguf(path), "numba", threads)
+    caches = model.new_caches(8, 512)
+    for i, c in enumerate(caches):
+        model.forward(np.arange(5, 10 + i, dtype=np.int64), c)
+    ms = {}
+    for B in (1, 2, 4, 8):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.process_time()
+            model.forward_batch(np.full(B, 17), caches[:B])
+            times.append(time.process_time() - t0)
+        ms[B] = statistics.median(times[1:]) * 1e3
+    return {"model": path.name, "threads": threads, "step_cpu_ms": ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
@@ -491,12 +517,19 @@ def main() -> None:
     ap.add_argument("--streaming", action="store_true", help="the Q4_0 kernel streaming from memory, 1-2 threads")
     ap.add_argument("--long-rows", action="store_true", help="rows of 2048, 8192, 16384 weights, same bytes")
     ap.add_argument("--tokens", action="store_true", help="several tokens at once (T = 1, 2, 4, 8) vs per token")
+    ap.add_argument("--steps", type=Path, help="a GGUF file: CPU time of forward_batch steps of 1, 2, 4, 8 tokens")
+    ap.add_argument("--threads", type=int, default=1, help="for --steps")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.tokens:
+    if args.steps:
+        result = batch_steps(args.steps, args.threads)
+        ms = result["step_cpu_ms"]
+        print(json.dumps(result))
+        print(" | ".join(f"B={b}: {v:.1f} ms ({v / ms[1]:.2f}x)" for b, v in ms.items()))
+    elif args.tokens:
         result = several_tokens(args.formats.split(","))
         print("| format | T | several at once ms | per token ms | speed-up | cost vs T = 1 |\n"
               "|---|---:|---:|---:|---:|---:|")
