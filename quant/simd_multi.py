@@ -72,9 +72,9 @@ def _halves(b, w, o, block_bytes, at, k):
 
 def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
     """Blocks of 32 (Q4_0 ... Q8_0) for TT tokens (xq, xd, xs, xc: lists of each token's row pointers) -> TT floats.
-    Per BLOCKS blocks: their scales d (and minimums m) once; per token the scales d xd and the offset / minimum
-    terms (d xd xc, m xs) as <BLOCKS x float>; per block its codes once, then per token two pair-product vectors,
-    one conversion and one FMA into that token's accumulator."""
+    Per BLOCKS blocks: their scales d (and minimums m) once; per token the scales d xd and the minimum terms m xs
+    as <BLOCKS x float>; per block its codes once (offsets taken out: signed), then per token two pair-product
+    vectors, one conversion and one FMA into that token's accumulator."""
     block, block_bytes, offset, has_min = fmt
 
     def group(i, k, vals):
@@ -86,14 +86,13 @@ def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
         at = b.mul(i, _i64(4))
         scales = []
         for t in range(TT):
-            s = b.fmul(d, _load(b, xd[t], at, vf), flags=FAST)
-            scales.append(s)
-            if offset:
-                corrs[t] = _fma(b, s, _load(b, xc[t], at, vf), corrs[t])
+            scales.append(b.fmul(d, _load(b, xd[t], at, vf), flags=FAST))
             if has_min:
                 corrs[t] = _fma(b, m, _load(b, xs[t], at, vf), corrs[t])
         for j in range(k):
             lo, hi = block(b, w, b.add(o, _i64(block_bytes * j)))
+            if offset:  # signed codes, once for all tokens (not an offset term per token: a tenth of Q4_0's work)
+                lo, hi = (b.sub(c, _const(I16, [offset] * 16)) for c in (lo, hi))
             xo = b.mul(b.add(i, _i64(j)), _i64(64))
             for t in range(TT):
                 dot = b.add(_pairs(b, lo, xq[t], xo), _pairs(b, hi, xq[t], b.add(xo, _i64(32))))
@@ -111,8 +110,6 @@ def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
     out = []
     for t in range(TT):
         corr = b.extract_element(vals[TT + t], ir.Constant(I32, 0))
-        if offset:
-            corr = b.fmul(corr, ir.Constant(F32, -float(offset)), flags=FAST)
         out.append(b.fadd(_hsum(b, vals[t]), corr, flags=FAST))
     return out
 
