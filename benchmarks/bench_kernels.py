@@ -13,6 +13,13 @@
                                                             # dequantized float32, 512 tokens, 1 and 2 threads
     python benchmarks/bench_kernels.py --streaming          # the Q4_0 kernel streaming 302 MB from memory at
                                                             # 1 and 2 threads, next to the parallel-sum bandwidth
+    python benchmarks/bench_kernels.py --tokens [--formats q4_0,q4_k,q6_k]
+                                                            # T = 1, 2, 4, 8 tokens through matvec (each block
+                                                            # decoded once for up to 4) vs the one-token kernel
+                                                            # per token, one thread, CPU time
+    python benchmarks/bench_kernels.py --steps FILE.gguf [--threads 1]
+                                                            # CPU time of a batched decode step of 1, 2, 4, 8
+                                                            # conversations (forward_batch), median of 7
     python benchmarks/bench_kernels.py --long-rows [--formats q4_0,q4_k,q6_k]
                                                             # the same bytes as rows of 2048, 8192, 16384
                                                             # weights, one thread, CPU time
@@ -412,6 +419,92 @@ def streaming(threads_list=(1, 2)) -> list[dict]:
     return result
 
 
+def several_tokens(formats: list[str], tokens=(1, 2, 4, 8)) -> list[dict]:
+    """The small-T path: matvec (each block decoded once for up to 4 tokens, quant/simd_multi.py) against the
+    one-token kernel called per token (what matvec did before), on a 2048 x 2048 matrix (cache-resident: the step
+    is compute-bound once tokens share it), one thread, CPU time, alternating; and each T's cost relative to
+    T = 1."""
+    from gguf import GGMLQuantizationType as Q
+    from test_kernels import weights
+
+    from quant import simd
+    from quant.jit import njit
+    from quant.kernels import (
+        Q4_0,
+        Q4_K,
+        Q5_K,
+        Q6_K,
+        Q8_0,
+        activation_blocks,
+        dot_row,
+        matvec,
+        prepare,
+        row_bytes,
+        weight_views,
+    )
+
+    @njit(cache=False)
+    def per_token(wv, qtype, rows, n, x, xb, out):  # the format's kernel called directly, as matvec did
+        xs, xq, xd, xc = xb
+        rb, u8, nb = row_bytes(qtype, n), wv[0], n // 32
+        for r in range(rows):
+            for t in range(x.shape[0]):
+                if qtype == Q4_0:
+                    out[t, r] = simd.dot_q4_0(u8, r * rb, xq[t], xd[t], xs[t], xc[t], nb)
+                elif qtype == Q8_0:
+                    out[t, r] = simd.dot_q8_0(u8, r * rb, xq[t], xd[t], xs[t], xc[t], nb)
+                elif qtype == Q4_K:
+                    out[t, r] = simd.dot_q4_k(u8, r * rb, xq[t], xd[t], xs[t], xc[t], nb // 8)
+                elif qtype == Q5_K:
+                    out[t, r] = simd.dot_q5_k(u8, r * rb, xq[t], xd[t], xs[t], xc[t], nb // 8)
+                elif qtype == Q6_K:
+                    out[t, r] = simd.dot_q6_k(u8, r * rb, xq[t], xd[t], xs[t], xc[t], nb // 8)
+                else:
+                    out[t, r] = dot_row(wv, qtype, r * rb, n, x[t], xs[t], xq[t], xd[t], xc[t])
+
+    rng = np.random.default_rng(0)
+    result = []
+    for name in formats:
+        qtype = Q[name.upper()]
+        rows, n = 2048, 2048
+        wv = weight_views(np.ascontiguousarray(weights(qtype, rows, n, rng)).view(np.uint8))
+        base = None
+        for T in tokens:
+            x = rng.standard_normal((T, n)).astype(np.float32)
+            xb = activation_blocks(T, n)
+            prepare(x, xb)
+            out = np.empty((T, rows), dtype=np.float32)
+            new = best_cpu_seconds(lambda: matvec(wv, int(qtype), 0, rows, x, xb, out), 20)  # noqa: B023
+            old = best_cpu_seconds(lambda: per_token(wv, int(qtype), rows, n, x, xb, out), 20)  # noqa: B023
+            base = base or new
+            result.append({"format": name, "T": T, "new_ms": new * 1e3, "per_token_ms": old * 1e3,
+                           "speedup": old / new, "vs_t1": new / base})
+    return result
+
+
+def batch_steps(path: Path, threads: int, reps: int = 7) -> dict:
+    """CPU time of one forward_batch step of B = 1, 2, 4, 8 conversations (a batched decode step, as `llm serve`
+    runs it), median of `reps` after a warm-up: CPU time, since on a loaded machine wall time swings 2-3x."""
+    import statistics
+
+    from backends import load_model
+    from quant.gguf_file import read_gguf
+
+    model = load_model(read_gguf(path), "numba", threads)
+    caches = model.new_caches(8, 512)
+    for i, c in enumerate(caches):
+        model.forward(np.arange(5, 10 + i, dtype=np.int64), c)
+    ms = {}
+    for B in (1, 2, 4, 8):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.process_time()
+            model.forward_batch(np.full(B, 17), caches[:B])
+            times.append(time.process_time() - t0)
+        ms[B] = statistics.median(times[1:]) * 1e3
+    return {"model": path.name, "threads": threads, "step_cpu_ms": ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="a GGUF file (repeatable)")
@@ -423,12 +516,27 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true", help="the integer GEMM against BLAS float32")
     ap.add_argument("--streaming", action="store_true", help="the Q4_0 kernel streaming from memory, 1-2 threads")
     ap.add_argument("--long-rows", action="store_true", help="rows of 2048, 8192, 16384 weights, same bytes")
+    ap.add_argument("--tokens", action="store_true", help="several tokens at once (T = 1, 2, 4, 8) vs per token")
+    ap.add_argument("--steps", type=Path, help="a GGUF file: CPU time of forward_batch steps of 1, 2, 4, 8 tokens")
+    ap.add_argument("--threads", type=int, default=1, help="for --steps")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import numba
 
     numba.set_num_threads(1)
-    if args.long_rows:
+    if args.steps:
+        result = batch_steps(args.steps, args.threads)
+        ms = result["step_cpu_ms"]
+        print(json.dumps(result))
+        print(" | ".join(f"B={b}: {v:.1f} ms ({v / ms[1]:.2f}x)" for b, v in ms.items()))
+    elif args.tokens:
+        result = several_tokens(args.formats.split(","))
+        print("| format | T | several at once ms | per token ms | speed-up | cost vs T = 1 |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['format']} | {r['T']} | {r['new_ms']:.3f} | {r['per_token_ms']:.3f} | x{r['speedup']:.2f} | "
+                  f"{r['vs_t1']:.2f} |")
+    elif args.long_rows:
         result = long_rows(args.formats.split(","))
         print("| format | row length | GB/s | vs rows of 2048 |\n|---|---:|---:|---:|")
         for r in result:

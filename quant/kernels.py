@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from quant import kernels_lowbit as lowbit
-from quant import simd
+from quant import simd, simd_multi
 from quant.errors import UnsupportedError
 from quant.jit import njit, prange
 
@@ -209,55 +209,77 @@ def row_offset(descs, r, n):
     return descs[i, 0] + (r - r0) * row_bytes(descs[i, 1], n), descs[i, 1]
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def dot_tokens(wv, qtype, off, n, x, xs, xq, xd, xc, out, r):
+    """out[t, r] = row of `qtype` at byte `off` (n weights) . x[t] for every token t of x: (T, n), given the
+    prepared (xs, xq, xd, xc) = prepare(x) (T rows each): the quantized formats decode each block once for up to
+    simd_multi.MAX_WIDTH tokens (quant/simd_multi.py); the float formats go token by token. New quantized formats
+    add their kernel here."""
+    u8, nb = wv[0], n // 32
+    if qtype == Q4_0:
+        simd_multi.dot_q4_0(u8, off, xq, xd, xs, xc, nb, out, r)
+    elif qtype == Q8_0:
+        simd_multi.dot_q8_0(u8, off, xq, xd, xs, xc, nb, out, r)
+    elif qtype == Q4_K:
+        simd_multi.dot_q4_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+    elif qtype == Q6_K:
+        simd_multi.dot_q6_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+    elif qtype == Q5_K:
+        simd_multi.dot_q5_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+    elif qtype == Q4_1:
+        simd_multi.dot_q4_1(u8, off, xq, xd, xs, xc, nb, out, r)
+    elif qtype == Q5_0:
+        simd_multi.dot_q5_0(u8, off, xq, xd, xs, xc, nb, out, r)
+    elif qtype == Q5_1:
+        simd_multi.dot_q5_1(u8, off, xq, xd, xs, xc, nb, out, r)
+    else:
+        for t in range(x.shape[0]):
+            out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], xq[t], xd[t], xc[t])
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_multi(wv, descs, x, xb, out):
     """out[t, r] = W[r] . x[t] for the rows of several matrices sharing the input x: (T, n), stacked, in one
     parallel region (merged Q/K/V, gate/up; or one matrix). descs: (k, 3) int64 rows of (byte offset, qtype,
     row count); out: (T, sum of row counts), the outputs side by side; xb filled by prepare(x, xb). Rows are split
-    across threads; each row's bytes are read once for all T tokens. When every matrix is Q4_0 (or every one Q8_0,
-    Q4_K, Q5_K, Q6_K) the loop calls that format's kernel directly: 8-16 % faster than dispatching per row for
-    Q4_0, 16-27 % for Q4_K and Q6_K (benchmarks/RESULTS.md)."""
+    across threads; each row's bytes are read once for all T tokens, and for T > 1 each block is decoded once for
+    several tokens (dot_tokens). For one token, when every matrix is Q4_0 (or every one Q8_0, Q4_K, Q5_K, Q6_K)
+    the loop calls that format's kernel directly: 8-16 % faster than dispatching per row for Q4_0, 16-27 % for
+    Q4_K and Q6_K (benchmarks/RESULTS.md)."""
     n, u8, nb = x.shape[1], wv[0], x.shape[1] // 32
     xs, xq, xd, xc = xb
     total, q0, same = 0, descs[0, 1], True
     for i in range(descs.shape[0]):
         total += descs[i, 2]
         same = same and descs[i, 1] == q0
-    if same and q0 == Q4_0:
+    if x.shape[0] > 1:
         for r in prange(total):
-            off = row_offset(descs, r, n)[0]
-            for t in range(x.shape[0]):
-                out[t, r] = simd.dot_q4_0(u8, off, xq[t], xd[t], xs[t], xc[t], nb)
+            off, qtype = row_offset(descs, r, n)
+            dot_tokens(wv, qtype, off, n, x, xs, xq, xd, xc, out, r)
+    elif same and q0 == Q4_0:
+        for r in prange(total):
+            out[0, r] = simd.dot_q4_0(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], nb)
     elif same and q0 == Q8_0:
         for r in prange(total):
-            off = row_offset(descs, r, n)[0]
-            for t in range(x.shape[0]):
-                out[t, r] = simd.dot_q8_0(u8, off, xq[t], xd[t], xs[t], xc[t], nb)
+            out[0, r] = simd.dot_q8_0(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], nb)
     elif same and q0 == Q4_K:
         for r in prange(total):
-            off = row_offset(descs, r, n)[0]
-            for t in range(x.shape[0]):
-                out[t, r] = simd.dot_q4_k(u8, off, xq[t], xd[t], xs[t], xc[t], n // 256)
+            out[0, r] = simd.dot_q4_k(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], n // 256)
     elif same and q0 == Q5_K:
         for r in prange(total):
-            off = row_offset(descs, r, n)[0]
-            for t in range(x.shape[0]):
-                out[t, r] = simd.dot_q5_k(u8, off, xq[t], xd[t], xs[t], xc[t], n // 256)
+            out[0, r] = simd.dot_q5_k(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], n // 256)
     elif same and q0 == Q6_K:
         for r in prange(total):
-            off = row_offset(descs, r, n)[0]
-            for t in range(x.shape[0]):
-                out[t, r] = simd.dot_q6_k(u8, off, xq[t], xd[t], xs[t], xc[t], n // 256)
+            out[0, r] = simd.dot_q6_k(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], n // 256)
     else:  # mixed types (a Q4_K_M file's Q/K/V: Q4_K and Q6_K): the K-quants called directly, the rest by dot_row
         for r in prange(total):
             off, qtype = row_offset(descs, r, n)
-            for t in range(x.shape[0]):
-                if qtype == Q4_K:
-                    out[t, r] = simd.dot_q4_k(u8, off, xq[t], xd[t], xs[t], xc[t], n // 256)
-                elif qtype == Q6_K:
-                    out[t, r] = simd.dot_q6_k(u8, off, xq[t], xd[t], xs[t], xc[t], n // 256)
-                else:
-                    out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], xq[t], xd[t], xc[t])
+            if qtype == Q4_K:
+                out[0, r] = simd.dot_q4_k(u8, off, xq[0], xd[0], xs[0], xc[0], n // 256)
+            elif qtype == Q6_K:
+                out[0, r] = simd.dot_q6_k(u8, off, xq[0], xd[0], xs[0], xc[0], n // 256)
+            else:
+                out[0, r] = dot_row(wv, qtype, off, n, x[0], xs[0], xq[0], xd[0], xc[0])
 
 
 @njit(cache=True, fastmath=True)

@@ -1,5 +1,7 @@
-"""forward_batch: one decode step for several conversations at once gives each exactly the logits that its own
-forward would (each token keeps its own position and KV cache)."""
+"""forward_batch: one decode step for several conversations at once gives each the logits that its own forward
+would (each token keeps its own position and KV cache): exactly on numpy; on numba within the int16 activation
+rounding's noise, since a step of several tokens decodes each weight block once for all of them and adds the
+same integer block sums in another float order (quant/simd_multi.py), and 30 layers carry that rounding on."""
 
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ def test_forward_batch_equals_forward_per_conversation(smollm2_gguf, backend):
     order = [2, 0, 3]
     step2 = model.forward_batch(np.array([42] * 3), [caches[i] for i in order])
     assert [c.offset for c in caches] == [len(p) + (2 if i in order else 1) for i, p in enumerate(prompts)]
-    for i in range(4):
-        np.testing.assert_array_equal(step1[i], alone[i][0])
-    for row, i in enumerate(order):
-        np.testing.assert_array_equal(step2[row], alone[i][1])
+    got = [(step1[i], alone[i][0]) for i in range(4)] + [(step2[row], alone[i][1]) for row, i in enumerate(order)]
+    for batched, own in got:
+        if backend == "numpy":
+            np.testing.assert_array_equal(batched, own)
+        else:  # measured: up to 6e-4 of the largest logit, as far as numba's own logits are from numpy's
+            assert np.max(np.abs(batched - own)) <= 2e-3 * np.max(np.abs(own))
+            assert np.argmax(batched) == np.argmax(own)

@@ -95,6 +95,29 @@ def test_matvec_equals_dequantized_product(qtype, n):
         assert np.all(np.abs(y - exact) <= 2e-5 * mag + 1e-6)
 
 
+MULTI_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
+
+
+@pytest.mark.parametrize("qtype,n", MULTI_CASES, ids=[f"{t.name}-{n}" for t, n in MULTI_CASES])
+def test_several_tokens_equal_one_at_a_time(qtype, n):
+    """T = 2..9 tokens at once (quant/simd_multi.py: each block decoded once for up to 4 of them; 9 = 4 + 4 + 1)
+    equal the one-token kernel for each token to float32 rounding (the same integer block sums, added in another
+    order): |difference| <= 2e-6 * (|W| @ |x|) + 1e-7, and dequantize(W) @ x within the bound of
+    test_matvec_equals_dequantized_product. Odd shapes: 37 rows, rows of 3 blocks (a block past the pairs)."""
+    rng = np.random.default_rng(3)
+    raw = weights(qtype, ROWS, n, rng)
+    w = reference(raw, qtype, n).astype(np.float64)
+    for T in range(2, 10):
+        x = rng.standard_normal((T, n)).astype(np.float32)
+        x[:, 7] *= 40
+        y = matvec_raw(raw, qtype, x)
+        one = np.stack([matvec_raw(raw, qtype, x[t]) for t in range(T)])
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+        assert np.all(np.abs(y - one) <= 2e-6 * mag + 1e-7), T
+        bound = 2e-5 * mag + 1e-6 + int16_rounding(x) @ np.abs(w).T
+        assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= bound), T
+
+
 GEMM_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
 
 
@@ -236,17 +259,21 @@ def test_vector_exp():
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f32", "f16", "bf16", "q4_k", "q5_k",
-                                  "q6_k", "gemm", "gemm_min", "gemm16_min"])
+                                  "q6_k", "gemm", "gemm_min", "gemm16_min", "multi_q4_0", "multi_q4_1",
+                                  "multi_q8_0", "multi_q4_k", "multi_q5_k", "multi_q6_k"])
 def test_kernels_are_portable_vector_code(name):
-    """The dot-product and GEMM micro-kernel IR uses no target intrinsics: LLVM compiles the same module to NEON
-    vector FMAs for ARM64 and to AVX2 for an x86 without AVX-512, as numba does for the machine it runs on."""
+    """The dot-product, several-token and GEMM micro-kernel IR uses no target intrinsics: LLVM compiles the same
+    module to NEON vector FMAs for ARM64 and to AVX2 for an x86 without AVX-512, as numba does for the machine it
+    runs on."""
     import re
 
     import llvmlite.binding as llvm
 
-    from quant import gemm, simd
+    from quant import gemm, simd, simd_multi
 
     def standalone_module(name):
+        if name.startswith("multi_"):
+            return simd_multi.standalone_module(name[6:])
         if name.startswith("gemm"):
             return gemm.standalone_module(name.endswith("min"), 8 if "16" in name else 16)
         return simd.standalone_module(name)

@@ -52,8 +52,8 @@ class NumbaOptions:
     small_t: int = 8  # tokens per forward_stack call (its scratch buffers hold this many)
     # Prompts of at least gemm_min_t tokens take the GEMM path (a fixed cost of packing or dequantizing every
     # weight, then cheap per token); shorter ones run forward_stack over chunks of small_t tokens (no fixed cost,
-    # the matvec kernels' cost per token).
-    gemm_min_t: int = 12
+    # the matvec kernels' cost per token; since those decode each block once for up to 4 tokens, 16: RESULTS.md).
+    gemm_min_t: int = 16
     # ... once the GEMM path's machine code is loaded in this process: loading it costs a fresh process's first
     # prompt more than a prompt this short earns back, so until a prompt of gemm_min_t_cold tokens has taken the
     # GEMM path, shorter ones take the decode stack. (A chat's first turn usually loads it.)
