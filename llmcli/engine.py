@@ -224,11 +224,13 @@ class Generation:
 class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
-    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None):
-        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one."""
+    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None,
+                 kv_type: str | None = None):
+        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one
+        stored as kv_type (None: the backend's default)."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
-        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx)
+        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx, kv_type)
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
 

@@ -25,7 +25,7 @@ from numba import njit, prange
 __all__ = ["njit", "prange"]
 
 # Modules whose jitted functions are called from other files (a function's own file numba checks itself).
-_SHARED = ("jit.py", "kernels.py", "simd.py", "gemm.py", "quantize.py")
+_SHARED = ("jit.py", "kernels.py", "simd.py", "gemm.py", "quantize.py", "kv_kernels.py")
 PRUNE_AFTER_DAYS = 30
 
 

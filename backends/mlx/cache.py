@@ -11,14 +11,16 @@ SLACK = 8  # positions a windowed layer keeps beyond what the next token sees: h
 
 
 class MlxKVCache(OffsetCache):
-    """keys[i], values[i]: (1, n_kv_heads, capacity, head_dim) in the compute dtype, for a full-attention layer.
+    """keys[i], values[i]: (1, n_kv_heads, capacity, head_dim) in the storage dtype, for a full-attention layer.
 
     capacity grows in multiples of `step` (never past max_seq) as tokens arrive, so a short chat does not
     hold a 32k-token cache; positions at and beyond `offset` are stale and get overwritten. A windowed layer
     holds positions first[i] .. offset in keys[i] (no more than its window - 1 + SLACK of them)."""
 
-    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256):
-        self.hp, self.max_seq, self.dtype, self.step = hp, max_seq, dtype, step
+    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256, store: mx.Dtype | None = None):
+        """dtype: what update() returns (the compute dtype); store: what the buffers hold (default dtype)."""
+        self.hp, self.max_seq, self.dtype, self.step = hp, max_seq, store or dtype, step
+        self.compute = dtype
         self.offset = 0
         self.capacity = 0
         self.windows = [hp.window(i) for i in range(hp.n_layers)]
@@ -52,10 +54,12 @@ class MlxKVCache(OffsetCache):
         caller advances `offset` once all layers are done."""
         end = self.offset + k.shape[2]
         window = self.windows[layer]
+        k, v = k.astype(self.dtype), v.astype(self.dtype)  # as stored; the queries see them so too
         if not window:
             self.keys[layer][:, :, self.offset:end] = k
             self.values[layer][:, :, self.offset:end] = v
-            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], 0
+            return (self.keys[layer][:, :, :end].astype(self.compute),
+                    self.values[layer][:, :, :end].astype(self.compute), 0)
         first = self.first[layer]
         if self.keys[layer] is None or self.offset == first:
             keys, values = k, v
@@ -65,7 +69,7 @@ class MlxKVCache(OffsetCache):
         keep = min(end - first, window - 1 + SLACK)
         self.keys[layer], self.values[layer] = keys[:, :, -keep:], values[:, :, -keep:]
         self.first[layer] = end - keep
-        return keys, values, first
+        return keys.astype(self.compute), values.astype(self.compute), first
 
     def trim(self, n: int) -> int:
         """Forget the last n positions; a windowed layer that no longer holds what the next token sees makes

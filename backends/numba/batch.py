@@ -4,7 +4,8 @@ layers.forward_stack reads every weight row once for all its tokens (matvec_mult
 own position and cache row, so one decode step of B conversations costs little more than one. For that their
 caches are rows of one array the jitted stack can index:
 
-  k_pool, v_pool: (n_slots, cache floats) float32, each row laid out as a RingKVCache (layout: (n_layers, 2))
+  k_pool, v_pool: (n_slots, cache elements) of the kv type's storage dtype, each row laid out as a RingKVCache
+                  (layout: (n_layers, 2))
 
 A slot's cache (PooledKVCache) is a RingKVCache living in its row of the pool: the single-conversation path
 (forward, the prompt path) runs on it as on any cache.
@@ -15,23 +16,25 @@ from __future__ import annotations
 import numpy as np
 
 from backends.base import HParams, RingKVCache
+from quant.kvtypes import KV_TYPES, check_kv_type
 
 
 class PooledKVCache(RingKVCache):
     """One slot of a CachePool: a RingKVCache whose k, v are views of the pool's row `slot`."""
 
     def __init__(self, pool: CachePool, slot: int):
-        super().__init__(pool.hp, pool.max_seq, pool.slack, pool.k[slot], pool.v[slot])
+        super().__init__(pool.hp, pool.max_seq, pool.slack, pool.k[slot], pool.v[slot], pool.kv_type)
         self.pool, self.slot = pool, slot
 
 
 class CachePool:
     """KV caches for `n` conversations decoded together, and the batch stack's scratch buffers for n tokens."""
 
-    def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple):
-        self.hp, self.max_seq, self.slack = hp, max_seq, slack
-        self.layout = RingKVCache.plan(hp, max_seq, slack)
-        self.k = np.zeros((n, RingKVCache.floats(self.layout, hp)), dtype=np.float32)
+    def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple, kv_type: str):
+        check_kv_type(kv_type, hp.head_dim)
+        self.hp, self.max_seq, self.slack, self.kv_type = hp, max_seq, slack, kv_type
+        self.layout = RingKVCache.plan(hp, max_seq, slack, kv_type)
+        self.k = np.zeros((n, RingKVCache.elems(self.layout, hp, kv_type)), dtype=KV_TYPES[kv_type][2])
         self.v = np.zeros_like(self.k)
         self.scratch = scratch  # buffers of forward_stack for up to n tokens (NumbaModel._make_scratch)
         self.caches = [PooledKVCache(self, i) for i in range(n)]
