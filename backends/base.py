@@ -73,6 +73,22 @@ class Model(Protocol):
         """Bytes of weights read to decode one token (for bandwidth figures)."""
 
 
+def rotate_keys(x: np.ndarray, delta: int, inv_freq: np.ndarray, neox: bool) -> np.ndarray:
+    """Keys x: (..., head_dim) float32 rotated by `delta` positions (RoPE's rotations compose: a key at p rotated
+    by -n is the key at p - n). The first 2 len(inv_freq) dims rotate, paired as the family's RoPE pairs them:
+    neox (i, i + half), else (2i, 2i + 1). Any attention factor the keys carry is left as it is."""
+    half = len(inv_freq)
+    angle = np.float64(delta) * inv_freq.astype(np.float64)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    out = np.array(x, dtype=np.float32)
+    a_idx = np.arange(half) if neox else np.arange(0, 2 * half, 2)
+    b_idx = a_idx + half if neox else a_idx + 1
+    a, b = x[..., a_idx], x[..., b_idx]
+    out[..., a_idx] = a * cos - b * sin
+    out[..., b_idx] = a * sin + b * cos
+    return out
+
+
 class OffsetCache:
     """The bookkeeping every KV cache shares: positions past `offset` are free and get overwritten."""
 

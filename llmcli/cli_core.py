@@ -151,6 +151,9 @@ def chat(
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+    context_shift: Annotated[bool, typer.Option(
+        "--context-shift", help="When the context is full, drop the oldest turns and shift the KV cache past them "
+        "instead of recomputing the rest.", metavar=opt.FLAG)] = False,
 ) -> None:
     """Chat in the terminal, streaming replies; the KV cache is reused across turns.
 
@@ -174,7 +177,7 @@ def chat(
         sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 must not end the conversation
     label = model or DEFAULT_MODEL
     err.print(f"[dim]{label} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
-    ChatLoop(session, config, Console(highlight=False), err, system=system).run()
+    ChatLoop(session, config, Console(highlight=False), err, system=system, context_shift=context_shift).run()
 
 
 def tokenize(

@@ -166,3 +166,66 @@ def test_unknown_kv_type_is_one_line(smollm2_path):
                         "-n", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "KV cache type 'q4'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rotate_keys_composes_with_rope(neox):
+    """A key rotated to position p, then back by n, is the key rotated to p - n: both RoPE pairings, with the
+    rotation covering only part of the head (rope_dim < head_dim)."""
+    from backends.base import rotate_keys
+    from backends.numpy import rope
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 96)).astype(np.float32)  # (T, heads, head_dim)
+    inv_freq = (10000.0 ** (-np.arange(32) / 32)).astype(np.float32)  # rope_dim 64 of 96
+    pos = np.array([700, 701, 702, 950])
+    got = rotate_keys(rope(x, pos, inv_freq, neox), -613, inv_freq, neox)
+    np.testing.assert_allclose(got, rope(x, pos - 613, inv_freq, neox), atol=2e-4)
+    np.testing.assert_array_equal(got[..., 64:], x[..., 64:])
+
+
+SYSTEM = [{"role": "system", "content": "You are a helpful assistant who answers briefly."}]
+TURNS = [{"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "The capital of France is Paris."},
+         {"role": "user", "content": "And of Italy?"},
+         {"role": "assistant", "content": "Rome is the capital of Italy."},
+         {"role": "user", "content": "Name a large river in Germany."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_sessions(smollm2_path):
+    from llmcli import engine
+
+    return {name: engine.load(smollm2_path, name, 2) for name in ("numba", "numpy")}
+
+
+def _shifted(lm, kv_type):
+    """Logits after a chat of two exchanges whose first is dropped by shifting the cache, the shift, and the
+    logits of a fresh prefill of the shortened conversation."""
+    from llmcli.engine import Session, encode_chat
+
+    s = Session(lm, 256, kv_type=kv_type)
+    s.prefill(encode_chat(s, SYSTEM + TURNS[:4]))
+    short = encode_chat(s, SYSTEM + TURNS[2:])
+    n = s.shift_for(short)
+    got = s.prefill(short)
+    return got, n, s.reused, Session(lm, 256, kv_type=kv_type).prefill(short)
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_context_shift(smollm2_sessions, kv_type):
+    """Dropping the first exchange shifts the cache (nothing after the system prompt is recomputed but the new
+    message); the next logits: the same on numba and numpy (each re-rotates its own cache), and close to a fresh
+    prefill of the shortened chat. Not equal to it: the turns kept were computed while the dropped ones were in
+    context, as with llama.cpp's context shift."""
+    from llmcli.engine import Session, encode_chat
+
+    got, n, reused, fresh = _shifted(smollm2_sessions["numba"], kv_type)
+    ref, n_ref, _, _ = _shifted(smollm2_sessions["numpy"], kv_type)
+    s = Session(smollm2_sessions["numba"], 256)
+    dropped = len(encode_chat(s, SYSTEM + TURNS[:2])) - len(encode_chat(s, SYSTEM))  # the first exchange
+    assert n == n_ref == dropped
+    assert reused > len(encode_chat(s, SYSTEM)) + 10  # the second exchange came from the shifted cache
+    assert kl_per_position(got, ref)[0] < 1e-3
+    assert int(np.argmax(got)) == int(np.argmax(fresh))
+    assert kl_per_position(got, fresh)[0] < 0.5

@@ -25,6 +25,7 @@ from backends.base import (
     global_weights,
     layer_weights,
     rope_groups,
+    rotate_keys,
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
@@ -546,6 +547,25 @@ class NumbaModel:
         out = np.empty((flat.shape[0], self.hparams.head_dim), dtype=np.float32)
         decode_rows(flat.view(np.uint8), out, cache.kv_code)
         return out.reshape(*rows.shape[:-1], self.hparams.head_dim)
+
+    def shift_cache(self, cache: RingKVCache, start: int, n: int) -> bool:
+        """Drop cached positions start .. start + n and move the later ones down by n, their keys rotated back by
+        n positions (decoded, rotated, encoded again for f16 / q8_0: one more rounding). False, and the cache
+        untouched, for a model with sliding-window layers: their rings have overwritten positions that the
+        shifted queries would see again, so the caller recomputes instead."""
+        hp = self.hparams
+        end = cache.offset
+        if any(hp.window(i) for i in range(hp.n_layers)) or n <= 0 or not 0 <= start <= end - n:
+            return False
+        inv = self._inv_freq(cache)
+        for i in range(hp.n_layers):
+            kc, vc = cache.layer(i)
+            keys = rotate_keys(self._decoded(cache, kc[:, start + n:end]), -n, inv[self.layer_opt[i, L.L_ROPE]],
+                               hp.rope_neox)
+            kc[:, start:end - n] = self._encoded(cache, keys)
+            vc[:, start:end - n] = vc[:, start + n:end].copy()
+        cache.offset = end - n
+        return True
 
     def _post_norm(self, y: np.ndarray, desc: np.ndarray) -> np.ndarray:
         """y normalized in place by the post-norm weight at desc (Gemma's sandwich), or y when there is none."""

@@ -20,6 +20,7 @@ from backends.base import (
     global_weights,
     layer_weights,
     rope_inv_freq,
+    rotate_keys,
     weight_bytes_per_token,
 )
 from quant.formats import dequantize
@@ -154,6 +155,20 @@ class NumpyModel:
             scores = q[:, hd, :] @ keys[:, kv, :].T * np.float32(hp.scale) + mask  # (T, S)
             att[:, hd, :] = softmax(scores) @ values[:, kv, :]
         return att.reshape(T, q_dim)
+
+    def shift_cache(self, cache: SimpleKVCache, start: int, n: int) -> bool:
+        """Drop cached positions start .. start + n and move the later ones down by n, their keys rotated back by
+        n positions. Exact for every layer here: this cache keeps every position (windows are masks)."""
+        hp, end = self.hparams, cache.offset
+        if n <= 0 or not 0 <= start <= end - n:
+            return False
+        for i in range(hp.n_layers):
+            keys = rotate_keys(decode(cache.k[i, start + n:end], cache.kv_type), -n, self.inv_freq(cache.max_seq)[i],
+                               hp.rope_neox)
+            cache.k[i, start:end - n] = encode(keys, cache.kv_type)
+            cache.v[i, start:end - n] = cache.v[i, start + n:end].copy()
+        cache.offset = end - n
+        return True
 
     def mlp(self, lw: dict[str, Tensor], h: np.ndarray) -> np.ndarray:
         hp = self.hparams
