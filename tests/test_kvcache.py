@@ -229,3 +229,30 @@ def test_context_shift(smollm2_sessions, kv_type):
     assert kl_per_position(got, ref)[0] < 1e-3
     assert int(np.argmax(got)) == int(np.argmax(fresh))
     assert kl_per_position(got, fresh)[0] < 0.5
+
+
+@pytest.mark.slow
+def test_serve_kv_type_equals_run(smollm2_path):
+    """`llm serve --kv-type q8_0` (its slots: one pool of q8_0 caches, decoded in batches) gives the greedy text
+    `llm run --kv-type q8_0` gives, for a chat and for two concurrent completions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_server import CHAT, PROMPTS, Served, _llm_run
+
+    served = Served(smollm2_path, "--parallel", "2", "--kv-type", "q8_0")
+    try:
+        c = served.client()
+        chat = c.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=16)
+        assert _llm_run(smollm2_path, CHAT[0]["content"], "-n", "16", "--kv-type", "q8_0", "--ctx", "512") == \
+            chat.choices[0].message.content + "\n"
+
+        def complete(prompt):
+            return c.completions.create(model=served.model, prompt=prompt, temperature=0, max_tokens=12
+                                        ).choices[0].text
+
+        with ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(complete, PROMPTS[:2]))
+        for prompt, text in zip(PROMPTS[:2], texts, strict=True):
+            assert _llm_run(smollm2_path, prompt, "--raw", "-n", "12", "--kv-type", "q8_0", "--ctx", "512") == text
+    finally:
+        served.stop()
