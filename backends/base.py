@@ -18,14 +18,9 @@ from quant.families import (
 from quant.gguf_file import GGUFFile, Tensor
 from quant.kvtypes import KV_CODES, KV_TYPES, check_kv_type, row_bytes, row_elems
 
-__all__ = ["DEFAULT_KV_TYPE", "KV_TYPES", "HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache",
+__all__ = ["KV_TYPES", "HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache",
            "count_params", "global_weights", "layer_weights", "output_tensor", "read_hparams", "rope_groups",
            "rope_inv_freq", "weight_bytes_per_token"]
-
-
-# The KV cache's storage type when none is chosen (--kv-type): benchmarks/RESULTS.md ("KV cache types") has the
-# figures behind it.
-DEFAULT_KV_TYPE = "f32"
 
 
 def count_params(gguf: GGUFFile) -> int:
@@ -62,8 +57,9 @@ class Model(Protocol):
     hparams: HParams
     name: str  # backend name
 
-    def new_cache(self, max_seq: int, kv_type: str | None = None) -> KVCache:
-        """A KV cache for up to `max_seq` positions, stored as kv_type (quant/kvtypes.py; None: DEFAULT_KV_TYPE)."""
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> KVCache:
+        """A KV cache for up to `max_seq` positions, stored as kv_type (quant/kvtypes.py). The library's default is
+        the exact f32; the engine's, per backend, is backends.default_kv_type."""
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` (int32, (T,)) at positions cache.offset.. and advance the cache.
@@ -111,7 +107,7 @@ def kv_capacity(hp: HParams, layer: int, max_seq: int, slack: int) -> int:
     return max_seq if not window else min(max_seq, window + slack)
 
 
-def kv_cache_bytes(hp: HParams, max_seq: int, slack: int | None = 8, kv_type: str = DEFAULT_KV_TYPE) -> int:
+def kv_cache_bytes(hp: HParams, max_seq: int, slack: int | None = 8, kv_type: str = "f32") -> int:
     """Bytes of keys and values for `max_seq` positions stored as kv_type: rotating windowed layers with `slack`,
     or with slack None a cache that keeps every position of every layer."""
     per_position = 2 * hp.n_kv_heads * row_bytes(kv_type, hp.head_dim)
@@ -130,7 +126,7 @@ class RingKVCache(OffsetCache):
     """
 
     def __init__(self, hp: HParams, max_seq: int, slack: int, k: np.ndarray | None = None,
-                 v: np.ndarray | None = None, kv_type: str = DEFAULT_KV_TYPE):
+                 v: np.ndarray | None = None, kv_type: str = "f32"):
         """A cache of its own, or with k, v given (views of the layout's size) one that lives in them."""
         check_kv_type(kv_type, hp.head_dim)
         self.hp, self.max_seq, self.offset, self.kv_type = hp, max_seq, 0, kv_type
@@ -149,14 +145,14 @@ class RingKVCache(OffsetCache):
         return KV_CODES[self.kv_type]
 
     @staticmethod
-    def plan(hp: HParams, max_seq: int, slack: int, kv_type: str = DEFAULT_KV_TYPE) -> np.ndarray:
+    def plan(hp: HParams, max_seq: int, slack: int, kv_type: str = "f32") -> np.ndarray:
         """layout: (n_layers, 2) int64, each layer's (first element, positions kept)."""
         caps = [kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)]
         offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * hp.n_kv_heads * row_elems(kv_type, hp.head_dim)
         return np.array(list(zip(offsets, caps, strict=True)), dtype=np.int64).reshape(-1, 2)
 
     @staticmethod
-    def elems(layout: np.ndarray, hp: HParams, kv_type: str = DEFAULT_KV_TYPE) -> int:
+    def elems(layout: np.ndarray, hp: HParams, kv_type: str = "f32") -> int:
         """Elements of keys (or of values) a cache of this layout holds."""
         return int(layout[:, 1].sum()) * hp.n_kv_heads * row_elems(kv_type, hp.head_dim)
 
@@ -189,7 +185,7 @@ class SimpleKVCache(OffsetCache):
     heads_first (n_layers, n_kv_heads, max_seq, row_elems).
     """
 
-    def __init__(self, hp: HParams, max_seq: int, heads_first: bool = False, kv_type: str = DEFAULT_KV_TYPE):
+    def __init__(self, hp: HParams, max_seq: int, heads_first: bool = False, kv_type: str = "f32"):
         check_kv_type(kv_type, hp.head_dim)
         self.max_seq, self.kv_type = max_seq, kv_type
         self.offset = 0

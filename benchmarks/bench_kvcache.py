@@ -56,6 +56,15 @@ def decode_tps(model, cache, depth: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def prefill_tps(model, kv_type: str, n: int) -> float:
+    """n tokens on an empty cache (the prompt path), tok/s."""
+    cache = model.new_cache(n, kv_type)
+    tokens = np.random.default_rng(1).integers(0, model.hparams.n_vocab, n)
+    t0 = time.perf_counter()
+    model.forward(tokens, cache)
+    return n / (time.perf_counter() - t0)
+
+
 def kl_figures(model, ids: list[int]) -> dict:
     def log_softmax(z):
         z = z.astype(np.float64)
@@ -84,6 +93,7 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=16, help="decode steps per repetition")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kl-tokens", type=int, default=2048)
+    ap.add_argument("--pp", type=int, default=0, help="also time a prefill of this many tokens per type")
     ap.add_argument("--models", default="smollm2,1b")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -115,6 +125,13 @@ def main() -> None:
         r = {"kv_bytes": {t: kv_cache_bytes(hp, args.depth, kv_type=t) for t in TYPES}, "decode_tps": {}}
         for t in TYPES:
             r["decode_tps"][t] = {"median": statistics.median(runs[t]), "min": min(runs[t]), "max": max(runs[t])}
+        if args.pp:
+            pp = {t: [] for t in TYPES}
+            for _ in range(args.reps + 1):  # the first round is the warm-up
+                for t in TYPES:
+                    pp[t].append(prefill_tps(model, t, args.pp))
+            r["prefill_tps"] = {t: {"median": statistics.median(v[1:]), "min": min(v[1:]), "max": max(v[1:])}
+                                for t, v in pp.items()}
         del caches
         if key == "smollm2" and args.kl_tokens:
             ids = Tokenizer.from_gguf(gguf).encode(WIKITEXT.read_text(encoding="utf-8")[:40 * args.kl_tokens])
@@ -132,6 +149,11 @@ def main() -> None:
             kls = f"{kl['mean']:9.2e} {kl['max']:9.2e}" if kl else f"{'-':>9} {'-':>9}"
             print(f"{t:6} {d['median']:8.2f} ({d['min']:5.2f}..{d['max']:5.2f}) {d['median'] / f32:7.2f} "
                   f"{kb / 2**20:8.1f} {kb / r['kv_bytes']['f32']:7.3f} {kls}")
+        if args.pp:
+            base = r["prefill_tps"]["f32"]["median"]
+            print(f"prefill of {args.pp} tokens on an empty cache, tok/s: " + ", ".join(
+                f"{t} {v['median']:.1f} ({v['min']:.1f}..{v['max']:.1f}) {v['median'] / base:.2f}x"
+                for t, v in r["prefill_tps"].items()))
         sys.stdout.flush()
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")

@@ -213,7 +213,8 @@ def tokenize(
 def describe(model: str | None, template: Path | None = None, ctx: int | None = None,
              kv_type: str | None = None) -> dict:
     """What `llm show` prints, as a dict."""
-    from backends.base import DEFAULT_KV_TYPE, count_params, kv_cache_bytes, read_hparams
+    from backends import default_kv_type
+    from backends.base import count_params, kv_cache_bytes, read_hparams
     from llmcli.engine import context_size
     from llmcli.store import resolve_model
     from llmcli.template import ChatTemplate
@@ -228,7 +229,7 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
     special = {"bos": tok.bos_token, "eos": tok.eos_token,
                "stop": sorted(tok.piece(i) for i in tok.stop_ids), "add_bos": tok.add_bos}
     n_ctx = context_size(hp, ctx)
-    kv_type = kv_type or DEFAULT_KV_TYPE
+    kv_type = kv_type or default_kv_type()
     check_kv_type(kv_type, hp.head_dim)
     return {
         "file": str(gguf.path),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import HParams, KVCache, Model, load_model
+from backends import HParams, KVCache, Model, default_kv_type, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
@@ -227,10 +227,12 @@ class Session:
     def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None,
                  kv_type: str | None = None):
         """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one
-        stored as kv_type (None: the backend's default)."""
+        stored as kv_type (None: the backend's default, backends.default_kv_type)."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
-        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx, kv_type)
+        if cache is None:
+            cache = lm.model.new_cache(self.n_ctx, kv_type or default_kv_type(lm.model.name))
+        self.cache = cache
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
 

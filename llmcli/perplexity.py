@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends import default_kv_type
 from quant.errors import LlmError
 
 
@@ -102,7 +103,7 @@ def perplexity(model: Path, text: str, ctx: int = 512, chunks: int | None = None
     nll, n_scored = 0.0, 0
     klds: list[np.ndarray] = []
     agree = 0
-    cache = lm.new_cache(ctx, kv_type)
+    cache = lm.new_cache(ctx, kv_type or default_kv_type(lm.name))
     base_cache = base_lm.new_cache(ctx, "f32") if base_lm is not None else None
     for i, w in enumerate(wins):
         cache.reset()

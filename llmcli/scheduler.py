@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends import default_kv_type
 from llmcli.engine import (
     GenerationConfig,
     GenerationResponse,
@@ -87,6 +88,7 @@ class Scheduler:
         self.lm = lm
         n_ctx = context_size(lm.hparams, ctx)
         new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
+        kv_type = kv_type or default_kv_type(lm.model.name)
         caches = (new_caches(parallel, n_ctx, kv_type) if new_caches is not None
                   else [lm.model.new_cache(n_ctx, kv_type) for _ in range(parallel)])
         self.slots = [Session(lm, n_ctx, cache) for cache in caches]

@@ -6,8 +6,9 @@ registers (f16: fpext of 16 halves; q8_0: 32 int8 codes times their f16 scale) a
 the same per row, so no float copy of the cache is ever made on the decode path. Keys and values are encoded as
 they are written (`encode_row`).
 
-kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The f16 and q8_0 kernels need head_dim a multiple of
-32 (quant.kvtypes.check_kv_type says so before a cache is made).
+kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The vector kernels take whole blocks of 32 values;
+the attention reads the tail of an f32 or f16 row (head_dim not a multiple of 32) with scalar loads (F16_TABLE);
+q8_0 needs head_dim a multiple of 32 (quant.kvtypes.check_kv_type says so before a cache is made).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from quant.jit import njit
 from quant.simd import F32, HALF, I8, I16, V16F, _fma, _half, _i64, _load, _loop, _make_dot, _splat, _vec
 
 KV_F32, KV_F16, KV_Q8_0 = 0, 1, 2
+# float16 bit pattern -> float32 (256 KiB): the scalar tails of f16 rows
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 @njit(cache=True, inline="always")

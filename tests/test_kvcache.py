@@ -15,8 +15,7 @@ TYPES = ("f32", "f16", "q8_0")
 PROMPT = "The history of the Roman Empire begins with"
 
 
-@pytest.mark.parametrize("kv_type", TYPES)
-@pytest.mark.parametrize("d", [32, 96, 160])
+@pytest.mark.parametrize("kv_type,d", [(t, d) for t in TYPES for d in (32, 96, 160)] + [("f16", 40), ("f32", 40)])
 def test_numba_codec_matches_reference(kv_type, d):
     from quant.kv_kernels import decode_rows, encode_rows
 
@@ -52,11 +51,12 @@ def _reference_attention(q, keys, values, positions, window, scale):
     return out
 
 
-@pytest.mark.parametrize("kv_type", TYPES)
-@pytest.mark.parametrize("d,window", [(96, 0), (160, 13)])
+@pytest.mark.parametrize("kv_type,d,window", [(t, d, w) for t in TYPES for d, w in ((96, 0), (160, 13))]
+                         + [("f32", 40, 0), ("f16", 40, 0), ("f16", 80, 13)])
 def test_attention_kernel_reads_encoded_cache(kv_type, d, window):
-    """The decode attention over an f16 / q8_0 cache (a ring when windowed) equals float attention over the
-    decoded values: odd head sizes, 3 queries of one conversation, 6 heads on 2 KV heads, 37 positions."""
+    """The decode attention over an f32 / f16 / q8_0 cache (a ring when windowed) equals float attention over the
+    decoded values: odd head sizes (f32 and f16 also not multiples of 32: the scalar tails), 3 queries of one
+    conversation, 6 heads on 2 KV heads, 37 positions."""
     from backends.numba import layers as L
     from quant.kv_kernels import encode_rows
 
@@ -99,12 +99,14 @@ def _greedy(model, ids, kv_type, pieces, n=10):
 
 @pytest.fixture(scope="module")
 def smollm2_models(smollm2_gguf):
-    from backends import load_model
+    from backends import load_model, mlx_available
 
-    return {name: load_model(smollm2_gguf, name, 2) for name in ("numba", "numpy")}
+    names = ("numba", "numpy", "mlx") if mlx_available() else ("numba", "numpy")
+    return {name: load_model(smollm2_gguf, name, 2) for name in names}
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "numpy", pytest.param("mlx", marks=pytest.mark.skipif(
+    not __import__("backends").mlx_available(), reason="needs MLX"))])
 @pytest.mark.parametrize("kv_type", TYPES)
 def test_pieces_equal_one_go(smollm2_models, smollm2_path, backend, kv_type):
     from llmcli.tokenizer import Tokenizer
@@ -256,3 +258,35 @@ def test_serve_kv_type_equals_run(smollm2_path):
             assert _llm_run(smollm2_path, prompt, "--raw", "-n", "12", "--kv-type", "q8_0", "--ctx", "512") == text
     finally:
         served.stop()
+
+
+def test_chat_context_shift_says_so(smollm2_path):
+    """`llm chat --context-shift` with a small context: the oldest turns go, the notice says the cache was shifted
+    (without the flag the same chat says it dropped them: tests/test_cli.py)."""
+    import os
+    import subprocess
+    import sys
+
+    msgs = [f"Tell me one fact about the number {i}." for i in range(6)]
+    r = subprocess.run([sys.executable, "-m", "llmcli", "chat", str(smollm2_path), "--temperature", "0", "-n", "24",
+                        "--ctx", "160", "--system", "Be brief.", "--context-shift"], input="\n".join(msgs) + "\n",
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr
+    notices = [line for line in r.stderr.splitlines() if "context shift:" in line]
+    assert notices and all("system prompt is kept" in line for line in notices)
+    assert any("shifted the cache by" in line for line in notices)
+
+
+@pytest.mark.slow
+def test_windowed_numba_cache_is_not_shifted(gemma3_path):
+    """Gemma 3's sliding-window layers keep rings: numba declines to shift (the chat then recomputes) and leaves
+    the cache as it was."""
+    from backends import load_model
+    from quant.gguf_file import read_gguf
+
+    model = load_model(read_gguf(gemma3_path), "numba", 2)
+    cache = model.new_cache(64, "f16")
+    model.forward(np.arange(2, 22), cache)
+    before = cache.k.copy()
+    assert not model.shift_cache(cache, 4, 6)
+    assert cache.offset == 20 and (cache.k == before).all()

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from backends.base import DEFAULT_KV_TYPE, HParams, global_weights, layer_weights, rope_inv_freq
+from backends.base import HParams, global_weights, layer_weights, rope_inv_freq
 from backends.mlx.cache import MlxKVCache
 from backends.mlx.weights import Linear, fuse, linear, vector
-from quant.errors import UnsupportedError
 from quant.gguf_file import GGUFFile
 from quant.kvtypes import check_kv_type
 
@@ -95,14 +94,10 @@ class MlxModel:
         self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
-    def new_cache(self, max_seq: int, kv_type: str | None = None) -> MlxKVCache:
-        """kv_type (None: DEFAULT_KV_TYPE): f32 keeps the compute dtype, f16 stores float16 (read back in the
-        compute dtype); q8_0 is not done on MLX yet (an error says so)."""
-        kv_type = kv_type or DEFAULT_KV_TYPE
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> MlxKVCache:
+        """kv_type: f32 keeps the compute dtype (backends/mlx/cache.py)."""
         check_kv_type(kv_type, self.hparams.head_dim)
-        if kv_type == "q8_0":
-            raise UnsupportedError("the mlx backend has no q8_0 KV cache yet: use --kv-type f16 or f32")
-        return MlxKVCache(self.hparams, max_seq, self.dtype, store=mx.float16 if kv_type == "f16" else None)
+        return MlxKVCache(self.hparams, max_seq, self.dtype, kv_type=kv_type)
 
     def arrays(self) -> list[mx.array]:
         out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]

@@ -19,7 +19,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backends.base import (
-    DEFAULT_KV_TYPE,
     HParams,
     RingKVCache,
     global_weights,
@@ -276,15 +275,15 @@ class NumbaModel:
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int, kv_type: str | None = None) -> RingKVCache:
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> RingKVCache:
         """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
         keeps its window plus small_t positions (a decode-stack step writes up to small_t)."""
-        return RingKVCache(self.hparams, max_seq, self.options.small_t, kv_type=kv_type or DEFAULT_KV_TYPE)
+        return RingKVCache(self.hparams, max_seq, self.options.small_t, kv_type=kv_type)
 
-    def new_caches(self, n: int, max_seq: int, kv_type: str | None = None) -> list[PooledKVCache]:
+    def new_caches(self, n: int, max_seq: int, kv_type: str = "f32") -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
         return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n),
-                         kv_type or DEFAULT_KV_TYPE).caches
+                         kv_type).caches
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)

@@ -112,8 +112,8 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
     cache of one layer, k_cache, v_cache: (n_kv_heads, S, row bytes) uint8, rows stored as kv type kvt
     (quant/kv_kernels.py), position p in slot p % S; it sees positions start + t - window < s <= start + t
     (window 0: every s <= start + t); scores are q.k * scale. Scores and the weighted sum of values are vector
-    kernels (quant/simd.py, quant/kv_kernels.py) over the cache in place. head_dim not a multiple of 32 (f32
-    only): the tail columns below."""
+    kernels (quant/simd.py, quant/kv_kernels.py) over the cache in place; the columns past a multiple of 32 (f32,
+    f16) in scalar loops."""
     T, H, D = q.shape
     KVH, S, RB = k_cache.shape
     t, h = i // H, i % H
@@ -137,6 +137,9 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
                 acc += qv[j] * kf[j]
         elif kvt == kvk.KV_F16:
             acc = simd.dot_f16(kc, row, q, (t * H + h) * D, nb)
+            kh = kc[row:row + RB].view(np.uint16)
+            for j in range(nb * 32, D):
+                acc += qv[j] * kvk.F16_TABLE[kh[j]]
         else:
             acc = kvk.dot_q8_0_f32(kc, row, q, (t * H + h) * D, nb)
         scores[s] = acc * scale
@@ -149,8 +152,8 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
     for s in range(n):
         scores[s] *= inv
     # sum of probability-weighted value rows in registers, over the slots f0 .. and, when the run wraps around
-    # the ring, 0 ..; a head_dim tail below (f32)
-    d16 = D // 16 * 16 if kvt == kvk.KV_F32 else D
+    # the ring, 0 ..; a head_dim tail below (f32: past a multiple of 16; f16: of 32)
+    d16 = D // 16 * 16 if kvt == kvk.KV_F32 else (D // 32 * 32 if kvt == kvk.KV_F16 else D)
     n1 = min(n, S - f0)
     _weighted_rows(v_cache, kvt, (kv * S + f0) * RB, RB, scores, n1, d16, out, (t * H + h) * D)
     if n1 < n:
@@ -165,7 +168,10 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
         for s in range(n):
             slot = f0 + s if f0 + s < S else f0 + s - S
             row = (kv * S + slot) * RB
-            acc += scores[s] * vcf[row:row + RB].view(np.float32)[j]
+            if kvt == kvk.KV_F32:
+                acc += scores[s] * vcf[row:row + RB].view(np.float32)[j]
+            else:
+                acc += scores[s] * kvk.F16_TABLE[vcf[row:row + RB].view(np.uint16)[j]]
         out[t, h, j] = acc
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 
 from backends.base import (
-    DEFAULT_KV_TYPE,
     HParams,
     SimpleKVCache,
     global_weights,
@@ -99,8 +98,8 @@ class NumpyModel:
             self.on_input(t.name, h)
         return h @ self.w(t).T
 
-    def new_cache(self, max_seq: int, kv_type: str | None = None) -> SimpleKVCache:
-        return SimpleKVCache(self.hparams, max_seq, kv_type=kv_type or DEFAULT_KV_TYPE)
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> SimpleKVCache:
+        return SimpleKVCache(self.hparams, max_seq, kv_type=kv_type)
 
     def inv_freq(self, max_seq: int) -> list[np.ndarray]:
         """Each layer's RoPE inverse frequencies for a context of max_seq (LongRoPE picks its factors by it)."""
