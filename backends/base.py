@@ -16,10 +16,11 @@ from quant.families import (
     rope_inv_freq,
 )
 from quant.gguf_file import GGUFFile, Tensor
+from quant.kvtypes import KV_CODES, KV_TYPES, check_kv_type, row_bytes, row_elems
 
-__all__ = ["HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache", "count_params", "global_weights",
-           "layer_weights", "output_tensor", "read_hparams", "rope_groups", "rope_inv_freq",
-           "weight_bytes_per_token"]
+__all__ = ["KV_TYPES", "HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache",
+           "count_params", "global_weights", "layer_weights", "output_tensor", "read_hparams", "rope_groups",
+           "rope_inv_freq", "weight_bytes_per_token"]
 
 
 def count_params(gguf: GGUFFile) -> int:
@@ -56,8 +57,9 @@ class Model(Protocol):
     hparams: HParams
     name: str  # backend name
 
-    def new_cache(self, max_seq: int) -> KVCache:
-        """A KV cache for up to `max_seq` positions."""
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> KVCache:
+        """A KV cache for up to `max_seq` positions, stored as kv_type (quant/kvtypes.py). The library's default is
+        the exact f32; the engine's, per backend, is backends.default_kv_type."""
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` (int32, (T,)) at positions cache.offset.. and advance the cache.
@@ -65,6 +67,22 @@ class Model(Protocol):
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights read to decode one token (for bandwidth figures)."""
+
+
+def rotate_keys(x: np.ndarray, delta: int, inv_freq: np.ndarray, neox: bool) -> np.ndarray:
+    """Keys x: (..., head_dim) float32 rotated by `delta` positions (RoPE's rotations compose: a key at p rotated
+    by -n is the key at p - n). The first 2 len(inv_freq) dims rotate, paired as the family's RoPE pairs them:
+    neox (i, i + half), else (2i, 2i + 1). Any attention factor the keys carry is left as it is."""
+    half = len(inv_freq)
+    angle = np.float64(delta) * inv_freq.astype(np.float64)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    out = np.array(x, dtype=np.float32)
+    a_idx = np.arange(half) if neox else np.arange(0, 2 * half, 2)
+    b_idx = a_idx + half if neox else a_idx + 1
+    a, b = x[..., a_idx], x[..., b_idx]
+    out[..., a_idx] = a * cos - b * sin
+    out[..., b_idx] = a * sin + b * cos
+    return out
 
 
 class OffsetCache:
@@ -89,10 +107,10 @@ def kv_capacity(hp: HParams, layer: int, max_seq: int, slack: int) -> int:
     return max_seq if not window else min(max_seq, window + slack)
 
 
-def kv_cache_bytes(hp: HParams, max_seq: int, slack: int | None = 8, value_bytes: int = 4) -> int:
-    """Bytes of keys and values for `max_seq` positions: rotating windowed layers with `slack`, or with
-    slack None a cache that keeps every position of every layer."""
-    per_position = 2 * hp.n_kv_heads * hp.head_dim * value_bytes
+def kv_cache_bytes(hp: HParams, max_seq: int, slack: int | None = 8, kv_type: str = "f32") -> int:
+    """Bytes of keys and values for `max_seq` positions stored as kv_type: rotating windowed layers with `slack`,
+    or with slack None a cache that keeps every position of every layer."""
+    per_position = 2 * hp.n_kv_heads * row_bytes(kv_type, hp.head_dim)
     if slack is None:
         return hp.n_layers * max_seq * per_position
     return sum(kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)) * per_position
@@ -102,36 +120,48 @@ class RingKVCache(OffsetCache):
     """Keys and values with a ring per sliding-window layer: a layer keeps its last kv_capacity positions,
     position p in slot p % capacity (full-attention layers: every position, p in slot p).
 
-    k, v: flat float32; layer i's block starts at float layout[i, 0] and is (n_kv_heads, layout[i, 1], head_dim).
+    k, v: flat arrays of kv_type's storage dtype (quant/kvtypes.py: float32, float16, or q8_0's bytes); layer i's
+    block starts at element layout[i, 0] and is (n_kv_heads, layout[i, 1], row_elems): a row per position of
+    each KV head.
     """
 
     def __init__(self, hp: HParams, max_seq: int, slack: int, k: np.ndarray | None = None,
-                 v: np.ndarray | None = None):
+                 v: np.ndarray | None = None, kv_type: str = "f32"):
         """A cache of its own, or with k, v given (views of the layout's size) one that lives in them."""
-        self.hp, self.max_seq, self.offset = hp, max_seq, 0
-        self.layout = self.plan(hp, max_seq, slack)
-        size = self.floats(self.layout, hp)
-        self.k = np.zeros(size, dtype=np.float32) if k is None else k
-        self.v = np.zeros(size, dtype=np.float32) if v is None else v
+        check_kv_type(kv_type, hp.head_dim)
+        self.hp, self.max_seq, self.offset, self.kv_type = hp, max_seq, 0, kv_type
+        self.row = row_elems(kv_type, hp.head_dim)
+        self.layout = self.plan(hp, max_seq, slack, kv_type)
+        size = self.elems(self.layout, hp, kv_type)
+        dtype = KV_TYPES[kv_type][2]
+        self.k = np.zeros(size, dtype=dtype) if k is None else k
+        self.v = np.zeros(size, dtype=dtype) if v is None else v
+        # the layout in bytes (first byte, positions kept), for kernels that read the cache as bytes
+        self.byte_layout = self.layout * np.array([np.dtype(dtype).itemsize, 1], dtype=np.int64)
+
+    @property
+    def kv_code(self) -> int:
+        """The kernels' code of the storage type (quant.kvtypes.KV_CODES)."""
+        return KV_CODES[self.kv_type]
 
     @staticmethod
-    def plan(hp: HParams, max_seq: int, slack: int) -> np.ndarray:
-        """layout: (n_layers, 2) int64, each layer's (first float, positions kept)."""
+    def plan(hp: HParams, max_seq: int, slack: int, kv_type: str = "f32") -> np.ndarray:
+        """layout: (n_layers, 2) int64, each layer's (first element, positions kept)."""
         caps = [kv_capacity(hp, i, max_seq, slack) for i in range(hp.n_layers)]
-        offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * hp.n_kv_heads * hp.head_dim
+        offsets = np.concatenate([[0], np.cumsum(caps)[:-1]]) * hp.n_kv_heads * row_elems(kv_type, hp.head_dim)
         return np.array(list(zip(offsets, caps, strict=True)), dtype=np.int64).reshape(-1, 2)
 
     @staticmethod
-    def floats(layout: np.ndarray, hp: HParams) -> int:
-        """Floats of keys (or of values) a cache of this layout holds."""
-        return int(layout[:, 1].sum()) * hp.n_kv_heads * hp.head_dim
+    def elems(layout: np.ndarray, hp: HParams, kv_type: str = "f32") -> int:
+        """Elements of keys (or of values) a cache of this layout holds."""
+        return int(layout[:, 1].sum()) * hp.n_kv_heads * row_elems(kv_type, hp.head_dim)
 
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views (n_kv_heads, capacity, head_dim) of layer i's keys and values."""
+        """Views (n_kv_heads, capacity, row_elems) of layer i's keys and values as stored."""
         off, cap = self.layout[i]
-        shape = (self.hp.n_kv_heads, int(cap), self.hp.head_dim)
-        return self.k[off:off + cap * shape[0] * shape[2]].reshape(shape), \
-            self.v[off:off + cap * shape[0] * shape[2]].reshape(shape)
+        shape = (self.hp.n_kv_heads, int(cap), self.row)
+        n = cap * shape[0] * shape[2]
+        return self.k[off:off + n].reshape(shape), self.v[off:off + n].reshape(shape)
 
     def trim(self, n: int) -> int:
         """Forget the last n positions. A ring that has overwritten a position the next token would see
@@ -149,16 +179,18 @@ class RingKVCache(OffsetCache):
 
 
 class SimpleKVCache(OffsetCache):
-    """KV cache as two numpy arrays; used by the numpy and numba backends.
+    """KV cache as two numpy arrays; used by the numpy backend.
 
-    k, v: (n_layers, max_seq, n_kv_heads, head_dim) float32, or with heads_first (n_layers, n_kv_heads, max_seq,
-    head_dim): each KV head's positions one contiguous run, which attention then streams in order.
+    k, v: (n_layers, max_seq, n_kv_heads, row_elems) in kv_type's storage dtype (quant/kvtypes.py), or with
+    heads_first (n_layers, n_kv_heads, max_seq, row_elems).
     """
 
-    def __init__(self, hp: HParams, max_seq: int, heads_first: bool = False):
-        self.max_seq = max_seq
+    def __init__(self, hp: HParams, max_seq: int, heads_first: bool = False, kv_type: str = "f32"):
+        check_kv_type(kv_type, hp.head_dim)
+        self.max_seq, self.kv_type = max_seq, kv_type
         self.offset = 0
-        shape = ((hp.n_layers, hp.n_kv_heads, max_seq, hp.head_dim) if heads_first
-                 else (hp.n_layers, max_seq, hp.n_kv_heads, hp.head_dim))
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        row = row_elems(kv_type, hp.head_dim)
+        shape = ((hp.n_layers, hp.n_kv_heads, max_seq, row) if heads_first
+                 else (hp.n_layers, max_seq, hp.n_kv_heads, row))
+        self.k = np.zeros(shape, dtype=KV_TYPES[kv_type][2])
+        self.v = np.zeros_like(self.k)

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import BACKENDS, default_backend, physical_cores, read_hparams
+from backends import BACKENDS, default_backend, default_kv_type, physical_cores, read_hparams
+from backends.base import kv_cache_bytes
 from llmcli import engine
 from llmcli.store import resolve_model, store_root, write_atomic
 from quant.errors import LlmError
 from quant.gguf_file import read_gguf
+from quant.kvtypes import check_kv_type
 
 WARMUP_DECODE_TOKENS = 8
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any CPU cache
@@ -55,6 +57,7 @@ class BenchConfig:
     backends: tuple[str, ...] | None = None  # None: the default backend of this machine
     threads: tuple[int, ...] | None = None  # None: the physical cores
     depth: tuple[int, ...] = (0,)
+    kv_type: str | None = None  # the KV cache's storage type; None: the backend's default
 
     def __post_init__(self):
         if self.repetitions < 1:
@@ -111,6 +114,8 @@ class BenchResult:
     peak_rss_mb: float
     decode_gbps: float | None  # weight bytes read per token × tg tok/s, in GB/s (1e9)
     bw_util: float | None  # decode_gbps / the machine's read bandwidth (0..1)
+    kv_type: str  # the KV cache's storage type
+    kv_bytes: int  # bytes of that cache at the row's context (depth + max(p, n))
 
 
 SCHEMA = tuple(f.name for f in fields(BenchResult))
@@ -286,9 +291,9 @@ def synthetic_tokens(n: int, n_vocab: int) -> np.ndarray:
 class ForwardTimer:
     """Times prefill and decode on one loaded model, with one cache reused across rows."""
 
-    def __init__(self, model, n_ctx: int, n_vocab: int):
+    def __init__(self, model, n_ctx: int, n_vocab: int, kv_type: str = "f32"):
         self.model, self.chunk = model, engine.PREFILL_CHUNK
-        self.cache = model.new_cache(n_ctx)
+        self.cache = model.new_cache(n_ctx, kv_type)
         self.tokens = synthetic_tokens(n_ctx, n_vocab)  # (n_ctx,)
         self.filled = 0  # leading positions of the cache that hold self.tokens[:filled]
 
@@ -338,6 +343,7 @@ class BenchPlan:
     n_vocab: int
     rows: tuple[RowSpec, ...]  # grouped by (backend, threads) so each model is loaded once
     repetitions: int
+    kv_type: str | None  # None: each backend's default (backends.default_kv_type)
 
 
 def prepare(config: BenchConfig) -> BenchPlan:
@@ -353,7 +359,9 @@ def prepare(config: BenchConfig) -> BenchPlan:
     need = max(r.depth + max(r.n_prompt, r.n_gen) for r in rows) + 1
     if need > hp.n_ctx_train:
         raise BenchError(f"depth + max(p, n) needs {need} positions; {name} was trained for {hp.n_ctx_train}")
-    return BenchPlan(path, name, quant_name(gguf), hp.n_vocab, rows, config.repetitions)
+    if config.kv_type is not None:
+        check_kv_type(config.kv_type, hp.head_dim)
+    return BenchPlan(path, name, quant_name(gguf), hp.n_vocab, rows, config.repetitions, config.kv_type)
 
 
 def _measure_row(runner: ForwardTimer, spec: RowSpec, repetitions: int) -> Iterator[str]:
@@ -402,7 +410,8 @@ def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
             done += sum(_passes(s, reps) for _, s in group)
             continue
         n_ctx = max(s.depth + max(s.n_prompt, s.n_gen, WARMUP_DECODE_TOKENS) for _, s in group) + 1
-        runner = ForwardTimer(lm.model, n_ctx, plan.n_vocab)
+        kv_type = plan.kv_type or default_kv_type(backend)
+        runner = ForwardTimer(lm.model, n_ctx, plan.n_vocab, kv_type)
         bytes_per_token = lm.model.weight_bytes_per_token()
         for index, spec in group:
             passes, phase = _measure_row(runner, spec, reps), None
@@ -425,7 +434,8 @@ def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
                 n_prompt=spec.n_prompt, n_gen=spec.n_gen, depth=spec.depth,
                 pp_tok_s=pp_mean, pp_tok_s_std=pp_std, tg_tok_s=tg_mean, tg_tok_s_std=tg_std,
                 ttft_s=float(np.mean(ttft)) if ttft else None, load_s=lm.load_s, peak_rss_mb=peak_rss_mb(),
-                decode_gbps=gbps, bw_util=util,
+                decode_gbps=gbps, bw_util=util, kv_type=kv_type,
+                kv_bytes=kv_cache_bytes(lm.hparams, spec.depth + max(spec.n_prompt, spec.n_gen), kv_type=kv_type),
             )
         del runner, lm
 

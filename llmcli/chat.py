@@ -113,8 +113,11 @@ class ChatLoop:
     """The REPL: reads messages and slash commands, streams replies."""
 
     def __init__(self, session: Session, config: GenerationConfig, console: Console, err: Console,
-                 system: str | None = None):
+                 system: str | None = None, context_shift: bool = False):
+        """context_shift: when old turns are dropped, shift the KV cache past them (Session.shift_for) rather
+        than recompute the turns that stay."""
         self.session, self.config, self.console, self.err = session, config, console, err
+        self.context_shift = context_shift
         self.conv = Conversation(system=system)
         self.last: GenerationResponse | None = None
         self.interactive = sys.stdin.isatty()
@@ -191,7 +194,13 @@ class ChatLoop:
             self.conv.turns.pop()
             self.err.print(str(e), style="red", markup=False)
             return
-        if dropped:
+        if dropped and self.context_shift:
+            shifted = self.session.shift_for(ids)
+            how = (f"shifted the cache by {shifted} tokens" if shifted
+                   else "recomputing the rest (this cache cannot be shifted)")
+            self.err.print(f"[yellow]context shift: dropped the {dropped} oldest messages (the system prompt is "
+                           f"kept; /save keeps them all); {how}[/]")
+        elif dropped:
             self.err.print(f"[yellow]context nearly full: dropped the {dropped} oldest messages from the prompt "
                            f"(the system prompt is kept; /save keeps them all)[/]")
         pieces, interrupted = [], False

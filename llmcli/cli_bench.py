@@ -42,6 +42,7 @@ def bench(
     depth: Annotated[str | None, typer.Option(
         "--depth", "-d", help="Context tokens filled before each test, comma list (default 0).",
         show_default=False)] = None,
+    kv_type: opt.KvType = None,
     output: Annotated[str, typer.Option("--output", "-o", help="md (a Markdown table), json or csv.")] = "md",
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also draw tok/s across the swept threads or depths into this PNG (needs matplotlib).",
@@ -66,7 +67,7 @@ def bench(
         raise LlmError(f"-o/--output must be one of {', '.join(OUTPUTS)}, got '{output}'")
     kwargs = dict(model=model, n_prompt=_ints(n_prompt, "-p/--n-prompt"), n_gen=_ints(n_gen, "-n/--n-gen"),
                   repetitions=repetitions, depth=_ints(depth, "--depth"), threads=_ints(threads, "--threads"),
-                  backends=None if backend is None else parse_str_list(backend, "--backend"))
+                  backends=None if backend is None else parse_str_list(backend, "--backend"), kv_type=kv_type)
     config = BenchConfig(**{k: v for k, v in kwargs.items() if v is not None})
     if plot is not None:
         _check_plot_target(plot)
@@ -145,7 +146,7 @@ def _num(value: float | None, fmt: str) -> str:
 def to_markdown(results, bandwidth_gbps: float, repetitions: int) -> str:
     """The results as a Markdown table, with a line on what the figures are."""
     head = ["model", "quant", "backend", "threads", "depth", "test", "pp tok/s", "tg tok/s", "TTFT s",
-            "load s", "peak RSS MiB", "decode GB/s", "BW use"]
+            "load s", "peak RSS MiB", "decode GB/s", "BW use", "KV cache"]
     align = ["---"] * 6 + ["---:"] * (len(head) - 6)  # text left, numbers right
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r in results:
@@ -153,7 +154,8 @@ def to_markdown(results, bandwidth_gbps: float, repetitions: int) -> str:
         cells = [r.model, r.quant, r.backend, str(r.threads), str(r.depth), test,
                  _pm(r.pp_tok_s, r.pp_tok_s_std), _pm(r.tg_tok_s, r.tg_tok_s_std), _num(r.ttft_s, ".3f"),
                  f"{r.load_s:.2f}", f"{r.peak_rss_mb:.0f}", _num(r.decode_gbps, ".2f"),
-                 "–" if r.bw_util is None else f"{100 * r.bw_util:.1f}%"]
+                 "–" if r.bw_util is None else f"{100 * r.bw_util:.1f}%",
+                 f"{r.kv_type} {r.kv_bytes / 2**20:.1f} MiB"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     runs = "one run" if repetitions == 1 else f"{repetitions} runs"

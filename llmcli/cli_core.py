@@ -94,7 +94,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print statistics on stderr.",
                                           metavar=opt.FLAG)] = False,
     template: opt.Template = None,
-    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
@@ -117,7 +117,7 @@ def run(
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
     lm = _open(path, backend, threads, template)
-    session = Session(lm, ctx)
+    session = Session(lm, ctx, kv_type=kv_type)
     _warn_ctx(session, ctx)
     if raw:
         ids = lm.tokenizer.encode(prompt)
@@ -146,11 +146,14 @@ def chat(
     model: opt.ModelArg = None,
     system: opt.System = None,
     template: opt.Template = None,
-    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+    context_shift: Annotated[bool, typer.Option(
+        "--context-shift", help="When the context is full, drop the oldest turns and shift the KV cache past them "
+        "instead of recomputing the rest.", metavar=opt.FLAG)] = False,
 ) -> None:
     """Chat in the terminal, streaming replies; the KV cache is reused across turns.
 
@@ -168,13 +171,13 @@ def chat(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status("loading model…"):
         lm = _open(model, backend, threads, template)
-    session = Session(lm, ctx)
+    session = Session(lm, ctx, kv_type=kv_type)
     _warn_ctx(session, ctx)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 must not end the conversation
     label = model or DEFAULT_MODEL
     err.print(f"[dim]{label} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
-    ChatLoop(session, config, Console(highlight=False), err, system=system).run()
+    ChatLoop(session, config, Console(highlight=False), err, system=system, context_shift=context_shift).run()
 
 
 def tokenize(
@@ -207,14 +210,17 @@ def tokenize(
     Console().print(table)
 
 
-def describe(model: str | None, template: Path | None = None, ctx: int | None = None) -> dict:
+def describe(model: str | None, template: Path | None = None, ctx: int | None = None,
+             kv_type: str | None = None) -> dict:
     """What `llm show` prints, as a dict."""
+    from backends import default_kv_type
     from backends.base import count_params, kv_cache_bytes, read_hparams
     from llmcli.engine import context_size
     from llmcli.store import resolve_model
     from llmcli.template import ChatTemplate
     from llmcli.tokenizer import Tokenizer
     from quant.gguf_file import read_gguf
+    from quant.kvtypes import check_kv_type
 
     gguf = read_gguf(resolve_model(model))
     hp = read_hparams(gguf)
@@ -223,6 +229,8 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
     special = {"bos": tok.bos_token, "eos": tok.eos_token,
                "stop": sorted(tok.piece(i) for i in tok.stop_ids), "add_bos": tok.add_bos}
     n_ctx = context_size(hp, ctx)
+    kv_type = kv_type or default_kv_type()
+    check_kv_type(kv_type, hp.head_dim)
     return {
         "file": str(gguf.path),
         "name": gguf.get("general.name"),
@@ -236,14 +244,15 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
         "special_tokens": special,
         "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
-        # float32 keys and values at the chosen context (numba's rotating cache), and if every layer kept all
-        "kv_cache": {"context": n_ctx, "bytes": kv_cache_bytes(hp, n_ctx),
-                     "full_bytes": kv_cache_bytes(hp, n_ctx, slack=None)},
+        # keys and values stored as kv_type at the chosen context (numba's rotating cache), and if every layer
+        # kept all
+        "kv_cache": {"context": n_ctx, "type": kv_type, "bytes": kv_cache_bytes(hp, n_ctx, kv_type=kv_type),
+                     "full_bytes": kv_cache_bytes(hp, n_ctx, slack=None, kv_type=kv_type)},
     }
 
 
 def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx = None,
-         as_json: opt.Json = False) -> None:
+         kv_type: opt.KvType = None, as_json: opt.Json = False) -> None:
     """Architecture, size, tensor types, chat template and special tokens of a model.
 
     Example: llm show smollm2
@@ -251,7 +260,7 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx
     from rich.console import Console
     from rich.table import Table
 
-    info = describe(model, template, ctx)
+    info = describe(model, template, ctx, kv_type)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -266,8 +275,8 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx
     table.add_row("file size", f"{info['file_size'] / 2**20:.1f} MiB")
     table.add_row("tensor types", ", ".join(f"{k} × {v}" for k, v in info["tensor_types"].items()))
     kv = info["kv_cache"]
-    table.add_row("kv cache", f"{kv['bytes'] / 2**20:.1f} MiB at {kv['context']} tokens (keeping every position "
-                              f"of every layer: {kv['full_bytes'] / 2**20:.1f} MiB)")
+    table.add_row("kv cache", f"{kv['bytes'] / 2**20:.1f} MiB of {kv['type']} at {kv['context']} tokens (keeping "
+                              f"every position of every layer: {kv['full_bytes'] / 2**20:.1f} MiB)")
     sp = info["special_tokens"]
     table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
     ct = info["chat_template"]

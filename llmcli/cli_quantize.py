@@ -151,9 +151,11 @@ def perplexity(
     base: Annotated[str | None, typer.Option("--base", help="A reference model (e.g. the F16 one): adds KL "
                                                                "divergence and top-1 agreement.",
                                                 show_default=False)] = None,
-    backend: opt.Backend = None, threads: opt.Threads = None, as_json: opt.Json = False,
+    backend: opt.Backend = None, threads: opt.Threads = None, kv_type: opt.KvType = None,
+    as_json: opt.Json = False,
 ) -> None:
-    """Perplexity of a model on a text file, and its drift from a base model.
+    """Perplexity of a model on a text file, and its drift from a base model (whose KV cache is f32: the same
+    model as --base measures what --kv-type costs).
 
     Example: llm perplexity smollm2:q4_0 wiki.txt --base smollm2:f16 --chunks 20
     """
@@ -176,8 +178,8 @@ def perplexity(
     with _progress(err) as bar:
         task = bar.add_task("perplexity", total=None, detail="")
         result = run_perplexity(model_path, text, ctx=ctx, chunks=chunks, base=base_path, backend=backend,
-                                threads=threads, on_chunk=lambda done, total: bar.update(task, completed=done,
-                                                                                       total=total))
+                                threads=threads, kv_type=kv_type,
+                                on_chunk=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         print(json.dumps(result.to_json()))
         return

@@ -21,7 +21,7 @@ def serve(
         "--api-key", envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 request.",
         show_default=False)] = None,
     template: opt.Template = None,
-    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
@@ -45,7 +45,7 @@ def serve(
     defaults = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
     lm = _open(model, backend, threads, template)
-    scheduler = Scheduler(lm, parallel, ctx)
+    scheduler = Scheduler(lm, parallel, ctx, kv_type)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
     app = Api(scheduler, model_id, defaults, api_key).app()

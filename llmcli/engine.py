@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import HParams, KVCache, Model, load_model
+from backends import HParams, KVCache, Model, default_kv_type, load_model
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
@@ -224,11 +224,15 @@ class Generation:
 class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
-    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None):
-        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one."""
+    def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None,
+                 kv_type: str | None = None):
+        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one
+        stored as kv_type (None: the backend's default, backends.default_kv_type)."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
-        self.cache = cache if cache is not None else lm.model.new_cache(self.n_ctx)
+        if cache is None:
+            cache = lm.model.new_cache(self.n_ctx, kv_type or default_kv_type(lm.model.name))
+        self.cache = cache
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
 
@@ -252,6 +256,31 @@ class Session:
         n = self.cache.offset  # a rotating cache may have to drop more than asked
         del self.tokens[n:]
         return n
+
+    def shift_for(self, prompt: Sequence[int]) -> int:
+        """When `prompt` continues the cached tokens with a run left out after their common prefix (a chat whose
+        oldest turns were dropped), drop that run from the cache and move what follows down (the backend
+        re-rotates the keys: model.shift_cache) instead of recomputing it; cached tokens past what the prompt
+        repeats are trimmed. Returns the positions dropped; 0 when no run of the cache lines up with the prompt,
+        or the backend cannot shift this cache (the next prefill then recomputes)."""
+        shift = getattr(self.lm.model, "shift_cache", None)
+        start = self.common_prefix(prompt)
+        cached, new = np.asarray(self.tokens[start:], dtype=np.int64), np.asarray(prompt[start:], dtype=np.int64)
+        if shift is None or len(cached) < 2 or not len(new):
+            return 0
+        best_n, best_m = 0, 0  # the run to leave out, and how many cached tokens after it the prompt repeats
+        for n in np.flatnonzero(cached[1:] == new[0]) + 1:
+            k = min(len(cached) - n, len(new))
+            diff = np.flatnonzero(cached[n:n + k] != new[:k])
+            m = int(diff[0]) if len(diff) else k
+            if m > best_m:
+                best_n, best_m = int(n), m
+        if not best_m or not shift(self.cache, start, best_n):
+            return 0
+        del self.tokens[start:start + best_n]
+        self.cache.trim(len(self.tokens) - (start + best_m))
+        del self.tokens[self.cache.offset:]
+        return best_n
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:

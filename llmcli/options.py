@@ -17,6 +17,9 @@ Threads = Annotated[int | None, typer.Option(
     "--threads", help="CPU threads (default: physical cores).", show_default=False)]
 Ctx = Annotated[int | None, typer.Option(
     "--ctx", help="Context length (default: the model's, capped at 4096).", show_default=False)]
+KvType = Annotated[str | None, typer.Option(
+    "--kv-type", help="KV cache storage: f32, f16 or q8_0 (34/128 of f32's bytes). Default: f16 on numba, f32 on "
+    "mlx and numpy.", show_default=False)]
 Temperature = Annotated[float | None, typer.Option(
     "--temperature", help="0 = greedy (default 0.8).", show_default=False)]
 TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens; 0 = off (default 40).",

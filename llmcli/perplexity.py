@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends import default_kv_type
 from quant.errors import LlmError
 
 
@@ -86,9 +87,10 @@ def _load(path: Path, backend: str | None, threads: int | None):
 
 def perplexity(model: Path, text: str, ctx: int = 512, chunks: int | None = None, base: Path | None = None,
                backend: str | None = None, threads: int | None = None,
-               on_chunk: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Perplexity of `model` (a GGUF path) on `text`; with `base`, KL divergence against it.
-    `on_chunk(done, total)` is called after each window."""
+               on_chunk: Callable[[int, int], None] | None = None, kv_type: str | None = None) -> PerplexityResult:
+    """Perplexity of `model` (a GGUF path) on `text` with its KV cache stored as kv_type (None: the backend's
+    default); with `base`, KL divergence against it (whose cache is f32: the reference, so that `base` = `model`
+    measures what the cache type costs). `on_chunk(done, total)` is called after each window."""
     lm, tok = _load(model, backend, threads)
     base_lm = None
     if base is not None:
@@ -101,8 +103,8 @@ def perplexity(model: Path, text: str, ctx: int = 512, chunks: int | None = None
     nll, n_scored = 0.0, 0
     klds: list[np.ndarray] = []
     agree = 0
-    cache = lm.new_cache(ctx)
-    base_cache = base_lm.new_cache(ctx) if base_lm is not None else None
+    cache = lm.new_cache(ctx, kv_type or default_kv_type(lm.name))
+    base_cache = base_lm.new_cache(ctx, "f32") if base_lm is not None else None
     for i, w in enumerate(wins):
         cache.reset()
         logp = log_softmax(lm.forward(w, cache, all_logits=True)[first:ctx - 1])  # (ctx - 1 - first, n_vocab)

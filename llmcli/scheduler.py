@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends import default_kv_type
 from llmcli.engine import (
     GenerationConfig,
     GenerationResponse,
@@ -81,13 +82,15 @@ class _Active:
 class Scheduler:
     """Runs up to `parallel` generations at once on `lm`, each in its own slot; more wait in a queue."""
 
-    def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None):
+    def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None, kv_type: str | None = None):
         if parallel < 1:
             raise LlmError(f"--parallel must be at least 1, got {parallel}")
         self.lm = lm
         n_ctx = context_size(lm.hparams, ctx)
         new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
-        caches = new_caches(parallel, n_ctx) if new_caches is not None else [None] * parallel
+        kv_type = kv_type or default_kv_type(lm.model.name)
+        caches = (new_caches(parallel, n_ctx, kv_type) if new_caches is not None
+                  else [lm.model.new_cache(n_ctx, kv_type) for _ in range(parallel)])
         self.slots = [Session(lm, n_ctx, cache) for cache in caches]
         self.n_ctx = self.slots[0].n_ctx
         self._active: dict[int, _Active] = {}  # slot index -> its generation

@@ -32,7 +32,8 @@ from numba.core.dispatcher import Dispatcher
 __all__ = ["njit", "prange", "use_kernel_cache"]
 
 # Modules whose jitted functions are called from other files (a function's own file numba checks itself).
-_SHARED = ("jit.py", "kernels.py", "kernels_lowbit.py", "simd.py", "simd_multi.py", "gemm.py", "quantize.py")
+_SHARED = ("jit.py", "kernels.py", "kernels_lowbit.py", "kv_kernels.py", "simd.py", "simd_multi.py", "gemm.py",
+           "quantize.py")
 PRUNE_AFTER_DAYS = 30
 
 

@@ -152,9 +152,9 @@ def test_show_prints_the_kv_cache_at_the_chosen_context(gemma3_path):
     1152 MiB for a cache that keeps every position of every layer."""
     from llmcli.cli_core import describe
 
-    kv = describe(str(gemma3_path), ctx=32768)["kv_cache"]
+    kv = describe(str(gemma3_path), ctx=32768, kv_type="f32")["kv_cache"]
     per_position = 2 * 1 * 256 * 4
-    assert kv == {"context": 32768, "bytes": (3 * 32768 + 15 * 520) * per_position,
+    assert kv == {"context": 32768, "type": "f32", "bytes": (3 * 32768 + 15 * 520) * per_position,
                   "full_bytes": 18 * 32768 * per_position}
 
 

@@ -215,8 +215,8 @@ def test_attention_kernels_match_numpy(T, start, D):
         def run(q, k, v, start, out):
             KVH, S = k.shape[0], k.shape[1]
             slots, positions = np.zeros(len(q), dtype=np.int64), np.arange(start, start + len(q), dtype=np.int64)
-            kernel(q, k.reshape(1, -1), v.reshape(1, -1), 0, S, KVH, slots, positions, 0, np.float32(1 / np.sqrt(D)),
-                   out)
+            kernel(q, k.reshape(1, -1).view(np.uint8), v.reshape(1, -1).view(np.uint8), 0, S, KVH, 0, slots,
+                   positions, 0, np.float32(1 / np.sqrt(D)), out)  # an f32 cache (kv type 0), as bytes
         return run
 
     def prompt(q, k, v, start, out):

@@ -1,5 +1,10 @@
 """The MLX KV cache: one keys and one values buffer per full-attention layer, grown `step` positions at a time;
-a sliding-window layer keeps only its last window - 1 + SLACK positions."""
+a sliding-window layer keeps only its last window - 1 + SLACK positions.
+
+Rows are stored as the cache's kv type (quant/kvtypes.py): f32 keeps the compute dtype, f16 float16, and q8_0 a row
+of int8: head_dim codes followed by the float16 scale of each block of 32 (2 bytes each, as int8 pairs), so that
+slicing and concatenating along positions stay one operation on one array. The attention reads them back in the
+compute dtype (MLX's attention takes floats)."""
 
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ SLACK = 8  # positions a windowed layer keeps beyond what the next token sees: h
 
 
 class MlxKVCache(OffsetCache):
-    """keys[i], values[i]: (1, n_kv_heads, capacity, head_dim) in the compute dtype, for a full-attention layer.
+    """keys[i], values[i]: (1, n_kv_heads, capacity, row) in the storage dtype, for a full-attention layer.
 
     capacity grows in multiples of `step` (never past max_seq) as tokens arrive, so a short chat does not
     hold a 32k-token cache; positions at and beyond `offset` are stale and get overwritten. A windowed layer
     holds positions first[i] .. offset in keys[i] (no more than its window - 1 + SLACK of them)."""
 
-    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256):
-        self.hp, self.max_seq, self.dtype, self.step = hp, max_seq, dtype, step
+    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256, kv_type: str = "f32"):
+        """dtype: what update() returns (the compute dtype); kv_type: how the buffers hold the rows."""
+        self.hp, self.max_seq, self.step, self.kv_type = hp, max_seq, step, kv_type
+        self.compute = dtype
+        self.dtype = {"f32": dtype, "f16": mx.float16, "q8_0": mx.int8}[kv_type]  # of the buffers
+        self.row = hp.head_dim + (hp.head_dim // 32 * 2 if kv_type == "q8_0" else 0)
         self.offset = 0
         self.capacity = 0
         self.windows = [hp.window(i) for i in range(hp.n_layers)]
@@ -35,7 +44,7 @@ class MlxKVCache(OffsetCache):
             return
         capacity = min(self.max_seq, -(-need // self.step) * self.step)
         hp = self.hp
-        shape = (1, hp.n_kv_heads, capacity, hp.head_dim)
+        shape = (1, hp.n_kv_heads, capacity, self.row)
         for i in range(hp.n_layers):
             if self.windows[i]:
                 continue
@@ -52,10 +61,11 @@ class MlxKVCache(OffsetCache):
         caller advances `offset` once all layers are done."""
         end = self.offset + k.shape[2]
         window = self.windows[layer]
+        k, v = self.encode(k), self.encode(v)  # as stored; the queries see them so too
         if not window:
             self.keys[layer][:, :, self.offset:end] = k
             self.values[layer][:, :, self.offset:end] = v
-            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], 0
+            return self.decode(self.keys[layer][:, :, :end]), self.decode(self.values[layer][:, :, :end]), 0
         first = self.first[layer]
         if self.keys[layer] is None or self.offset == first:
             keys, values = k, v
@@ -65,7 +75,28 @@ class MlxKVCache(OffsetCache):
         keep = min(end - first, window - 1 + SLACK)
         self.keys[layer], self.values[layer] = keys[:, :, -keep:], values[:, :, -keep:]
         self.first[layer] = end - keep
-        return keys, values, first
+        return self.decode(keys), self.decode(values), first
+
+    def encode(self, x: mx.array) -> mx.array:
+        """(..., head_dim) in the compute dtype -> (..., row) as stored. q8_0: per block of 32, d = max |x| / 127
+        and codes round(x / d), as ggml's Q8_0."""
+        if self.kv_type != "q8_0":
+            return x.astype(self.dtype)
+        blocks = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 32)
+        d = mx.max(mx.abs(blocks), axis=-1, keepdims=True) / 127.0
+        inv = mx.where(d > 0, 1.0 / mx.maximum(d, 1e-30), 0.0)
+        codes = mx.round(blocks * inv).astype(mx.int8).reshape(x.shape)
+        scales = d.astype(mx.float16).reshape(*x.shape[:-1], -1).view(mx.int8)
+        return mx.concatenate([codes, scales], axis=-1)
+
+    def decode(self, x: mx.array) -> mx.array:
+        """(..., row) as stored -> (..., head_dim) in the compute dtype."""
+        if self.kv_type != "q8_0":
+            return x.astype(self.compute)
+        d = self.hp.head_dim
+        scales = x[..., d:].view(mx.float16).astype(mx.float32)
+        blocks = x[..., :d].astype(mx.float32).reshape(*x.shape[:-1], -1, 32) * scales[..., None]
+        return blocks.reshape(*x.shape[:-1], d).astype(self.compute)
 
     def trim(self, n: int) -> int:
         """Forget the last n positions; a windowed layer that no longer holds what the next token sees makes

@@ -17,6 +17,7 @@ from backends.base import HParams, global_weights, layer_weights, rope_inv_freq
 from backends.mlx.cache import MlxKVCache
 from backends.mlx.weights import Linear, fuse, linear, vector
 from quant.gguf_file import GGUFFile
+from quant.kvtypes import check_kv_type
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ class MlxModel:
         self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
-    def new_cache(self, max_seq: int) -> MlxKVCache:
-        return MlxKVCache(self.hparams, max_seq, self.dtype)
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> MlxKVCache:
+        """kv_type: f32 keeps the compute dtype (backends/mlx/cache.py)."""
+        check_kv_type(kv_type, self.hparams.head_dim)
+        return MlxKVCache(self.hparams, max_seq, self.dtype, kv_type=kv_type)
 
     def arrays(self) -> list[mx.array]:
         out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]

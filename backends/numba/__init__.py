@@ -24,6 +24,7 @@ from backends.base import (
     global_weights,
     layer_weights,
     rope_groups,
+    rotate_keys,
     weight_bytes_per_token,
 )
 from backends.numba import layers as L
@@ -42,6 +43,7 @@ from quant.kernels import (
     prepare,
     weight_views,
 )
+from quant.kv_kernels import decode_rows, encode_rows
 
 
 @dataclass(frozen=True)
@@ -272,16 +274,16 @@ class NumbaModel:
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int) -> NumbaKVCache:
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> NumbaKVCache:
         """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
         keeps its window plus small_t positions (a decode-stack step writes up to small_t). The cache carries
         the conversation's scratch buffers too."""
-        return NumbaKVCache(self.hparams, max_seq, self.options.small_t, self._new_scratch())
+        return NumbaKVCache(self.hparams, max_seq, self.options.small_t, self._new_scratch(), kv_type=kv_type)
 
-    def new_caches(self, n: int, max_seq: int) -> list[PooledKVCache]:
+    def new_caches(self, n: int, max_seq: int, kv_type: str = "f32") -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
         return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n),
-                         self._new_scratch).caches
+                         self._new_scratch, kv_type).caches
 
     def _new_scratch(self) -> RunScratch:
         return RunScratch(self._make_scratch(self.options.small_t))
@@ -315,8 +317,8 @@ class NumbaModel:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
         L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                        self._inv_freq(caches[0]), tokens, positions, slots, pool.k, pool.v, pool.layout, True,
-                        pool.scratch, logits)
+                        self._inv_freq(caches[0]), tokens, positions, slots, pool.k.view(np.uint8),
+                        pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, True, pool.scratch, logits)
         for c in caches:
             c.offset += 1
         return logits
@@ -339,7 +341,8 @@ class NumbaModel:
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
-            slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool
+            slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool, as bytes
+            k_pool, v_pool = cache.k.view(np.uint8)[None], cache.v.view(np.uint8)[None]
 
             def stack():
                 for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
@@ -347,8 +350,8 @@ class NumbaModel:
                     out = logits[c0:c0 + len(chunk)] if all_logits else logits
                     positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
                     L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                                    self._inv_freq(cache), chunk, positions, slots[:len(chunk)], cache.k[None],
-                                    cache.v[None], cache.layout, all_logits, scratch.stack, out)
+                                    self._inv_freq(cache), chunk, positions, slots[:len(chunk)], k_pool, v_pool,
+                                    cache.byte_layout, cache.kv_code, all_logits, scratch.stack, out)
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
@@ -513,26 +516,71 @@ class NumbaModel:
     def _attend_prompt(self, cache: RingKVCache, i: int, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray,
                        start: int, att: np.ndarray) -> None:
         """Store layer i's new keys and values k3, v3: (T, n_kv_heads, head_dim) and attend to them. A full layer
-        attends over its cache in place; a windowed one over its ring's positions the first query sees, in order,
-        followed by the new ones, and its ring then keeps the last of them."""
+        attends over its cache (in place when it is float32; else over a float32 copy of the positions seen, which
+        BLAS needs); a windowed one over its ring's positions the first query sees, in order, followed by the new
+        ones, and its ring then keeps the last of them. An encoded cache (f16, q8_0) is attended as stored: the new
+        keys and values too go through the encoding first, as on the decode path."""
         T, window = len(q3), self.hparams.window(i)
-        kc, vc = cache.layer(i)  # (n_kv_heads, S, head_dim)
+        kc, vc = cache.layer(i)  # (n_kv_heads, S, row elements)
         S = kc.shape[1]
+        keys, values = self._encoded(cache, k3.transpose(1, 0, 2)), self._encoded(cache, v3.transpose(1, 0, 2))
         if not window:
-            kc[:, start:start + T] = k3.transpose(1, 0, 2)
-            vc[:, start:start + T] = v3.transpose(1, 0, 2)
-            prompt_attention(q3, kc, vc, start, att, self.hparams.scale, 0, self._run, self.options.query_block)
+            kc[:, start:start + T], vc[:, start:start + T] = keys, values
+            if cache.kv_type != "f32":
+                keys, values = self._decoded(cache, kc[:, :start + T]), self._decoded(cache, vc[:, :start + T])
+            else:
+                keys, values = kc, vc
+            prompt_attention(q3, keys, values, start, att, self.hparams.scale, 0, self._run, self.options.query_block)
             return
         base = max(0, start - window + 1)
         slots = np.arange(base, start) % S
-        keys = np.concatenate([kc[:, slots], k3.transpose(1, 0, 2)], axis=1)
-        values = np.concatenate([vc[:, slots], v3.transpose(1, 0, 2)], axis=1)
-        prompt_attention(q3, keys, values, start - base, att, self.hparams.scale, window, self._run,
+        old_k, old_v = self._decoded(cache, kc[:, slots]), self._decoded(cache, vc[:, slots])
+        all_k = np.concatenate([old_k, self._decoded(cache, keys)], axis=1)
+        all_v = np.concatenate([old_v, self._decoded(cache, values)], axis=1)
+        prompt_attention(q3, all_k, all_v, start - base, att, self.hparams.scale, window, self._run,
                          self.options.query_block)
         keep = min(T, S)
         slots = np.arange(start + T - keep, start + T) % S
-        kc[:, slots] = k3[T - keep:].transpose(1, 0, 2)
-        vc[:, slots] = v3[T - keep:].transpose(1, 0, 2)
+        kc[:, slots] = keys[:, T - keep:]
+        vc[:, slots] = values[:, T - keep:]
+
+    @staticmethod
+    def _encoded(cache: RingKVCache, x: np.ndarray) -> np.ndarray:
+        """x: (..., head_dim) float32 -> rows in the cache's storage type (x itself for f32)."""
+        if cache.kv_type == "f32":
+            return x
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        out = np.empty((flat.shape[0], cache.row), dtype=cache.k.dtype)
+        encode_rows(flat, out.view(np.uint8), cache.kv_code)
+        return out.reshape(*x.shape[:-1], cache.row)
+
+    def _decoded(self, cache: RingKVCache, rows: np.ndarray) -> np.ndarray:
+        """Stored rows (..., row elements) -> (..., head_dim) float32 (rows themselves for f32)."""
+        if cache.kv_type == "f32":
+            return rows
+        flat = np.ascontiguousarray(rows).reshape(-1, cache.row)
+        out = np.empty((flat.shape[0], self.hparams.head_dim), dtype=np.float32)
+        decode_rows(flat.view(np.uint8), out, cache.kv_code)
+        return out.reshape(*rows.shape[:-1], self.hparams.head_dim)
+
+    def shift_cache(self, cache: RingKVCache, start: int, n: int) -> bool:
+        """Drop cached positions start .. start + n and move the later ones down by n, their keys rotated back by
+        n positions (decoded, rotated, encoded again for f16 / q8_0: one more rounding). False, and the cache
+        untouched, for a model with sliding-window layers: their rings have overwritten positions that the
+        shifted queries would see again, so the caller recomputes instead."""
+        hp = self.hparams
+        end = cache.offset
+        if any(hp.window(i) for i in range(hp.n_layers)) or n <= 0 or not 0 <= start <= end - n:
+            return False
+        inv = self._inv_freq(cache)
+        for i in range(hp.n_layers):
+            kc, vc = cache.layer(i)
+            keys = rotate_keys(self._decoded(cache, kc[:, start + n:end]), -n, inv[self.layer_opt[i, L.L_ROPE]],
+                               hp.rope_neox)
+            kc[:, start:end - n] = self._encoded(cache, keys)
+            vc[:, start:end - n] = vc[:, start + n:end].copy()
+        cache.offset = end - n
+        return True
 
     def _post_norm(self, y: np.ndarray, desc: np.ndarray) -> np.ndarray:
         """y normalized in place by the post-norm weight at desc (Gemma's sandwich), or y when there is none."""

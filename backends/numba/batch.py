@@ -4,7 +4,8 @@ layers.forward_stack reads every weight row once for all its tokens (matvec_mult
 own position and cache row, so one decode step of B conversations costs little more than one. For that their
 caches are rows of one array the jitted stack can index:
 
-  k_pool, v_pool: (n_slots, cache floats) float32, each row laid out as a RingKVCache (layout: (n_layers, 2))
+  k_pool, v_pool: (n_slots, cache elements) of the kv type's storage dtype, each row laid out as a RingKVCache
+                  (layout: (n_layers, 2))
 
 A slot's cache (PooledKVCache) is a NumbaKVCache living in its row of the pool: the single-conversation path
 (forward, the prompt path) runs on it as on any cache.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from backends.base import HParams, RingKVCache
+from quant.kvtypes import KV_TYPES, check_kv_type
 
 
 class RunScratch:
@@ -40,8 +42,8 @@ class NumbaKVCache(RingKVCache):
     """A RingKVCache with its conversation's scratch buffers: the whole run state of one conversation."""
 
     def __init__(self, hp: HParams, max_seq: int, slack: int, scratch: RunScratch, k: np.ndarray | None = None,
-                 v: np.ndarray | None = None):
-        super().__init__(hp, max_seq, slack, k, v)
+                 v: np.ndarray | None = None, kv_type: str = "f32"):
+        super().__init__(hp, max_seq, slack, k, v, kv_type)
         self.scratch = scratch
 
 
@@ -49,7 +51,7 @@ class PooledKVCache(NumbaKVCache):
     """One slot of a CachePool: a NumbaKVCache whose k, v are views of the pool's row `slot`."""
 
     def __init__(self, pool: CachePool, slot: int, scratch: RunScratch):
-        super().__init__(pool.hp, pool.max_seq, pool.slack, scratch, pool.k[slot], pool.v[slot])
+        super().__init__(pool.hp, pool.max_seq, pool.slack, scratch, pool.k[slot], pool.v[slot], pool.kv_type)
         self.pool, self.slot = pool, slot
 
 
@@ -57,10 +59,11 @@ class CachePool:
     """KV caches for `n` conversations decoded together, and the batch stack's scratch buffers for n tokens."""
 
     def __init__(self, hp: HParams, n: int, max_seq: int, slack: int, scratch: tuple,
-                 slot_scratch: Callable[[], RunScratch]):
-        self.hp, self.max_seq, self.slack = hp, max_seq, slack
-        self.layout = RingKVCache.plan(hp, max_seq, slack)
-        self.k = np.zeros((n, RingKVCache.floats(self.layout, hp)), dtype=np.float32)
+                 slot_scratch: Callable[[], RunScratch], kv_type: str):
+        check_kv_type(kv_type, hp.head_dim)
+        self.hp, self.max_seq, self.slack, self.kv_type = hp, max_seq, slack, kv_type
+        self.layout = RingKVCache.plan(hp, max_seq, slack, kv_type)
+        self.k = np.zeros((n, RingKVCache.elems(self.layout, hp, kv_type)), dtype=KV_TYPES[kv_type][2])
         self.v = np.zeros_like(self.k)
         self.scratch = scratch  # buffers of forward_stack for up to n tokens (NumbaModel._make_scratch)
         self.caches = [PooledKVCache(self, i, slot_scratch()) for i in range(n)]

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from quant import kv_kernels as kvk
 from quant import simd
 from quant.jit import njit, prange
 from quant.kernels import dequant_row, matvec, matvec_multi, prepare, row_bytes
@@ -106,28 +107,41 @@ def head_norm(x, f32, w_off, eps):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend(q, k_cache, v_cache, start, window, scale, out, i):
+def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
     """Attention of query (t, h) = divmod(i, n_heads) of q: (T, n_heads, head_dim) at position start + t over the
-    cache of one layer, k_cache, v_cache: (n_kv_heads, S, head_dim), position p in slot p % S; it sees positions
-    start + t - window < s <= start + t (window 0: every s <= start + t); scores are q.k * scale. Scores and the
-    weighted sum of values are vector kernels (quant/simd.py) over the cache in place."""
+    cache of one layer, k_cache, v_cache: (n_kv_heads, S, row bytes) uint8, rows stored as kv type kvt
+    (quant/kv_kernels.py), position p in slot p % S; it sees positions start + t - window < s <= start + t
+    (window 0: every s <= start + t); scores are q.k * scale. Scores and the weighted sum of values are vector
+    kernels (quant/simd.py, quant/kv_kernels.py) over the cache in place; the columns past a multiple of 32 (f32,
+    f16) in scalar loops."""
     T, H, D = q.shape
-    KVH, S = k_cache.shape[0], k_cache.shape[1]
+    KVH, S, RB = k_cache.shape
     t, h = i // H, i % H
     kv = h // (H // KVH)
     end = start + t + 1
     first = max(0, end - window) if window > 0 else 0
     n = end - first
-    nb = D // 32  # whole 32-float blocks of a head vector; the rest (head_dim not a multiple of 32) below
+    nb = D // 32  # whole 32-value blocks of a head vector; the rest (head_dim not a multiple of 32) below
     qv = q[t, h]
     scores = np.empty(n, dtype=np.float32)
     top = np.float32(-np.inf)
     f0 = first % S  # position p lives in slot p % S (a ring when S is shorter than the context)
+    kc = k_cache.reshape(-1)
     for s in range(n):
         slot = f0 + s if f0 + s < S else f0 + s - S
-        acc = simd.dot_f32(k_cache, ((kv * S + slot) * D) * 4, q, (t * H + h) * D, nb)
-        for j in range(nb * 32, D):
-            acc += qv[j] * k_cache[kv, slot, j]
+        row = (kv * S + slot) * RB
+        if kvt == kvk.KV_F32:
+            acc = simd.dot_f32(kc, row, q, (t * H + h) * D, nb)
+            kf = kc[row:row + RB].view(np.float32)
+            for j in range(nb * 32, D):
+                acc += qv[j] * kf[j]
+        elif kvt == kvk.KV_F16:
+            acc = simd.dot_f16(kc, row, q, (t * H + h) * D, nb)
+            kh = kc[row:row + RB].view(np.uint16)
+            for j in range(nb * 32, D):
+                acc += qv[j] * kvk.F16_TABLE[kh[j]]
+        else:
+            acc = kvk.dot_q8_0_f32(kc, row, q, (t * H + h) * D, nb)
         scores[s] = acc * scale
         top = max(top, scores[s])
     total = np.float32(0.0)
@@ -138,51 +152,68 @@ def _attend(q, k_cache, v_cache, start, window, scale, out, i):
     for s in range(n):
         scores[s] *= inv
     # sum of probability-weighted value rows in registers, over the slots f0 .. and, when the run wraps around
-    # the ring, 0 ..; a head_dim tail below
-    d16 = D // 16 * 16
+    # the ring, 0 ..; a head_dim tail below (f32: past a multiple of 16; f16: of 32)
+    d16 = D // 16 * 16 if kvt == kvk.KV_F32 else (D // 32 * 32 if kvt == kvk.KV_F16 else D)
     n1 = min(n, S - f0)
-    simd.weighted_rows(v_cache, (kv * S + f0) * D * 4, D * 4, scores, n1, d16, out, (t * H + h) * D)
+    _weighted_rows(v_cache, kvt, (kv * S + f0) * RB, RB, scores, n1, d16, out, (t * H + h) * D)
     if n1 < n:
         rest = scores[n1:].copy()
         part = np.empty(D, dtype=np.float32)
-        simd.weighted_rows(v_cache, kv * S * D * 4, D * 4, rest, n - n1, d16, part, 0)
+        _weighted_rows(v_cache, kvt, kv * S * RB, RB, rest, n - n1, d16, part, 0)
         for j in range(d16):
             out[t, h, j] += part[j]
+    vcf = v_cache.reshape(-1)
     for j in range(d16, D):
         acc = np.float32(0.0)
         for s in range(n):
             slot = f0 + s if f0 + s < S else f0 + s - S
-            acc += scores[s] * v_cache[kv, slot, j]
+            row = (kv * S + slot) * RB
+            if kvt == kvk.KV_F32:
+                acc += scores[s] * vcf[row:row + RB].view(np.float32)[j]
+            else:
+                acc += scores[s] * kvk.F16_TABLE[vcf[row:row + RB].view(np.uint16)[j]]
         out[t, h, j] = acc
 
 
+@njit(cache=True, inline="always")
+def _weighted_rows(v_cache, kvt, off, stride, p, n, width, out, ooff):
+    """The weighted sum of value rows (simd.weighted_rows) for rows stored as kv type kvt."""
+    if kvt == kvk.KV_F32:
+        simd.weighted_rows(v_cache, off, stride, p, n, width, out, ooff)
+    elif kvt == kvk.KV_F16:
+        kvk.weighted_rows_f16(v_cache, off, stride, p, n, width, out, ooff)
+    else:
+        kvk.weighted_rows_q8_0(v_cache, off, stride, p, n, width, out, ooff)
+
+
 @njit(cache=True, fastmath=True, inline="always")
-def _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i):
+def _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i):
     """Query (t, h) = divmod(i, n_heads) over the cache in row slots[t] of the pools (see attention_rows)."""
     H, D = q.shape[1], q.shape[2]
     t, h = i // H, i % H
-    kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
-    vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
-    _attend(q[t:t + 1], kc, vc, positions[t], window, scale, out[t:t + 1], h)
+    RB = kvk.kv_row_bytes(kvt, D)
+    kc = k_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
+    vc = v_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
+    _attend(q[t:t + 1], kc, vc, kvt, positions[t], window, scale, out[t:t + 1], h)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_rows(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+def attention_rows(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out):
     """Causal grouped-query attention of T queries, each with its own cache and position: query t (q: (T,
-    n_heads, head_dim)) is at position positions[t] of the cache in row slots[t] of k_pool, v_pool (this layer's
-    keys: (KVH, S, head_dim) from float `off` of the row, position p in slot p % S) and sees that cache's
-    positions up to its own (the last `window` of them when window > 0); out: (T, n_heads, head_dim). The (query,
-    head) pairs are shared across threads."""
+    n_heads, head_dim)) is at position positions[t] of the cache in row slots[t] of k_pool, v_pool (uint8: this
+    layer's keys are (KVH, S, row bytes) from byte `off` of the row, stored as kv type kvt, position p in slot
+    p % S) and sees that cache's positions up to its own (the last `window` of them when window > 0); out: (T,
+    n_heads, head_dim). The (query, head) pairs are shared across threads."""
     for i in prange(q.shape[0] * q.shape[1]):
-        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, fastmath=True)
-def attention_rows_serial(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out):
+def attention_rows_serial(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out):
     """`attention_rows` on the calling thread: for short contexts, cheaper than a parallel region's
     synchronization."""
     for i in range(q.shape[0] * q.shape[1]):
-        _attend_row(q, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, out, i)
+        _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -275,19 +306,20 @@ def _rows(xb, a, b):
 
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
-                  v_pool, kv_layout, all_logits, scratch, logits):
+                  v_pool, kv_layout, kvt, all_logits, scratch, logits):
     """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
     cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
     batched decode step: a token from each of several conversations, every weight row read once for all of them).
     Writes K/V into the caches and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see
     NumbaModel._make_scratch); inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks
-    from. k_pool, v_pool: (n_slots, cache floats); in each row layer i's keys are (n_kv_heads, S, head_dim) from
-    float kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
-    positions for a windowed layer)."""
+    from. k_pool, v_pool: (n_slots, cache bytes) uint8; in each row layer i's keys are (n_kv_heads, S, row bytes)
+    from byte kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
+    positions for a windowed layer), each row a head vector stored as kv type kvt (quant/kv_kernels.py)."""
     x, h, qkv, q3, k3, att, gu, ff, tmp, cos, sin, xs_e, xs_q, xs_f, qkv_desc, gu_desc = scratch
     T = tokens.size
     E, H, KVH, D = dims[D_EMBD], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
     nq, nkv = H * D, KVH * D
+    RB = kvk.kv_row_bytes(kvt, D)
     eps, scale = fparams[F_EPS], fparams[F_ATTN_SCALE]
     x, h, qkv, q3, k3, att = x[:T], h[:T], qkv[:T], q3[:T], k3[:T], att[:T]
     gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:, :T], sin[:, :T]
@@ -322,19 +354,20 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
         rope(k3, cos[g], sin[g], dims[D_NEOX] != 0)
         off, S = kv_layout[layer, 0], kv_layout[layer, 1]
         seen = 0  # cached positions the queries see, over all of them
+        att[:, :nkv] = v  # the values, contiguous for the encoder (att is free until the attention below)
         for t in range(T):
-            kc = k_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
-            vc = v_pool[slots[t], off:off + KVH * S * D].reshape((KVH, S, D))
+            kc = k_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
+            vc = v_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
             slot = positions[t] % S
-            for kh in range(KVH):
-                kc[kh, slot] = k3[t, kh]
-                vc[kh, slot] = v[t, kh * D:(kh + 1) * D]
+            for kh in range(KVH):  # encoded as they are written
+                kvk.encode_row(k3[t, kh], kc[kh, slot], kvt)
+                kvk.encode_row(att[t][kh * D:(kh + 1) * D], vc[kh, slot], kvt)
             seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
         if H * seen * D < SERIAL_ATTENTION:
-            attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
+            attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
         else:
-            attention_rows(q3, k_pool, v_pool, off, S, KVH, slots, positions, window, scale, att3)
+            attention_rows(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
         prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         if lt[POST_ATTN_NORM, 0] >= 0:

@@ -19,10 +19,12 @@ from backends.base import (
     global_weights,
     layer_weights,
     rope_inv_freq,
+    rotate_keys,
     weight_bytes_per_token,
 )
 from quant.formats import dequantize
 from quant.gguf_file import GGUFFile, Tensor
+from quant.kvtypes import decode, encode
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int) -> NumpyModel:
@@ -96,8 +98,8 @@ class NumpyModel:
             self.on_input(t.name, h)
         return h @ self.w(t).T
 
-    def new_cache(self, max_seq: int) -> SimpleKVCache:
-        return SimpleKVCache(self.hparams, max_seq)
+    def new_cache(self, max_seq: int, kv_type: str = "f32") -> SimpleKVCache:
+        return SimpleKVCache(self.hparams, max_seq, kv_type=kv_type)
 
     def inv_freq(self, max_seq: int) -> list[np.ndarray]:
         """Each layer's RoPE inverse frequencies for a context of max_seq (LongRoPE picks its factors by it)."""
@@ -134,8 +136,10 @@ class NumpyModel:
             k = rms_norm(k, self.w(lw["k_norm"]), hp.norm_eps)
         inv, m = self.inv_freq(cache.max_seq)[i], hp.rope_attn_factor
         q, k = rope(q, pos, inv, hp.rope_neox, m), rope(k, pos, inv, hp.rope_neox, m)
-        cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
-        keys, values = cache.k[i, : start + T], cache.v[i, : start + T]  # (S, n_kv_heads, head_dim)
+        # stored in the cache's type, and read back from it: the new tokens see their own keys as stored too
+        cache.k[i, start:start + T], cache.v[i, start:start + T] = encode(k, cache.kv_type), encode(v, cache.kv_type)
+        keys = decode(cache.k[i, : start + T], cache.kv_type)  # (S, n_kv_heads, head_dim) float32
+        values = decode(cache.v[i, : start + T], cache.kv_type)
 
         # query at position p sees keys p - window < s <= p (window 0: every s <= p)
         s = np.arange(start + T)[None, :]
@@ -150,6 +154,20 @@ class NumpyModel:
             scores = q[:, hd, :] @ keys[:, kv, :].T * np.float32(hp.scale) + mask  # (T, S)
             att[:, hd, :] = softmax(scores) @ values[:, kv, :]
         return att.reshape(T, q_dim)
+
+    def shift_cache(self, cache: SimpleKVCache, start: int, n: int) -> bool:
+        """Drop cached positions start .. start + n and move the later ones down by n, their keys rotated back by
+        n positions. Exact for every layer here: this cache keeps every position (windows are masks)."""
+        hp, end = self.hparams, cache.offset
+        if n <= 0 or not 0 <= start <= end - n:
+            return False
+        for i in range(hp.n_layers):
+            keys = rotate_keys(decode(cache.k[i, start + n:end], cache.kv_type), -n, self.inv_freq(cache.max_seq)[i],
+                               hp.rope_neox)
+            cache.k[i, start:end - n] = encode(keys, cache.kv_type)
+            cache.v[i, start:end - n] = cache.v[i, start + n:end].copy()
+        cache.offset = end - n
+        return True
 
     def mlp(self, lw: dict[str, Tensor], h: np.ndarray) -> np.ndarray:
         hp = self.hparams
