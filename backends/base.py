@@ -56,8 +56,9 @@ class Model(Protocol):
     hparams: HParams
     name: str  # backend name
 
-    def new_cache(self, max_seq: int) -> KVCache:
-        """A KV cache for up to `max_seq` positions."""
+    def new_cache(self, max_seq: int, slack: int = 0) -> KVCache:
+        """A KV cache for up to `max_seq` positions, which trim() can take back at least `slack` positions
+        (speculative decoding rejects up to that many; a rotating cache keeps that many past its window)."""
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` (int32, (T,)) at positions cache.offset.. and advance the cache.

@@ -15,10 +15,10 @@ class MlxKVCache(OffsetCache):
 
     capacity grows in multiples of `step` (never past max_seq) as tokens arrive, so a short chat does not
     hold a 32k-token cache; positions at and beyond `offset` are stale and get overwritten. A windowed layer
-    holds positions first[i] .. offset in keys[i] (no more than its window - 1 + SLACK of them)."""
+    holds positions first[i] .. offset in keys[i] (no more than its window - 1 + slack of them)."""
 
-    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256):
-        self.hp, self.max_seq, self.dtype, self.step = hp, max_seq, dtype, step
+    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256, slack: int = SLACK):
+        self.hp, self.max_seq, self.dtype, self.step, self.slack = hp, max_seq, dtype, step, slack
         self.offset = 0
         self.capacity = 0
         self.windows = [hp.window(i) for i in range(hp.n_layers)]
@@ -62,7 +62,7 @@ class MlxKVCache(OffsetCache):
         else:
             keys = mx.concatenate([self.keys[layer][:, :, : self.offset - first], k], axis=2)
             values = mx.concatenate([self.values[layer][:, :, : self.offset - first], v], axis=2)
-        keep = min(end - first, window - 1 + SLACK)
+        keep = min(end - first, window - 1 + self.slack)
         self.keys[layer], self.values[layer] = keys[:, :, -keep:], values[:, :, -keep:]
         self.first[layer] = end - keep
         return keys, values, first

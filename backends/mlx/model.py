@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.base import HParams, global_weights, layer_weights, rope_inv_freq
-from backends.mlx.cache import MlxKVCache
+from backends.mlx.cache import SLACK, MlxKVCache
 from backends.mlx.weights import Linear, fuse, linear, vector
 from quant.gguf_file import GGUFFile
 
@@ -93,8 +93,8 @@ class MlxModel:
         self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
-    def new_cache(self, max_seq: int) -> MlxKVCache:
-        return MlxKVCache(self.hparams, max_seq, self.dtype)
+    def new_cache(self, max_seq: int, slack: int = 0) -> MlxKVCache:
+        return MlxKVCache(self.hparams, max_seq, self.dtype, slack=max(SLACK, slack))
 
     def arrays(self) -> list[mx.array]:
         out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]

@@ -273,14 +273,14 @@ class NumbaModel:
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int) -> RingKVCache:
+    def new_cache(self, max_seq: int, slack: int = 0) -> RingKVCache:
         """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
-        keeps its window plus small_t positions (a decode-stack step writes up to small_t)."""
-        return RingKVCache(self.hparams, max_seq, self.options.small_t)
+        keeps its window plus small_t positions (a decode-stack step writes up to small_t), or `slack` if more."""
+        return RingKVCache(self.hparams, max_seq, max(self.options.small_t, slack))
 
-    def new_caches(self, n: int, max_seq: int) -> list[PooledKVCache]:
+    def new_caches(self, n: int, max_seq: int, slack: int = 0) -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
-        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n)).caches
+        return CachePool(self.hparams, n, max_seq, max(self.options.small_t, slack), self._make_scratch(n)).caches
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.gguf, self.hparams)
