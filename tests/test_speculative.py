@@ -243,3 +243,30 @@ def test_speculative_sampling_keeps_the_distribution(how, tmp_path):
     for depth, c in counts.items():
         p = _chi2_pvalue(c, n * _exact(lm, ids, config, depth))
         assert p > 1e-3, (depth, p)
+
+
+def test_serve_with_lookup_returns_the_plain_greedy_text(smollm2_path):
+    """`llm serve --lookup` over HTTP: greedy replies equal plain greedy decoding, one request alone (speculative
+    steps) and two at once (batched steps while both run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server import Served
+
+    lm = load(smollm2_path, "numba", threads=2)
+    plain = Session(lm, 512)
+    config = GenerationConfig(max_tokens=24, sampling=SamplingConfig(temperature=0.0))
+    want = [texts(plain, encode_chat(plain, [{"role": "user", "content": p}]), config)[0] for p in PROMPTS]
+    server = Served(smollm2_path, "--lookup", "8", "--parallel", "2")
+    try:
+        client = server.client()
+
+        def ask(prompt):
+            r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=24)
+            return r.choices[0].message.content
+
+        assert [ask(p) for p in PROMPTS] == want
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, PROMPTS)) == want
+    finally:
+        server.stop()
