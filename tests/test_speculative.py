@@ -275,11 +275,8 @@ def test_serve_with_lookup_returns_the_plain_greedy_text(smollm2_path):
 def test_bench_reports_speculative_speed_and_acceptance(smollm2_path):
     import json
 
-    r = subprocess.run([sys.executable, "-m", "llmcli", "bench", str(smollm2_path), "-p", "0", "-n", "24", "-r", "1",
+    r = subprocess.run([sys.executable, "-m", "llmcli", "bench", str(smollm2_path), "-p", "0", "-n", "16", "-r", "1",
                         "--lookup", "8", "-o", "json"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
     assert row["spec_tok_s"] > 0 and row["spec_plain_tok_s"] > 0 and 0 < row["spec_acceptance"] <= 1
-    plain = subprocess.run([sys.executable, "-m", "llmcli", "bench", str(smollm2_path), "-p", "0", "-n", "4", "-r",
-                            "1", "-o", "json"], capture_output=True, text=True, timeout=600)
-    assert json.loads(plain.stdout)[0]["spec_tok_s"] is None  # measured only when asked for
