@@ -61,12 +61,13 @@ class DraftLength:
     """How many tokens to draft next, per generation. From 2, it doubles (up to n_max) while whole drafts are kept and
     halves on a miss: a draft kept not at all, or a step that made tokens slower than plain steps do (timed as the
     generation goes: a verification pass costs more than one token's step, by how much depends on the backend and
-    the machine). After two misses in a row it stops drafting for a stretch of steps that doubles with each
-    stretch (up to 64), so text nothing predicts decodes at nearly plain speed."""
+    the machine). After two misses in a row it stops drafting for a stretch of steps (8, doubling with each stretch
+    up to 128); after a stretch one more miss starts the next, so text nothing predicts decodes at nearly plain
+    speed. A whole draft kept ends the pauses."""
 
     def __init__(self, n_max: int):
         self.n_max, self.n = n_max, min(2, n_max)  # start small: a long draft nothing predicts costs the most
-        self.misses, self.pause, self.pause_len = 0, 0, 4
+        self.misses, self.pause, self.pause_len = 0, 0, 8
         self.plain_s: float | None = None  # seconds of a plain step (running average)
 
     def plain_step(self, seconds: float) -> None:
@@ -83,11 +84,11 @@ class DraftLength:
         """After a speculative step that kept `kept` of `drafted` tokens (and made kept + 1) in `seconds`."""
         slower = self.plain_s is not None and seconds > (kept + 1) * self.plain_s
         if kept == drafted and not slower:
-            self.n, self.misses, self.pause_len = min(self.n_max, 2 * self.n), 0, 4
+            self.n, self.misses, self.pause_len = min(self.n_max, 2 * self.n), 0, 8
         elif kept == 0 or slower:
             self.n, self.misses = max(1, self.n // 2), self.misses + 1
             if self.misses >= 2:
-                self.pause, self.pause_len, self.misses = self.pause_len, min(64, 2 * self.pause_len), 0
+                self.pause, self.pause_len, self.misses = self.pause_len, min(128, 2 * self.pause_len), 1
         else:
             self.misses = 0
 

@@ -56,11 +56,13 @@ def test_draft_length_backs_off_and_grows():
     d.update(2, 2, 0.1)
     assert d.next(100) == 4 and d.next(3) == 3
     d.update(4, 0, 0.1)
-    d.update(2, 0, 0.1)  # two misses: a pause of 4 plain steps
-    assert [d.next(100) for _ in range(5)] == [0, 0, 0, 0, 1]
+    d.update(2, 0, 0.1)  # two misses: a pause of 8 plain steps
+    assert [d.next(100) for _ in range(9)] == [0] * 8 + [1]
     d.plain_step(0.01)
-    d.update(1, 1, 0.5)  # kept its draft but took longer than two plain steps: a miss
-    assert d.next(100) == 1
+    d.update(1, 1, 0.5)  # kept its draft but took longer than two plain steps: a miss, and after a pause
+    assert [d.next(100) for _ in range(17)] == [0] * 16 + [1]  # one miss starts the next, twice as long
+    d.update(1, 1, 0.01)
+    assert d.next(100) == 2
 
 
 def greedy_equal_plain(lm, draft_lm, prompts: list[list[int]], max_tokens: int, ctx: int) -> None:
