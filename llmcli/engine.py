@@ -187,7 +187,6 @@ class Generation:
         self.finish: str | None = None
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not yet handed out
         self.n_drafted = self.n_accepted = 0  # speculative decoding's tally
-        self.last_kept = 0  # drafts kept by the last speculative step
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from the model's logits for this step."""
@@ -374,16 +373,16 @@ class Session:
             out = [gen.step(self.feed(token))]
             length.plain_step(time.perf_counter() - t0)
             return out
-        out = self.speculative_step(gen, token, drafts, qs)
-        length.update(len(drafts), gen.last_kept, time.perf_counter() - t0)
+        out, kept = self.speculative_step(gen, token, drafts, qs)
+        length.update(len(drafts), kept, time.perf_counter() - t0)
         return out
 
     def speculative_step(self, gen: Generation, token: int, drafts: list[int],
-                         qs: list[np.ndarray | None]) -> list[tuple[int, str]]:
+                         qs: list[np.ndarray | None]) -> tuple[list[tuple[int, str]], int]:
         """Run `token` (sampled, not yet fed) and `drafts` in one pass, keep the drafts the model agrees with and
-        one token of its own after them; -> the (token, text) taken, in order. The rejected drafts' positions are
-        trimmed from the cache: it then holds the tokens before the last one taken, as after plain steps (or all
-        of them, when the generation ended on a kept draft)."""
+        one token of its own after them; -> (the (token, text) taken, in order; drafts kept). The rejected drafts'
+        positions are trimmed from the cache: it then holds the tokens before the last one taken, as after plain
+        steps (or all of them, when the generation ended on a kept draft)."""
         fed = [token, *drafts]
         with broken_model_math():
             logits = self.lm.model.forward(np.asarray(fed, dtype=np.int32), self.cache, all_logits=True)
@@ -399,9 +398,8 @@ class Session:
             out.append(gen.step(logits[len(drafts)]))
         gen.n_drafted += len(drafts)
         gen.n_accepted += kept
-        gen.last_kept = kept
         self._rewind(len(self.tokens) - (len(drafts) - kept), gen.history)
-        return out
+        return out, kept
 
     def _rewind(self, keep: int, history: Sequence[int]) -> None:
         """Keep the first `keep` positions of the cache (`history` is what they hold). A rotating cache that
