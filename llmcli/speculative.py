@@ -46,14 +46,16 @@ class SpeculativeConfig:
 
 def lookup_draft(history: list[int], k: int, ngram_max: int = 3) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the last n tokens of `history` (n from
-    ngram_max down to 1); [] when even the last token never occurred before."""
+    ngram_max down to 1); [] when even the last token never occurred before. A shorter match is weaker evidence
+    that a copy is under way: below ngram_max it drafts at most 4^(n-1) tokens (1 after one token, 4 after two).
+    (A draft nothing accepts costs a verification pass that grows with its length; benchmarks/RESULTS.md.)"""
     arr = np.asarray(history, dtype=np.int64)
     for n in range(min(ngram_max, len(arr) - 1), 0, -1):
         windows = sliding_window_view(arr[:-1], n)  # every n-gram that ends before the last token
         hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
+            return arr[start:start + (k if n == ngram_max else min(k, 4 ** (n - 1)))].tolist()
     return []
 
 

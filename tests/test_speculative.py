@@ -45,7 +45,8 @@ def texts(session: Session, ids: list[int], config: GenerationConfig) -> tuple[s
 
 def test_lookup_draft():
     assert lookup_draft([5, 6, 7, 8, 1, 5, 6, 7], 3) == [8, 1, 5]  # the 3-gram 5 6 7 matched
-    assert lookup_draft([5, 6, 7, 8, 9, 2, 7], 2) == [8, 9]  # only the 1-gram 7
+    assert lookup_draft([5, 6, 7, 8, 9, 2, 7], 2) == [8]  # only the 1-gram 7: weak evidence, one token
+    assert lookup_draft([5, 6, 7, 8, 9, 2, 6, 7], 8) == [8, 9, 2, 6]  # the 2-gram 6 7: up to four
     assert lookup_draft([1, 2, 3, 1, 2, 3, 1, 2], 8, ngram_max=2) == [3, 1, 2]  # the latest occurrence
     assert lookup_draft([1, 2, 3], 4) == [] and lookup_draft([1], 4) == []
 
