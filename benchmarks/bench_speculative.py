@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--lookup", type=int, default=16)
     ap.add_argument("--draft", type=Path, default=None, help="a draft model for SmolLM2 (e.g. a Q4_0 copy)")
+    ap.add_argument("--skip-verify", action="store_true", help="no verification-cost curve")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("LLMCLI_HOME", str(REPO / ".test-models"))
@@ -149,7 +150,8 @@ def main() -> None:
             path = ensure_smollm2()
             out["speed"] += bench_model(path, args.backend, args.threads, args.reps, args.max_tokens, args.lookup,
                                         args.draft)
-            out["verify"] += verify_cost(path, args.backend, args.threads, args.reps)
+            if not args.skip_verify:
+                out["verify"] += verify_cost(path, args.backend, args.threads, args.reps)
         elif name == "1b":
             from bench_decode import prepare_models
 
