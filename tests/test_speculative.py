@@ -85,6 +85,7 @@ def greedy_equal_plain(lm, draft_lm, prompts: list[list[int]], max_tokens: int, 
         assert 0 < kept < n, (name, n, kept)
 
 
+@pytest.mark.slow  # the Q4_0 copy takes ~1.5 min to make on a fresh test store
 def test_greedy_lookup_and_draft_equal_plain_smollm2(smollm2_path, q4_0_copy):
     lm = load(smollm2_path, "numba", threads=2)
     prompts = [encode_chat(Session(lm, 64), [{"role": "user", "content": p}]) for p in PROMPTS]
@@ -150,6 +151,7 @@ def test_rotating_cache_takes_back_a_rejected_draft_of_its_slack(backend, tmp_pa
                                model.forward(np.array([7], dtype=np.int32), plain), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_run_lookup_and_draft(smollm2_path, q4_0_copy):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "llmcli", "run", str(smollm2_path), PROMPTS[0], "-n", "24",
