@@ -57,9 +57,11 @@ class Model(Protocol):
     hparams: HParams
     name: str  # backend name
 
-    def new_cache(self, max_seq: int, kv_type: str = "f32") -> KVCache:
-        """A KV cache for up to `max_seq` positions, stored as kv_type (quant/kvtypes.py). The library's default is
-        the exact f32; the engine's, per backend, is backends.default_kv_type."""
+    def new_cache(self, max_seq: int, kv_type: str = "f32", slack: int = 0) -> KVCache:
+        """A KV cache for up to `max_seq` positions, stored as kv_type (quant/kvtypes.py), which trim() can take
+        back at least `slack` positions (speculative decoding rejects up to that many; a rotating cache keeps
+        that many past its window). The library's default kv_type is the exact f32; the engine's, per backend,
+        is backends.default_kv_type."""
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` (int32, (T,)) at positions cache.offset.. and advance the cache.

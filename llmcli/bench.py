@@ -9,6 +9,8 @@ steps, so tokenization and sampling do not pollute the figures:
   tg (decode):  n single-token forwards, each fed the argmax of the previous one, from the depth;
   depth D:      D tokens are run into the cache first (untimed), so both tests see a filled context.
 A warm-up (one prefill and a short decode) runs before the timed repetitions of every row.
+With --lookup or --draft, each row also times speculative decoding through the engine: n greedy tokens of a reply
+that copies a paragraph of its prompt, speculative and plain runs alternating, with the acceptance rate.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import numpy as np
 from backends import BACKENDS, default_backend, default_kv_type, physical_cores, read_hparams
 from backends.base import kv_cache_bytes
 from llmcli import engine
+from llmcli.sampling import SamplingConfig
+from llmcli.speculative import SpeculativeConfig
 from llmcli.store import resolve_model, store_root, write_atomic
 from quant.errors import LlmError
 from quant.gguf_file import read_gguf
@@ -58,6 +62,8 @@ class BenchConfig:
     threads: tuple[int, ...] | None = None  # None: the physical cores
     depth: tuple[int, ...] = (0,)
     kv_type: str | None = None  # the KV cache's storage type; None: the backend's default
+    spec: SpeculativeConfig | None = None  # speculative decoding to time as well (--lookup, --draft-max)
+    draft: str | None = None  # the draft model (a path or a store name)
 
     def __post_init__(self):
         if self.repetitions < 1:
@@ -116,6 +122,9 @@ class BenchResult:
     bw_util: float | None  # decode_gbps / the machine's read bandwidth (0..1)
     kv_type: str  # the KV cache's storage type
     kv_bytes: int  # bytes of that cache at the row's context (depth + max(p, n))
+    spec_tok_s: float | None = None  # --lookup/--draft: median decode tok/s of the copying reply, speculative
+    spec_plain_tok_s: float | None = None  # ... and plain, in the same repetitions
+    spec_acceptance: float | None = None  # drafted tokens the model kept (0..1)
 
 
 SCHEMA = tuple(f.name for f in fields(BenchResult))
@@ -333,6 +342,30 @@ class ForwardTimer:
         return time.perf_counter() - t0
 
 
+COPY_TASK = "Repeat the following text exactly, word for word.\n\n"
+
+
+class SpecTimer:
+    """Greedy replies of n tokens through the engine, plain and speculative, to a prompt that asks to copy the
+    first paragraph of the packaged calibration text (a reply that prompt lookup can draft)."""
+
+    def __init__(self, lm: engine.LoadedModel, spec: SpeculativeConfig, draft: engine.LoadedModel | None,
+                 n_gen: int, kv_type: str):
+        from importlib import resources
+
+        text = resources.files("llmcli").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+        n_ctx = 1024 + n_gen
+        self.plain = engine.Session(lm, n_ctx, kv_type=kv_type)
+        self.spec = engine.Session(lm, n_ctx, kv_type=kv_type, spec=spec, draft=draft)
+        self.ids = engine.encode_chat(self.plain, [{"role": "user", "content": COPY_TASK + text.split("\n\n")[0]}])
+
+    def run(self, speculative: bool, n: int) -> engine.GenerationResponse:
+        session = self.spec if speculative else self.plain
+        session.reset()
+        config = engine.GenerationConfig(max_tokens=n, sampling=SamplingConfig(temperature=0.0))
+        return list(session.generate(self.ids, config))[-1]
+
+
 @dataclass(frozen=True)
 class BenchPlan:
     """A checked config: the model file, what it is, and the rows to measure."""
@@ -344,6 +377,8 @@ class BenchPlan:
     rows: tuple[RowSpec, ...]  # grouped by (backend, threads) so each model is loaded once
     repetitions: int
     kv_type: str | None  # None: each backend's default (backends.default_kv_type)
+    spec: SpeculativeConfig | None = None
+    draft: Path | None = None
 
 
 def prepare(config: BenchConfig) -> BenchPlan:
@@ -361,11 +396,14 @@ def prepare(config: BenchConfig) -> BenchPlan:
         raise BenchError(f"depth + max(p, n) needs {need} positions; {name} was trained for {hp.n_ctx_train}")
     if config.kv_type is not None:
         check_kv_type(config.kv_type, hp.head_dim)
-    return BenchPlan(path, name, quant_name(gguf), hp.n_vocab, rows, config.repetitions, config.kv_type)
+    draft = resolve_model(config.draft) if config.draft else None
+    return BenchPlan(path, name, quant_name(gguf), hp.n_vocab, rows, config.repetitions, config.kv_type,
+                     config.spec, draft)
 
 
-def _measure_row(runner: ForwardTimer, spec: RowSpec, repetitions: int) -> Iterator[str]:
-    """Yield the name of each pass as it starts ("depth", "warm-up", "pp", "tg"); return the timings."""
+def _measure_row(runner: ForwardTimer, spec: RowSpec, repetitions: int,
+                 spec_timer: SpecTimer | None = None) -> Iterator[str]:
+    """Yield the name of each pass as it starts ("depth", "warm-up", "pp", "tg", "spec"); return the timings."""
     if spec.depth:
         yield "depth"
         runner.to_depth(spec.depth)
@@ -382,12 +420,18 @@ def _measure_row(runner: ForwardTimer, spec: RowSpec, repetitions: int) -> Itera
     for _ in range(repetitions if spec.n_gen else 0):
         yield "tg"
         tg.append(spec.n_gen / runner.decode(spec.depth, spec.n_gen))
-    return pp, ttft, tg
+    sd = []  # (speculative record, plain record) per repetition
+    if spec_timer is not None and spec.n_gen:
+        spec_timer.run(True, min(spec.n_gen, 16))  # warm-up: the verification passes' code paths
+        for _ in range(repetitions):
+            yield "spec"
+            sd.append((spec_timer.run(True, spec.n_gen), spec_timer.run(False, spec.n_gen)))
+    return pp, ttft, tg, sd
 
 
-def _passes(spec: RowSpec, repetitions: int) -> int:
+def _passes(spec: RowSpec, repetitions: int, speculative: bool = False) -> int:
     """Progress units of a row: the warm-up and each timed repetition."""
-    return 1 + repetitions * (bool(spec.n_prompt) + bool(spec.n_gen))
+    return 1 + repetitions * (bool(spec.n_prompt) + bool(spec.n_gen) * (1 + speculative))
 
 
 def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
@@ -395,8 +439,8 @@ def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
 
     `bandwidth_gbps`: the machine's read bandwidth (machine_bandwidth()), for bw_util.
     """
-    rows, reps = plan.rows, plan.repetitions
-    total, done = sum(_passes(s, reps) for s in rows), 0
+    rows, reps, speculative = plan.rows, plan.repetitions, plan.spec is not None
+    total, done = sum(_passes(s, reps, speculative) for s in rows), 0
     by_model = itertools.groupby(enumerate(rows), key=lambda x: (x[1].backend, x[1].threads))
     for (backend, threads), group in by_model:
         group = sorted(group, key=lambda x: x[1].depth)  # the cache then only ever grows to the next depth
@@ -405,22 +449,24 @@ def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
         reset_peak_rss()
         try:
             lm = engine.load(plan.path, backend, threads)
+            draft = engine.load(plan.draft, backend, threads) if plan.draft else None
         except (LlmError, ImportError) as e:  # a backend whose framework is missing or broken here
             yield BackendFailure(backend, threads, str(e))
-            done += sum(_passes(s, reps) for _, s in group)
+            done += sum(_passes(s, reps, speculative) for _, s in group)
             continue
         n_ctx = max(s.depth + max(s.n_prompt, s.n_gen, WARMUP_DECODE_TOKENS) for _, s in group) + 1
         kv_type = plan.kv_type or default_kv_type(backend)
         runner = ForwardTimer(lm.model, n_ctx, plan.n_vocab, kv_type)
         bytes_per_token = lm.model.weight_bytes_per_token()
         for index, spec in group:
-            passes, phase = _measure_row(runner, spec, reps), None
+            timer = SpecTimer(lm, plan.spec, draft, spec.n_gen, kv_type) if speculative and spec.n_gen else None
+            passes, phase = _measure_row(runner, spec, reps, timer), None
             while True:
                 try:
                     upcoming = next(passes)  # runs the pass named last, then names the next one
                 except StopIteration as finished:
                     done += 1  # the last pass of a row is always a counted one
-                    pp, ttft, tg = finished.value
+                    pp, ttft, tg, sd = finished.value
                     break
                 done += phase not in (None, "depth")
                 phase = upcoming
@@ -436,8 +482,19 @@ def run_bench(plan: BenchPlan, bandwidth_gbps: float) -> Iterator[BenchEvent]:
                 ttft_s=float(np.mean(ttft)) if ttft else None, load_s=lm.load_s, peak_rss_mb=peak_rss_mb(),
                 decode_gbps=gbps, bw_util=util, kv_type=kv_type,
                 kv_bytes=kv_cache_bytes(lm.hparams, spec.depth + max(spec.n_prompt, spec.n_gen), kv_type=kv_type),
+                **_speculative_figures(sd),
             )
-        del runner, lm
+        del runner, lm, draft
+
+
+def _speculative_figures(sd: list) -> dict:
+    """Median tok/s of the speculative and the plain runs, and the acceptance over all of them."""
+    if not sd:
+        return {}
+    drafted = sum(s.draft_tokens for s, _ in sd)
+    return {"spec_tok_s": float(np.median([s.generation_tps for s, _ in sd])),
+            "spec_plain_tok_s": float(np.median([p.generation_tps for _, p in sd])),
+            "spec_acceptance": sum(s.accepted_tokens for s, _ in sd) / drafted if drafted else None}
 
 
 def result_dicts(results: Sequence[BenchResult]) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from llmcli.engine import GenerationConfig, GenerationResponse, Session, encode_chat
+from llmcli.speculative import acceptance_line
 from quant.errors import LlmError, PromptError
 
 HELP = """\
@@ -185,6 +186,8 @@ class ChatLoop:
             self.err.print(f"last reply: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s; prompt: "
                            f"{r.prompt_tokens} tokens ({r.prefilled_tokens} new, {r.prompt_tps:.1f} tok/s), "
                            f"TTFT {r.ttft_s * 1000:.0f} ms; finish: {r.finish_reason}")
+            if s.drafter is not None:
+                self.err.print(acceptance_line(r.draft_tokens, r.accepted_tokens))
 
     def reply(self, text: str) -> None:
         self.conv.turns.append({"role": "user", "content": text})

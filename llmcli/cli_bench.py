@@ -50,6 +50,7 @@ def bench(
     remeasure_bw: Annotated[bool, typer.Option(
         "--remeasure-bw", help="Measure the machine's read bandwidth again, not the cached figure.",
         metavar=" ")] = False,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """Measure prefill (pp) and decode (tg) speed; every combination of the listed values is one row.
 
@@ -59,15 +60,20 @@ def bench(
     first token of a p-token prompt, model load time, peak RSS, and decode GB/s (weight bytes read per
     token × tok/s) next to the machine's read bandwidth (measured once, cached in the model store).
 
+    With --lookup N or --draft MODEL, each row also times speculative decoding: n greedy tokens of a reply that
+    copies a paragraph of its prompt, against plain decoding of the same reply, and the acceptance rate.
+
     Example: llm bench smollm2 -p 512 -n 128 --threads 1,2 --depth 0,1024 -o json
     """
     from llmcli.bench import BenchConfig, parse_str_list
+    from llmcli.cli_core import _spec_config
 
     if output not in OUTPUTS:
         raise LlmError(f"-o/--output must be one of {', '.join(OUTPUTS)}, got '{output}'")
     kwargs = dict(model=model, n_prompt=_ints(n_prompt, "-p/--n-prompt"), n_gen=_ints(n_gen, "-n/--n-gen"),
                   repetitions=repetitions, depth=_ints(depth, "--depth"), threads=_ints(threads, "--threads"),
-                  backends=None if backend is None else parse_str_list(backend, "--backend"), kv_type=kv_type)
+                  backends=None if backend is None else parse_str_list(backend, "--backend"), kv_type=kv_type,
+                  spec=_spec_config(lookup, draft, draft_max) if lookup or draft else None, draft=draft)
     config = BenchConfig(**{k: v for k, v in kwargs.items() if v is not None})
     if plot is not None:
         _check_plot_target(plot)
@@ -132,6 +138,8 @@ def _summary(r) -> str:
         parts.append(f"pp {r.pp_tok_s:.1f}")
     if r.tg_tok_s is not None:
         parts.append(f"tg {r.tg_tok_s:.1f}")
+    if r.spec_tok_s is not None:
+        parts.append(f"speculative {r.spec_tok_s:.1f} (plain {r.spec_plain_tok_s:.1f})")
     return "last: " + ", ".join(parts) + " tok/s"
 
 
@@ -161,6 +169,16 @@ def to_markdown(results, bandwidth_gbps: float, repetitions: int) -> str:
     runs = "one run" if repetitions == 1 else f"{repetitions} runs"
     lines.append(f"Mean ± standard deviation of {runs} after a warm-up; machine read bandwidth "
                  f"{bandwidth_gbps:.1f} GB/s.")
+    spec = [r for r in results if r.spec_tok_s is not None]
+    if spec:
+        lines += ["", "| model | backend | threads | test | plain tok/s | speculative tok/s | speedup | accepted |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+        for r in spec:
+            accepted = "–" if r.spec_acceptance is None else f"{100 * r.spec_acceptance:.0f}%"
+            lines.append(f"| {r.model} | {r.backend} | {r.threads} | copy tg{r.n_gen} | {r.spec_plain_tok_s:.2f} | "
+                         f"{r.spec_tok_s:.2f} | {r.spec_tok_s / r.spec_plain_tok_s:.2f}× | {accepted} |")
+        lines += ["", "Speculative decoding: greedy replies that copy a paragraph of the prompt, through the engine "
+                  "(prefill excluded), speculative and plain runs alternating; medians."]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from llmcli import options as opt
-from quant.errors import PromptError
+from quant.errors import LlmError, PromptError
 
 
 def _gen_config(max_tokens, stop, sampling: dict):
@@ -23,6 +23,18 @@ def _gen_config(max_tokens, stop, sampling: dict):
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
     return GenerationConfig(**kwargs)
+
+
+def _spec_config(lookup: int | None, draft: str | None, draft_max: int | None):
+    """--lookup / --draft / --draft-max -> SpeculativeConfig (checked before any model is loaded)."""
+    from llmcli.speculative import SpeculativeConfig
+
+    if lookup and draft:
+        raise LlmError("--lookup and --draft are two ways to draft: choose one")
+    kwargs = {"lookup": lookup or 0}
+    if draft_max is not None:
+        kwargs["draft_max"] = draft_max
+    return SpeculativeConfig(**kwargs)
 
 
 def _is_model_ref(ref: str) -> bool:
@@ -99,12 +111,14 @@ def run(
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """One-shot generation; only the generated text goes to stdout.
 
     Example: llm run smollm2 "Write a haiku about the sea" --temperature 0
     """
     from llmcli.engine import Session, encode_chat
+    from llmcli.speculative import acceptance_line
     from llmcli.store import resolve_model
 
     model, prompt = _split_model_and_text(model, prompt)
@@ -116,8 +130,9 @@ def run(
         raise PromptError("the prompt is empty")
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    spec = _spec_config(lookup, draft, draft_max)
     lm = _open(path, backend, threads, template)
-    session = Session(lm, ctx, kv_type=kv_type)
+    session = Session(lm, ctx, kv_type=kv_type, spec=spec, draft=_open(draft, backend, threads) if draft else None)
     _warn_ctx(session, ctx)
     if raw:
         ids = lm.tokenizer.encode(prompt)
@@ -138,6 +153,8 @@ def run(
               f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s, TTFT {last.ttft_s * 1000:.0f} ms\n"
               f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s\n"
               f"finish: {last.finish_reason}", file=sys.stderr)
+        if session.drafter is not None:
+            print(acceptance_line(last.draft_tokens, last.accepted_tokens), file=sys.stderr)
     if last is not None and last.finish_reason == "interrupted":
         raise typer.Exit(130)
 
@@ -154,6 +171,7 @@ def chat(
     context_shift: Annotated[bool, typer.Option(
         "--context-shift", help="When the context is full, drop the oldest turns and shift the KV cache past them "
         "instead of recomputing the rest.", metavar=opt.FLAG)] = False,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """Chat in the terminal, streaming replies; the KV cache is reused across turns.
 
@@ -167,11 +185,13 @@ def chat(
 
     config = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    spec = _spec_config(lookup, draft, draft_max)
     # soft_wrap: notices stay one line each (a terminal wraps them itself; a log or a pipe gets them whole)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status("loading model…"):
         lm = _open(model, backend, threads, template)
-    session = Session(lm, ctx, kv_type=kv_type)
+        draft_lm = _open(draft, backend, threads) if draft else None
+    session = Session(lm, ctx, kv_type=kv_type, spec=spec, draft=draft_lm)
     _warn_ctx(session, ctx)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 must not end the conversation

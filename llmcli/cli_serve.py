@@ -26,6 +26,7 @@ def serve(
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models). The sampling
     options are the defaults of requests that do not set them.
@@ -34,7 +35,7 @@ def serve(
     """
     import uvicorn
 
-    from llmcli.cli_core import _gen_config, _open
+    from llmcli.cli_core import _gen_config, _open, _spec_config
     from llmcli.scheduler import Scheduler
     from llmcli.server import Api
     from llmcli.store import DEFAULT_MODEL
@@ -44,8 +45,9 @@ def serve(
         raise LlmError(f"--port must be in 0..65535, got {port}")
     defaults = _gen_config(max_tokens, stop, opt.sampling_options(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+    spec = _spec_config(lookup, draft, draft_max)
     lm = _open(model, backend, threads, template)
-    scheduler = Scheduler(lm, parallel, ctx, kv_type)
+    scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
     app = Api(scheduler, model_id, defaults, api_key).app()

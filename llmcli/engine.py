@@ -17,6 +17,7 @@ import numpy as np
 
 from backends import HParams, KVCache, Model, default_kv_type, load_model
 from llmcli.sampling import Sampler, SamplingConfig
+from llmcli.speculative import DraftLength, DraftModel, PromptLookup, SpeculativeConfig, accept, check_vocab
 from llmcli.template import ChatTemplate
 from llmcli.tokenizer import Tokenizer
 from quant.errors import FieldError, LlmError, ModelFileError, PromptError
@@ -73,6 +74,8 @@ class GenerationResponse:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens behind `text` (with config.logprobs)
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them the model kept
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -183,6 +186,7 @@ class Generation:
         self.n_gen = 0
         self.finish: str | None = None
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not yet handed out
+        self.n_drafted = self.n_accepted = 0  # speculative decoding's tally
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from the model's logits for this step."""
@@ -190,10 +194,19 @@ class Generation:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
         return self.sampler(logits, self.history)
 
+    def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """What `sample` would draw from after `history`: (n_vocab,) float64 probabilities."""
+        if self.bias is not None:
+            logits = np.asarray(logits, dtype=np.float32) + self.bias
+        return self.sampler.probabilities(logits, history)
+
     def step(self, logits: np.ndarray) -> tuple[int, str]:
         """Sample a token from `logits` and take it: -> (token, text it completes). Sets `finish` when this
         was the last token; the token then need not be fed back."""
-        token = self.sample(logits)
+        return self.take(self.sample(logits), logits)
+
+    def take(self, token: int, logits: np.ndarray) -> tuple[int, str]:
+        """Take `token`, chosen from `logits` (by `step`, or by speculative verification)."""
         if self.config.logprobs is not None:
             self.logprobs.append(top_logprobs(logits, token, self.config.logprobs))
         self.n_gen += 1
@@ -225,16 +238,33 @@ class Session:
     """A model with one KV cache, for one conversation or a stream of prompts."""
 
     def __init__(self, lm: LoadedModel, ctx: int | None = None, cache: KVCache | None = None,
-                 kv_type: str | None = None):
-        """`cache`: one made by the backend for `ctx` positions (the server's slots share a pool); else a new one
-        stored as kv_type (None: the backend's default, backends.default_kv_type)."""
+                 kv_type: str | None = None, spec: SpeculativeConfig | None = None,
+                 draft: LoadedModel | None = None):
+        """`cache`: one made by the backend for `ctx` positions with slack for `spec` (the server's slots share a
+        pool); else a new one stored as kv_type (None: the backend's default, backends.default_kv_type). `spec`
+        with `draft` (a model of the same vocabulary) or spec.lookup: speculative decoding
+        (llmcli/speculative.py); the draft's cache is stored as its backend's default."""
         self.lm = lm
         self.n_ctx = context_size(lm.hparams, ctx)
+        self.spec = spec or SpeculativeConfig()
+        self.drafter: PromptLookup | DraftModel | None = None
+        if draft is not None:
+            check_vocab(lm, draft)
+            n = self.spec.draft_max
+            draft_cache = draft.model.new_cache(self.n_ctx, kv_type=default_kv_type(draft.model.name), slack=n)
+            self.drafter = DraftModel(Session(draft, self.n_ctx, draft_cache), n)
+        elif self.spec.lookup:
+            self.drafter = PromptLookup(self.spec.lookup, self.spec.ngram_max)
         if cache is None:
-            cache = lm.model.new_cache(self.n_ctx, kv_type or default_kv_type(lm.model.name))
+            cache = lm.model.new_cache(self.n_ctx, kv_type=kv_type or default_kv_type(lm.model.name), slack=self.slack)
         self.cache = cache
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache
+
+    @property
+    def slack(self) -> int:
+        """Positions trim() must be able to take back: the most tokens drafted per step."""
+        return self.drafter.n_max if self.drafter is not None else 0
 
     def reset(self) -> None:
         self.cache.reset()
@@ -324,6 +354,9 @@ class Session:
         """gen.step over the logits of each token fed back, until gen finishes. A backend with
         `decode_stream` (MLX) pipelines the steps asynchronously: it samples through gen.step and runs ahead
         by a token, so self.tokens records a token once the next one is out."""
+        if self.drafter is not None:
+            yield from self._decode_speculative(gen, logits)
+            return
         stream = getattr(self.lm.model, "decode_stream", None)
         token, text = gen.step(logits)
         yield token, text
@@ -348,6 +381,66 @@ class Session:
         while gen.finish is None:
             token, text = gen.step(self.feed(token))
             yield token, text
+
+    def _decode_speculative(self, gen: Generation, logits: np.ndarray) -> Iterator[tuple[int, str]]:
+        """_decode with drafts: each step verifies the pending token and a draft in one forward pass."""
+        token, text = gen.step(logits)
+        yield token, text
+        length = DraftLength(self.drafter.n_max)
+        while gen.finish is None:
+            out = self.speculate(gen, token, length)
+            token = out[-1][0]
+            yield from out
+
+    def speculate(self, gen: Generation, token: int, length: DraftLength) -> list[tuple[int, str]]:
+        """One decode step after `token` (sampled, not yet fed), with a draft where the drafter has one and
+        `length` allows: -> the (token, text) pairs taken, one without a draft. Each step is timed for
+        `length`, drafting included (a draft model's steps cost)."""
+        t0 = time.perf_counter()
+        k = length.next(gen.budget - gen.n_gen - 1)  # room for the drafts and the token after them
+        drafts, qs = self.drafter.propose(gen, k) if k else ([], [])
+        if not drafts:
+            out = [gen.step(self.feed(token))]
+            length.plain_step(time.perf_counter() - t0)
+            return out
+        out, kept = self.speculative_step(gen, token, drafts, qs)
+        length.update(len(drafts), kept, time.perf_counter() - t0)
+        return out
+
+    def speculative_step(self, gen: Generation, token: int, drafts: list[int],
+                         qs: list[np.ndarray | None]) -> tuple[list[tuple[int, str]], int]:
+        """Run `token` (sampled, not yet fed) and `drafts` in one pass, keep the drafts the model agrees with and
+        one token of its own after them; -> (the (token, text) taken, in order; drafts kept). The rejected drafts'
+        positions are trimmed from the cache: it then holds the tokens before the last one taken, as after plain
+        steps (or all of them, when the generation ended on a kept draft)."""
+        fed = [token, *drafts]
+        with broken_model_math():
+            logits = self.lm.model.forward(np.asarray(fed, dtype=np.int32), self.cache, all_logits=True)
+        self.tokens.extend(fed)
+        out, kept = [], 0
+        for j, draft in enumerate(drafts):
+            nxt, ok = accept(gen, logits[j], draft, qs[j])
+            out.append(gen.take(nxt, logits[j]))
+            kept += ok
+            if not ok or gen.finish is not None:
+                break
+        else:
+            out.append(gen.step(logits[len(drafts)]))
+        gen.n_drafted += len(drafts)
+        gen.n_accepted += kept
+        self._rewind(len(self.tokens) - (len(drafts) - kept), gen.history)
+        return out, kept
+
+    def _rewind(self, keep: int, history: Sequence[int]) -> None:
+        """Keep the first `keep` positions of the cache (`history` is what they hold). A rotating cache that
+        cannot go back that far (slack below the draft) drops everything; the positions are then run again."""
+        self.cache.trim(len(self.tokens) - keep)
+        del self.tokens[self.cache.offset:]
+        missing = list(history[len(self.tokens):keep])
+        for i in range(0, len(missing), PREFILL_CHUNK):
+            with broken_model_math():
+                self.lm.model.forward(np.asarray(missing[i:i + PREFILL_CHUNK], dtype=np.int32), self.cache)
+            self.tokens.extend(missing[i:i + PREFILL_CHUNK])
 
     def generate(self, prompt: Sequence[int], config: GenerationConfig | None = None) -> Iterator[GenerationResponse]:
         """Yield text pieces as they are decoded; the last record carries the finish reason and timings."""
@@ -380,4 +473,5 @@ def finish_record(gen: Generation, tail: str, n_prefilled: int, t0: float, t_fir
         prompt_tps=n_prefilled / max(t_first - t0, 1e-9),
         generation_tps=decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         logprobs=gen.take_logprobs(),
+        draft_tokens=gen.n_drafted, accepted_tokens=gen.n_accepted,
     )

@@ -46,6 +46,15 @@ Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.", metavar=FLAG)]
+Lookup = Annotated[int | None, typer.Option(
+    "--lookup", help="Speculative decoding by prompt lookup: draft up to N tokens that followed the last few "
+    "tokens earlier in the prompt or reply, verified in one pass (the same text, faster when the reply repeats "
+    "its input).", show_default=False)]
+Draft = Annotated[str | None, typer.Option(
+    "--draft", help="Speculative decoding with a small draft model of the same vocabulary (a .gguf path or a "
+    "store name) that proposes tokens for the model to verify.", show_default=False)]
+DraftMax = Annotated[int | None, typer.Option(
+    "--draft-max", help="Most tokens the --draft model proposes per step (default 8).", show_default=False)]
 
 
 def sampling_options(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,

@@ -128,7 +128,11 @@ class Sampler:
         self.rng = np.random.default_rng(None if cfg.seed == -1 else cfg.seed)
         self.filters = make_filters(cfg)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.temperature == 0.0
+
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         logits = np.asarray(logits, dtype=np.float32)
         if not np.isfinite(logits).all():
             # as llama.cpp: a NaN or +inf logit is not a choice; nothing finite left means the model is broken
@@ -136,7 +140,36 @@ class Sampler:
             if not np.isfinite(logits).any():
                 raise SamplingError("the model produced no finite logits (NaN or infinity): its weights or "
                                     "parameters are broken")
-        logits = apply_penalties(logits, history, self.cfg)
+        return apply_penalties(logits, history, self.cfg)
+
+    def probabilities(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The distribution __call__ draws from, over the whole vocabulary: (n_vocab,) float64, zero where a
+        filter removed the token; one-hot at the argmax when greedy. Speculative sampling compares these."""
+        logits = self._penalized(logits, history)
+        probs = np.zeros(logits.size, dtype=np.float64)
+        if self.greedy:
+            probs[int(np.argmax(logits))] = 1.0
+            return probs
+        ids = np.arange(logits.size)
+        if 0 < self.cfg.top_k < logits.size:
+            ids = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
+            logits = logits[ids]
+        for f in self.filters:
+            logits = f(logits)
+        live = np.flatnonzero(np.isfinite(logits))
+        if live.size == 0:
+            raise SamplingError("no token is left to sample (the penalties removed every candidate)")
+        probs[ids[live]] = softmax(logits[live].astype(np.float64) / self.cfg.temperature)
+        return probs
+
+    def draw(self, weights: np.ndarray) -> int:
+        """A token drawn with probability proportional to `weights` (n_vocab,), >= 0 with a positive sum."""
+        live = np.flatnonzero(weights > 0)
+        cdf = np.cumsum(weights[live])
+        return int(live[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)])
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        logits = self._penalized(logits, history)
         if self.cfg.temperature == 0.0:
             return int(np.argmax(logits))
         ids = None  # the vocabulary ids of `logits` when it holds only top-k's survivors

@@ -7,6 +7,12 @@ conversation goes back to the slot that holds its earlier turns), then runs one 
 slot: their tokens go to one `model.forward_batch(tokens, caches)` where the backend has it (the weights are
 read once for all of them; decoding is memory-bound), else one forward per slot.
 
+With speculative decoding (--lookup, --draft) a step with one active slot is a speculative step of that slot
+(Session.speculate: its draft verified in one pass); with several, the batched plain step as above: batching
+already reads each weight once for every slot, and a verification pass per slot would read them once per slot
+again, whereas the batched step costs little more than one token's. Either step keeps the distribution, so a
+generation may change from one to the other between steps; each slot's draft length adapts across its steps.
+
 Front ends talk to it through `submit`, which returns a Job: an iterator of GenerationResponse records
 (pieces of text, then a last record with the finish reason and counts), and `cancel` to end it early.
 """
@@ -32,6 +38,7 @@ from llmcli.engine import (
     context_size,
     finish_record,
 )
+from llmcli.speculative import DraftLength, SpeculativeConfig
 from quant.errors import LlmError
 
 _END = object()  # the record that closes a job's stream
@@ -77,21 +84,27 @@ class _Active:
     token: int  # sampled, not yet fed to the model
     n_prefilled: int
     t_first: float
+    length: DraftLength | None = None  # speculative decoding: this generation's draft length
 
 
 class Scheduler:
     """Runs up to `parallel` generations at once on `lm`, each in its own slot; more wait in a queue."""
 
-    def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None, kv_type: str | None = None):
+    def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None, kv_type: str | None = None,
+                 spec: SpeculativeConfig | None = None, draft: LoadedModel | None = None):
+        """kv_type: as in Session; `spec`, `draft`: speculative decoding as in Session (each slot gets its own
+        draft session)."""
         if parallel < 1:
             raise LlmError(f"--parallel must be at least 1, got {parallel}")
         self.lm = lm
         n_ctx = context_size(lm.hparams, ctx)
+        spec = spec or SpeculativeConfig()
+        slack = spec.draft_max if draft is not None else spec.lookup
         new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
         kv_type = kv_type or default_kv_type(lm.model.name)
-        caches = (new_caches(parallel, n_ctx, kv_type) if new_caches is not None
-                  else [lm.model.new_cache(n_ctx, kv_type) for _ in range(parallel)])
-        self.slots = [Session(lm, n_ctx, cache) for cache in caches]
+        caches = (new_caches(parallel, n_ctx, kv_type=kv_type, slack=slack) if new_caches is not None
+                  else [lm.model.new_cache(n_ctx, kv_type=kv_type, slack=slack) for _ in range(parallel)])
+        self.slots = [Session(lm, n_ctx, cache, spec=spec, draft=draft) for cache in caches]
         self.n_ctx = self.slots[0].n_ctx
         self._active: dict[int, _Active] = {}  # slot index -> its generation
         self._last_used = [0.0] * parallel
@@ -180,7 +193,8 @@ class Scheduler:
             job.put(_END)
             return
         self._last_used[i] = time.monotonic()
-        active = _Active(job, gen, 0, len(job.prompt) - slot.reused, time.perf_counter())
+        active = _Active(job, gen, 0, len(job.prompt) - slot.reused, time.perf_counter(),
+                         DraftLength(slot.drafter.n_max) if slot.drafter is not None else None)
         self._active[i] = active
         self._take(i, logits)
 
@@ -208,10 +222,14 @@ class Scheduler:
             self._end(i, "interrupted")
 
     def _decode_step(self) -> None:
-        """Feed every active slot its sampled token, all in one model call where the backend batches."""
+        """Feed every active slot its sampled token, all in one model call where the backend batches; a slot
+        alone takes a speculative step where the server drafts."""
         order = sorted(self._active)
         tokens = [self._active[i].token for i in order]
         try:
+            if len(order) == 1 and self._active[order[0]].length is not None:
+                self._speculate(order[0])
+                return
             if self._batched is not None and len(order) > 1:
                 with broken_model_math():
                     logits = self._batched(np.asarray(tokens, dtype=np.int32), [self.slots[i].cache for i in order])
@@ -228,3 +246,13 @@ class Scheduler:
             return
         for row, i in enumerate(order):
             self._take(i, logits[row])
+
+    def _speculate(self, i: int) -> None:
+        """A speculative step of slot i: hand out the text of every token it took."""
+        a = self._active[i]
+        for token, text in self.slots[i].speculate(a.gen, a.token, a.length):
+            a.token = token
+            if text:
+                a.job.put(GenerationResponse(text, token, logprobs=a.gen.take_logprobs()))
+        if a.gen.finish is not None:
+            self._end(i, a.gen.finish)

@@ -20,11 +20,12 @@ class MlxKVCache(OffsetCache):
 
     capacity grows in multiples of `step` (never past max_seq) as tokens arrive, so a short chat does not
     hold a 32k-token cache; positions at and beyond `offset` are stale and get overwritten. A windowed layer
-    holds positions first[i] .. offset in keys[i] (no more than its window - 1 + SLACK of them)."""
+    holds positions first[i] .. offset in keys[i] (no more than its window - 1 + slack of them)."""
 
-    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256, kv_type: str = "f32"):
+    def __init__(self, hp: HParams, max_seq: int, dtype: mx.Dtype, step: int = 256, kv_type: str = "f32",
+                 slack: int = SLACK):
         """dtype: what update() returns (the compute dtype); kv_type: how the buffers hold the rows."""
-        self.hp, self.max_seq, self.step, self.kv_type = hp, max_seq, step, kv_type
+        self.hp, self.max_seq, self.step, self.kv_type, self.slack = hp, max_seq, step, kv_type, slack
         self.compute = dtype
         self.dtype = {"f32": dtype, "f16": mx.float16, "q8_0": mx.int8}[kv_type]  # of the buffers
         self.row = hp.head_dim + (hp.head_dim // 32 * 2 if kv_type == "q8_0" else 0)
@@ -72,7 +73,7 @@ class MlxKVCache(OffsetCache):
         else:
             keys = mx.concatenate([self.keys[layer][:, :, : self.offset - first], k], axis=2)
             values = mx.concatenate([self.values[layer][:, :, : self.offset - first], v], axis=2)
-        keep = min(end - first, window - 1 + SLACK)
+        keep = min(end - first, window - 1 + self.slack)
         self.keys[layer], self.values[layer] = keys[:, :, -keep:], values[:, :, -keep:]
         self.first[layer] = end - keep
         return self.decode(keys), self.decode(values), first

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.base import HParams, global_weights, layer_weights, rope_inv_freq
-from backends.mlx.cache import MlxKVCache
+from backends.mlx.cache import SLACK, MlxKVCache
 from backends.mlx.weights import Linear, fuse, linear, vector
 from quant.gguf_file import GGUFFile
 from quant.kvtypes import check_kv_type
@@ -94,10 +94,10 @@ class MlxModel:
         self.attn_scale = hp.scale
         mx.eval(self.arrays())
 
-    def new_cache(self, max_seq: int, kv_type: str = "f32") -> MlxKVCache:
+    def new_cache(self, max_seq: int, kv_type: str = "f32", slack: int = 0) -> MlxKVCache:
         """kv_type: f32 keeps the compute dtype (backends/mlx/cache.py)."""
         check_kv_type(kv_type, self.hparams.head_dim)
-        return MlxKVCache(self.hparams, max_seq, self.dtype, kv_type=kv_type)
+        return MlxKVCache(self.hparams, max_seq, self.dtype, kv_type=kv_type, slack=max(SLACK, slack))
 
     def arrays(self) -> list[mx.array]:
         out = [*self.embed.arrays(), *self.output.arrays(), self.output_norm, *self.rope_periods]

@@ -274,15 +274,16 @@ class NumbaModel:
         self.forward(np.zeros(n, dtype=np.int64), cache)
         self.forward(np.zeros(1, dtype=np.int64), cache)
 
-    def new_cache(self, max_seq: int, kv_type: str = "f32") -> NumbaKVCache:
+    def new_cache(self, max_seq: int, kv_type: str = "f32", slack: int = 0) -> NumbaKVCache:
         """Each KV head's positions one contiguous run, which attention streams in order; a sliding-window layer
-        keeps its window plus small_t positions (a decode-stack step writes up to small_t). The cache carries
-        the conversation's scratch buffers too."""
-        return NumbaKVCache(self.hparams, max_seq, self.options.small_t, self._new_scratch(), kv_type=kv_type)
+        keeps its window plus small_t positions (a decode-stack step writes up to small_t), or `slack` if more.
+        The cache carries the conversation's scratch buffers too."""
+        return NumbaKVCache(self.hparams, max_seq, max(self.options.small_t, slack), self._new_scratch(),
+                            kv_type=kv_type)
 
-    def new_caches(self, n: int, max_seq: int, kv_type: str = "f32") -> list[PooledKVCache]:
+    def new_caches(self, n: int, max_seq: int, kv_type: str = "f32", slack: int = 0) -> list[PooledKVCache]:
         """KV caches for `n` conversations that forward_batch can decode together (slots of one pool)."""
-        return CachePool(self.hparams, n, max_seq, self.options.small_t, self._make_scratch(n),
+        return CachePool(self.hparams, n, max_seq, max(self.options.small_t, slack), self._make_scratch(n),
                          self._new_scratch, kv_type).caches
 
     def _new_scratch(self) -> RunScratch:

@@ -98,7 +98,8 @@ class NumpyModel:
             self.on_input(t.name, h)
         return h @ self.w(t).T
 
-    def new_cache(self, max_seq: int, kv_type: str = "f32") -> SimpleKVCache:
+    def new_cache(self, max_seq: int, kv_type: str = "f32", slack: int = 0) -> SimpleKVCache:
+        """Every position of every layer: trim() can take back any number (`slack` is for rotating caches)."""
         return SimpleKVCache(self.hparams, max_seq, kv_type=kv_type)
 
     def inv_freq(self, max_seq: int) -> list[np.ndarray]:
