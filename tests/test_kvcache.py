@@ -84,17 +84,31 @@ def test_attention_kernel_reads_encoded_cache(kv_type, d, window):
 
 
 def _greedy(model, ids, kv_type, pieces, n=10):
-    """Greedy tokens after feeding `ids` in the given pieces (lengths), then decoding n tokens."""
+    """Greedy tokens after feeding `ids` in the given pieces (lengths), then decoding n tokens; and each step's
+    margin (top logit minus the runner-up)."""
     cache = model.new_cache(len(ids) + n + 1, kv_type)
     at = 0
     for k in pieces:
         logits = model.forward(np.asarray(ids[at:at + k]), cache)
         at += k
-    out = []
+    out, margins = [], []
     for _ in range(n):
-        out.append(int(np.argmax(logits)))
+        row = np.asarray(logits, dtype=np.float64).reshape(-1)
+        top2 = np.partition(row, -2)[-2:]
+        out.append(int(np.argmax(row)))
+        margins.append(float(top2[1] - top2[0]))
         logits = model.forward(np.asarray(out[-1:]), cache)
-    return out
+    return out, margins
+
+
+def _assert_same_greedy(a, b, near_tie=0.1):
+    """The same greedy tokens, except that they may part at a near-tie (the batched kernels sum in another
+    order, so logits agree only to rounding) - and only there."""
+    (ta, ma), (tb, mb) = a, b
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x != y:
+            assert min(ma[i], mb[i]) < near_tie, f"step {i}: {x} != {y} with margins {ma[i]:.3f}, {mb[i]:.3f}"
+            return
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +129,11 @@ def test_pieces_equal_one_go(smollm2_models, smollm2_path, backend, kv_type):
     ids = Tokenizer.from_gguf(read_gguf(smollm2_path)).encode(PROMPT)
     model = smollm2_models[backend]
     whole = _greedy(model, ids, kv_type, [len(ids)])
-    assert _greedy(model, ids, kv_type, [3, 1, len(ids) - 4]) == whole
+    _assert_same_greedy(_greedy(model, ids, kv_type, [3, 1, len(ids) - 4]), whole)
     if backend == "numba":  # the prompt path (a GEMM-sized prompt) then decode, against decode all along
         long_ids = ids * 4
-        assert _greedy(model, long_ids, kv_type, [len(long_ids)]) == _greedy(model, long_ids, kv_type,
-                                                                              [1] * len(long_ids))
+        _assert_same_greedy(_greedy(model, long_ids, kv_type, [len(long_ids)]),
+                            _greedy(model, long_ids, kv_type, [1] * len(long_ids)))
 
 
 @pytest.mark.slow
@@ -132,7 +146,7 @@ def test_pieces_equal_one_go_windowed(gemma3_path, kv_type):
     model = load_model(read_gguf(gemma3_path), "numba", 2)
     ids = list(np.random.default_rng(3).integers(1000, 20000, 600))
     whole = _greedy(model, ids, kv_type, [len(ids)], n=6)
-    assert _greedy(model, ids, kv_type, [300, 5, 1, len(ids) - 306], n=6) == whole
+    _assert_same_greedy(_greedy(model, ids, kv_type, [300, 5, 1, len(ids) - 306], n=6), whole)
 
 
 @pytest.mark.slow
