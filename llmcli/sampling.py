@@ -150,28 +150,23 @@ class Sampler:
         if self.greedy:
             probs[int(np.argmax(logits))] = 1.0
             return probs
-        ids = np.arange(logits.size)
-        if 0 < self.cfg.top_k < logits.size:
-            ids = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
-            logits = logits[ids]
-        for f in self.filters:
-            logits = f(logits)
-        live = np.flatnonzero(np.isfinite(logits))
-        if live.size == 0:
-            raise SamplingError("no token is left to sample (the penalties removed every candidate)")
-        probs[ids[live]] = softmax(logits[live].astype(np.float64) / self.cfg.temperature)
+        ids, p = self._survivors(logits)
+        probs[ids] = p
         return probs
 
     def draw(self, weights: np.ndarray) -> int:
         """A token drawn with probability proportional to `weights` (n_vocab,), >= 0 with a positive sum."""
         live = np.flatnonzero(weights > 0)
-        cdf = np.cumsum(weights[live])
-        return int(live[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)])
+        return self._pick(live, weights[live])
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         logits = self._penalized(logits, history)
         if self.cfg.temperature == 0.0:
             return int(np.argmax(logits))
+        return self._pick(*self._survivors(logits))
+
+    def _survivors(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids top-k and the filters leave, and their probabilities (float64, summing to 1)."""
         ids = None  # the vocabulary ids of `logits` when it holds only top-k's survivors
         if 0 < self.cfg.top_k < logits.size:  # one pass over the vocabulary; the rest works on ~k tokens
             ids = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
@@ -181,6 +176,9 @@ class Sampler:
         live = np.flatnonzero(np.isfinite(logits))
         if live.size == 0:
             raise SamplingError("no token is left to sample (the penalties removed every candidate)")
-        cdf = np.cumsum(softmax(logits[live].astype(np.float64) / self.cfg.temperature))
-        pick = int(live[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), live.size - 1)])
-        return pick if ids is None else int(ids[pick])
+        return (live if ids is None else ids[live]), softmax(logits[live].astype(np.float64) / self.cfg.temperature)
+
+    def _pick(self, ids: np.ndarray, weights: np.ndarray) -> int:
+        """One of `ids`, drawn with probability proportional to `weights`."""
+        cdf = np.cumsum(weights)
+        return int(ids[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), ids.size - 1)])

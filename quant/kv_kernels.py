@@ -6,15 +6,15 @@ registers (f16: fpext of 16 halves; q8_0: 32 int8 codes times their f16 scale) a
 the same per row, so no float copy of the cache is ever made on the decode path. Keys and values are encoded as
 they are written (`encode_row`).
 
-kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The vector kernels take whole blocks of 32 values;
-the attention reads the tail of an f32 or f16 row (head_dim not a multiple of 32) with scalar loads (F16_TABLE);
+kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The key dot products take whole blocks of 32 values
+and the weighted sums (simd.make_weighted_rows) 16; the attention reads the tail of an f32 or f16 row (head_dim
+not a multiple of 32) with scalar loads (F16_TABLE);
 q8_0 needs head_dim a multiple of 32 (quant.kvtypes.check_kv_type says so before a cache is made).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -64,57 +64,8 @@ def _q8_0_cols(b, wp, row, c):
     return b.sitofp(codes, V16F), _half(b, wp, blk)
 
 
-def _make_weighted_rows(cols):
-    """weighted_rows(w, off, stride, p, n, width, out, ooff) as simd.weighted_rows (out[ooff : ooff + width] =
-    sum over s < n of p[s] * row s, row s at byte off + s * stride of w), for rows decoded by cols(builder, base,
-    row byte, column) -> (16 floats, scale or None). width: a multiple of 32."""
-
-    @intrinsic
-    def weighted_rows(typingctx, w, off, stride, p, n, width, out, ooff):
-        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
-        if not ok or p.dtype != types.float32 or out.dtype != types.float32:
-            return None
-        sig = types.void(w, types.int64, types.int64, p, types.int64, types.int64, out, types.int64)
-
-        def codegen(context, b, signature, args):
-            base, off, stride, _, n, width, _, ooff = args
-            wp = b.gep(b.bitcast(context.make_array(signature.args[0])(context, b, base).data, I8.as_pointer()),
-                       [off])
-            pp = b.bitcast(context.make_array(signature.args[3])(context, b, args[3]).data, I8.as_pointer())
-            op = b.gep(b.bitcast(context.make_array(signature.args[6])(context, b, args[6]).data, I8.as_pointer()),
-                       [b.mul(ooff, _i64(4))])
-            zero = ir.Constant(V16F, [0.0] * 16)
-
-            def chunk(c0, m):
-                """Columns c0 .. c0 + 16 m: accumulate over the rows in m registers, then store."""
-                def row(s, accs):
-                    ps = _load(b, pp, b.mul(s, _i64(4)), F32)
-                    at = b.mul(s, stride)
-                    new = []
-                    for k, a in enumerate(accs):
-                        v, d = cols(b, wp, at, b.add(c0, _i64(16 * k)))
-                        new.append(_fma(b, v, _splat(b, ps if d is None else b.fmul(ps, d)), a))
-                    return new
-
-                accs, _ = _loop(b, _i64(0), n, 1, [zero] * m, row)
-                for k, a in enumerate(accs):
-                    st = b.store(a, b.bitcast(b.gep(op, [b.mul(b.add(c0, _i64(16 * k)), _i64(4))]),
-                                              V16F.as_pointer()))
-                    st.align = 1
-
-            (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(64)), 1, [_i64(0)],
-                             lambda i, c: (chunk(c[0], 4), [b.add(c[0], _i64(64))])[1])
-            _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(64)), _i64(32)), 1, [c0],
-                  lambda i, c: (chunk(c[0], 2), [b.add(c[0], _i64(32))])[1])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return weighted_rows
-
-
-weighted_rows_f16 = _make_weighted_rows(_f16_cols)
-weighted_rows_q8_0 = _make_weighted_rows(_q8_0_cols)
+weighted_rows_f16 = simd.make_weighted_rows(_f16_cols)
+weighted_rows_q8_0 = simd.make_weighted_rows(_q8_0_cols)
 
 
 @intrinsic

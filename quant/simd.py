@@ -780,40 +780,59 @@ def max_f32(typingctx, x, n):
     return sig, codegen
 
 
-@intrinsic
-def weighted_rows(typingctx, w, off, stride, p, n, width, out, ooff):
-    """out[ooff : ooff + width] = sum over s < n of p[s] * row s, where row s is `width` float32 starting at byte
-    off + s * stride of the C-contiguous array w (the values of one KV head in a cache). Accumulates 64 floats
-    at a time in registers; `width` must be a multiple of 16."""
-    ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
-    if not ok or p.dtype != types.float32 or out.dtype != types.float32:
-        return None
-    sig = types.void(w, types.int64, types.int64, p, types.int64, types.int64, out, types.int64)
+def _f32_cols(b, wp, row, c):
+    """Values c .. c + 16 of a float32 row starting at byte `row`, and no scale."""
+    return _load(b, wp, b.add(row, b.mul(c, _i64(4))), V16F), None
 
-    def codegen(context, b, signature, args):
-        base, off, stride, _, n, width, _, ooff = args
-        wp = b.gep(b.bitcast(context.make_array(signature.args[0])(context, b, base).data, I8.as_pointer()), [off])
-        pp = b.bitcast(context.make_array(signature.args[3])(context, b, args[3]).data, I8.as_pointer())
-        op = b.gep(b.bitcast(context.make_array(signature.args[6])(context, b, args[6]).data, I8.as_pointer()),
-                   [b.mul(ooff, _i64(4))])
-        zero = ir.Constant(V16F, [0.0] * 16)
 
-        def chunk(c0, m):
-            """Columns c0 .. c0 + 16 m (c0 in floats): accumulate over the rows, then store."""
-            def row(s, accs):
-                ps = _splat(b, _load(b, pp, b.mul(s, _i64(4)), F32))
-                at = b.add(b.mul(s, stride), b.mul(c0, _i64(4)))
-                return [_fma(b, _load(b, wp, b.add(at, _i64(64 * k)), V16F), ps, a) for k, a in enumerate(accs)]
+def make_weighted_rows(cols):
+    """weighted_rows(w, off, stride, p, n, width, out, ooff): out[ooff : ooff + width] = sum over s < n of
+    p[s] * row s, where row s starts at byte off + s * stride of the C-contiguous array w (the values of one KV
+    head in a cache) and cols(builder, base, row byte, column) -> (16 floats, their scale or None) decodes it.
+    Accumulates 64 columns at a time in registers; `width` must be a multiple of 16."""
 
-            accs, _ = _loop(b, _i64(0), n, 1, [zero] * m, row)
-            for k, a in enumerate(accs):
-                st = b.store(a, b.bitcast(b.gep(op, [b.add(b.mul(c0, _i64(4)), _i64(64 * k))]), V16F.as_pointer()))
-                st.align = 1
+    @intrinsic
+    def weighted_rows(typingctx, w, off, stride, p, n, width, out, ooff):
+        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
+        if not ok or p.dtype != types.float32 or out.dtype != types.float32:
+            return None
+        sig = types.void(w, types.int64, types.int64, p, types.int64, types.int64, out, types.int64)
 
-        (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(64)), 1, [_i64(0)],
-                         lambda i, c: (chunk(c[0], 4), [b.add(c[0], _i64(64))])[1])
-        _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(64)), _i64(16)), 1, [c0],
-              lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
-        return context.get_dummy_value()
+        def codegen(context, b, signature, args):
+            base, off, stride, _, n, width, _, ooff = args
+            wp = b.gep(b.bitcast(context.make_array(signature.args[0])(context, b, base).data, I8.as_pointer()),
+                       [off])
+            pp = b.bitcast(context.make_array(signature.args[3])(context, b, args[3]).data, I8.as_pointer())
+            op = b.gep(b.bitcast(context.make_array(signature.args[6])(context, b, args[6]).data, I8.as_pointer()),
+                       [b.mul(ooff, _i64(4))])
+            zero = ir.Constant(V16F, [0.0] * 16)
 
-    return sig, codegen
+            def chunk(c0, m):
+                """Columns c0 .. c0 + 16 m: accumulate over the rows in m registers, then store."""
+                def row(s, accs):
+                    ps = _load(b, pp, b.mul(s, _i64(4)), F32)
+                    at = b.mul(s, stride)
+                    new = []
+                    for k, a in enumerate(accs):
+                        v, d = cols(b, wp, at, b.add(c0, _i64(16 * k)))
+                        new.append(_fma(b, v, _splat(b, ps if d is None else b.fmul(ps, d)), a))
+                    return new
+
+                accs, _ = _loop(b, _i64(0), n, 1, [zero] * m, row)
+                for k, a in enumerate(accs):
+                    st = b.store(a, b.bitcast(b.gep(op, [b.mul(b.add(c0, _i64(16 * k)), _i64(4))]),
+                                              V16F.as_pointer()))
+                    st.align = 1
+
+            (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(64)), 1, [_i64(0)],
+                             lambda i, c: (chunk(c[0], 4), [b.add(c[0], _i64(64))])[1])
+            _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(64)), _i64(16)), 1, [c0],
+                  lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return weighted_rows
+
+
+weighted_rows = make_weighted_rows(_f32_cols)  # rows of float32 (an f32 KV cache)

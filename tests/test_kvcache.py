@@ -105,7 +105,7 @@ def _assert_same_greedy(a, b, near_tie=0.1):
     """The same greedy tokens, except that they may part at a near-tie (the batched kernels sum in another
     order, so logits agree only to rounding) - and only there."""
     (ta, ma), (tb, mb) = a, b
-    for i, (x, y) in enumerate(zip(ta, tb)):
+    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
         if x != y:
             assert min(ma[i], mb[i]) < near_tie, f"step {i}: {x} != {y} with margins {ma[i]:.3f}, {mb[i]:.3f}"
             return
@@ -242,7 +242,9 @@ def test_context_shift(smollm2_sessions, kv_type):
     dropped = len(encode_chat(s, SYSTEM + TURNS[:2])) - len(encode_chat(s, SYSTEM))  # the first exchange
     assert n == n_ref == dropped
     assert reused > len(encode_chat(s, SYSTEM)) + 10  # the second exchange came from the shifted cache
-    assert kl_per_position(got, ref)[0] < 1e-3
+    # q8_0: each backend rounds its keys to 8 bits and rounds them again after re-rotating them, so the two carry
+    # independent rounding noise (each ~1e-3 from its own f32 run, measured)
+    assert kl_per_position(got, ref)[0] < (1e-3 if kv_type == "f32" else 5e-3)
     assert int(np.argmax(got)) == int(np.argmax(fresh))
     assert kl_per_position(got, fresh)[0] < 0.5
 

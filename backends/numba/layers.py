@@ -152,8 +152,8 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
     for s in range(n):
         scores[s] *= inv
     # sum of probability-weighted value rows in registers, over the slots f0 .. and, when the run wraps around
-    # the ring, 0 ..; a head_dim tail below (f32: past a multiple of 16; f16: of 32)
-    d16 = D // 16 * 16 if kvt == kvk.KV_F32 else (D // 32 * 32 if kvt == kvk.KV_F16 else D)
+    # the ring, 0 ..; a head_dim tail past a multiple of 16 (f32, f16) below
+    d16 = D if kvt == kvk.KV_Q8_0 else D // 16 * 16  # what the vector kernel sums; a scalar loop the rest
     n1 = min(n, S - f0)
     _weighted_rows(v_cache, kvt, (kv * S + f0) * RB, RB, scores, n1, d16, out, (t * H + h) * D)
     if n1 < n:
