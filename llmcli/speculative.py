@@ -65,12 +65,19 @@ class DraftLength:
     generation goes: a verification pass costs more than one token's step, by how much depends on the backend and
     the machine). After two misses in a row it stops drafting for a stretch of steps (8, doubling with each stretch
     up to 128); after a stretch one more miss starts the next, so text nothing predicts decodes at nearly plain
-    speed. A whole draft kept ends the pauses."""
+    speed. A whole draft kept ends the pauses.
+
+    Growing stops where it stops paying: each length's tokens per second are timed on its wholly kept drafts, and a
+    whole draft kept moves to the shorter length when that one was measured faster, else to the longer one unless
+    that was measured slower.
+    Verifying k tokens costs about k/2 decode steps past 4 or so on the numba backend, so on a copying task the
+    best length is often 4-12, not the most that lookup finds (benchmarks/RESULTS.md)."""
 
     def __init__(self, n_max: int):
         self.n_max, self.n = n_max, min(2, n_max)  # start small: a long draft nothing predicts costs the most
         self.misses, self.pause, self.pause_len = 0, 0, 8
         self.plain_s: float | None = None  # seconds of a plain step (running average)
+        self.rate: dict[int, float] = {}  # draft length -> tokens per second of its steps (running average)
 
     def plain_step(self, seconds: float) -> None:
         self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
@@ -85,8 +92,16 @@ class DraftLength:
     def update(self, drafted: int, kept: int, seconds: float) -> None:
         """After a speculative step that kept `kept` of `drafted` tokens (and made kept + 1) in `seconds`."""
         slower = self.plain_s is not None and seconds > (kept + 1) * self.plain_s
+        if kept == drafted and seconds > 0:  # what a step of this length costs (not how much of it is kept)
+            rate, old = (kept + 1) / seconds, self.rate.get(self.n)
+            self.rate[self.n] = rate if old is None else 0.7 * old + 0.3 * rate
         if kept == drafted and not slower:
-            self.n, self.misses, self.pause_len = min(self.n_max, 2 * self.n), 0, 8
+            self.misses, self.pause_len = 0, 8
+            here, up, down = self.rate.get(self.n, 0.0), min(self.n_max, 2 * self.n), max(1, self.n // 2)
+            if down != self.n and self.rate.get(down, 0.0) > here:
+                self.n = down
+            elif self.rate.get(up, here) >= here:
+                self.n = up
         elif kept == 0 or slower:
             self.n, self.misses = max(1, self.n // 2), self.misses + 1
             if self.misses >= 2:

@@ -54,7 +54,7 @@ def test_lookup_draft():
 def test_draft_length_backs_off_and_grows():
     d = DraftLength(16)
     assert d.next(100) == 2
-    d.update(2, 2, 0.1)
+    d.update(2, 2, 0.02)
     assert d.next(100) == 4 and d.next(3) == 3
     d.update(4, 0, 0.1)
     d.update(2, 0, 0.1)  # two misses: a pause of 8 plain steps
@@ -64,6 +64,17 @@ def test_draft_length_backs_off_and_grows():
     assert [d.next(100) for _ in range(17)] == [0] * 16 + [1]  # one miss starts the next, twice as long
     d.update(1, 1, 0.01)
     assert d.next(100) == 2
+
+
+def test_draft_length_settles_where_tokens_per_second_peak():
+    """Whole drafts kept each time, but a step of 8 drafts takes as long as two of 4: it goes back to 4 and stays."""
+    d, cost = DraftLength(16), {2: 0.03, 4: 0.04, 8: 0.08}  # seconds of a step by draft length
+    seen = []
+    for _ in range(8):
+        n = d.next(100)
+        seen.append(n)
+        d.update(n, n, cost[n])
+    assert seen == [2, 4, 8, 4, 4, 4, 4, 4]
 
 
 def greedy_equal_plain(lm, draft_lm, prompts: list[list[int]], max_tokens: int, ctx: int) -> None:
