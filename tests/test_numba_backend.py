@@ -88,15 +88,18 @@ def models(smollm2_variants):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
 def test_logits_match_numpy(models, variant):
-    """Every numba path gives the reference's distribution at every position: the prompt in one GEMM pass, the
-    prompt through the matvec kernels in chunks of SMALL_T (what prompts shorter than GEMM_MIN_T take), and
-    pieces of 5 tokens through the cache."""
+    """Every numba path gives the reference's distribution at every position: the prompt in one GEMM pass (the
+    integer GEMM, and BLAS on dequantized tiles: which one runs by default depends on the CPU), the prompt through
+    the matvec kernels in chunks of SMALL_T (what prompts shorter than GEMM_MIN_T take), and pieces of 5 tokens
+    through the cache."""
     fast, ref = models(variant)
     tokens = np.array(PROMPTS[0])
     want = ref.forward(tokens, ref.new_cache(32), all_logits=True)
-    with_options(fast, gemm_min_t=2 * SMALL_T, gemm_min_t_cold=0)  # these 20 tokens through the GEMM path
+    whole = {}
+    for product in ("int", "blas"):  # these 20 tokens through the GEMM path
+        with_options(fast, gemm_min_t=2 * SMALL_T, gemm_min_t_cold=0, prompt_gemm=product)
+        whole[product] = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     assert len(tokens) % SMALL_T  # and in chunks with a partial last one
-    whole = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     with_options(fast, gemm_min_t=len(tokens) + 1)
     chunked = fast.forward(tokens, fast.new_cache(32), all_logits=True)
     last = fast.forward(tokens, fast.new_cache(32))
@@ -106,7 +109,7 @@ def test_logits_match_numpy(models, variant):
     np.testing.assert_allclose(last, chunked[-1], rtol=0, atol=1e-5 * np.abs(last).max())
     cache = fast.new_cache(32)
     pieces = np.concatenate([fast.forward(tokens[i:i + 5], cache, all_logits=True) for i in range(0, 20, 5)])
-    for got in (whole, chunked, pieces):
+    for got in (whole["int"], whole["blas"], chunked, pieces):
         assert got.shape == want.shape and got.dtype == np.float32
         assert kl_per_position(got, want).max() < 1e-3
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
@@ -269,3 +272,10 @@ def test_two_conversations_run_at_once_on_one_model(models, smollm2_variants):
     for t in threads:
         t.join()
     assert together == alone
+
+
+def test_prompt_gemm_option_is_checked():
+    from quant.errors import BackendError
+
+    with pytest.raises(BackendError, match="prompt_gemm"):
+        NumbaOptions(prompt_gemm="fast")

@@ -9,6 +9,7 @@ float32 tiles for the float formats.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -54,18 +55,27 @@ class NumbaOptions:
     small_t: int = 8  # tokens per forward_stack call (its scratch buffers hold this many)
     # Prompts of at least gemm_min_t tokens take the GEMM path (a fixed cost of packing or dequantizing every
     # weight, then cheap per token); shorter ones run forward_stack over chunks of small_t tokens (no fixed cost,
-    # the matvec kernels' cost per token; since those decode each block once for up to 4 tokens, 16: RESULTS.md).
-    gemm_min_t: int = 16
+    # the matvec kernels' cost per token; since those decode each block once for up to 4 tokens, the decode stack
+    # is as fast as either GEMM up to ~32-48 tokens on AVX2, and 2x as fast at 16: RESULTS.md).
+    gemm_min_t: int = 32
     # ... once the GEMM path's machine code is loaded in this process: loading it costs a fresh process's first
     # prompt more than a prompt this short earns back, so until a prompt of gemm_min_t_cold tokens has taken the
     # GEMM path, shorter ones take the decode stack. (A chat's first turn usually loads it.)
-    gemm_min_t_cold: int = 32
+    gemm_min_t_cold: int = 48
     # A hand-off to the prompt path's pool costs ~0.1 ms, so an activation smaller than prepare_split floats is
     # prepared on the calling thread, and an integer GEMM of fewer multiply-adds than split_min_work runs there.
     prepare_split: int = 1 << 16
     split_min_work: float = 3e7
     query_block: int = 128  # prompt attention: queries per block of score products
     tile_floats: int = 1 << 22  # weight tile of the BLAS path (float formats): 16 MiB of float32, fits a desktop L3
+    # The prompt path's products for quantized weights: "int", the integer GEMM (quant/gemm.py); "blas", BLAS on
+    # dequantized tiles; "auto", the integer GEMM where the CPU has AVX-512 VNNI or AVX-VNNI (1.6-1.9x BLAS) and
+    # BLAS on plain AVX2 (the integer GEMM at ~0.8x BLAS there: benchmarks/RESULTS.md).
+    prompt_gemm: str = "auto"
+
+    def __post_init__(self):
+        if self.prompt_gemm not in ("auto", "int", "blas"):
+            raise BackendError(f"prompt_gemm must be auto, int or blas, got {self.prompt_gemm!r}")
 
 
 _gemm_path_loaded = False  # the GEMM path has run in this process (its dispatchers hold their machine code)
@@ -81,6 +91,16 @@ _KIND_SLOTS = {  # layer_tab column -> weight slot (quant/families/spec.py)
 }
 _FUSED = {"wqkv": (L.WQ, L.WK, L.WV), "gate_up": (L.GATE, L.UP)}  # fused slot -> the kinds of its row blocks
 _ACTS = {"silu": L.ACT_SILU, "gelu_tanh": L.ACT_GELU_TANH}
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    """The CPU multiplies int16 (or int8) pairs into int32 sums in one instruction, which the integer GEMM needs to
+    beat BLAS."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni") or features.get("avxvnni"))
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None = None) -> NumbaModel:
@@ -381,11 +401,17 @@ class NumbaModel:
         step = -(-per_thread // 16) * 16
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
+    @property
+    def _int_gemm(self) -> bool:
+        """Whether the prompt path multiplies quantized weights with the integer GEMM (NumbaOptions.prompt_gemm)."""
+        choice = self.options.prompt_gemm
+        return _cpu_has_vnni() if choice == "auto" else choice == "int"
+
     def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
         the outputs side by side. The integer GEMM (quant/gemm.py) when every matrix has a type it takes, else
         BLAS on dequantized tiles."""
-        if all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
+        if self._int_gemm and all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
             return self._gemm_int(x, parts, scratch)
         return self._gemm_float(x, parts, scratch)
 
