@@ -69,15 +69,14 @@ class DraftLength:
 
     Growing stops where it stops paying: each length's tokens per second are timed on its wholly kept drafts, and a
     whole draft kept moves to the shorter length when that one was measured faster, else to the longer one unless
-    that was measured slower.
-    Verifying k tokens costs about k/2 decode steps past 4 or so on the numba backend, so on a copying task the
-    best length is often 4-12, not the most that lookup finds (benchmarks/RESULTS.md)."""
+    that was measured slower. Verifying k tokens costs about k/2 decode steps past 4 or so on the numba backend, so
+    on a copying task the best length is often 4-12, not the most that lookup finds (benchmarks/RESULTS.md)."""
 
     def __init__(self, n_max: int):
         self.n_max, self.n = n_max, min(2, n_max)  # start small: a long draft nothing predicts costs the most
         self.misses, self.pause, self.pause_len = 0, 0, 8
         self.plain_s: float | None = None  # seconds of a plain step (running average)
-        self.rate: dict[int, float] = {}  # draft length -> tokens per second of its steps (running average)
+        self.rate: dict[int, float] = {}  # draft length -> tokens/s of its wholly kept steps (running average)
 
     def plain_step(self, seconds: float) -> None:
         self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds

@@ -409,8 +409,8 @@ class NumbaModel:
 
     def _gemm_cat(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
-        the outputs side by side. The integer GEMM (quant/gemm.py) when every matrix has a type it takes, else
-        BLAS on dequantized tiles."""
+        the outputs side by side. The integer GEMM (quant/gemm.py) when NumbaOptions.prompt_gemm picks it and every
+        matrix has a type it takes, else BLAS on dequantized tiles."""
         if self._int_gemm and all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
             return self._gemm_int(x, parts, scratch)
         return self._gemm_float(x, parts, scratch)
@@ -522,10 +522,12 @@ class NumbaModel:
         rows = x if all_logits else x[-1:]
         h = h[: len(rows)]
         L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
-        if len(rows) > self.options.small_t or int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES:
+        if len(rows) > self.options.small_t or (self._int_gemm and
+                                                 int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES):
             # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
             # about what the dot products do), and a process whose prompt takes this path need not load the
-            # matvec kernels' machine code (~40 ms) as well as the GEMM's
+            # matvec kernels' machine code (~40 ms) as well as the GEMM's. Not BLAS: it would dequantize the
+            # whole vocabulary matrix for one row.
             logits = self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab, scratch)
         else:
             xb = activation_blocks(len(rows), E)
