@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from backends.base import HParams, OffsetCache
+from quant.kvtypes import row_elems
 
 SLACK = 8  # positions a windowed layer keeps beyond what the next token sees: how far back trim() can go
 
@@ -28,7 +29,7 @@ class MlxKVCache(OffsetCache):
         self.hp, self.max_seq, self.step, self.kv_type, self.slack = hp, max_seq, step, kv_type, slack
         self.compute = dtype
         self.dtype = {"f32": dtype, "f16": mx.float16, "q8_0": mx.int8}[kv_type]  # of the buffers
-        self.row = hp.head_dim + (hp.head_dim // 32 * 2 if kv_type == "q8_0" else 0)
+        self.row = row_elems(kv_type, hp.head_dim)  # q8_0: int8 elements are its bytes
         self.offset = 0
         self.capacity = 0
         self.windows = [hp.window(i) for i in range(hp.n_layers)]
