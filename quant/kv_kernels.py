@@ -1,14 +1,14 @@
 """Numba kernels for a KV cache stored as f32, f16 or q8_0 (layouts and the numpy reference in quant/kvtypes.py).
 
 The cache is addressed in bytes: a row (one position of one KV head) is `row bytes` at a byte offset of a uint8
-view of the cache. Attention reads the rows where they lie: the key dot products decode a block into vector
-registers (f16: fpext of 16 halves; q8_0: 32 int8 codes times their f16 scale) and the weighted sum of values does
-the same per row, so no float copy of the cache is ever made on the decode path. Keys and values are encoded as
-they are written (`encode_row`).
+view of the cache. Attention reads the rows where they lie: the key dot products decode 16 values at a time into
+vector registers (f16: fpext of 16 halves; q8_0: 16 int8 codes times their block's f16 scale), once for all the
+query heads of a GQA group (simd.make_group_dots), and the weighted sums of values do the same
+(simd.make_group_weighted_rows), so no float copy of the cache is ever made on the decode path. Keys and values
+are encoded as they are written (`encode_row`).
 
-kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The key dot products take whole blocks of 32 values
-and the weighted sums (simd.make_weighted_rows) 16; the attention reads the tail of an f32 or f16 row (head_dim
-not a multiple of 32) with scalar loads (F16_TABLE);
+kv type codes (quant.kvtypes.KV_CODES): 0 f32, 1 f16, 2 q8_0. The vector kernels take whole runs of 16 values;
+the attention reads the tail of an f32 or f16 row (head_dim not a multiple of 16) with scalar loads (F16_TABLE);
 q8_0 needs head_dim a multiple of 32 (quant.kvtypes.check_kv_type says so before a cache is made).
 """
 
@@ -20,7 +20,7 @@ from numba.extending import intrinsic
 
 from quant import simd
 from quant.jit import njit
-from quant.simd import F32, HALF, I8, I16, V16F, _fma, _half, _i64, _load, _loop, _make_dot, _splat, _vec
+from quant.simd import F32, HALF, I8, I16, V16F, _half, _i64, _load, _loop, _vec
 
 KV_F32, KV_F16, KV_Q8_0 = 0, 1, 2
 # float16 bit pattern -> float32 (256 KiB): the scalar tails of f16 rows
@@ -37,20 +37,6 @@ def kv_row_bytes(kvt, d):
     return d // 32 * 34
 
 
-def _q8_0_f32(b, w, o, x0, x1, acc):
-    """A q8_0 block (d | 32 int8) times the float32 x0 | x1, into acc: d * (codes . x) with one scale multiply."""
-    def codes(at):
-        return b.sitofp(_load(b, w, b.add(o, _i64(at)), _vec(I8, 16)), V16F)
-
-    t = b.fmul(codes(2), x0, flags=simd.FAST)
-    t = _fma(b, codes(18), x1, t)
-    return _fma(b, t, _splat(b, _half(b, w, o)), acc)
-
-
-# dot(cache, byte offset, q, q float offset, nb): a q8_0 key row (nb blocks) times the float32 query
-dot_q8_0_f32 = _make_dot(_q8_0_f32, 34)
-
-
 def _f16_cols(b, wp, row, c):
     """Values c .. c + 16 of an f16 row starting at byte `row`, as float32, and no scale."""
     return simd._f16_to_f32(b, _load(b, wp, b.add(row, b.mul(c, _i64(2))), _vec(I16, 16))), None
@@ -64,8 +50,10 @@ def _q8_0_cols(b, wp, row, c):
     return b.sitofp(codes, V16F), _half(b, wp, blk)
 
 
-weighted_rows_f16 = simd.make_weighted_rows(_f16_cols)
-weighted_rows_q8_0 = simd.make_weighted_rows(_q8_0_cols)
+group_dots_f16 = simd.make_group_dots(_f16_cols)
+group_dots_q8_0 = simd.make_group_dots(_q8_0_cols)
+group_weighted_rows_f16 = simd.make_group_weighted_rows(_f16_cols)
+group_weighted_rows_q8_0 = simd.make_group_weighted_rows(_q8_0_cols)
 
 
 @intrinsic

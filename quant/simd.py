@@ -447,13 +447,13 @@ K_ACCS = 4  # accumulators per K-quant row: a super-block's sub-blocks go round 
 LANE_SUMS_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # lane l of a _lane_sums vector: the sum of source LANE_SUMS_ORDER[l]
 
 
-def _lane_sums(b, vs):
-    """Eight <8 x i32> -> one <8 x i32> of their lane sums (lane l: the sum of vs[LANE_SUMS_ORDER[l]]), as a tree
-    of shuffle pairs and adds (3 per pair of inputs, 21 in all): the 8 sums then take one conversion and one FMA
-    with a vector of their scales, instead of a conversion, a scale broadcast and an FMA each. The first level
-    moves 128-bit halves, the others stay within them (one instruction each on AVX2, and on NEON). vs may be a
-    generator: pairs are added as soon as both are made, so that few stay live (all 8 at once spilled registers
-    in Q5_K: 0.88x)."""
+def _lane_sums(b, vs, add=None):
+    """Eight <8 x i32> (or <8 x float>, with add=b.fadd) -> one vector of their lane sums (lane l: the sum of
+    vs[LANE_SUMS_ORDER[l]]), as a tree of shuffle pairs and adds (3 per pair of inputs, 21 in all): the 8 sums then
+    take one conversion and one FMA with a vector of their scales, instead of a conversion, a scale broadcast and
+    an FMA each. The first level moves 128-bit halves, the others stay within them (one instruction each on AVX2,
+    and on NEON). vs may be a generator: pairs are added as soon as both are made, so that few stay live (all 8
+    at once spilled registers in Q5_K: 0.88x)."""
     levels = [([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]),  # [x folded to 4 | y folded to 4]
               ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
               ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15])]
@@ -463,7 +463,7 @@ def _lane_sums(b, vs):
         while stack and stack[-1][0] == level:
             lo, hi = levels[level]
             u = stack.pop()[1]
-            v = b.add(b.shuffle_vector(u, v, _const(I32, lo)), b.shuffle_vector(u, v, _const(I32, hi)))
+            v = (add or b.add)(b.shuffle_vector(u, v, _const(I32, lo)), b.shuffle_vector(u, v, _const(I32, hi)))
             level += 1
         stack.append((level, v))
     (level, v), = stack
@@ -785,54 +785,154 @@ def _f32_cols(b, wp, row, c):
     return _load(b, wp, b.add(row, b.mul(c, _i64(4))), V16F), None
 
 
-def make_weighted_rows(cols):
-    """weighted_rows(w, off, stride, p, n, width, out, ooff): out[ooff : ooff + width] = sum over s < n of
-    p[s] * row s, where row s starts at byte off + s * stride of the C-contiguous array w (the values of one KV
-    head in a cache) and cols(builder, base, row byte, column) -> (16 floats, their scale or None) decodes it.
-    Accumulates 64 columns at a time in registers; `width` must be a multiple of 16."""
+def _array_ptr(context, b, ty, arr, float_off=None):
+    """i8* to the data of array `arr` (numba type ty), advanced by float_off float32 elements when given."""
+    p = b.bitcast(context.make_array(ty)(context, b, arr).data, I8.as_pointer())
+    return p if float_off is None else b.gep(p, [b.mul(float_off, _i64(4))])
+
+
+def _by_count(b, count, most: int, emit) -> None:
+    """Run emit(k) for k = count (1 <= count <= most, a run-time value): one copy of the code per k, so that
+    each copy keeps exactly k heads' accumulators in registers."""
+    fn = b.function
+    done = fn.append_basic_block("by_count_done")
+    switch = b.switch(count, done)
+    for k in range(1, most + 1):
+        block = fn.append_basic_block(f"by_count_{k}")
+        switch.add_case(ir.Constant(I64, k), block)
+        b.position_at_end(block)
+        emit(k)
+        b.branch(done)
+    b.position_at_end(done)
+
+
+GROUP_DOTS = 8  # query heads whose scores one pass over the key rows takes (one lane each of a lane-sum vector)
+GROUP_ROWS = 4  # query heads whose weighted value sums one pass takes: 4 x 16 columns of accumulators, which
+# with the row and the weights fill AVX2's 16 registers
+
+
+def make_group_dots(cols):
+    """group_dots(w, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride): for heads g <
+    `heads` (1 .. GROUP_DOTS) and rows s < n, scores[soff + g sstride + s] = q[qoff + g qstride :][:width] . row s,
+    row s starting at byte off + s stride of the C-contiguous array w (the keys of one KV head in a cache) and
+    cols(builder, base, row byte, column) -> (16 floats, their scale or None) decoding it; width a multiple of
+    16. The query heads of a GQA group share their keys: each row is decoded once for all of them, and their
+    sums are reduced together (one lane-sum tree for 8 heads instead of a horizontal sum per head)."""
 
     @intrinsic
-    def weighted_rows(typingctx, w, off, stride, p, n, width, out, ooff):
-        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
-        if not ok or p.dtype != types.float32 or out.dtype != types.float32:
+    def group_dots(typingctx, w, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride):
+        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, q, scores))
+        if not ok or q.dtype != types.float32 or scores.dtype != types.float32:
             return None
-        sig = types.void(w, types.int64, types.int64, p, types.int64, types.int64, out, types.int64)
+        i64 = types.int64
+        sig = types.void(w, i64, i64, i64, q, i64, i64, i64, i64, scores, i64, i64)
 
         def codegen(context, b, signature, args):
-            base, off, stride, _, n, width, _, ooff = args
-            wp = b.gep(b.bitcast(context.make_array(signature.args[0])(context, b, base).data, I8.as_pointer()),
-                       [off])
-            pp = b.bitcast(context.make_array(signature.args[3])(context, b, args[3]).data, I8.as_pointer())
-            op = b.gep(b.bitcast(context.make_array(signature.args[6])(context, b, args[6]).data, I8.as_pointer()),
-                       [b.mul(ooff, _i64(4))])
-            zero = ir.Constant(V16F, [0.0] * 16)
+            wp = b.gep(_array_ptr(context, b, signature.args[0], args[0]), [args[1]])
+            stride, n, qstride, heads, width, sstride = args[2], args[3], args[6], args[7], args[8], args[11]
+            qp = _array_ptr(context, b, signature.args[4], args[4], args[5])
+            sp = _array_ptr(context, b, signature.args[9], args[9], args[10])
+            zero = ir.Constant(V8F, [0.0] * 8)
+            order = [LANE_SUMS_ORDER.index(g) for g in range(8)]  # the lane holding head g's sum
 
-            def chunk(c0, m):
-                """Columns c0 .. c0 + 16 m: accumulate over the rows in m registers, then store."""
-                def row(s, accs):
-                    ps = _load(b, pp, b.mul(s, _i64(4)), F32)
+            def emit(k):
+                def row(s, _):
                     at = b.mul(s, stride)
-                    new = []
-                    for k, a in enumerate(accs):
-                        v, d = cols(b, wp, at, b.add(c0, _i64(16 * k)))
-                        new.append(_fma(b, v, _splat(b, ps if d is None else b.fmul(ps, d)), a))
-                    return new
 
-                accs, _ = _loop(b, _i64(0), n, 1, [zero] * m, row)
-                for k, a in enumerate(accs):
-                    st = b.store(a, b.bitcast(b.gep(op, [b.mul(b.add(c0, _i64(16 * k)), _i64(4))]),
-                                              V16F.as_pointer()))
-                    st.align = 1
+                    def chunk(c, accs):
+                        v, d = cols(b, wp, at, c)
+                        if d is not None:
+                            v = b.fmul(v, _splat(b, d), flags=FAST)
+                        halves = [b.shuffle_vector(v, v, _const(I32, range(h, h + 8))) for h in (0, 8)]
+                        new = []
+                        for g, a in enumerate(accs):
+                            qo = b.mul(b.add(b.mul(_i64(g), qstride), c), _i64(4))
+                            for h, half in enumerate(halves):
+                                a = _fma(b, half, _load(b, qp, b.add(qo, _i64(32 * h)), V8F), a)
+                            new.append(a)
+                        return new
 
-            (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(64)), 1, [_i64(0)],
-                             lambda i, c: (chunk(c[0], 4), [b.add(c[0], _i64(64))])[1])
-            _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(64)), _i64(16)), 1, [c0],
-                  lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
+                    accs, _ = _loop(b, _i64(0), width, 16, [zero] * k, chunk)
+                    sums = _lane_sums(b, accs + [zero] * (8 - k), b.fadd)
+                    for g in range(k):
+                        at_s = b.mul(b.add(b.mul(_i64(g), sstride), s), _i64(4))
+                        st = b.store(b.extract_element(sums, ir.Constant(I32, order[g])),
+                                     b.bitcast(b.gep(sp, [at_s]), F32.as_pointer()))
+                        st.align = 4
+                    return []
+
+                _loop(b, _i64(0), n, 1, [], row)
+
+            _by_count(b, heads, GROUP_DOTS, emit)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return weighted_rows
+    return group_dots
 
 
-weighted_rows = make_weighted_rows(_f32_cols)  # rows of float32 (an f32 KV cache)
+def make_group_weighted_rows(cols):
+    """group_weighted_rows(w, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride): for heads g <
+    `heads` (1 .. GROUP_ROWS), out[ooff + g ostride :][:width] += sum over s < n of p[poff + g pstride + s] * row
+    s, where row s starts at byte off + s stride of the C-contiguous array w (the values of one KV head in a
+    cache) and cols(builder, base, row byte, column) -> (16 floats, their scale or None) decodes it. Each pass
+    over the rows decodes a run of columns once for all the heads; `width` must be a multiple of 16."""
+
+    @intrinsic
+    def group_weighted_rows(typingctx, w, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride):
+        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
+        if not ok or p.dtype != types.float32 or out.dtype != types.float32:
+            return None
+        i64 = types.int64
+        sig = types.void(w, i64, i64, i64, p, i64, i64, i64, i64, out, i64, i64)
+
+        def codegen(context, b, signature, args):
+            wp = b.gep(_array_ptr(context, b, signature.args[0], args[0]), [args[1]])
+            stride, n, pstride, heads, width, ostride = args[2], args[3], args[6], args[7], args[8], args[11]
+            pp = _array_ptr(context, b, signature.args[4], args[4], args[5])
+            op = _array_ptr(context, b, signature.args[9], args[9], args[10])
+            zero = ir.Constant(V16F, [0.0] * 16)
+
+            def emit(k):
+                m = max(1, GROUP_ROWS // k)  # 16-column vectors per head in a pass: k * m accumulators
+
+                def chunk(c0, m):
+                    """Columns c0 .. c0 + 16 m of every head: accumulate over the rows, then add into out."""
+                    def row(s, accs):
+                        at = b.mul(s, stride)
+                        weights = [_load(b, pp, b.mul(b.add(b.mul(_i64(g), pstride), s), _i64(4)), F32)
+                                   for g in range(k)]
+                        new = list(accs)
+                        for j in range(m):
+                            v, d = cols(b, wp, at, b.add(c0, _i64(16 * j)))
+                            for g in range(k):
+                                wt = weights[g] if d is None else b.fmul(weights[g], d)
+                                new[g * m + j] = _fma(b, v, _splat(b, wt), new[g * m + j])
+                        return new
+
+                    accs, _ = _loop(b, _i64(0), n, 1, [zero] * (k * m), row)
+                    for g in range(k):
+                        for j in range(m):
+                            o = b.mul(b.add(b.mul(_i64(g), ostride), b.add(c0, _i64(16 * j))), _i64(4))
+                            ptr = b.bitcast(b.gep(op, [o]), V16F.as_pointer())
+                            old = b.load(ptr)
+                            old.align = 4
+                            st = b.store(b.fadd(old, accs[g * m + j], flags=FAST), ptr)
+                            st.align = 4
+
+                (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(16 * m)), 1, [_i64(0)],
+                                 lambda i, c: (chunk(c[0], m), [b.add(c[0], _i64(16 * m))])[1])
+                if m > 1:
+                    _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(16 * m)), _i64(16)), 1, [c0],
+                          lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
+
+            _by_count(b, heads, GROUP_ROWS, emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return group_weighted_rows
+
+
+group_dots_f32 = make_group_dots(_f32_cols)  # rows of float32 (an f32 KV cache)
+group_weighted_rows_f32 = make_group_weighted_rows(_f32_cols)

@@ -205,18 +205,18 @@ def naive_attention(q, k, v, start):
 @pytest.mark.parametrize("T,start,D", [(1, 0, 64), (1, 300, 64), (3, 37, 80), (8, 5, 40), (20, 0, 128), (300, 7, 64)])
 def test_attention_kernels_match_numpy(T, start, D):
     """The decode attention (vector score and value kernels; head_dim not a multiple of 16 or 32 takes the tail
-    paths) and the prompt path's masked softmax, against float64 numpy, GQA with 6 heads over 2 KV heads."""
+    paths) and the prompt path's masked softmax, against float64 numpy, GQA groups of several sizes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from backends.numba import prompt_attention
     from backends.numba.layers import attention_rows, attention_rows_serial
 
-    def decode(kernel):  # the decode kernels over one cache (row 0 of a pool), no sliding window
+    def decode(kernel, *threads):  # the decode kernels over one cache (row 0 of a pool), no sliding window
         def run(q, k, v, start, out):
             KVH, S = k.shape[0], k.shape[1]
             slots, positions = np.zeros(len(q), dtype=np.int64), np.arange(start, start + len(q), dtype=np.int64)
             kernel(q, k.reshape(1, -1).view(np.uint8), v.reshape(1, -1).view(np.uint8), 0, S, KVH, 0, slots,
-                   positions, 0, np.float32(1 / np.sqrt(D)), out)  # an f32 cache (kv type 0), as bytes
+                   positions, 0, np.float32(1 / np.sqrt(D)), out, *threads)  # an f32 cache (kv type 0), as bytes
         return run
 
     def prompt(q, k, v, start, out):
@@ -227,16 +227,18 @@ def test_attention_kernels_match_numpy(T, start, D):
             prompt_attention(q, k, v, start, out, 1 / np.sqrt(D), run=lambda work, n: list(pool.map(work, range(n))))
 
     rng = np.random.default_rng(4)
-    H, KVH = 6, 2
-    q = rng.standard_normal((T, H, D)).astype(np.float32)
-    k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
-    v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
-    want = naive_attention(q, k, v, start)
-    kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, positions, D)
-    for kernel in (decode(attention_rows), decode(attention_rows_serial), prompt, pooled):
-        out = np.full((T, H, D), np.nan, dtype=np.float32)
-        kernel(q, kh, vh, start, out)
-        np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
+    for H, KVH in ((6, 2), (16, 2), (12, 1)):  # GQA groups of 3, 8 (one score pass) and 12 (two, three value passes)
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        k = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)  # + unused positions past the end
+        v = rng.standard_normal((start + T + 5, KVH, D)).astype(np.float32)
+        want = naive_attention(q, k, v, start)
+        kh, vh = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # the numba cache: (KV heads, S, D)
+        # 16 threads split each GQA group over several work items
+        for kernel in (decode(attention_rows, 2), decode(attention_rows, 16), decode(attention_rows_serial),
+                       prompt, pooled):
+            out = np.full((T, H, D), np.nan, dtype=np.float32)
+            kernel(q, kh, vh, start, out)
+            np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
 
 
 def test_vector_exp():

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -339,7 +340,8 @@ class NumbaModel:
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
         L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                         self._inv_freq(caches[0]), tokens, positions, slots, pool.k.view(np.uint8),
-                        pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, True, pool.scratch, logits)
+                        pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, True, pool.scratch, logits,
+                        numba.get_num_threads())
         for c in caches:
             c.offset += 1
         return logits
@@ -372,7 +374,8 @@ class NumbaModel:
                     positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
                     L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                                     self._inv_freq(cache), chunk, positions, slots[:len(chunk)], k_pool, v_pool,
-                                    cache.byte_layout, cache.kv_code, all_logits, scratch.stack, out)
+                                    cache.byte_layout, cache.kv_code, all_logits, scratch.stack, out,
+                                    numba.get_num_threads())
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T

@@ -106,114 +106,145 @@ def head_norm(x, f32, w_off, eps):
                 x[t, h, j] = x[t, h, j] * inv * w[j]
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, i):
-    """Attention of query (t, h) = divmod(i, n_heads) of q: (T, n_heads, head_dim) at position start + t over the
-    cache of one layer, k_cache, v_cache: (n_kv_heads, S, row bytes) uint8, rows stored as kv type kvt
-    (quant/kv_kernels.py), position p in slot p % S; it sees positions start + t - window < s <= start + t
-    (window 0: every s <= start + t); scores are q.k * scale. Scores and the weighted sum of values are vector
-    kernels (quant/simd.py, quant/kv_kernels.py) over the cache in place; the columns past a multiple of 32 (f32,
-    f16) in scalar loops."""
-    T, H, D = q.shape
-    KVH, S, RB = k_cache.shape
-    t, h = i // H, i % H
-    kv = h // (H // KVH)
-    end = start + t + 1
-    first = max(0, end - window) if window > 0 else 0
-    n = end - first
-    nb = D // 32  # whole 32-value blocks of a head vector; the rest (head_dim not a multiple of 32) below
-    qv = q[t, h]
-    scores = np.empty(n, dtype=np.float32)
-    top = np.float32(-np.inf)
-    f0 = first % S  # position p lives in slot p % S (a ring when S is shorter than the context)
-    kc = k_cache.reshape(-1)
-    for s in range(n):
-        slot = f0 + s if f0 + s < S else f0 + s - S
-        row = (kv * S + slot) * RB
-        if kvt == kvk.KV_F32:
-            acc = simd.dot_f32(kc, row, q, (t * H + h) * D, nb)
-            kf = kc[row:row + RB].view(np.float32)
-            for j in range(nb * 32, D):
-                acc += qv[j] * kf[j]
-        elif kvt == kvk.KV_F16:
-            acc = simd.dot_f16(kc, row, q, (t * H + h) * D, nb)
-            kh = kc[row:row + RB].view(np.uint16)
-            for j in range(nb * 32, D):
-                acc += qv[j] * kvk.F16_TABLE[kh[j]]
-        else:
-            acc = kvk.dot_q8_0_f32(kc, row, q, (t * H + h) * D, nb)
-        scores[s] = acc * scale
-        top = max(top, scores[s])
-    total = np.float32(0.0)
-    for s in range(n):
-        scores[s] = simd.exp_f32(scores[s] - top)
-        total += scores[s]
-    inv = np.float32(1.0) / total
-    for s in range(n):
-        scores[s] *= inv
-    # sum of probability-weighted value rows in registers, over the slots f0 .. and, when the run wraps around
-    # the ring, 0 ..; a head_dim tail past a multiple of 16 (f32, f16) below
-    d16 = D if kvt == kvk.KV_Q8_0 else D // 16 * 16  # what the vector kernel sums; a scalar loop the rest
-    n1 = min(n, S - f0)
-    _weighted_rows(v_cache, kvt, (kv * S + f0) * RB, RB, scores, n1, d16, out, (t * H + h) * D)
-    if n1 < n:
-        rest = scores[n1:].copy()
-        part = np.empty(D, dtype=np.float32)
-        _weighted_rows(v_cache, kvt, kv * S * RB, RB, rest, n - n1, d16, part, 0)
-        for j in range(d16):
-            out[t, h, j] += part[j]
-    vcf = v_cache.reshape(-1)
-    for j in range(d16, D):
-        acc = np.float32(0.0)
-        for s in range(n):
-            slot = f0 + s if f0 + s < S else f0 + s - S
-            row = (kv * S + slot) * RB
-            if kvt == kvk.KV_F32:
-                acc += scores[s] * vcf[row:row + RB].view(np.float32)[j]
-            else:
-                acc += scores[s] * kvk.F16_TABLE[vcf[row:row + RB].view(np.uint16)[j]]
-        out[t, h, j] = acc
+@njit(cache=True, inline="always")
+def _group_dots(kc, kvt, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride):
+    """Key dot products of up to GROUP_DOTS query heads over rows stored as kv type kvt (simd.make_group_dots)."""
+    if kvt == kvk.KV_F32:
+        simd.group_dots_f32(kc, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride)
+    elif kvt == kvk.KV_F16:
+        kvk.group_dots_f16(kc, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride)
+    else:
+        kvk.group_dots_q8_0(kc, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride)
 
 
 @njit(cache=True, inline="always")
-def _weighted_rows(v_cache, kvt, off, stride, p, n, width, out, ooff):
-    """The weighted sum of value rows (simd.weighted_rows) for rows stored as kv type kvt."""
+def _group_rows(vc, kvt, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride):
+    """Weighted sums of value rows for up to GROUP_ROWS heads, stored as kv type kvt
+    (simd.make_group_weighted_rows)."""
     if kvt == kvk.KV_F32:
-        simd.weighted_rows(v_cache, off, stride, p, n, width, out, ooff)
+        simd.group_weighted_rows_f32(vc, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride)
     elif kvt == kvk.KV_F16:
-        kvk.weighted_rows_f16(v_cache, off, stride, p, n, width, out, ooff)
+        kvk.group_weighted_rows_f16(vc, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride)
     else:
-        kvk.weighted_rows_q8_0(v_cache, off, stride, p, n, width, out, ooff)
+        kvk.group_weighted_rows_q8_0(vc, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride)
+
+
+@njit(cache=True, inline="always")
+def _cached_value(c, kvt, at, j):
+    """Value j of the f32 or f16 row at byte `at` of the flat cache c (the scalar tails past a multiple of 16)."""
+    if kvt == kvk.KV_F32:
+        return c[at:at + 4 * (j + 1)].view(np.float32)[j]
+    return kvk.F16_TABLE[c[at:at + 2 * (j + 1)].view(np.uint16)[j]]
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i):
-    """Query (t, h) = divmod(i, n_heads) over the cache in row slots[t] of the pools (see attention_rows)."""
-    H, D = q.shape[1], q.shape[2]
-    t, h = i // H, i % H
+def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, t, h0, h1):
+    """Attention of query heads h0 .. h1 (one GQA group's, or part of one) of token t of q: (T, n_heads,
+    head_dim), at position start, over the cache of one layer, k_cache, v_cache: (n_kv_heads, S, row bytes)
+    uint8, rows stored as kv type kvt (quant/kv_kernels.py), position p in slot p % S; it sees positions start -
+    window < s <= start (window 0: every s <= start); scores are q.k * scale; out: like q. The heads share their
+    KV head, so the vector kernels decode each cached row once for all of them."""
+    T, H, D = q.shape
+    KVH, S, RB = k_cache.shape
+    kv = h0 // (H // KVH)
+    end = start + 1
+    first = max(0, end - window) if window > 0 else 0
+    n = end - first
+    G = h1 - h0
+    d16 = D if kvt == kvk.KV_Q8_0 else D // 16 * 16  # what the vector kernels take; scalar loops the rest
+    f0 = first % S  # position p lives in slot p % S (a ring when S is shorter than the context)
+    n1 = min(n, S - f0)  # the rows from slot f0 on; then, when the run wraps around the ring, from slot 0
+    kc, vc = k_cache.reshape(-1), v_cache.reshape(-1)
+    q0 = (t * H + h0) * D
+    scores = np.empty((G, n), dtype=np.float32)
+    for g0 in range(0, G, simd.GROUP_DOTS):
+        k = min(simd.GROUP_DOTS, G - g0)
+        _group_dots(kc, kvt, (kv * S + f0) * RB, RB, n1, q, q0 + g0 * D, D, k, d16, scores, g0 * n, n)
+        if n1 < n:
+            _group_dots(kc, kvt, kv * S * RB, RB, n - n1, q, q0 + g0 * D, D, k, d16, scores, g0 * n + n1, n)
+    for g in range(G):
+        qv = q[t, h0 + g]
+        row = scores[g]
+        for j in range(d16, D):  # the tail of an f32 or f16 row
+            for s in range(n):
+                slot = f0 + s if f0 + s < S else f0 + s - S
+                row[s] += qv[j] * _cached_value(kc, kvt, (kv * S + slot) * RB, j)
+        top = np.float32(-np.inf)
+        for s in range(n):
+            row[s] *= scale
+            top = max(top, row[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            row[s] = simd.exp_f32(row[s] - top)
+            total += row[s]
+        inv = np.float32(1.0) / total
+        for s in range(n):
+            row[s] *= inv
+    out[t, h0:h1] = 0.0
+    for g0 in range(0, G, simd.GROUP_ROWS):
+        k = min(simd.GROUP_ROWS, G - g0)
+        o = q0 + g0 * D
+        _group_rows(vc, kvt, (kv * S + f0) * RB, RB, n1, scores, g0 * n, n, k, d16, out, o, D)
+        if n1 < n:
+            _group_rows(vc, kvt, kv * S * RB, RB, n - n1, scores, g0 * n + n1, n, k, d16, out, o, D)
+    for g in range(G):
+        row = scores[g]
+        for j in range(d16, D):
+            acc = np.float32(0.0)
+            for s in range(n):
+                slot = f0 + s if f0 + s < S else f0 + s - S
+                acc += row[s] * _cached_value(vc, kvt, (kv * S + slot) * RB, j)
+            out[t, h0 + g, j] = acc
+
+
+@njit(cache=True, inline="always")
+def _head_split(T, H, KVH, threads):
+    """Query heads per work item of the decode attention: a whole GQA group, unless that leaves fewer items
+    than threads (Gemma 3 270M has one KV head), then halves of it, and so on."""
+    G = H // KVH
+    per = G
+    while T * KVH * ((G + per - 1) // per) < threads and per > 1:
+        per = (per + 1) // 2
+    return per
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_item(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, per, i):
+    """Work item i of attention_rows: token t, KV head kv, heads part j (per heads each) of its group."""
+    T, H, D = q.shape
+    G = H // KVH
+    parts = (G + per - 1) // per
+    t, rest = i // (KVH * parts), i % (KVH * parts)
+    kv, j = rest // parts, rest % parts
+    h0 = kv * G + j * per
+    h1 = min(h0 + per, (kv + 1) * G)
     RB = kvk.kv_row_bytes(kvt, D)
     kc = k_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
     vc = v_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
-    _attend(q[t:t + 1], kc, vc, kvt, positions[t], window, scale, out[t:t + 1], h)
+    _attend(q, kc, vc, kvt, positions[t], window, scale, out, t, h0, h1)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_rows(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out):
+def attention_rows(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, threads):
     """Causal grouped-query attention of T queries, each with its own cache and position: query t (q: (T,
     n_heads, head_dim)) is at position positions[t] of the cache in row slots[t] of k_pool, v_pool (uint8: this
     layer's keys are (KVH, S, row bytes) from byte `off` of the row, stored as kv type kvt, position p in slot
     p % S) and sees that cache's positions up to its own (the last `window` of them when window > 0); out: (T,
-    n_heads, head_dim). The (query, head) pairs are shared across threads."""
-    for i in prange(q.shape[0] * q.shape[1]):
-        _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i)
+    n_heads, head_dim). The (query, GQA group) pairs are shared across threads: `threads`, numba's count for
+    this call (numba.get_num_threads, which cached code cannot call)."""
+    T, H = q.shape[0], q.shape[1]
+    per = _head_split(T, H, KVH, threads)
+    for i in prange(T * KVH * ((H // KVH + per - 1) // per)):
+        _attend_item(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, per, i)
 
 
 @njit(cache=True, fastmath=True)
 def attention_rows_serial(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out):
     """`attention_rows` on the calling thread: for short contexts, cheaper than a parallel region's
     synchronization."""
-    for i in range(q.shape[0] * q.shape[1]):
-        _attend_row(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, i)
+    per = q.shape[1] // KVH
+    for i in range(q.shape[0] * KVH):
+        _attend_item(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, per, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -306,7 +337,7 @@ def _rows(xb, a, b):
 
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
-                  v_pool, kv_layout, kvt, all_logits, scratch, logits):
+                  v_pool, kv_layout, kvt, all_logits, scratch, logits, threads):
     """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
     cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
     batched decode step: a token from each of several conversations, every weight row read once for all of them).
@@ -367,7 +398,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
         if H * seen * D < SERIAL_ATTENTION:
             attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
         else:
-            attention_rows(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
+            attention_rows(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3, threads)
         prepare(att, xs_q)
         matvec(wv, lt[WO, 1], lt[WO, 0], E, att, xs_q, tmp)
         if lt[POST_ATTN_NORM, 0] >= 0:
