@@ -15,12 +15,13 @@ q8_0 needs head_dim a multiple of 32 (quant.kvtypes.check_kv_type says so before
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
 from quant import simd
 from quant.jit import njit
-from quant.simd import F32, HALF, I8, I16, V16F, _half, _i64, _load, _loop, _vec
+from quant.simd import F32, HALF, I8, I16, I32, V16F, _i64, _load, _loop, _vec
 
 KV_F32, KV_F16, KV_Q8_0 = 0, 1, 2
 # float16 bit pattern -> float32 (256 KiB): the scalar tails of f16 rows
@@ -47,7 +48,19 @@ def _q8_0_cols(b, wp, row, c):
     their block."""
     blk = b.add(row, b.mul(b.sdiv(c, _i64(32)), _i64(34)))
     codes = _load(b, wp, b.add(blk, b.add(_i64(2), b.srem(c, _i64(32)))), _vec(I8, 16))
-    return b.sitofp(codes, V16F), _half(b, wp, blk)
+    return b.sitofp(codes, V16F), _scale(b, wp, blk)
+
+
+def _scale(b, wp, at):
+    """The float16 at byte `at` as float32, by integer arithmetic: exact for every finite half, subnormals
+    included (the bits shifted into a float32's place, times 2^112 to move the exponent bias). simd._half's
+    vpinsrw merges into a register LLVM often gives an accumulator, which chained each block's decode to the last
+    FMA: the q8_0 value sums ran at a third of the f16 ones' speed."""
+    h = b.zext(_load(b, wp, at, I16), I32)
+    mag = b.bitcast(b.shl(b.and_(h, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13)), F32)
+    sign = b.shl(b.and_(h, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16))
+    val = b.bitcast(b.fmul(mag, ir.Constant(F32, 2.0 ** 112)), I32)
+    return b.bitcast(b.or_(val, sign), F32)
 
 
 group_dots_f16 = simd.make_group_dots(_f16_cols)

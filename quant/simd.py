@@ -905,9 +905,10 @@ def make_group_weighted_rows(cols):
                         new = list(accs)
                         for j in range(m):
                             v, d = cols(b, wp, at, b.add(c0, _i64(16 * j)))
+                            if d is not None:  # once for all the heads (not into each head's weight)
+                                v = b.fmul(v, _splat(b, d), flags=FAST)
                             for g in range(k):
-                                wt = weights[g] if d is None else b.fmul(weights[g], d)
-                                new[g * m + j] = _fma(b, v, _splat(b, wt), new[g * m + j])
+                                new[g * m + j] = _fma(b, v, _splat(b, weights[g]), new[g * m + j])
                         return new
 
                     accs, _ = _loop(b, _i64(0), n, 1, [zero] * (k * m), row)
