@@ -44,8 +44,8 @@ N_FPARAMS = 5
 L_WINDOW, L_ROPE = range(2)
 N_LAYER_OPTS = 2
 # Decode attention below this many multiply-adds (query x cached position x head_dim, over all heads) runs on
-# one thread: SmolLM2 (9 heads of 64) up to ~450 cached positions. One parallel region less per layer.
-SERIAL_ATTENTION = 1 << 18
+# one thread: SmolLM2 (9 heads of 64) up to ~230 cached positions. One parallel region less per layer.
+SERIAL_ATTENTION = 1 << 17
 
 
 @njit(cache=True, fastmath=True)
