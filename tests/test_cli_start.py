@@ -20,7 +20,7 @@ try:
 except SystemExit as e:
     code = e.code
 loaded = {m: m in sys.modules for m in ("scipy.linalg", "cffi", "huggingface_hub", "rich", "torch", "transformers",
-                                        "llmcli.chat", "llmcli.hub")}
+                                        "pydantic", "llmcli.chat", "llmcli.hub")}
 report = {"code": code, "loaded": loaded, "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 import numpy as np
 from numba import njit
