@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import sys
 
 from backends.base import HParams, KVCache, Model, read_hparams
 from quant.errors import BackendError
@@ -42,15 +43,35 @@ def default_backend() -> str:
 def physical_cores(sysfs: str = "/sys/devices") -> int:
     """The default thread count: the physical cores this process may run on; on a hybrid CPU only the
     performance cores, where the OS says which they are (Linux: sysfs cpu_core/cpus; macOS: hw.perflevel0)."""
-    import psutil
-
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = _cores() or os.cpu_count() or 1
     performance = _performance_cores(sysfs)
     if performance:
         cores = min(cores, performance)
     if hasattr(os, "sched_getaffinity"):  # a process limited to some CPUs (taskset, a container)
         cores = min(cores, len(os.sched_getaffinity(0)))
     return max(1, cores)
+
+
+def _cores() -> int | None:
+    """Physical cores: on Linux the distinct sibling lists of the logical CPUs, read as psutil reads them (its
+    import costs ~20 ms of `llm run`'s start); elsewhere, or where sysfs does not say, psutil's count."""
+    if sys.platform.startswith("linux"):
+        from glob import glob
+
+        lists = set()
+        for path in (glob("/sys/devices/system/cpu/cpu[0-9]*/topology/core_cpus_list")
+                     or glob("/sys/devices/system/cpu/cpu[0-9]*/topology/thread_siblings_list")):
+            try:
+                with open(path, "rb") as f:
+                    lists.add(f.read().strip())
+            except OSError:
+                lists.clear()
+                break
+        if lists:
+            return len(lists)
+    import psutil
+
+    return psutil.cpu_count(logical=False)
 
 
 def _performance_cores(sysfs: str) -> int:
@@ -79,6 +100,20 @@ def _performance_cores(sysfs: str) -> int:
         return 0
 
 
+def _import_backend(backend: str):
+    """The backend's module. numba's import checks scipy's version by importing scipy (~15 ms of `llm run`'s
+    start, for a package our kernels never call), so numba is imported with scipy marked not importable, as if
+    it were absent; numba imports scipy itself later where it needs it (jitted np.dot, np.linalg)."""
+    if backend == "numba" and "numba" not in sys.modules and "scipy" not in sys.modules:
+        sys.modules["scipy"] = None
+        try:
+            import numba  # noqa: F401
+        finally:
+            if "scipy" in sys.modules and sys.modules["scipy"] is None:
+                del sys.modules["scipy"]
+    return importlib.import_module(f"backends.{backend}")
+
+
 def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None = None, options=None) -> Model:
     """Load the weights of `gguf` on `backend` (default: default_backend()); `options`, the backend's tuning
     options (backends.numba.NumbaOptions), default its defaults."""
@@ -95,5 +130,5 @@ def load_model(gguf: GGUFFile, backend: str | None = None, threads: int | None =
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads, user_api="blas")
-    module = importlib.import_module(f"backends.{backend}")
+    module = _import_backend(backend)
     return module.load(gguf, hp, threads) if options is None else module.load(gguf, hp, threads, options)

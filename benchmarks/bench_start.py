@@ -36,8 +36,8 @@ def lap(name):
     phases[name] = now - t[0]
     t[0] = now
 from llmcli import cli
-cli._register_commands()
-lap("import llmcli.cli (typer) + register commands")
+cli._register_commands("run")
+lap("import llmcli.cli (typer) + register run's commands")
 from llmcli import engine
 lap("import engine (numpy, jinja2, tokenizers, gguf)")
 import gc
@@ -66,6 +66,7 @@ from llmcli.sampling import Sampler, SamplingConfig
 Sampler(SamplingConfig())(logits, list(ids))
 lap("sample the first token")
 print(json.dumps(phases))
+cli._exit_now(0)  # as `llm` ends: no interpreter teardown
 """
 
 # The prompt forward both ways for several lengths, on one and two threads.

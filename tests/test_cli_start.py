@@ -19,8 +19,8 @@ try:
     main()
 except SystemExit as e:
     code = e.code
-loaded = {m: m in sys.modules for m in ("scipy.linalg", "cffi", "huggingface_hub", "rich", "torch", "transformers",
-                                        "llmcli.chat", "llmcli.hub")}
+loaded = {m: m in sys.modules for m in ("scipy", "cffi", "huggingface_hub", "rich", "torch", "transformers", "pydantic",
+                                        "psutil", "llmcli.chat", "llmcli.hub")}
 report = {"code": code, "loaded": loaded, "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 import numpy as np
 from numba import njit
@@ -47,3 +47,21 @@ def test_run_loads_only_what_it_needs(smollm2_path):
     assert report["gc_enabled"] and report["frozen"] > 10_000
     # numba's own BLAS-backed functions still work: they import scipy when compiled, as usual
     assert report["dot"] == 5.0 and report["scipy_after_dot"]
+
+
+def test_each_command_is_registered_by_its_module():
+    """`llm CMD` registers only CMD's module: the table that says which one must name every command rightly."""
+    import importlib
+
+    import typer
+
+    from llmcli import cli
+
+    every = []
+    for module in cli._MODULES:
+        app = typer.Typer()
+        importlib.import_module(f"llmcli.{module}").register(app)
+        names = [cli._command_name(info) for info in app.registered_commands]
+        assert all(cli._COMMAND_MODULE[n] == module for n in names), (module, names)
+        every += names
+    assert sorted(every) == sorted(cli._COMMAND_MODULE)
