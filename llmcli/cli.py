@@ -175,6 +175,9 @@ def _run() -> int:
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # numpy's says how many bytes of what shape: a user needs what to change
+        print("error: not enough memory (a smaller --ctx, --parallel or model needs less)", file=sys.stderr)
+        return 1
     except click_exceptions.NoArgsIsHelpError as e:
         e.show()  # plain `llm`: the help
         return e.exit_code

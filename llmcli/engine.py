@@ -24,6 +24,7 @@ from quant.errors import FieldError, LlmError, ModelFileError, PromptError
 from quant.gguf_file import GGUFFile, read_gguf
 
 DEFAULT_CTX_CAP = 4096
+MAX_CTX = 1 << 24  # positions: past any model's training context (a cache this long would take terabytes)
 PREFILL_CHUNK = 512  # tokens per batched prefill pass: bounds the activation memory of long prompts
 
 
@@ -109,8 +110,8 @@ def context_size(hp: HParams, ctx: int | None) -> int:
     """--ctx, or the model's context length capped at DEFAULT_CTX_CAP."""
     if ctx is None:
         return min(hp.n_ctx_train, DEFAULT_CTX_CAP)
-    if ctx < 8:
-        raise LlmError(f"--ctx must be at least 8, got {ctx}")
+    if not 8 <= ctx <= MAX_CTX:
+        raise LlmError(f"--ctx must be in 8..{MAX_CTX}, got {ctx}")
     return ctx
 
 

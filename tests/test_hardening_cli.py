@@ -118,6 +118,8 @@ def test_piped_text_follows_the_prompt_argument_and_loses_one_newline(smollm2_pa
     (("--temperature", "inf"), ("--temperature", "finite")),
     (("--frequency-penalty", "nan"), ("--frequency-penalty", "finite")),
     (("--raw", "--system", "be terse"), ("--system", "--raw")),
+    (("--ctx", "99999999999999999999"), ("--ctx", "8..16777216")),  # past int64: no OverflowError
+    (("--ctx", "16000000"), ("not enough memory", "--ctx")),  # a KV cache of hundreds of GB
 ])
 def test_bad_options_are_refused(smollm2_path, args, words):
     assert_one_line_error(llm("run", str(smollm2_path), "Hi", *args), *words)
