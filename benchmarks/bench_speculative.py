@@ -5,9 +5,9 @@ verifying k tokens in one pass against one decode step, with the speedup that co
     python benchmarks/bench_speculative.py --reps 5 --lookup 16 [--models smollm2,1b-wide,1b] [--draft Q8_0-copy]
 
 Models: `smollm2` (the store's Q4_1 file); `1b-wide`, SmolLM2 embedded exactly in the 1B shape's widths (hidden
-2048, 32/8 heads, ffn 8192; make_bench_models.widen, written as Q4_0): SmolLM2's function, 30 layers and
-vocabulary, at the 1B shape's cost per layer, so a model of that width that copies its input; `1b`, the
-random-weight 1B shape, which copies nothing: its verification-cost curve only.
+2048, 32/8 heads, ffn 8192; make_bench_models.widen): SmolLM2's function, 30 layers and vocabulary, at about the
+1B shape's cost per layer, so a model of that width that copies its input; `1b`, the random-weight 1B shape,
+which copies nothing: its verification-cost curve only.
 
 Engines alternate within each repetition (plain, speculative, plain, ...) and the tables show medians, because
 the machine is shared. Decode speed is the engine's own generation_tps (first token to last, prefill excluded).
@@ -134,16 +134,17 @@ def verify_cost(path: Path, backend: str, threads: int, reps: int, ks=(1, 2, 3, 
 
 
 def widened_smollm2() -> Path:
-    """SmolLM2 widened to the widths of the 1B shape, in Q4_0 like it; made into .test-models/numba/ on first use."""
+    """SmolLM2 widened to the widths of the 1B shape, made into .test-models/numba/ on first use. Its matrices keep
+    SmolLM2's types (Q4_1, the embedding Q8_0), so its logits are SmolLM2's: requantized to Q4_0 like the 1B shape,
+    SmolLM2 stops copying the paragraph after a sentence and loops, and there is nothing left for lookup to find."""
     from bench_decode import MODELS, prepare_models
-    from gguf import GGMLQuantizationType as Q
     from make_bench_models import widen, widths_of
 
     from llmcli.store import ensure_smollm2
 
-    dst = MODELS / "smollm2-wide-1b-q4_0.gguf"
+    dst = MODELS / "smollm2-wide-1b.gguf"
     if not dst.exists():
-        widen(ensure_smollm2(), dst, **widths_of(prepare_models()["1B-shape random Q4_0"]), qtype=Q.Q4_0)
+        widen(ensure_smollm2(), dst, **widths_of(prepare_models()["1B-shape random Q4_0"]), qtype=None)
     return dst
 
 

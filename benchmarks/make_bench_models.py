@@ -11,7 +11,8 @@
   SmolLM2 widened to the 1B shape's widths is a 1B-cost model that copies text, for prompt lookup's benchmark.
 
     python benchmarks/make_bench_models.py SRC.gguf q4_0 DST.gguf
-    python benchmarks/make_bench_models.py widen SRC.gguf LIKE.gguf q4_0 DST.gguf   # SRC in LIKE's widths
+    python benchmarks/make_bench_models.py widen SRC.gguf LIKE.gguf TYPE DST.gguf  # SRC in LIKE's widths; TYPE
+                                                                                  # f32, q4_0, ... or "same"
 """
 
 from __future__ import annotations
@@ -196,13 +197,14 @@ WIDEN_AXES = {"token_embd.weight": (None, "embd"), "output.weight": (None, "embd
 
 
 def widen(src: Path, dst: Path, *, n_embd: int, n_heads: int, n_kv_heads: int, n_ff: int,
-          qtype: GGMLQuantizationType = Q.F32) -> Path:
+          qtype: GGMLQuantizationType | None = Q.F32) -> Path:
     """`src` (a llama model) embedded in the widths given, computing the same function: every extra row and column
     is zero. Query head h of KV group g keeps its place in the group (slot g * new_group + h % group), so grouped
     attention pairs the same heads; an extra query head attends to zero or to a real head's values, and its output
     columns are zero. RMSNorm divides by the mean square over all n_embd entries, which the zero padding shrinks by
     r = old n_embd / n_embd: the norm weights are scaled by sqrt(r) and the epsilon by r, which makes it exact.
-    Matrices are written in `qtype` (a zero block of 32 stays exactly zero), norms in F32."""
+    Matrices are written in `qtype`, or each in its own type if None (a zero block of 32 stays exactly zero), norms
+    in F32."""
     reader = GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
@@ -247,14 +249,15 @@ def widen(src: Path, dst: Path, *, n_embd: int, n_heads: int, n_kv_heads: int, n
         if len(axes) == 1:
             writer.add_tensor(t.name, out * np.float32(np.sqrt(r)))
         else:
-            writer.add_tensor(t.name, gguf_quants.quantize(out, qtype) if qtype != Q.F32 else out, raw_dtype=qtype)
+            to = t.tensor_type if qtype is None else qtype
+            writer.add_tensor(t.name, out if to == Q.F32 else gguf_quants.quantize(out, to), raw_dtype=to)
     return _finish(writer, tmp, dst)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "widen":
         widen(Path(sys.argv[2]), Path(sys.argv[5]), **widths_of(Path(sys.argv[3])),
-              qtype=GGMLQuantizationType[sys.argv[4].upper()])
+              qtype=None if sys.argv[4] == "same" else GGMLQuantizationType[sys.argv[4].upper()])
     elif len(sys.argv) == 4:
         requantize(Path(sys.argv[1]), Path(sys.argv[3]), GGMLQuantizationType[sys.argv[2].upper()])
     else:
