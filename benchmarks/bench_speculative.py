@@ -1,9 +1,13 @@
 """Speculative decoding: tokens/s of plain greedy decoding against --lookup (and --draft) on an input-copying task
-and on free-form text, with the acceptance rate and a check that the outputs are identical; and, for models that
-cannot copy (the random-weight 1B shape), the cost of verifying k tokens in one pass against one decode step,
-with the speedup that cost implies at a given acceptance.
+and on free-form text, with the acceptance rate and a check that the outputs are identical; and the cost of
+verifying k tokens in one pass against one decode step, with the speedup that cost implies at a given acceptance.
 
-    python benchmarks/bench_speculative.py --reps 5 --lookup 16 [--models smollm2,1b] [--draft Q8_0-copy]
+    python benchmarks/bench_speculative.py --reps 5 --lookup 16 [--models smollm2,1b-wide,1b] [--draft Q8_0-copy]
+
+Models: `smollm2` (the store's Q4_1 file); `1b-wide`, SmolLM2 embedded exactly in the 1B shape's widths (hidden
+2048, 32/8 heads, ffn 8192; make_bench_models.widen): SmolLM2's function, 30 layers and vocabulary, at about the
+1B shape's cost per layer, so a model of that width that copies its input; `1b`, the random-weight 1B shape,
+which copies nothing: its verification-cost curve only.
 
 Engines alternate within each repetition (plain, speculative, plain, ...) and the tables show medians, because
 the machine is shared. Decode speed is the engine's own generation_tps (first token to last, prefill excluded).
@@ -129,15 +133,31 @@ def verify_cost(path: Path, backend: str, threads: int, reps: int, ks=(1, 2, 3, 
     return rows
 
 
+def widened_smollm2() -> Path:
+    """SmolLM2 widened to the widths of the 1B shape, made into .test-models/numba/ on first use. Its matrices keep
+    SmolLM2's types (Q4_1, the embedding Q8_0), so its logits are SmolLM2's: requantized to Q4_0 like the 1B shape,
+    SmolLM2 stops copying the paragraph after a sentence and loops, and there is nothing left for lookup to find."""
+    from bench_decode import MODELS, prepare_models
+    from make_bench_models import widen, widths_of
+
+    from llmcli.store import ensure_smollm2
+
+    dst = MODELS / "smollm2-wide-1b.gguf"
+    if not dst.exists():
+        widen(ensure_smollm2(), dst, **widths_of(prepare_models()["1B-shape random Q4_0"]), qtype=None)
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="smollm2,1b")
+    ap.add_argument("--models", default="smollm2,1b-wide,1b")
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--lookup", type=int, default=16)
-    ap.add_argument("--draft", type=Path, default=None, help="a draft model for SmolLM2 (e.g. a Q4_0 copy)")
+    ap.add_argument("--draft", type=Path, default=None,
+                    help="a draft model with SmolLM2's vocabulary (e.g. a Q4_0 copy)")
     ap.add_argument("--skip-verify", action="store_true", help="no verification-cost curve")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -146,8 +166,8 @@ def main() -> None:
 
     out = {"speed": [], "verify": []}
     for name in args.models.split(","):
-        if name == "smollm2":
-            path = ensure_smollm2()
+        if name in ("smollm2", "1b-wide"):
+            path = ensure_smollm2() if name == "smollm2" else widened_smollm2()
             out["speed"] += bench_model(path, args.backend, args.threads, args.reps, args.max_tokens, args.lookup,
                                         args.draft)
             if not args.skip_verify:
@@ -158,7 +178,7 @@ def main() -> None:
             path = prepare_models()["1B-shape random Q4_0"]
             out["verify"] += verify_cost(path, args.backend, args.threads, args.reps)
         else:
-            raise SystemExit(f"unknown model {name!r} (smollm2, 1b)")
+            raise SystemExit(f"unknown model {name!r} (smollm2, 1b-wide, 1b)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -6,8 +6,13 @@
   architecture features SmolLM2 lacks (NeoX RoPE, Q/K/V biases, Q/K norms); it can borrow the tokenizer of
   another GGUF so that llama.cpp loads it too. `mix="q4_k_m"` (or "q5_k_m") gives each tensor the type
   llama.cpp's Q4_K_M / Q5_K_M files give it (`mixed_type`), written directly quantized.
+- `widen(src, dst, ...)`: a llama model embedded exactly in larger widths (zero-padded hidden size, heads and
+  feed-forward): the same logits at the cost per layer of a larger model; `widths_of(gguf)` reads a model's widths.
+  SmolLM2 widened to the 1B shape's widths is a 1B-cost model that copies text, for prompt lookup's benchmark.
 
     python benchmarks/make_bench_models.py SRC.gguf q4_0 DST.gguf
+    python benchmarks/make_bench_models.py widen SRC.gguf LIKE.gguf TYPE DST.gguf  # SRC in LIKE's widths; TYPE
+                                                                                  # f32, q4_0, ... or "same"
 """
 
 from __future__ import annotations
@@ -171,7 +176,89 @@ def write_random_model(dst: Path, *, arch: str = "llama", n_embd: int, n_layers:
     return _finish(writer, tmp, dst)
 
 
+WIDTH_KEYS = {"n_embd": "embedding_length", "n_heads": "attention.head_count",
+              "n_kv_heads": "attention.head_count_kv", "n_ff": "feed_forward_length"}
+
+
+def widths_of(path: Path) -> dict[str, int]:
+    """{'n_embd', 'n_heads', 'n_kv_heads', 'n_ff'} of a GGUF model, from its metadata."""
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    return {name: int(reader.fields[f"{arch}.{key}"].contents()) for name, key in WIDTH_KEYS.items()}
+
+
+# where each tensor's rows and columns go in the wider model: "embd" (hidden size), "q" (query heads), "kv" (KV
+# heads), "ff" (feed-forward), None (kept: the vocabulary); numpy order (out, in)
+WIDEN_AXES = {"token_embd.weight": (None, "embd"), "output.weight": (None, "embd"),
+              "output_norm.weight": ("embd",), "attn_norm.weight": ("embd",), "ffn_norm.weight": ("embd",),
+              "attn_q.weight": ("q", "embd"), "attn_k.weight": ("kv", "embd"), "attn_v.weight": ("kv", "embd"),
+              "attn_output.weight": ("embd", "q"), "ffn_gate.weight": ("ff", "embd"),
+              "ffn_up.weight": ("ff", "embd"), "ffn_down.weight": ("embd", "ff")}
+
+
+def widen(src: Path, dst: Path, *, n_embd: int, n_heads: int, n_kv_heads: int, n_ff: int,
+          qtype: GGMLQuantizationType | None = Q.F32) -> Path:
+    """`src` (a llama model) embedded in the widths given, computing the same function: every extra row and column
+    is zero. Query head h of KV group g keeps its place in the group (slot g * new_group + h % group), so grouped
+    attention pairs the same heads; an extra query head attends to zero or to a real head's values, and its output
+    columns are zero. RMSNorm divides by the mean square over all n_embd entries, which the zero padding shrinks by
+    r = old n_embd / n_embd: the norm weights are scaled by sqrt(r) and the epsilon by r, which makes it exact.
+    Matrices are written in `qtype`, or each in its own type if None (a zero block of 32 stays exactly zero), norms
+    in F32."""
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"widen handles llama models, not {arch}")
+    old = widths_of(src)
+    new = {"n_embd": n_embd, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "n_ff": n_ff}
+    head_dim = old["n_embd"] // old["n_heads"]
+    group, new_group = old["n_heads"] // old["n_kv_heads"], n_heads // n_kv_heads
+    if n_embd // n_heads != head_dim or any(new[k] < old[k] for k in new) or new_group < group:
+        raise ValueError(f"cannot embed {old} in {new}: head_dim must stay {head_dim}, nothing may shrink, "
+                         f"and the GQA group may only grow (from {group})")
+    heads = np.arange(old["n_heads"])
+    q_rows = ((heads // group * new_group + heads % group)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+    # old index -> new index along each kind of axis
+    where = {"embd": np.arange(old["n_embd"]), "kv": np.arange(old["n_kv_heads"] * head_dim), "q": q_rows,
+             "ff": np.arange(old["n_ff"])}
+    size = {"embd": n_embd, "kv": n_kv_heads * head_dim, "q": n_heads * head_dim, "ff": n_ff}
+    r = old["n_embd"] / n_embd
+    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    writer = GGUFWriter(tmp, arch)
+    replaced = {f"{arch}.{key}" for key in WIDTH_KEYS.values()} | {eps_key, "general.file_type", "general.name"}
+    _copy_metadata(reader, writer, skip=lambda key: key in replaced)
+    name = reader.fields["general.name"].contents() if "general.name" in reader.fields else src.stem
+    writer.add_name(f"{name} widened to {n_embd}")
+    writer.add_embedding_length(n_embd)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv_heads)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_layer_norm_rms_eps(float(reader.fields[eps_key].contents()) * r)
+    for t in reader.tensors:
+        base = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+        if base not in WIDEN_AXES:
+            raise ValueError(f"widen does not know where tensor {t.name} goes")
+        axes = WIDEN_AXES[base]
+        old_shape = tuple(int(d) for d in reversed(t.shape))  # numpy order
+        w = dequantize(np.asarray(t.data), t.tensor_type).reshape(old_shape)
+        placed = [(np.arange(n), n) if a is None else (where[a], size[a]) for a, n in zip(axes, old_shape, strict=True)]
+        out = np.zeros(tuple(n for _, n in placed), dtype=np.float32)
+        out[np.ix_(*(index for index, _ in placed))] = w
+        if len(axes) == 1:
+            writer.add_tensor(t.name, out * np.float32(np.sqrt(r)))
+        else:
+            to = t.tensor_type if qtype is None else qtype
+            writer.add_tensor(t.name, out if to == Q.F32 else gguf_quants.quantize(out, to), raw_dtype=to)
+    return _finish(writer, tmp, dst)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) == 6 and sys.argv[1] == "widen":
+        widen(Path(sys.argv[2]), Path(sys.argv[5]), **widths_of(Path(sys.argv[3])),
+              qtype=None if sys.argv[4] == "same" else GGMLQuantizationType[sys.argv[4].upper()])
+    elif len(sys.argv) == 4:
+        requantize(Path(sys.argv[1]), Path(sys.argv[3]), GGMLQuantizationType[sys.argv[2].upper()])
+    else:
         sys.exit(__doc__)
-    requantize(Path(sys.argv[1]), Path(sys.argv[3]), GGMLQuantizationType[sys.argv[2].upper()])
