@@ -811,6 +811,32 @@ GROUP_ROWS = 4  # query heads whose weighted value sums one pass takes: 4 x 16 c
 # with the row and the weights fill AVX2's 16 registers
 
 
+def _group_intrinsic(emit):
+    """An intrinsic f(w, off, stride, n, a, aoff, astride, heads, width, out, ooff, ostride) over the n rows of a
+    KV head at byte off + s stride of the C-contiguous array w, for `heads` query heads whose float32 vectors
+    start at a[aoff + g astride] and whose results go to out[ooff + g ostride]; emit(builder, row pointer,
+    stride, n, a pointer, astride, heads, width, out pointer, ostride) writes its body."""
+
+    @intrinsic
+    def kernel(typingctx, w, off, stride, n, a, aoff, astride, heads, width, out, ooff, ostride):
+        ok = all(isinstance(x, types.Array) and x.layout == "C" for x in (w, a, out))
+        if not ok or a.dtype != types.float32 or out.dtype != types.float32:
+            return None
+        i64 = types.int64
+        sig = types.void(w, i64, i64, i64, a, i64, i64, i64, i64, out, i64, i64)
+
+        def codegen(context, b, signature, args):
+            wp = b.gep(_array_ptr(context, b, signature.args[0], args[0]), [args[1]])
+            ap = _array_ptr(context, b, signature.args[4], args[4], args[5])
+            op = _array_ptr(context, b, signature.args[9], args[9], args[10])
+            emit(b, wp, args[2], args[3], ap, args[6], args[7], args[8], op, args[11])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
 def make_group_dots(cols):
     """group_dots(w, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride): for heads g <
     `heads` (1 .. GROUP_DOTS) and rows s < n, scores[soff + g sstride + s] = q[qoff + g qstride :][:width] . row s,
@@ -818,57 +844,41 @@ def make_group_dots(cols):
     cols(builder, base, row byte, column) -> (16 floats, their scale or None) decoding it; width a multiple of
     16. The query heads of a GQA group share their keys: each row is decoded once for all of them, and their
     sums are reduced together (one lane-sum tree for 8 heads instead of a horizontal sum per head)."""
+    zero = ir.Constant(V8F, [0.0] * 8)
+    order = [LANE_SUMS_ORDER.index(g) for g in range(8)]  # the lane holding head g's sum
 
-    @intrinsic
-    def group_dots(typingctx, w, off, stride, n, q, qoff, qstride, heads, width, scores, soff, sstride):
-        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, q, scores))
-        if not ok or q.dtype != types.float32 or scores.dtype != types.float32:
-            return None
-        i64 = types.int64
-        sig = types.void(w, i64, i64, i64, q, i64, i64, i64, i64, scores, i64, i64)
+    def body(b, wp, stride, n, qp, qstride, heads, width, sp, sstride):
+        def emit(k):
+            def row(s, _):
+                at = b.mul(s, stride)
 
-        def codegen(context, b, signature, args):
-            wp = b.gep(_array_ptr(context, b, signature.args[0], args[0]), [args[1]])
-            stride, n, qstride, heads, width, sstride = args[2], args[3], args[6], args[7], args[8], args[11]
-            qp = _array_ptr(context, b, signature.args[4], args[4], args[5])
-            sp = _array_ptr(context, b, signature.args[9], args[9], args[10])
-            zero = ir.Constant(V8F, [0.0] * 8)
-            order = [LANE_SUMS_ORDER.index(g) for g in range(8)]  # the lane holding head g's sum
+                def chunk(c, accs):
+                    v, d = cols(b, wp, at, c)
+                    if d is not None:
+                        v = b.fmul(v, _splat(b, d), flags=FAST)
+                    halves = [b.shuffle_vector(v, v, _const(I32, range(h, h + 8))) for h in (0, 8)]
+                    new = []
+                    for g, a in enumerate(accs):
+                        qo = b.mul(b.add(b.mul(_i64(g), qstride), c), _i64(4))
+                        for h, half in enumerate(halves):
+                            a = _fma(b, half, _load(b, qp, b.add(qo, _i64(32 * h)), V8F), a)
+                        new.append(a)
+                    return new
 
-            def emit(k):
-                def row(s, _):
-                    at = b.mul(s, stride)
+                accs, _ = _loop(b, _i64(0), width, 16, [zero] * k, chunk)
+                sums = _lane_sums(b, accs + [zero] * (8 - k), b.fadd)
+                for g in range(k):
+                    at_s = b.mul(b.add(b.mul(_i64(g), sstride), s), _i64(4))
+                    st = b.store(b.extract_element(sums, ir.Constant(I32, order[g])),
+                                 b.bitcast(b.gep(sp, [at_s]), F32.as_pointer()))
+                    st.align = 4
+                return []
 
-                    def chunk(c, accs):
-                        v, d = cols(b, wp, at, c)
-                        if d is not None:
-                            v = b.fmul(v, _splat(b, d), flags=FAST)
-                        halves = [b.shuffle_vector(v, v, _const(I32, range(h, h + 8))) for h in (0, 8)]
-                        new = []
-                        for g, a in enumerate(accs):
-                            qo = b.mul(b.add(b.mul(_i64(g), qstride), c), _i64(4))
-                            for h, half in enumerate(halves):
-                                a = _fma(b, half, _load(b, qp, b.add(qo, _i64(32 * h)), V8F), a)
-                            new.append(a)
-                        return new
+            _loop(b, _i64(0), n, 1, [], row)
 
-                    accs, _ = _loop(b, _i64(0), width, 16, [zero] * k, chunk)
-                    sums = _lane_sums(b, accs + [zero] * (8 - k), b.fadd)
-                    for g in range(k):
-                        at_s = b.mul(b.add(b.mul(_i64(g), sstride), s), _i64(4))
-                        st = b.store(b.extract_element(sums, ir.Constant(I32, order[g])),
-                                     b.bitcast(b.gep(sp, [at_s]), F32.as_pointer()))
-                        st.align = 4
-                    return []
+        _by_count(b, heads, GROUP_DOTS, emit)
 
-                _loop(b, _i64(0), n, 1, [], row)
-
-            _by_count(b, heads, GROUP_DOTS, emit)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return group_dots
+    return _group_intrinsic(body)
 
 
 def make_group_weighted_rows(cols):
@@ -877,62 +887,46 @@ def make_group_weighted_rows(cols):
     s, where row s starts at byte off + s stride of the C-contiguous array w (the values of one KV head in a
     cache) and cols(builder, base, row byte, column) -> (16 floats, their scale or None) decodes it. Each pass
     over the rows decodes a run of columns once for all the heads; `width` must be a multiple of 16."""
+    zero = ir.Constant(V16F, [0.0] * 16)
 
-    @intrinsic
-    def group_weighted_rows(typingctx, w, off, stride, n, p, poff, pstride, heads, width, out, ooff, ostride):
-        ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (w, p, out))
-        if not ok or p.dtype != types.float32 or out.dtype != types.float32:
-            return None
-        i64 = types.int64
-        sig = types.void(w, i64, i64, i64, p, i64, i64, i64, i64, out, i64, i64)
+    def body(b, wp, stride, n, pp, pstride, heads, width, op, ostride):
+        def emit(k):
+            m = max(1, GROUP_ROWS // k)  # 16-column vectors per head in a pass: k * m accumulators
 
-        def codegen(context, b, signature, args):
-            wp = b.gep(_array_ptr(context, b, signature.args[0], args[0]), [args[1]])
-            stride, n, pstride, heads, width, ostride = args[2], args[3], args[6], args[7], args[8], args[11]
-            pp = _array_ptr(context, b, signature.args[4], args[4], args[5])
-            op = _array_ptr(context, b, signature.args[9], args[9], args[10])
-            zero = ir.Constant(V16F, [0.0] * 16)
+            def chunk(c0, m):
+                """Columns c0 .. c0 + 16 m of every head: accumulate over the rows, then add into out."""
+                def row(s, accs):
+                    at = b.mul(s, stride)
+                    weights = [_load(b, pp, b.mul(b.add(b.mul(_i64(g), pstride), s), _i64(4)), F32)
+                               for g in range(k)]
+                    new = list(accs)
+                    for j in range(m):
+                        v, d = cols(b, wp, at, b.add(c0, _i64(16 * j)))
+                        if d is not None:  # once for all the heads (not into each head's weight)
+                            v = b.fmul(v, _splat(b, d), flags=FAST)
+                        for g in range(k):
+                            new[g * m + j] = _fma(b, v, _splat(b, weights[g]), new[g * m + j])
+                    return new
 
-            def emit(k):
-                m = max(1, GROUP_ROWS // k)  # 16-column vectors per head in a pass: k * m accumulators
+                accs, _ = _loop(b, _i64(0), n, 1, [zero] * (k * m), row)
+                for g in range(k):
+                    for j in range(m):
+                        o = b.mul(b.add(b.mul(_i64(g), ostride), b.add(c0, _i64(16 * j))), _i64(4))
+                        ptr = b.bitcast(b.gep(op, [o]), V16F.as_pointer())
+                        old = b.load(ptr)
+                        old.align = 4
+                        st = b.store(b.fadd(old, accs[g * m + j], flags=FAST), ptr)
+                        st.align = 4
 
-                def chunk(c0, m):
-                    """Columns c0 .. c0 + 16 m of every head: accumulate over the rows, then add into out."""
-                    def row(s, accs):
-                        at = b.mul(s, stride)
-                        weights = [_load(b, pp, b.mul(b.add(b.mul(_i64(g), pstride), s), _i64(4)), F32)
-                                   for g in range(k)]
-                        new = list(accs)
-                        for j in range(m):
-                            v, d = cols(b, wp, at, b.add(c0, _i64(16 * j)))
-                            if d is not None:  # once for all the heads (not into each head's weight)
-                                v = b.fmul(v, _splat(b, d), flags=FAST)
-                            for g in range(k):
-                                new[g * m + j] = _fma(b, v, _splat(b, weights[g]), new[g * m + j])
-                        return new
+            (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(16 * m)), 1, [_i64(0)],
+                             lambda i, c: (chunk(c[0], m), [b.add(c[0], _i64(16 * m))])[1])
+            if m > 1:
+                _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(16 * m)), _i64(16)), 1, [c0],
+                      lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
 
-                    accs, _ = _loop(b, _i64(0), n, 1, [zero] * (k * m), row)
-                    for g in range(k):
-                        for j in range(m):
-                            o = b.mul(b.add(b.mul(_i64(g), ostride), b.add(c0, _i64(16 * j))), _i64(4))
-                            ptr = b.bitcast(b.gep(op, [o]), V16F.as_pointer())
-                            old = b.load(ptr)
-                            old.align = 4
-                            st = b.store(b.fadd(old, accs[g * m + j], flags=FAST), ptr)
-                            st.align = 4
+        _by_count(b, heads, GROUP_ROWS, emit)
 
-                (c0,), _ = _loop(b, _i64(0), b.sdiv(width, _i64(16 * m)), 1, [_i64(0)],
-                                 lambda i, c: (chunk(c[0], m), [b.add(c[0], _i64(16 * m))])[1])
-                if m > 1:
-                    _loop(b, _i64(0), b.sdiv(b.srem(width, _i64(16 * m)), _i64(16)), 1, [c0],
-                          lambda i, c: (chunk(c[0], 1), [b.add(c[0], _i64(16))])[1])
-
-            _by_count(b, heads, GROUP_ROWS, emit)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return group_weighted_rows
+    return _group_intrinsic(body)
 
 
 group_dots_f32 = make_group_dots(_f32_cols)  # rows of float32 (an f32 KV cache)

@@ -81,3 +81,26 @@ def smollm2_hf_dir(smollm2_path) -> Path:
     if not (out / "model.safetensors").exists():
         write_hf_copy(smollm2_path, out)
     return out
+
+
+def bench_models():
+    """benchmarks/make_bench_models.py as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_bench_models", REPO / "benchmarks" / "make_bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def greedy(model, prompt, n):
+    """n greedy tokens after `prompt` from a backend model, one forward per token."""
+    import numpy as np
+
+    cache = model.new_cache(len(prompt) + n)
+    logits = model.forward(np.array(prompt), cache)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward(np.array(out[-1:]), cache)
+    return out

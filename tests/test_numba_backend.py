@@ -4,12 +4,12 @@ lacks (NeoX RoPE with Q/K/V biases, Q/K norms)."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bench_models, greedy
 from oracle import kl_per_position
 
 import backends.numba
@@ -37,13 +37,6 @@ PROMPTS = [
 ]
 
 
-def _bench_models():
-    spec = importlib.util.spec_from_file_location("make_bench_models", REPO / "benchmarks" / "make_bench_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def smollm2_variants(smollm2_path):
     """{'q4_1': original, 'q4_0': copy, 'q8_0': copy} paths; the copies are made once into .test-models."""
@@ -54,21 +47,11 @@ def smollm2_variants(smollm2_path):
         dst = TEST_HOME / "numba" / f"smollm2-{name}.gguf"
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _bench_models().requantize(smollm2_path, dst, GGMLQuantizationType[name.upper()])
+            bench_models().requantize(smollm2_path, dst, GGMLQuantizationType[name.upper()])
         paths[name] = dst
     return paths
 
 
-
-
-def greedy(model, prompt, n):
-    cache = model.new_cache(len(prompt) + n)
-    logits = model.forward(np.array(prompt), cache)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = model.forward(np.array(out[-1:]), cache)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +191,7 @@ def test_k_quant_models_match_numpy(qtype, tmp_path):
     the int16 K-quant kernels, the decode stack and the prompt path, against the numpy reference."""
     from gguf import GGMLQuantizationType
 
-    path = _bench_models().write_random_model(tmp_path / f"{qtype}.gguf", n_embd=256, n_layers=2, n_heads=8,
+    path = bench_models().write_random_model(tmp_path / f"{qtype}.gguf", n_embd=256, n_layers=2, n_heads=8,
                                               n_kv_heads=2, n_ff=512, n_vocab=160,
                                               qtype=GGMLQuantizationType[qtype])
     gguf = read_gguf(path)
@@ -232,7 +215,7 @@ def test_k_quant_models_match_numpy(qtype, tmp_path):
 def test_architecture_features_match_numpy(arch, opts, tmp_path):
     """NeoX RoPE, Q/K/V biases, Q/K norms, an untied output, GQA with 4 query heads per KV head, on a random
     model with rows that are not multiples of 256."""
-    path = _bench_models().write_random_model(tmp_path / f"{arch}.gguf", arch=arch, n_embd=128, n_layers=2,
+    path = bench_models().write_random_model(tmp_path / f"{arch}.gguf", arch=arch, n_embd=128, n_layers=2,
                                               n_heads=8, n_kv_heads=2, n_ff=96, n_vocab=160, **opts)
     gguf = read_gguf(path)
     fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")

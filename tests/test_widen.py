@@ -5,11 +5,9 @@ group (3 -> 4), the two things the 1B shape's widths ask for."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import bench_models, greedy
 from oracle import kl_per_position
 
 from backends import load_model
@@ -19,28 +17,11 @@ PROMPT = [1, 504, 3458, 282, 4195, 314, 253, 1345, 30, 216, 701, 3124, 28, 3, 99
 WIDTHS = {"n_embd": 1024, "n_heads": 16, "n_kv_heads": 4, "n_ff": 2048}
 
 
-def _bench_models():
-    spec = importlib.util.spec_from_file_location("make_bench_models", REPO / "benchmarks" / "make_bench_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def greedy(model, prompt, n):
-    cache = model.new_cache(len(prompt) + n)
-    logits = model.forward(np.array(prompt), cache)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = model.forward(np.array(out[-1:]), cache)
-    return out
-
-
 @pytest.mark.slow
 def test_widened_model_computes_the_same_function(smollm2_path, tmp_path):
     """The numpy backend computes in float32 from dequantized weights, so SmolLM2's Q4_1 file and its widened F32
     copy hold the same numbers: only the float order of the longer, zero-padded sums may differ."""
-    module = _bench_models()
+    module = bench_models()
     wide_path = module.widen(smollm2_path, tmp_path / "wide.gguf", **WIDTHS)
     assert module.widths_of(wide_path) == WIDTHS
     src, wide = (load_model(read_gguf(p), "numpy") for p in (smollm2_path, wide_path))
@@ -53,7 +34,7 @@ def test_widened_model_computes_the_same_function(smollm2_path, tmp_path):
 
 
 def test_widen_refuses_widths_it_cannot_embed_in(smollm2_path, tmp_path):
-    module = _bench_models()
+    module = bench_models()
     for bad in ({**WIDTHS, "n_heads": 8, "n_embd": 1024},  # head_dim 128
                 {**WIDTHS, "n_kv_heads": 8},  # GQA group 2 < SmolLM2's 3
                 {**WIDTHS, "n_ff": 1024}):  # narrower feed-forward
