@@ -128,7 +128,7 @@ def float_gguf(source: Source, next_to: Path) -> Iterator[Path]:
     if source.path is not None:
         yield source.path
         return
-    from gguf import GGMLQuantizationType
+    from quant.formats import GGMLQuantizationType
 
     tmp = next_to.parent / f".{next_to.name}.calibration-{secrets.token_hex(4)}.gguf"
     try:

@@ -20,11 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gguf import GGUFValueType
-
 from llmcli.spm import SPIECE_SPACE, SentencePieceBPE
 from quant.errors import ModelFileError, UnsupportedError
-from quant.gguf_file import GGUFFile, safe_text
+from quant.gguf_file import GGUFFile, GGUFValueType, safe_text
 
 if TYPE_CHECKING:  # imported where a byte-level vocabulary is built: a SentencePiece one never needs it
     from tokenizers import Tokenizer as _HFTokenizer

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGUFWriter, LlamaFileType, RopeScalingType
 
 from quant import policy
 from quant.errors import LlmError, ModelFileError, UnsupportedError
 from quant.families import FAMILIES, Family, hf_family
-from quant.formats import dequantize
+from quant.formats import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 from quant.gguf_file import check_arch, read_gguf
 from quant.hf_tokenizer import read_hf_tokenizer
 from quant.jit import use_kernel_cache

@@ -2,8 +2,7 @@
 
 `gguf.GGUFReader` builds a Python object for every element of every array field, which
 takes about two seconds on a 49k-token vocabulary; this reader decodes the same header
-in tens of milliseconds (the test suite checks it against GGUFReader) and shares its
-constants with the `gguf` package.
+in tens of milliseconds (the test suite checks it against GGUFReader).
 """
 
 from __future__ import annotations
@@ -11,14 +10,33 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quant.errors import ModelFileError, UnsupportedError
-from quant.formats import READABLE_TYPES
+from quant.formats import GGML_QUANT_SIZES, READABLE_TYPES, GGMLQuantizationType
+
+
+class GGUFValueType(IntEnum):
+    """The metadata value types of the GGUF format (the same ids as gguf-py's; see quant.formats for why a copy)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
 
 GGUF_MAGIC = b"GGUF"
 # the families in quant/families (which imports this module)
@@ -111,22 +129,21 @@ class _Cursor:
         return n
 
     def strings(self, count: int) -> list[str]:
-        """`count` length-prefixed strings: the vocabulary and merges, so this loop is kept tight."""
-        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        """`count` length-prefixed strings: a vocabulary and its merges (262k for Gemma 3). One tight loop finds
+        where each starts; then all of them are decoded with one call, which is 3x faster than one at a time."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
         unpack = struct.Struct("<Q").unpack_from
-        for _ in range(count):
-            if pos + 8 > end:
-                break
-            n = unpack(buf, pos)[0]
-            pos += 8
-            if pos + n > end:
-                break
-            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
-            pos += n
-        if len(out) < count:
+        starts = [0] * count
+        try:
+            for i in range(count):
+                starts[i] = pos
+                pos += 8 + unpack(buf, pos)[0]  # raises once a length has taken pos past the end
+        except (struct.error, OverflowError):
+            pos = end + 1
+        if pos > end:
             raise ModelFileError(f"{self.path}: truncated GGUF header (string array cut off)")
-        self.pos = pos
-        return out
+        first, self.pos = self.pos, pos
+        return _decode_strings(buf, first, pos, starts)
 
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.scalar("<I")
@@ -157,6 +174,28 @@ class _Cursor:
 
 
 _LIST_LIMIT = 1 << 21
+
+
+def _decode_strings(buf: memoryview, first: int, end: int, starts: list[int]) -> list[str]:
+    """The strings whose 8-byte length prefixes are at `starts`, in buf[first:end]. The text between prefixes is
+    joined with NULs in place of the prefixes, decoded once and split. Text that is not UTF-8, or that holds a NUL
+    itself, is decoded one string at a time instead, invalid bytes replaced."""
+    if not starts:
+        return []
+    text = np.frombuffer(buf, dtype=np.uint8, count=end - first, offset=first).copy()
+    at = np.asarray(starts, dtype=np.int64) - first
+    keep = np.ones(text.size, dtype=bool)
+    for k in range(1, 8):  # a prefix's first byte becomes the NUL; its other 7 go
+        keep[at + k] = False
+    text[at] = 0
+    try:
+        pieces = text[keep][1:].tobytes().decode("utf-8").split("\x00")
+    except UnicodeDecodeError:
+        pieces = []
+    if len(pieces) == len(starts):
+        return pieces
+    ends = starts[1:] + [end]
+    return [str(buf[a + 8:b], "utf-8", "replace") for a, b in zip(starts, ends, strict=True)]
 
 
 @dataclass

@@ -11,6 +11,11 @@ call) picks the folder and turns caching on for every marked function, and for t
 Numba binds a function's cache folder when caching is turned on, which is why it is done here and not by
 setting numba.config.CACHE_DIR late.
 
+Before loading a cached function, numba refreshes every registry of its compiler, which imports most of numba
+(~0.4 s of a ~1 s start) though only compiling needs them, and numba's compiler refreshes them itself. Loading
+needs only numba's runtime, which `_load_cached` starts. Our cached
+functions skip that refresh (`_load_cached`).
+
 Each version of the sources gets a new folder, so old ones are pruned: every start marks its folder as used
 (its modification time), and the first start of a new version removes the folders not used for
 PRUNE_AFTER_DAYS (another install of llm on the same account keeps its folder while it is used).
@@ -18,6 +23,7 @@ PRUNE_AFTER_DAYS (another install of llm on the same account keeps its folder wh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -28,6 +34,7 @@ from pathlib import Path
 import numba
 from numba import prange
 from numba.core.dispatcher import Dispatcher
+from numba.core.runtime import rtsys
 
 __all__ = ["njit", "prange", "use_kernel_cache"]
 
@@ -67,12 +74,29 @@ def njit(func=None, /, *, cache: bool = False, **options):
         dispatcher = numba.njit(**options)(f)
         if cache:
             if numba.config.CACHE_DIR:  # the folder is chosen (or the user's NUMBA_CACHE_DIR)
-                dispatcher.enable_caching()
+                _enable_caching(dispatcher)
             else:
                 dispatcher._llm_cache_pending = True
         return dispatcher
 
     return decorate(func) if func is not None else decorate
+
+
+def _enable_caching(dispatcher: Dispatcher) -> None:
+    dispatcher.enable_caching()
+    cache = dispatcher._cache
+    # A numba whose cache lacks these internals keeps its own loading (slower start, same results).
+    if hasattr(cache, "_load_overload") and hasattr(cache, "_guard_against_spurious_io_errors"):
+        cache.load_overload = functools.partial(_load_cached, cache)
+
+
+def _load_cached(cache, sig, target_context):
+    """numba's Cache.load_overload without its `target_context.refresh()` (see the module's docstring), but with
+    the one part of it that cached code needs: its runtime (array allocation) set up."""
+    rtsys.initialize(target_context)
+    with cache._guard_against_spurious_io_errors():
+        return cache._load_overload(sig, target_context)
+    return None  # the guard swallowed an I/O error: numba compiles instead
 
 
 def kernel_cache_dir() -> Path:
@@ -94,4 +118,4 @@ def use_kernel_cache() -> None:
             continue
         for value in list(names.values()):
             if isinstance(value, Dispatcher) and value.__dict__.pop("_llm_cache_pending", False):
-                value.enable_caching()
+                _enable_caching(value)

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
+from quant.formats import GGMLQuantizationType
 from quant.jit import njit, prange
 from quant.quantize import _F16_TO_F32, _f16_bits, _put_u16, bits_lut, read_block
 

@@ -19,7 +19,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import LlamaFileType
+
+from quant.formats import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 FT = LlamaFileType

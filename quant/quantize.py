@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGMLQuantizationType
 from numba import types
 from numba.extending import overload
 
-from quant.formats import row_bytes
+from quant.formats import GGMLQuantizationType, row_bytes
 from quant.jit import njit, prange
 
 Q = GGMLQuantizationType

@@ -19,8 +19,8 @@ try:
     main()
 except SystemExit as e:
     code = e.code
-loaded = {m: m in sys.modules for m in ("scipy", "cffi", "huggingface_hub", "rich", "torch", "transformers", "pydantic",
-                                        "psutil", "llmcli.chat", "llmcli.hub")}
+loaded = {m: m in sys.modules for m in ("scipy", "cffi", "gguf", "huggingface_hub", "rich", "torch", "transformers",
+                                        "pydantic", "psutil", "llmcli.chat", "llmcli.hub")}
 report = {"code": code, "loaded": loaded, "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 import numpy as np
 from numba import njit

@@ -24,6 +24,20 @@ def test_reader_equals_gguf_py(smollm2_path, smollm2_gguf):
             assert smollm2_gguf.metadata[key] == pytest.approx(field.contents()), key
 
 
+def test_type_tables_equal_gguf_py():
+    """quant.formats and quant.gguf_file keep their own copies of gguf-py's type tables (a start-up saving)."""
+    import gguf
+
+    from quant import formats, gguf_file
+
+    ours = {t.name: (t.value, formats.GGML_QUANT_SIZES[t]) for t in formats.GGMLQuantizationType}
+    theirs = {t.name: (t.value, gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType}
+    assert ours == {k: v for k, v in theirs.items() if k in ours}
+    assert set(ours) >= {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+                         "Q5_K", "Q6_K"}
+    assert {v.name: v.value for v in gguf_file.GGUFValueType} == {v.name: v.value for v in gguf.GGUFValueType}
+
+
 def test_tensors_are_views_of_the_file_not_copies(smollm2_gguf):
     t = smollm2_gguf.tensors["blk.0.ffn_up.weight"]
     assert isinstance(t.data.base, np.memmap) or isinstance(t.data, np.memmap)
@@ -58,6 +72,40 @@ def write_tiny(path, arch="llama", qtype=GGMLQuantizationType.F32):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.mark.parametrize("items", [
+    ["a", "", "bc", "é€😀", " ", "\n\n", "<0x00>"],  # decoded at once
+    ["a", "b\x00c", "", "d"],  # a NUL inside a string: one at a time
+    [b"ok", b"\xff\xfe bad", "", b"\xe2\x82"],  # not UTF-8: one at a time, replaced
+])
+def test_string_arrays(tmp_path, items):
+    w = GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    w.add_array("test.strings", items)
+    w.add_array("test.empty", [])
+    w.add_string("test.after", "still read")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    g = read_gguf(tmp_path / "s.gguf", check_types=False)
+    as_text = [i.decode("utf-8", "replace") if isinstance(i, bytes) else i for i in items]
+    assert g.metadata["test.strings"] == as_text
+    assert g.metadata["test.after"] == "still read"
+
+
+@pytest.mark.parametrize("length", [2**64 - 1, 2**63, 10**6])
+def test_string_array_with_a_length_past_the_end(tmp_path, length):
+    w = GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    w.add_array("test.strings", ["first", "second", "third"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    raw = bytearray((tmp_path / "s.gguf").read_bytes())
+    at = raw.index(b"second") - 8
+    raw[at:at + 8] = length.to_bytes(8, "little")
+    (tmp_path / "s.gguf").write_bytes(raw)
+    with pytest.raises(ModelFileError, match="string array cut off"):
+        read_gguf(tmp_path / "s.gguf", check_types=False)
 
 
 def test_missing_file(tmp_path):

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from quant.formats import type_size
+from quant.formats import GGMLQuantizationType, type_size
 
 Q = GGMLQuantizationType
 GROUP = 32  # every format here has 32-weight blocks, which become MLX groups of 32

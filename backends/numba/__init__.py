@@ -113,7 +113,6 @@ def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None
     import numba
 
     use_kernel_cache()
-    _import_numba_registries_lean()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
                            "can start on this machine")
@@ -122,10 +121,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None
     cold = jit_cache_is_cold()
     if cold:
         print("compiling kernels… (first run only)", file=sys.stderr, flush=True)
-    # The first jitted call of a process, even one served from the cache, makes numba import its implementation
-    # registries (~0.2 s, once). Pay it here, with a call the prompt path makes anyway (same types), so that
-    # loading is loading and the first token's time is the forward pass.
-    prepare(np.zeros((1, 32), dtype=np.float32), activation_blocks(1, 32))
+        _import_numba_registries_lean()  # compiling imports numba's registries (a warm start only loads code)
     model = NumbaModel(gguf, hp, threads, options or NumbaOptions())
     if cold:  # compile both paths now, so that the message is not shown again by a run that used only one
         model.warm_up()
@@ -135,7 +131,7 @@ def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None
 def _import_numba_registries_lean() -> None:
     """Spare the start-up ~0.25 s of scipy and ~25 ms of cffi that numba would import for nothing.
 
-    The first jitted call (even one loaded from the cache) imports all of numba's implementation modules. Two of
+    The first compilation in a process imports all of numba's implementation modules. Two of
     them import optional packages at import time: numba.np.arraymath imports scipy.linalg only to decide whether
     np.correlate and np.convolve may call BLAS, and numba.core.typing.cffi_utils imports cffi to support calls
     to cffi functions (our kernels make neither). They are imported here with scipy's BLAS module and cffi
@@ -364,18 +360,12 @@ class NumbaModel:
             _gemm_path_loaded = True
         else:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
-            slots = np.zeros(opts.small_t, dtype=np.int64)  # the cache as the one row of a pool, as bytes
-            k_pool, v_pool = cache.k.view(np.uint8)[None], cache.v.view(np.uint8)[None]
 
             def stack():
                 for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
                     chunk = tokens[c0:c0 + opts.small_t]
                     out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                    positions = np.arange(start + c0, start + c0 + len(chunk), dtype=np.int64)
-                    L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
-                                    self._inv_freq(cache), chunk, positions, slots[:len(chunk)], k_pool, v_pool,
-                                    cache.byte_layout, cache.kv_code, all_logits, scratch.stack, out,
-                                    numba.get_num_threads())
+                    L.forward_stack(*self._stack_args(cache, chunk, start + c0, all_logits, scratch, out))
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
@@ -540,6 +530,16 @@ class NumbaModel:
         if hp.logit_softcap:
             L.softcap(logits, np.float32(hp.logit_softcap))
         return logits
+
+    def _stack_args(self, cache: RingKVCache, tokens: np.ndarray, start: int, all_logits: bool,
+                    scratch: RunScratch, out: np.ndarray) -> tuple:
+        """forward_stack's arguments for tokens at positions start.. of one conversation's cache (the one row of a
+        pool, as bytes)."""
+        n = len(tokens)
+        return (self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt, self._inv_freq(cache),
+                tokens, np.arange(start, start + n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                cache.k.view(np.uint8)[None], cache.v.view(np.uint8)[None], cache.byte_layout, cache.kv_code,
+                all_logits, scratch.stack, out, numba.get_num_threads())
 
     def _inv_freq(self, cache: RingKVCache) -> np.ndarray:
         """The RoPE frequency sets for this cache's context (LongRoPE: long factors past the original one)."""
