@@ -95,17 +95,22 @@ class Server:
             self.proc.wait()
 
 
-def stream(base: str, path: str, body: dict) -> tuple[float, float, float, int]:
-    """-> (request sent, first token, last token, streamed chunks) in perf_counter seconds."""
+def stream(base: str, path: str, body: dict, usage: dict | None = None) -> tuple[float, float, float, int]:
+    """-> (request sent, first token, last token, streamed chunks) in perf_counter seconds; the usage chunk's
+    fields go into `usage` when given."""
     t0 = time.perf_counter()
     t_first = t_last = None
     n = 0
-    with httpx.stream("POST", base + path, json={**body, "stream": True}, timeout=900) as r:
+    extra = {"stream_options": {"include_usage": True}} if usage is not None else {}
+    with httpx.stream("POST", base + path, json={**body, "stream": True, **extra}, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            if usage is not None and chunk.get("usage"):
+                usage.update(chunk["usage"])
+            choice = chunk["choices"]
             piece = choice[0].get("text") or (choice[0].get("delta") or {}).get("content") if choice else None
             if piece:
                 t_last = time.perf_counter()
@@ -139,9 +144,10 @@ def history_messages(tokens: int) -> list[dict]:
     return [{"role": "user", "content": "Summarize this text.\n\n" + text}]
 
 
-def followup_ttft(server: Server, history: int, reps: int) -> tuple[list[float], list[float], int]:
-    """(follow-up TTFTs, fresh-prompt TTFTs, prompt tokens of the follow-up)."""
-    follow, fresh, n_prompt = [], [], 0
+def followup_ttft(server: Server, history: int, reps: int) -> tuple[list[float], list[float], int, list[int]]:
+    """(follow-up TTFTs, fresh-prompt TTFTs, prompt tokens of the follow-up, tokens the follow-up prefilled: the
+    rest came from the cache)."""
+    follow, fresh, n_prompt, prefilled = [], [], 0, []
     for r in range(reps):
         msgs = history_messages(history)
         msgs[0]["content"] = f"[{r}] " + msgs[0]["content"]  # a new conversation each repetition
@@ -150,16 +156,20 @@ def followup_ttft(server: Server, history: int, reps: int) -> tuple[list[float],
         n_prompt = first["usage"]["prompt_tokens"]
         msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "And what happened next?"}]
+        usage: dict = {}
         t0, t1, _, _ = stream(server.base, "/v1/chat/completions",
-                              {"model": server.model, "messages": msgs, "max_tokens": 2, "temperature": 0})
+                              {"model": server.model, "messages": msgs, "max_tokens": 2, "temperature": 0}, usage)
         follow.append(t1 - t0)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        if cached is not None:
+            prefilled.append(usage["prompt_tokens"] - cached)
         # a fresh prompt of 20 tokens that no slot holds (raw: the chat template's system prompt would be cached)
         words = FRESH_WORDS[r % len(FRESH_WORDS):] + FRESH_WORDS[:r % len(FRESH_WORDS)]
         fresh_prompt = " ".join(words)
         t0, t1, _, _ = stream(server.base, "/v1/completions", {"model": server.model, "prompt": fresh_prompt,
                                                                "max_tokens": 2, "temperature": 0})
         fresh.append(t1 - t0)
-    return follow, fresh, n_prompt
+    return follow, fresh, n_prompt, prefilled
 
 
 def llm_run_decode(model: Path, threads: int, n: int) -> float:
@@ -186,12 +196,13 @@ def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
             one.append(aggregate_decode(server, 1, args.n, ban))
             many.append(aggregate_decode(server, args.clients, args.n, ban))
         skip = args.skip_ttft or path.name in args.skip_ttft_for.split(",")
-        follow, fresh, n_hist = followup_ttft(server, args.history, args.reps) if not skip else ([], [], 0)
+        follow, fresh, n_hist, prefilled = (followup_ttft(server, args.history, args.reps) if not skip
+                                            else ([], [], 0, []))
     finally:
         server.stop()
     return {"model": name, "server": kind, "threads": args.threads, "n": args.n, "clients": args.clients,
             "one_tps": one, "many_tps": many, "followup_ttft_s": follow, "fresh_ttft_s": fresh,
-            "history_tokens": n_hist}
+            "history_tokens": n_hist, "followup_prefilled_tokens": prefilled}
 
 
 def main() -> None:

@@ -426,8 +426,10 @@ class _Render:
                 "text_offset": offsets}
 
     def _usage(self, last: GenerationResponse) -> dict:
+        # cached_tokens: the prompt's leading tokens that a slot's cache held (OpenAI's field for prompt caching)
         return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
-                "total_tokens": last.prompt_tokens + last.generation_tokens}
+                "total_tokens": last.prompt_tokens + last.generation_tokens,
+                "prompt_tokens_details": {"cached_tokens": last.prompt_tokens - last.prefilled_tokens}}
 
     def whole(self, records: list[GenerationResponse]) -> dict:
         last = records[-1]

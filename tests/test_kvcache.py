@@ -83,6 +83,35 @@ def test_attention_kernel_reads_encoded_cache(kv_type, d, window):
     np.testing.assert_allclose(out, _reference_attention(q, dk, dv, positions, window, 0.1), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_type,d,heads,T", [(t, 64, 6, 8) for t in TYPES]
+                         + [("f32", 40, 16, 5), ("f16", 40, 16, 5), ("f16", 96, 2, 1), ("q8_0", 64, 24, 3)])
+def test_chunk_attention_equals_float_attention(kv_type, d, heads, T):
+    """A chunk of one conversation's consecutive tokens over a full layer (a head per work item, all its tokens
+    at once): each token sees the positions up to its own. GQA groups of 3, 8, 1 and 12 on 2 KV heads, 1 to 8
+    tokens, head sizes with a scalar tail (40) and without."""
+    from backends.numba import layers as L
+    from quant.kv_kernels import encode_rows
+
+    rng = np.random.default_rng(11)
+    KVH, P, S = 2, 301, 320  # the chunk's keys are written already, as forward_stack does before attending
+    keys = rng.standard_normal((KVH, P, d)).astype(np.float32)
+    values = rng.standard_normal((KVH, P, d)).astype(np.float32)
+    code, rb = kvtypes.KV_CODES[kv_type], kvtypes.row_bytes(kv_type, d)
+    k_pool = np.zeros((2, KVH * S * rb), dtype=np.uint8)  # row 1 of the pools is this conversation's cache
+    v_pool = np.zeros_like(k_pool)
+    for kv in range(KVH):
+        encode_rows(keys[kv], k_pool[1, kv * S * rb:(kv * S + P) * rb].reshape(P, rb), code)
+        encode_rows(values[kv], v_pool[1, kv * S * rb:(kv * S + P) * rb].reshape(P, rb), code)
+    q = rng.standard_normal((T, heads, d)).astype(np.float32)
+    start = P - T
+    out = np.full_like(q, np.nan)
+    L.attention_chunk(q, k_pool, v_pool, 0, S, KVH, code, 1, start, np.float32(0.1), out)
+    dk = kvtypes.decode(kvtypes.encode(keys, kv_type), kv_type)
+    dv = kvtypes.decode(kvtypes.encode(values, kv_type), kv_type)
+    positions = np.arange(start, P)
+    np.testing.assert_allclose(out, _reference_attention(q, dk, dv, positions, 0, 0.1), atol=2e-5, rtol=1e-4)
+
+
 def _greedy(model, ids, kv_type, pieces, n=10):
     """Greedy tokens after feeding `ids` in the given pieces (lengths), then decoding n tokens; and each step's
     margin (top logit minus the runner-up)."""

@@ -108,6 +108,17 @@ def test_greedy_chat_and_completion_equal_llm_run(server, smollm2_path):
     assert u.prompt_tokens == len(Tokenizer.from_gguf(read_gguf(smollm2_path)).encode(PROMPTS[0]))
 
 
+def test_a_follow_up_turn_prefills_only_what_is_new(server):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Name three rivers of Europe, with one fact about each. " + "[1]" * 5}]
+    first = c.chat.completions.create(model=server.model, messages=msgs, temperature=0, max_tokens=12)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And one more?"}]
+    follow = c.chat.completions.create(model=server.model, messages=msgs, temperature=0, max_tokens=4)
+    cached = follow.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < follow.usage.prompt_tokens
+
+
 def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
     c = server.client()
     whole = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12)
@@ -118,7 +129,11 @@ def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server)
     assert text == whole.choices[0].message.content
     finishing = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finishing == [whole.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    # the same prompt again: a slot holds all of it but the last token, which must run to give logits
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
     done = c.completions.create(model=server.model, prompt=PROMPTS[1], temperature=0, max_tokens=10)

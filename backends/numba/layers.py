@@ -44,7 +44,8 @@ N_FPARAMS = 5
 L_WINDOW, L_ROPE = range(2)
 N_LAYER_OPTS = 2
 # Decode attention below this many multiply-adds (query x cached position x head_dim, over all heads) runs on
-# one thread: SmolLM2 (9 heads of 64) up to ~230 cached positions. One parallel region less per layer.
+# one thread: SmolLM2 (9 heads of 64) up to ~230 cached positions. One parallel region less per layer. Above it,
+# a chunk of one conversation's prompt runs a head per work item for all its tokens (attention_chunk).
 SERIAL_ATTENTION = 1 << 17
 
 
@@ -145,56 +146,77 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, t, h0, h1):
     window < s <= start (window 0: every s <= start); scores are q.k * scale; out: like q. The heads share their
     KV head, so the vector kernels decode each cached row once for all of them."""
     T, H, D = q.shape
-    KVH, S, RB = k_cache.shape
-    kv = h0 // (H // KVH)
+    KVH, S = k_cache.shape[0], k_cache.shape[1]
     end = start + 1
     first = max(0, end - window) if window > 0 else 0
-    n = end - first
-    G = h1 - h0
+    _attend_set(q, k_cache, v_cache, kvt, h0 // (H // KVH), first % S, end - first, (t * H + h0) * D, D, h1 - h0, 0,
+                scale, out)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_chunk(q, k_cache, v_cache, kvt, start, scale, out, h):
+    """Attention of query head h for all T tokens of q, one conversation's consecutive positions start .. start +
+    T - 1, over a full (windowless) layer's cache (see _attend): each token sees the positions up to its own. The
+    tokens share their history, so each cached row is decoded once for up to GROUP_DOTS of them (a chunk of a
+    follow-up turn over a long conversation)."""
+    T, H, D = q.shape
+    _attend_set(q, k_cache, v_cache, kvt, h // (H // k_cache.shape[0]), 0, start + T, h * D, H * D, T, 1, scale, out)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_set(q, k_cache, v_cache, kvt, kv, f0, n, qoff, qstride, m, lag, scale, out):
+    """Attention of m query vectors of q that share KV head kv: vector i at flat offset qoff + i qstride of q (and
+    of out), over the n cache rows of positions from the one in slot f0 on (a ring of S slots), of which vector i
+    sees the first n - lag (m - 1 - i): lag 0 for the heads of one token, 1 for one head's consecutive tokens."""
+    T, H, D = q.shape
+    KVH, S, RB = k_cache.shape
     d16 = D if kvt == kvk.KV_Q8_0 else D // 16 * 16  # what the vector kernels take; scalar loops the rest
-    f0 = first % S  # position p lives in slot p % S (a ring when S is shorter than the context)
     n1 = min(n, S - f0)  # the rows from slot f0 on; then, when the run wraps around the ring, from slot 0
     kc, vc = k_cache.reshape(-1), v_cache.reshape(-1)
-    q0 = (t * H + h0) * D
-    scores = np.empty((G, n), dtype=np.float32)
-    for g0 in range(0, G, simd.GROUP_DOTS):
-        k = min(simd.GROUP_DOTS, G - g0)
-        _group_dots(kc, kvt, (kv * S + f0) * RB, RB, n1, q, q0 + g0 * D, D, k, d16, scores, g0 * n, n)
+    scores = np.empty((m, n), dtype=np.float32)
+    for g0 in range(0, m, simd.GROUP_DOTS):
+        k = min(simd.GROUP_DOTS, m - g0)
+        qo = qoff + g0 * qstride
+        _group_dots(kc, kvt, (kv * S + f0) * RB, RB, n1, q, qo, qstride, k, d16, scores, g0 * n, n)
         if n1 < n:
-            _group_dots(kc, kvt, kv * S * RB, RB, n - n1, q, q0 + g0 * D, D, k, d16, scores, g0 * n + n1, n)
-    for g in range(G):
-        qv = q[t, h0 + g]
+            _group_dots(kc, kvt, kv * S * RB, RB, n - n1, q, qo, qstride, k, d16, scores, g0 * n + n1, n)
+    for g in range(m):
+        at = (qoff + g * qstride) // D
+        qv = q[at // H, at % H]
         row = scores[g]
+        seen = n - lag * (m - 1 - g)
         for j in range(d16, D):  # the tail of an f32 or f16 row
-            for s in range(n):
+            for s in range(seen):
                 slot = f0 + s if f0 + s < S else f0 + s - S
                 row[s] += qv[j] * _cached_value(kc, kvt, (kv * S + slot) * RB, j)
         top = np.float32(-np.inf)
-        for s in range(n):
+        for s in range(seen):
             row[s] *= scale
             top = max(top, row[s])
         total = np.float32(0.0)
-        for s in range(n):
+        for s in range(seen):
             row[s] = simd.exp_f32(row[s] - top)
             total += row[s]
         inv = np.float32(1.0) / total
-        for s in range(n):
+        for s in range(seen):
             row[s] *= inv
-    out[t, h0:h1] = 0.0
-    for g0 in range(0, G, simd.GROUP_ROWS):
-        k = min(simd.GROUP_ROWS, G - g0)
-        o = q0 + g0 * D
-        _group_rows(vc, kvt, (kv * S + f0) * RB, RB, n1, scores, g0 * n, n, k, d16, out, o, D)
+        row[seen:] = 0.0  # positions after the query's own
+        out[at // H, at % H] = 0.0
+    for g0 in range(0, m, simd.GROUP_ROWS):
+        k = min(simd.GROUP_ROWS, m - g0)
+        o = qoff + g0 * qstride
+        _group_rows(vc, kvt, (kv * S + f0) * RB, RB, n1, scores, g0 * n, n, k, d16, out, o, qstride)
         if n1 < n:
-            _group_rows(vc, kvt, kv * S * RB, RB, n - n1, scores, g0 * n + n1, n, k, d16, out, o, D)
-    for g in range(G):
+            _group_rows(vc, kvt, kv * S * RB, RB, n - n1, scores, g0 * n + n1, n, k, d16, out, o, qstride)
+    for g in range(m):
+        at = (qoff + g * qstride) // D
         row = scores[g]
         for j in range(d16, D):
             acc = np.float32(0.0)
             for s in range(n):
                 slot = f0 + s if f0 + s < S else f0 + s - S
                 acc += row[s] * _cached_value(vc, kvt, (kv * S + slot) * RB, j)
-            out[t, h0 + g, j] = acc
+            out[at // H, at % H, j] = acc
 
 
 @njit(cache=True, inline="always")
@@ -236,6 +258,19 @@ def attention_rows(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window
     per = _head_split(T, H, KVH, threads)
     for i in prange(T * KVH * ((H // KVH + per - 1) // per)):
         _attend_item(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, out, per, i)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_chunk(q, k_pool, v_pool, off, S, KVH, kvt, slot, start, scale, out):
+    """`attention_rows` for T tokens of one conversation (row `slot` of the pools) at consecutive positions start
+    .. start + T - 1 of a full layer (no window, so S > every position): a work item is one query head for all
+    the tokens (_attend_chunk)."""
+    H, D = q.shape[1], q.shape[2]
+    RB = kvk.kv_row_bytes(kvt, D)
+    kc = k_pool[slot, off:off + KVH * S * RB].reshape((KVH, S, RB))
+    vc = v_pool[slot, off:off + KVH * S * RB].reshape((KVH, S, RB))
+    for h in prange(H):
+        _attend_chunk(q, kc, vc, kvt, start, scale, out, h)
 
 
 @njit(cache=True, fastmath=True)
@@ -356,6 +391,9 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
     gu, ff, tmp, cos, sin = gu[:T], ff[:T], tmp[:T], cos[:, :T], sin[:, :T]
     xs_e, xs_q, xs_f = _rows(xs_e, 0, T), _rows(xs_q, 0, T), _rows(xs_f, 0, T)
     f32 = wv[2]
+    chunk = T > 1  # one conversation's consecutive tokens (a prompt's chunk), not a batch of conversations
+    for t in range(1, T):
+        chunk = chunk and slots[t] == slots[0] and positions[t] == positions[0] + t
 
     embed(wv, glob_tab[EMBD, 1], glob_tab[EMBD, 0], E, tokens, fparams[F_EMBED_SCALE], x)
     for t in range(T):
@@ -395,7 +433,9 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
                 kvk.encode_row(att[t][kh * D:(kh + 1) * D], vc[kh, slot], kvt)
             seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
-        if H * seen * D < SERIAL_ATTENTION:
+        if chunk and window <= 0 and H * seen * D >= SERIAL_ATTENTION:
+            attention_chunk(q3, k_pool, v_pool, off, S, KVH, kvt, slots[0], positions[0], scale, att3)
+        elif H * seen * D < SERIAL_ATTENTION:
             attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
         else:
             attention_rows(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3, threads)
