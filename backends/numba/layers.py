@@ -149,8 +149,8 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, t, h0, h1):
     KVH, S = k_cache.shape[0], k_cache.shape[1]
     end = start + 1
     first = max(0, end - window) if window > 0 else 0
-    _attend_set(q, k_cache, v_cache, kvt, h0 // (H // KVH), first % S, end - first, (t * H + h0) * D, D, h1 - h0, 0,
-                scale, out)
+    _attend_set(q, k_cache, v_cache, kvt, h0 // (H // KVH), first % S, end - first, (t * H + h0) * D, D, h1 - h0,
+                np.int64(0), scale, out)  # int64, not the literal 0: one compiled _attend_set serves both callers
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -160,14 +160,17 @@ def _attend_chunk(q, k_cache, v_cache, kvt, start, scale, out, h):
     tokens share their history, so each cached row is decoded once for up to GROUP_DOTS of them (a chunk of a
     follow-up turn over a long conversation)."""
     T, H, D = q.shape
-    _attend_set(q, k_cache, v_cache, kvt, h // (H // k_cache.shape[0]), 0, start + T, h * D, H * D, T, 1, scale, out)
+    _attend_set(q, k_cache, v_cache, kvt, h // (H // k_cache.shape[0]), np.int64(0), start + T, h * D, H * D, T,
+                np.int64(1), scale, out)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def _attend_set(q, k_cache, v_cache, kvt, kv, f0, n, qoff, qstride, m, lag, scale, out):
     """Attention of m query vectors of q that share KV head kv: vector i at flat offset qoff + i qstride of q (and
     of out), over the n cache rows of positions from the one in slot f0 on (a ring of S slots), of which vector i
-    sees the first n - lag (m - 1 - i): lag 0 for the heads of one token, 1 for one head's consecutive tokens."""
+    sees the first n - lag (m - 1 - i): lag 0 for the heads of one token, 1 for one head's consecutive tokens.
+    Not inlined, and one call site per kernel: the vector kernels are specialized for every KV type and group
+    size, and each copy of them would add to the machine code that every start loads."""
     T, H, D = q.shape
     KVH, S, RB = k_cache.shape
     d16 = D if kvt == kvk.KV_Q8_0 else D // 16 * 16  # what the vector kernels take; scalar loops the rest
@@ -176,10 +179,10 @@ def _attend_set(q, k_cache, v_cache, kvt, kv, f0, n, qoff, qstride, m, lag, scal
     scores = np.empty((m, n), dtype=np.float32)
     for g0 in range(0, m, simd.GROUP_DOTS):
         k = min(simd.GROUP_DOTS, m - g0)
-        qo = qoff + g0 * qstride
-        _group_dots(kc, kvt, (kv * S + f0) * RB, RB, n1, q, qo, qstride, k, d16, scores, g0 * n, n)
-        if n1 < n:
-            _group_dots(kc, kvt, kv * S * RB, RB, n - n1, q, qo, qstride, k, d16, scores, g0 * n + n1, n)
+        for part in range(2 if n1 < n else 1):  # rows n1.. wrap around the ring to slot 0
+            slot, rows, s0 = (f0, n1, 0) if part == 0 else (0, n - n1, n1)
+            _group_dots(kc, kvt, (kv * S + slot) * RB, RB, rows, q, qoff + g0 * qstride, qstride, k, d16, scores,
+                        g0 * n + s0, n)
     for g in range(m):
         at = (qoff + g * qstride) // D
         qv = q[at // H, at % H]
@@ -204,10 +207,10 @@ def _attend_set(q, k_cache, v_cache, kvt, kv, f0, n, qoff, qstride, m, lag, scal
         out[at // H, at % H] = 0.0
     for g0 in range(0, m, simd.GROUP_ROWS):
         k = min(simd.GROUP_ROWS, m - g0)
-        o = qoff + g0 * qstride
-        _group_rows(vc, kvt, (kv * S + f0) * RB, RB, n1, scores, g0 * n, n, k, d16, out, o, qstride)
-        if n1 < n:
-            _group_rows(vc, kvt, kv * S * RB, RB, n - n1, scores, g0 * n + n1, n, k, d16, out, o, qstride)
+        for part in range(2 if n1 < n else 1):
+            slot, rows, s0 = (f0, n1, 0) if part == 0 else (0, n - n1, n1)
+            _group_rows(vc, kvt, (kv * S + slot) * RB, RB, rows, scores, g0 * n + s0, n, k, d16, out,
+                        qoff + g0 * qstride, qstride)
     for g in range(m):
         at = (qoff + g * qstride) // D
         row = scores[g]
