@@ -7,6 +7,7 @@ what is new.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -113,6 +114,23 @@ def context_size(hp: HParams, ctx: int | None) -> int:
     if not 8 <= ctx <= MAX_CTX:
         raise LlmError(f"--ctx must be in 8..{MAX_CTX}, got {ctx}")
     return ctx
+
+
+def check_kv_memory(hp: HParams, n_ctx: int, kv_type: str, conversations: int = 1) -> None:
+    """Refuse a KV cache larger than this machine's memory before allocating it: the allocation may succeed
+    (memory is overcommitted) and fail only when the cache fills, or take the machine into swap."""
+    from backends.base import kv_cache_bytes
+
+    need = conversations * kv_cache_bytes(hp, n_ctx, kv_type=kv_type)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return  # a platform that does not say: the allocation itself decides
+    if have > 0 and need > have:
+        each = f" for {conversations} conversations" if conversations > 1 else ""
+        fewer = ", --parallel" if conversations > 1 else ""
+        raise LlmError(f"--ctx {n_ctx} needs a {need / 1e9:.1f} GB KV cache{each}: not enough memory "
+                       f"({have / 1e9:.1f} GB here); lower --ctx{fewer}, or use --kv-type q8_0")
 
 
 class StopMatcher:
@@ -257,7 +275,9 @@ class Session:
         elif self.spec.lookup:
             self.drafter = PromptLookup(self.spec.lookup, self.spec.ngram_max)
         if cache is None:
-            cache = lm.model.new_cache(self.n_ctx, kv_type=kv_type or default_kv_type(lm.model.name), slack=self.slack)
+            kv_type = kv_type or default_kv_type(lm.model.name)
+            check_kv_memory(lm.hparams, self.n_ctx, kv_type)
+            cache = lm.model.new_cache(self.n_ctx, kv_type=kv_type, slack=self.slack)
         self.cache = cache
         self.tokens: list[int] = []  # exactly what the cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill found in the cache

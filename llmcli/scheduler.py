@@ -35,6 +35,7 @@ from llmcli.engine import (
     LoadedModel,
     Session,
     broken_model_math,
+    check_kv_memory,
     context_size,
     finish_record,
 )
@@ -102,6 +103,7 @@ class Scheduler:
         slack = spec.draft_max if draft is not None else spec.lookup
         new_caches = getattr(lm.model, "new_caches", None)  # caches forward_batch can run together (one pool)
         kv_type = kv_type or default_kv_type(lm.model.name)
+        check_kv_memory(lm.hparams, n_ctx, kv_type, parallel)
         caches = (new_caches(parallel, n_ctx, kv_type=kv_type, slack=slack) if new_caches is not None
                   else [lm.model.new_cache(n_ctx, kv_type=kv_type, slack=slack) for _ in range(parallel)])
         self.slots = [Session(lm, n_ctx, cache, spec=spec, draft=draft) for cache in caches]

@@ -125,6 +125,14 @@ def test_bad_options_are_refused(smollm2_path, args, words):
     assert_one_line_error(llm("run", str(smollm2_path), "Hi", *args), *words)
 
 
+def test_a_kv_cache_past_the_machines_memory_is_refused_before_allocating(smollm2_path):
+    """Whatever the kernel's overcommit policy: the cache's bytes are compared with physical memory first."""
+    assert_one_line_error(llm("run", str(smollm2_path), "Hi", "--ctx", "16000000", "--kv-type", "q8_0"),
+                          "not enough memory", "GB KV cache", "--ctx")
+    assert_one_line_error(llm("serve", str(smollm2_path), "--ctx", "4000000", "--parallel", "8", "--port", "0"),
+                          "not enough memory", "8 conversations", "--parallel")
+
+
 def test_ctx_past_the_trained_context_warns(smollm2_path):
     r = llm("run", str(smollm2_path), "Hi", "-n", "1", "--ctx", "9000", *FAST)
     assert r.returncode == 0, r.stderr
