@@ -120,7 +120,9 @@ def check_kv_memory(hp: HParams, n_ctx: int, kv_type: str, conversations: int = 
     """Refuse a KV cache larger than this machine's memory before allocating it: the allocation may succeed
     (memory is overcommitted) and fail only when the cache fills, or take the machine into swap."""
     from backends.base import kv_cache_bytes
+    from quant.kvtypes import check_kv_type
 
+    check_kv_type(kv_type, hp.head_dim)
     need = conversations * kv_cache_bytes(hp, n_ctx, kv_type=kv_type)
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
