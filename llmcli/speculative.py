@@ -60,19 +60,22 @@ def lookup_draft(history: list[int], k: int, ngram_max: int = 3) -> list[int]:
 
 
 class DraftLength:
-    """How many tokens to draft next, per generation. From 2, it doubles (up to n_max) while whole drafts are kept and
-    halves on a miss: a draft kept not at all, or a step that made tokens slower than plain steps do (timed as the
-    generation goes: a verification pass costs more than one token's step, by how much depends on the backend and
-    the machine). After two misses in a row it stops drafting for a stretch of steps (8, doubling with each stretch
-    up to 128); after a stretch one more miss starts the next, so text nothing predicts decodes at nearly plain
-    speed. A whole draft kept ends the pauses.
+    """How many tokens to draft next, per generation. From 2, it climbs the ladder 1, 2, 3, 7, 15, ... (up to
+    n_max) while whole drafts are kept, and steps down on a miss: a draft kept not at all, or a step that made
+    tokens slower than plain steps do (timed as the generation goes: a verification pass costs more than one
+    token's step, by how much depends on the backend and the machine). Past 3 the ladder keeps k + 1, the tokens
+    a verification runs, a power of two: the numba kernels take 4 tokens per pass over the weights and 8 per
+    call, so 4 drafts (5 tokens) cost nearly as much as 7 (benchmarks/RESULTS.md). After two misses in a row it
+    stops drafting for a stretch of steps (8, doubling with each stretch up to 128); after a stretch one more miss
+    starts the next, so text nothing predicts decodes at nearly plain speed. A whole draft kept ends the pauses.
 
     Growing stops where it stops paying: each length's tokens per second are timed on its wholly kept drafts, and a
-    whole draft kept moves to the shorter length when that one was measured faster, else to the longer one unless
-    that was measured slower. Verifying k tokens costs about k/2 decode steps past 4 or so on the numba backend, so
-    on a copying task the best length is often 4-12, not the most that lookup finds (benchmarks/RESULTS.md)."""
+    whole draft kept moves one rung down when that length was measured faster, else one rung up unless that one was
+    measured slower. Verifying costs more per token as drafts grow on the numba backend, so on a copying task the
+    best length is often 2-7, not the most that lookup finds (benchmarks/RESULTS.md)."""
 
     def __init__(self, n_max: int):
+        self.ladder = [k for k in _LADDER if k <= n_max] or [n_max]
         self.n_max, self.n = n_max, min(2, n_max)  # start small: a long draft nothing predicts costs the most
         self.misses, self.pause, self.pause_len = 0, 0, 8
         self.plain_s: float | None = None  # seconds of a plain step (running average)
@@ -96,17 +99,26 @@ class DraftLength:
             self.rate[self.n] = rate if old is None else 0.7 * old + 0.3 * rate
         if kept == drafted and not slower:
             self.misses, self.pause_len = 0, 8
-            here, up, down = self.rate.get(self.n, 0.0), min(self.n_max, 2 * self.n), max(1, self.n // 2)
+            here, up, down = self.rate.get(self.n, 0.0), self._step(1), self._step(-1)
             if down != self.n and self.rate.get(down, 0.0) > here:
                 self.n = down
             elif self.rate.get(up, here) >= here:
                 self.n = up
         elif kept == 0 or slower:
-            self.n, self.misses = max(1, self.n // 2), self.misses + 1
+            self.n, self.misses = self._step(-1), self.misses + 1
             if self.misses >= 2:
                 self.pause, self.pause_len, self.misses = self.pause_len, min(128, 2 * self.pause_len), 1
         else:
             self.misses = 0
+
+
+    def _step(self, by: int) -> int:
+        """The length `by` rungs up (or down) the ladder from the current one, at its ends the end."""
+        i = self.ladder.index(self.n) + by
+        return self.ladder[min(max(i, 0), len(self.ladder) - 1)]
+
+
+_LADDER = (1, 2, 3) + tuple(2**j - 1 for j in range(3, 16))
 
 
 class PromptLookup:

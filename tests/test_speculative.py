@@ -55,26 +55,31 @@ def test_draft_length_backs_off_and_grows():
     d = DraftLength(16)
     assert d.next(100) == 2
     d.update(2, 2, 0.02)
-    assert d.next(100) == 4 and d.next(3) == 3
-    d.update(4, 0, 0.1)
-    d.update(2, 0, 0.1)  # two misses: a pause of 8 plain steps
-    assert [d.next(100) for _ in range(9)] == [0] * 8 + [1]
+    assert d.next(100) == 3 and d.next(2) == 2
+    d.update(3, 3, 0.02)
+    assert d.next(100) == 7  # past 3, k + 1 (the tokens a verification runs) is a power of two
+    d.update(7, 0, 0.1)
+    assert d.next(100) == 3
+    d.update(3, 0, 0.1)  # two misses: a pause of 8 plain steps
+    assert [d.next(100) for _ in range(9)] == [0] * 8 + [2]
     d.plain_step(0.01)
-    d.update(1, 1, 0.5)  # kept its draft but took longer than two plain steps: a miss, and after a pause
+    d.update(2, 2, 0.5)  # kept its draft but took longer than three plain steps: a miss, and after a pause
     assert [d.next(100) for _ in range(17)] == [0] * 16 + [1]  # one miss starts the next, twice as long
-    d.update(1, 1, 0.01)
-    assert d.next(100) == 2
+    d.update(1, 1, 0.01)  # the pauses end; it stays at 1, since 2 was measured slower
+    assert d.next(100) == 1 and d.pause == 0
 
 
 def test_draft_length_settles_where_tokens_per_second_peak():
-    """Whole drafts kept each time, but a step of 8 drafts takes as long as two of 4: it goes back to 4 and stays."""
-    d, cost = DraftLength(16), {2: 0.03, 4: 0.04, 8: 0.08}  # seconds of a step by draft length
+    """Whole drafts kept each time, but a step of 7 drafts makes tokens more slowly than one of 3: it goes back to 3
+    and stays."""
+    d, cost = DraftLength(16), {2: 0.03, 3: 0.035, 7: 0.08}  # seconds of a step by draft length
     seen = []
     for _ in range(8):
         n = d.next(100)
         seen.append(n)
         d.update(n, n, cost[n])
-    assert seen == [2, 4, 8, 4, 4, 4, 4, 4]
+    assert seen == [2, 3, 7, 3, 3, 3, 3, 3]
+    assert DraftLength(4).ladder == [1, 2, 3] and DraftLength(1).ladder == [1]
 
 
 def greedy_equal_plain(lm, draft_lm, prompts: list[list[int]], max_tokens: int, ctx: int) -> None:
