@@ -76,7 +76,7 @@ class DraftLength:
 
     def __init__(self, n_max: int):
         self.ladder = [k for k in _LADDER if k <= n_max] or [n_max]
-        self.n_max, self.n = n_max, min(2, n_max)  # start small: a long draft nothing predicts costs the most
+        self.n = min(2, n_max)  # start small: a long draft nothing predicts costs the most
         self.misses, self.pause, self.pause_len = 0, 0, 8
         self.plain_s: float | None = None  # seconds of a plain step (running average)
         self.rate: dict[int, float] = {}  # draft length -> tokens/s of its wholly kept steps (running average)
@@ -110,7 +110,6 @@ class DraftLength:
                 self.pause, self.pause_len, self.misses = self.pause_len, min(128, 2 * self.pause_len), 1
         else:
             self.misses = 0
-
 
     def _step(self, by: int) -> int:
         """The length `by` rungs up (or down) the ladder from the current one, at its ends the end."""

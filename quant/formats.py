@@ -19,7 +19,7 @@ import numpy as np
 
 
 class GGMLQuantizationType(IntEnum):
-    """ggml's tensor type ids. The same as gguf-py's (tests/test_formats.py checks them): our own copy, because
+    """ggml's tensor type ids. The same as gguf-py's (tests/test_gguf_file.py checks them): our own copy, because
     importing the gguf package costs ~60 ms of every start, and a run needs only these tables of it."""
 
     F32 = 0

@@ -12,9 +12,8 @@ Numba binds a function's cache folder when caching is turned on, which is why it
 setting numba.config.CACHE_DIR late.
 
 Before loading a cached function, numba refreshes every registry of its compiler, which imports most of numba
-(~0.4 s of a ~1 s start) though only compiling needs them, and numba's compiler refreshes them itself. Loading
-needs only numba's runtime, which `_load_cached` starts. Our cached
-functions skip that refresh (`_load_cached`).
+(~0.1 s of a warm start), though only compiling needs them and numba's compiler refreshes them itself. Our cached
+functions load without that refresh, starting only numba's runtime, which cached code needs (`_load_cached`).
 
 Each version of the sources gets a new folder, so old ones are pruned: every start marks its folder as used
 (its modification time), and the first start of a new version removes the folders not used for

@@ -110,8 +110,6 @@ def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None
     # (benchmarks/RESULTS.md). Read when numba starts its pool.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = "1000"
-    import numba
-
     use_kernel_cache()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
