@@ -44,7 +44,8 @@ PRUNE_AFTER_DAYS = 30
 
 
 def _sources_hash() -> str:
-    h = hashlib.sha256(numba.__version__.encode())
+    # and the vector width forced for tests (quant/simd_multi.py), which changes the code the kernels compile to
+    h = hashlib.sha256((numba.__version__ + os.environ.get("LLMCLI_SIMD_WIDTH", "")).encode())
     for name in _SHARED:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]

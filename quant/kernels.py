@@ -210,31 +210,50 @@ def row_offset(descs, r, n):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def dot_tokens(wv, qtype, off, n, x, xs, xq, xd, xc, out, r):
+def dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r):
     """out[t, r] = row of `qtype` at byte `off` (n weights) . x[t] for every token t of x: (T, n), given the
-    prepared (xs, xq, xd, xc) = prepare(x) (T rows each): the quantized formats decode each block once for up to
-    simd_multi.MAX_WIDTH tokens (quant/simd_multi.py); the float formats go token by token. New quantized formats
-    add their kernel here."""
+    prepared (xs, xq, xd, xc) = prepare(x) (T rows each) and xk, xq in the several-token kernels' layout
+    (segment_layout): the quantized formats decode each block once for up to simd_multi.MAX_WIDTH tokens
+    (quant/simd_multi.py); the others go token by token. New quantized formats add their kernel here."""
     u8, nb = wv[0], n // 32
     if qtype == Q4_0:
-        simd_multi.dot_q4_0(u8, off, xq, xd, xs, xc, nb, out, r)
+        simd_multi.dot_q4_0(u8, off, xk, xd, xs, xc, nb, out, r)
     elif qtype == Q8_0:
-        simd_multi.dot_q8_0(u8, off, xq, xd, xs, xc, nb, out, r)
+        simd_multi.dot_q8_0(u8, off, xk, xd, xs, xc, nb, out, r)
     elif qtype == Q4_K:
-        simd_multi.dot_q4_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+        simd_multi.dot_q4_k(u8, off, xk, xd, xs, xc, n // 256, out, r)
     elif qtype == Q6_K:
-        simd_multi.dot_q6_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+        simd_multi.dot_q6_k(u8, off, xk, xd, xs, xc, n // 256, out, r)
     elif qtype == Q5_K:
-        simd_multi.dot_q5_k(u8, off, xq, xd, xs, xc, n // 256, out, r)
+        simd_multi.dot_q5_k(u8, off, xk, xd, xs, xc, n // 256, out, r)
     elif qtype == Q4_1:
-        simd_multi.dot_q4_1(u8, off, xq, xd, xs, xc, nb, out, r)
+        simd_multi.dot_q4_1(u8, off, xk, xd, xs, xc, nb, out, r)
     elif qtype == Q5_0:
-        simd_multi.dot_q5_0(u8, off, xq, xd, xs, xc, nb, out, r)
+        simd_multi.dot_q5_0(u8, off, xk, xd, xs, xc, nb, out, r)
     elif qtype == Q5_1:
-        simd_multi.dot_q5_1(u8, off, xq, xd, xs, xc, nb, out, r)
+        simd_multi.dot_q5_1(u8, off, xk, xd, xs, xc, nb, out, r)
     else:
         for t in range(x.shape[0]):
             out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], xq[t], xd[t], xc[t])
+
+
+@njit(cache=True, nogil=True)
+def segment_layout(xq):
+    """xq: (T, n) int16 with each whole segment of simd_multi.SEG blocks of 32 transposed as 32-bit pairs (pair p
+    of block i moves to pair 16 p + i of its segment), the blocks past the last whole segment as they are: the
+    layout the several-token kernels read where simd_multi.WIDE (one vector holds a pair of every block)."""
+    T, n = xq.shape
+    seg = simd_multi.SEG
+    whole = n // (32 * seg) * (32 * seg)
+    out = np.empty_like(xq)
+    for t in range(T):
+        for s0 in range(0, whole, 32 * seg):
+            for i in range(seg):
+                for p in range(16):
+                    out[t, s0 + 2 * (seg * p + i)] = xq[t, s0 + 32 * i + 2 * p]
+                    out[t, s0 + 2 * (seg * p + i) + 1] = xq[t, s0 + 32 * i + 2 * p + 1]
+        out[t, whole:] = xq[t, whole:]
+    return out
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -248,14 +267,19 @@ def matvec_multi(wv, descs, x, xb, out):
     Q4_K and Q6_K (benchmarks/RESULTS.md)."""
     n, u8, nb = x.shape[1], wv[0], x.shape[1] // 32
     xs, xq, xd, xc = xb
-    total, q0, same = 0, descs[0, 1], True
+    total, q0, same, q6 = 0, descs[0, 1], True, False
     for i in range(descs.shape[0]):
         total += descs[i, 2]
         same = same and descs[i, 1] == q0
+        q6 = q6 or descs[i, 1] == Q6_K
+    # the several-token kernels' copy of xq; with WIDE, one token's Q6_K rows take that kernel too (1.26x the
+    # one-token kernel's speed: benchmarks/RESULTS.md)
+    wide_q6 = simd_multi.WIDE and q6
+    xk = segment_layout(xq) if simd_multi.WIDE and (x.shape[0] > 1 or q6) else xq
     if x.shape[0] > 1:
         for r in prange(total):
             off, qtype = row_offset(descs, r, n)
-            dot_tokens(wv, qtype, off, n, x, xs, xq, xd, xc, out, r)
+            dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r)
     elif same and q0 == Q4_0:
         for r in prange(total):
             out[0, r] = simd.dot_q4_0(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], nb)
@@ -268,6 +292,9 @@ def matvec_multi(wv, descs, x, xb, out):
     elif same and q0 == Q5_K:
         for r in prange(total):
             out[0, r] = simd.dot_q5_k(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], n // 256)
+    elif same and q0 == Q6_K and wide_q6:
+        for r in prange(total):
+            simd_multi.dot_q6_k(u8, row_offset(descs, r, n)[0], xk, xd, xs, xc, n // 256, out, r)
     elif same and q0 == Q6_K:
         for r in prange(total):
             out[0, r] = simd.dot_q6_k(u8, row_offset(descs, r, n)[0], xq[0], xd[0], xs[0], xc[0], n // 256)
@@ -276,6 +303,8 @@ def matvec_multi(wv, descs, x, xb, out):
             off, qtype = row_offset(descs, r, n)
             if qtype == Q4_K:
                 out[0, r] = simd.dot_q4_k(u8, off, xq[0], xd[0], xs[0], xc[0], n // 256)
+            elif qtype == Q6_K and wide_q6:
+                simd_multi.dot_q6_k(u8, off, xk, xd, xs, xc, n // 256, out, r)
             elif qtype == Q6_K:
                 out[0, r] = simd.dot_q6_k(u8, off, xq[0], xd[0], xs[0], xc[0], n // 256)
             else:

@@ -198,10 +198,11 @@ def _q8_0(b, w, o):
 
 
 def _pairs(b, q, xq, xo):
-    """<16 x i16> codes . the 16 int16 at byte xo of xq -> <8 x i32>, products summed in adjacent pairs."""
-    prod = b.mul(b.sext(q, _vec(I32, 16)), b.sext(_load(b, xq, xo, _vec(I16, 16)), _vec(I32, 16)))
-    even = b.shuffle_vector(prod, prod, _const(I32, range(0, 16, 2)))
-    odd = b.shuffle_vector(prod, prod, _const(I32, range(1, 16, 2)))
+    """<n x i16> codes . the n int16 at byte xo of xq -> <n/2 x i32>, products summed in adjacent pairs."""
+    n = q.type.count
+    prod = b.mul(b.sext(q, _vec(I32, n)), b.sext(_load(b, xq, xo, _vec(I16, n)), _vec(I32, n)))
+    even = b.shuffle_vector(prod, prod, _const(I32, range(0, n, 2)))
+    odd = b.shuffle_vector(prod, prod, _const(I32, range(1, n, 2)))
     return b.add(even, odd)
 
 
@@ -545,29 +546,34 @@ def _q45_k(five):
     return superblock
 
 
-def _q6_codes(b, w, o):
-    """The codes of a Q6_K super-block (ql[128] | qh[64] | int8 scales[16] | d), minus 32:
-    [(sub-block j of 32, half, <16 x i16> codes, their int8 scale as i16)] for j = 0..7, half = 0, 1.
-    Weight 128 h + 32 k + i has low bits ql[64 h + 32 (k & 1) + i] >> 4 (k >> 1) and top bits qh[32 h + i] >> 2 k,
-    so a sub-block's 32 codes are made as bytes in one vector from 32 bytes of ql and 32 of qh (half the vector
-    instructions of decoding each 16 as int16), then sign-extended."""
+def _q6_bytes(b, w, o):
+    """The codes of a Q6_K super-block (ql[128] | qh[64] | int8 scales[16] | d), minus 32, as bytes: one <32 x i8>
+    per sub-block j = 0..7 (in order). Weight 128 h + 32 k + i has low bits ql[64 h + 32 (k & 1) + i] >> 4 (k >> 1)
+    and top bits qh[32 h + i] >> 2 k, so a sub-block's 32 codes are made in one vector from 32 bytes of ql and 32
+    of qh (half the vector instructions of decoding each 16 as int16)."""
     v32 = _vec(I8, 32)
 
     def c(v):
         return _const(I8, [v] * 32)
 
-    out = []
     for h in range(2):
         ql = [_load(b, w, b.add(o, _i64(64 * h + 32 * p)), v32) for p in range(2)]
         qh = _load(b, w, b.add(o, _i64(128 + 32 * h)), v32)
         for k in range(4):
             low = b.and_(ql[k & 1], c(15)) if k < 2 else b.lshr(ql[k & 1], c(4))
             top = b.shl(qh, c(4 - 2 * k)) if k < 2 else b.lshr(qh, c(2 * k - 4)) if k > 2 else qh
-            q = b.sub(b.or_(low, b.and_(top, c(0x30))), c(32))
-            for half in range(2):
-                codes = b.sext(b.shuffle_vector(q, q, _const(I32, range(16 * half, 16 * half + 16))), _vec(I16, 16))
-                sc = b.sext(_load(b, w, b.add(o, _i64(192 + 8 * h + 2 * k + half)), I8), I16)
-                out.append((4 * h + k, half, codes, sc))
+            yield b.sub(b.or_(low, b.and_(top, c(0x30))), c(32))
+
+
+def _q6_codes(b, w, o):
+    """_q6_bytes sign-extended by halves: [(sub-block j of 32, half, <16 x i16> codes, their int8 scale as i16)]
+    for j = 0..7, half = 0, 1."""
+    out = []
+    for j, q in enumerate(_q6_bytes(b, w, o)):
+        for half in range(2):
+            codes = b.sext(b.shuffle_vector(q, q, _const(I32, range(16 * half, 16 * half + 16))), _vec(I16, 16))
+            sc = b.sext(_load(b, w, b.add(o, _i64(192 + 2 * j + half)), I8), I16)
+            out.append((j, half, codes, sc))
     return out
 
 

@@ -9,12 +9,19 @@ instructions, an add, a conversion, a scale broadcast and an FMA). The numbers a
 kernels: the same int16 activation copies (quant.kernels.prepare), the same int32 block sums; only the order of
 the float additions differs (results agree to float32 rounding).
 
+Where the host has 512-bit vectors (WIDE), rows go in segments of 16 blocks instead: a segment is decoded once and
+transposed so that one vector holds a pair of every block, the activation is laid out to match
+(quant.kernels.segment_layout), and a token's 16 block sums then take 16 pair products, one conversion and one FMA
+(section "WIDE" below).
+
 Called as `dot_q4_0(w, off, xq, xd, xs, xc, nb, out, r)`: the row whose bytes start at w[off] (nb blocks of 32,
 or super-blocks of 256 for the K-quants) times every token of the prepared activation (xq: (T, n) int16;
 xd, xs, xc: (T, n // 32) float32), the results into out[t, r] (out: (T, rows) float32).
 """
 
 from __future__ import annotations
+
+import os
 
 from llvmlite import ir
 from numba import types
@@ -45,7 +52,9 @@ from quant.simd import (
     _loop,
     _pairs,
     _prefetch_span,
+    _q6_bytes,
     _q6_codes,
+    _q8_0,
     _splat,
     _vec,
 )
@@ -54,9 +63,41 @@ MAX_WIDTH = 4  # tokens per pass over a row; T = 8 is two passes, T = 6 a pass o
 BLOCKS = 2  # legacy blocks per loop iteration (their scales gathered as one vector)
 
 
+def _use_512_bit_vectors() -> bool:
+    """The host has 512-bit integer vectors, unless LLMCLI_SIMD_WIDTH=256 (tests of the 256-bit kernels on such a
+    host; quant/jit.py keeps their compiled code apart)."""
+    import llvmlite.binding as llvm
+
+    return os.environ.get(SIMD_WIDTH_VAR) != "256" and bool(llvm.get_host_cpu_features().get("avx512bw"))
+
+
+# With 512-bit registers (WIDE), a block's 32 products are one pair-product instruction, and rows are taken in
+# segments of 16 blocks whose codes are transposed (below); with 256-bit registers (AVX2, NEON) a block's two
+# 8-lane halves are added as integers before its one conversion.
+SIMD_WIDTH_VAR = "LLMCLI_SIMD_WIDTH"
+WIDE = _use_512_bit_vectors()
+
+
 def _lane(b, v, j, n=8):
     """Lane j of v broadcast to <n x float>."""
     return b.shuffle_vector(v, v, _const(I32, [j] * n))
+
+
+V_ACC = V16F if WIDE else V8F
+_ACC_ZERO = ir.Constant(V_ACC, [0.0] * V_ACC.count)
+
+
+def _block_dot(b, lo, hi, xq, xo):
+    """The codes of a block of 32 (weights 0-15 in lo, 16-31 in hi, <16 x i16> each) . the 32 int16 at byte xo of
+    xq -> its pair sums as floats (<16 x float> when WIDE, else <8 x float>)."""
+    if WIDE:
+        return b.sitofp(_pairs(b, b.shuffle_vector(lo, hi, _const(I32, range(32))), xq, xo), V16F)
+    return b.sitofp(b.add(_pairs(b, lo, xq, xo), _pairs(b, hi, xq, b.add(xo, _i64(32)))), V8F)
+
+
+def _fma_lane(b, dots, scales, j, acc):
+    """acc + dots * lane j of scales."""
+    return _fma(b, dots, _lane(b, scales, j, dots.type.count), acc)
 
 
 def _halves(b, w, o, block_bytes, at, k):
@@ -70,7 +111,7 @@ def _halves(b, w, o, block_bytes, at, k):
     return b.fpext(b.bitcast(packed, _vec(HALF, k)), _vec(F32, k))
 
 
-def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
+def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb, start=None):
     """Blocks of 32 (Q4_0 ... Q8_0) for TT tokens (xq, xd, xs, xc: lists of each token's row pointers) -> TT floats.
     Per BLOCKS blocks: their scales d (and minimums m) once; per token the scales d xd and the minimum terms m xs
     as <BLOCKS x float>; per block its codes once (offsets taken out: signed), then per token two pair-product
@@ -95,16 +136,15 @@ def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
                 lo, hi = (b.sub(c, _const(I16, [offset] * 16)) for c in (lo, hi))
             xo = b.mul(b.add(i, _i64(j)), _i64(64))
             for t in range(TT):
-                dot = b.add(_pairs(b, lo, xq[t], xo), _pairs(b, hi, xq[t], b.add(xo, _i64(32))))
-                accs[t] = _fma(b, b.sitofp(dot, V8F), _lane(b, scales[t], j), accs[t])
+                accs[t] = _fma_lane(b, _block_dot(b, lo, hi, xq[t], xo), scales[t], j, accs[t])
         return accs + corrs
 
     def unrolled(i, vals):
         _prefetch_span(b, w, b.mul(i, _i64(block_bytes)), BLOCKS * block_bytes)
         return group(i, BLOCKS, vals)
 
-    zero8, zk = ir.Constant(V8F, [0.0] * 8), ir.Constant(_vec(F32, BLOCKS), [0.0] * BLOCKS)
-    vals, i = _loop(b, _i64(0), nb, BLOCKS, [zero8] * TT + [zk] * TT, unrolled)
+    zk = ir.Constant(_vec(F32, BLOCKS), [0.0] * BLOCKS)
+    vals, i = _loop(b, start or _i64(0), nb, BLOCKS, [_ACC_ZERO] * TT + [zk] * TT, unrolled)
     one = [b.insert_element(ir.Constant(_vec(F32, 1), [0.0]), _hsum(b, c), ir.Constant(I32, 0)) for c in vals[TT:]]
     vals, _ = _loop(b, i, nb, 1, vals[:TT] + one, lambda j, v: group(j, 1, v))
     out = []
@@ -114,14 +154,14 @@ def _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb):
     return out
 
 
-def _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb):
+def _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb, start=None):
     """Q4_K / Q5_K super-blocks for TT tokens. Per super-block: the 6-bit scales and minimums once (d sc, -dmin m
     as <8 x float>); per token its scales d sc xd and the minimum term -dmin m xs into its accumulator; per
     sub-block of 32 its codes once, then per token two pair-product vectors, a conversion and an FMA."""
     block_bytes = 176 if five else 144
 
-    def body(i, accs):
-        accs = list(accs)
+    def body(i, vals):
+        accs, mins = list(vals[:TT]), list(vals[TT:])
         o = b.mul(i, _i64(block_bytes))
         _prefetch_span(b, w, o, block_bytes)
         sc, m = _k4_scales_mins(b, w, o)
@@ -132,16 +172,21 @@ def _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb):
         scales = []
         for t in range(TT):
             scales.append(b.fmul(dsc, _load(b, xd[t], at, V8F), flags=FAST))
-            accs[t] = _fma(b, ndm, _load(b, xs[t], at, V8F), accs[t])
+            if WIDE:  # 8 lanes beside the 16 of accs
+                mins[t] = _fma(b, ndm, _load(b, xs[t], at, V8F), mins[t])
+            else:  # into accs, as few registers as AVX2 has
+                accs[t] = _fma(b, ndm, _load(b, xs[t], at, V8F), accs[t])
         for j, (c0, c1) in _iter_q45_codes(b, w, o, five):
             xo = b.mul(b.add(xb, _i64(j)), _i64(64))
             for t in range(TT):
-                dot = b.add(_pairs(b, c0, xq[t], xo), _pairs(b, c1, xq[t], b.add(xo, _i64(32))))
-                accs[t] = _fma(b, b.sitofp(dot, V8F), _lane(b, scales[t], j), accs[t])
-        return accs
+                accs[t] = _fma_lane(b, _block_dot(b, c0, c1, xq[t], xo), scales[t], j, accs[t])
+        return accs + mins
 
-    accs, _ = _loop(b, _i64(0), nsb, 1, [ir.Constant(V8F, [0.0] * 8)] * TT, body)
-    return [_hsum(b, a) for a in accs]
+    zero8 = ir.Constant(V8F, [0.0] * 8)
+    vals, _ = _loop(b, start or _i64(0), nsb, 1, [_ACC_ZERO] * TT + [zero8] * TT * WIDE, body)
+    if not WIDE:
+        return [_hsum(b, a) for a in vals]
+    return [b.fadd(_hsum(b, vals[t]), _hsum(b, vals[TT + t]), flags=FAST) for t in range(TT)]
 
 
 # lanes of a sub-block's two pair-product vectors (16 weights each, scales m = 2j and 2j + 1) added in pairs
@@ -149,7 +194,7 @@ def _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb):
 _HADD_EVEN, _HADD_ODD = _const(I32, [0, 2, 8, 10, 4, 6, 12, 14]), _const(I32, [1, 3, 9, 11, 5, 7, 13, 15])
 
 
-def _emit_q6_k(b, TT, w, xq, xd, nsb):
+def _emit_q6_k(b, TT, w, xq, xd, nsb, start=None):
     """Q6_K super-blocks for TT tokens (a scale per 16 weights). Per sub-block of 32: its codes once, and the
     scales of its two halves as one vector laid out as the pairwise sums below; per token two pair-product
     vectors added pairwise into one (4 lanes per half), a conversion, a multiply by its xd, an FMA."""
@@ -176,8 +221,148 @@ def _emit_q6_k(b, TT, w, xq, xd, nsb):
                 accs[t] = _fma(b, b.sitofp(dot, V8F), b.fmul(pattern, xdt, flags=FAST), accs[t])
         return accs
 
-    accs, _ = _loop(b, _i64(0), nsb, 1, [ir.Constant(V8F, [0.0] * 8)] * TT, body)
+    accs, _ = _loop(b, start or _i64(0), nsb, 1, [ir.Constant(V8F, [0.0] * 8)] * TT, body)
     return [_hsum(b, a) for a in accs]
+
+
+# --- WIDE: segments of SEG blocks, the activation transposed --------------------------------------------------------
+# Above, every block costs each token a pair product, a conversion, a scale broadcast and an FMA. Here a segment of
+# 16 blocks (512 weights) is decoded once and its codes transposed as 32-bit pairs, so that vector p holds pair p
+# of all 16 blocks, one per lane; the activation is laid out the same way (quant.kernels.segment_layout). A token
+# then sums each block in its own lane with 16 pair products, and takes one conversion and one FMA with the 16
+# blocks' scales for the segment, for a transpose of 64 shuffles that all the tokens share. Q4_0 for 4 tokens on
+# Zen 5: 285 instructions per segment, against 616 for its 16 blocks above. Blocks past the last whole segment go
+# through the kernels above.
+
+SEG = 16  # blocks of 32 per segment: one 32-bit lane each in a 512-bit vector
+
+
+def _transpose16(b, rows):
+    """16 vectors <16 x i32> -> their transpose (out[p] lane i = rows[i] lane p): four rounds of two-source
+    shuffles, each exchanging one bit of the row index with that bit of the lane index."""
+    rows = list(rows)
+    for j in range(4):
+        k = 1 << j
+        low = _const(I32, [lane if not lane & k else 16 + lane - k for lane in range(16)])
+        high = _const(I32, [lane + k if not lane & k else 16 + lane for lane in range(16)])
+        for r in range(16):
+            if not r & k:
+                a, c = rows[r], rows[r | k]
+                rows[r], rows[r | k] = b.shuffle_vector(a, c, low), b.shuffle_vector(a, c, high)
+    return rows
+
+
+def _emit_segments(b, TT, decode, xq, xd, xs, nseg):
+    """Segments 0 .. nseg - 1 for TT tokens (xq in segment layout) -> TT <16 x float> accumulators. decode(s) ->
+    (16 block codes <32 x i16>, their scales as <16 x float> or, where each half of a block has its own (Q6_K), a
+    pair of them (first 16 weights, last 16), their minimums <16 x float> to multiply the activation's block sums
+    xs, or None)."""
+    v16i = _vec(I32, 16)
+    zero = ir.Constant(v16i, [0] * 16)
+
+    def body(s, accs):
+        accs = list(accs)
+        codes, scales, mins = decode(s)
+        cols = [b.bitcast(c, _vec(I16, 32)) for c in _transpose16(b, [b.bitcast(c, v16i) for c in codes])]
+        xo, at = b.mul(s, _i64(SEG * 64)), b.mul(s, _i64(SEG * 4))
+        split = isinstance(scales, tuple)
+        # per token, pairs 0-7 and 8-15 summed apart: Q6_K scales them apart, and two chains of 8 products hide
+        # the products' latency
+        sums = [[zero, zero] for _ in range(TT)]
+        for p in range(16):
+            for t in range(TT):
+                sums[t][p // 8] = b.add(sums[t][p // 8], _pairs(b, cols[p], xq[t], b.add(xo, _i64(64 * p))))
+        for t in range(TT):
+            x = _load(b, xd[t], at, V16F)
+            if split:
+                for h in range(2):
+                    accs[t] = _fma(b, b.sitofp(sums[t][h], V16F), b.fmul(scales[h], x, flags=FAST), accs[t])
+            else:
+                accs[t] = _fma(b, b.sitofp(b.add(*sums[t]), V16F), b.fmul(scales, x, flags=FAST), accs[t])
+            if mins is not None:
+                accs[t] = _fma(b, mins, _load(b, xs[t], at, V16F), accs[t])
+        return accs
+
+    accs, _ = _loop(b, _i64(0), nseg, 1, [_ACC_ZERO] * TT, body)
+    return accs
+
+
+def _concat(b, lo, hi):
+    n = lo.type.count
+    return b.shuffle_vector(lo, hi, _const(I32, range(2 * n)))
+
+
+# block decoder -> the block's 32 codes as one <32 x i16>, where that saves joining two halves (Q4_0's nibbles
+# made in one vector took as many instructions as the join)
+_BLOCK32 = {_q8_0: lambda b, w, o: b.sext(_load(b, w, b.add(o, _i64(2)), _vec(I8, 32)), _vec(I16, 32))}
+
+
+def _legacy_segment(b, fmt, w):
+    block, block_bytes, offset, has_min = fmt
+
+    def codes_of(o):
+        if block in _BLOCK32:
+            return _BLOCK32[block](b, w, o)
+        return _concat(b, *block(b, w, o))
+
+    def decode(s):
+        o = b.mul(s, _i64(SEG * block_bytes))
+        _prefetch_span(b, w, o, SEG * block_bytes)
+        codes = []
+        for i in range(SEG):
+            c = codes_of(b.add(o, _i64(block_bytes * i)))
+            codes.append(b.sub(c, _const(I16, [offset] * 32)) if offset else c)
+        d = _halves(b, w, o, block_bytes, 0, SEG)
+        return codes, d, _halves(b, w, o, block_bytes, 2, SEG) if has_min else None
+
+    return decode
+
+
+def _q45_k_segment(b, five, w):
+    block_bytes = 176 if five else 144
+
+    def decode(s):
+        codes, dsc, ndm = [], [], []
+        for k in range(2):
+            o = b.mul(b.add(b.mul(s, _i64(2)), _i64(k)), _i64(block_bytes))
+            _prefetch_span(b, w, o, block_bytes)
+            sc, m = _k4_scales_mins(b, w, o)
+            dsc.append(b.fmul(sc, _splat(b, _half(b, w, o), 8), flags=FAST))
+            ndm.append(b.fneg(b.fmul(m, _splat(b, _half(b, w, b.add(o, _i64(2))), 8), flags=FAST)))
+            if five:
+                codes += [_concat(b, c0, c1) for _, (c0, c1) in _iter_q45_codes(b, w, o, five)]
+                continue
+            for g in range(4):  # sub-blocks 2g and 2g + 1: the low and high nibbles of 32 bytes
+                words = b.zext(_load(b, w, b.add(o, _i64(16 + 32 * g)), _vec(I8, 32)), _vec(I16, 32))
+                codes += [b.and_(words, _const(I16, [15] * 32)), b.lshr(words, _const(I16, [4] * 32))]
+        return codes, _concat(b, *dsc), _concat(b, *ndm)
+
+    return decode
+
+
+def _q6_k_segment(b, w):
+    def decode(s):
+        codes, firsts, seconds = [], [], []
+        for k in range(2):
+            o = b.mul(b.add(b.mul(s, _i64(2)), _i64(k)), _i64(210))
+            _prefetch_span(b, w, o, 210)
+            dsc = b.fmul(b.sitofp(_load(b, w, b.add(o, _i64(192)), _vec(I8, 16)), V16F),
+                         _splat(b, _half(b, w, b.add(o, _i64(208))), 16), flags=FAST)
+            firsts.append(b.shuffle_vector(dsc, dsc, _const(I32, range(0, 16, 2))))
+            seconds.append(b.shuffle_vector(dsc, dsc, _const(I32, range(1, 16, 2))))
+            codes += [b.sext(q, _vec(I16, 32)) for q in _q6_bytes(b, w, o)]
+        return codes, (_concat(b, *firsts), _concat(b, *seconds)), None
+
+    return decode
+
+
+def _with_segments(b, TT, decode, tail, xq, xd, xs, count, per_segment):
+    """TT floats: the segments of `count` blocks (or super-blocks, per_segment of them to a segment) by
+    _emit_segments, the rest by tail(start) -> TT floats."""
+    nseg = b.sdiv(count, _i64(per_segment))
+    accs = _emit_segments(b, TT, decode, xq, xd, xs, nseg)
+    rest = tail(b.mul(nseg, _i64(per_segment)))
+    return [b.fadd(_hsum(b, a), r, flags=FAST) for a, r in zip(accs, rest, strict=True)]
 
 
 def _multi_intrinsic(emit, emit_one):
@@ -212,7 +397,7 @@ def _multi_intrinsic(emit, emit_one):
                 def of(t):
                     return at(2, t, b.mul(n, _i64(2))), at(3, t, xstride), at(4, t, xstride), at(5, t, xstride)
 
-                if tt == 1:
+                if tt == 1 and not WIDE:
                     vals = [emit_one(b, w, *of(0), args[6])]
                 else:
                     xq, xd, xs, xc = zip(*(of(t) for t in range(tt)), strict=True)
@@ -233,9 +418,30 @@ def _multi_intrinsic(emit, emit_one):
     return kernel
 
 
+def _emit_legacy_any(b, fmt, TT, w, xq, xd, xs, xc, nb):
+    if not WIDE:
+        return _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb)
+    return _with_segments(b, TT, _legacy_segment(b, fmt, w),
+                          lambda start: _emit_legacy(b, fmt, TT, w, xq, xd, xs, xc, nb, start), xq, xd, xs, nb, SEG)
+
+
+def _emit_q45_k_any(b, five, TT, w, xq, xd, xs, nsb):
+    if not WIDE:
+        return _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb)
+    return _with_segments(b, TT, _q45_k_segment(b, five, w),
+                          lambda start: _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb, start), xq, xd, xs, nsb, 2)
+
+
+def _emit_q6_k_any(b, TT, w, xq, xd, nsb):
+    if not WIDE:
+        return _emit_q6_k(b, TT, w, xq, xd, nsb)
+    return _with_segments(b, TT, _q6_k_segment(b, w), lambda start: _emit_q6_k(b, TT, w, xq, xd, nsb, start),
+                          xq, xd, xd, nsb, 2)
+
+
 def _legacy(name):
     fmt = INT_FORMATS[name]
-    return _multi_intrinsic(lambda b, tt, w, xq, xd, xs, xc, nb: _emit_legacy(b, fmt, tt, w, xq, xd, xs, xc, nb),
+    return _multi_intrinsic(lambda b, tt, w, xq, xd, xs, xc, nb: _emit_legacy_any(b, fmt, tt, w, xq, xd, xs, xc, nb),
                             lambda b, w, xq, xd, xs, xc, nb: _emit_int_dot(b, fmt, w, xq, xd, xs, xc, nb))
 
 
@@ -244,11 +450,12 @@ def _k_quant(name, emit):
                                                                                   nsb))
 
 
-# Every token of a prepared activation times one row: kernel(u8, off, xq, xd, xs, xc, nb, out, r)
+# Every token of a prepared activation times one row: kernel(u8, off, xq, xd, xs, xc, nb, out, r); with WIDE, xq
+# in segment layout (quant.kernels.segment_layout)
 dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = (_legacy(k) for k in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))
-dot_q4_k = _k_quant("q4_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q45_k(b, False, tt, w, xq, xd, xs, nsb))
-dot_q5_k = _k_quant("q5_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q45_k(b, True, tt, w, xq, xd, xs, nsb))
-dot_q6_k = _k_quant("q6_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q6_k(b, tt, w, xq, xd, nsb))
+dot_q4_k = _k_quant("q4_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q45_k_any(b, False, tt, w, xq, xd, xs, nsb))
+dot_q5_k = _k_quant("q5_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q45_k_any(b, True, tt, w, xq, xd, xs, nsb))
+dot_q6_k = _k_quant("q6_k", lambda b, tt, w, xq, xd, xs, xc, nsb: _emit_q6_k_any(b, tt, w, xq, xd, nsb))
 
 
 def standalone_module(name: str, width: int = MAX_WIDTH) -> str:
@@ -266,11 +473,11 @@ def standalone_module(name: str, width: int = MAX_WIDTH) -> str:
     rows = [[b.gep(base, [b.mul(_i64(t), stride)]) for t in range(width)]
             for base, stride in ((xq, b.mul(n, _i64(2))), (xd, per_block), (xs, per_block), (xc, per_block))]
     if name in INT_FORMATS:
-        vals = _emit_legacy(b, INT_FORMATS[name], width, w, *rows, count)
+        vals = _emit_legacy_any(b, INT_FORMATS[name], width, w, *rows, count)
     elif name == "q6_k":
-        vals = _emit_q6_k(b, width, w, rows[0], rows[1], count)
+        vals = _emit_q6_k_any(b, width, w, rows[0], rows[1], count)
     else:
-        vals = _emit_q45_k(b, name == "q5_k", width, w, rows[0], rows[1], rows[2], count)
+        vals = _emit_q45_k_any(b, name == "q5_k", width, w, rows[0], rows[1], rows[2], count)
     for t, v in enumerate(vals):
         b.store(v, b.gep(out, [_i64(t)]))
     b.ret_void()

@@ -3,6 +3,10 @@ matrix-vector product must equal dequantize(W) @ x within a stated bound."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import REPO
@@ -95,7 +99,8 @@ def test_matvec_equals_dequantized_product(qtype, n):
         assert np.all(np.abs(y - exact) <= 2e-5 * mag + 1e-6)
 
 
-MULTI_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
+# and rows of whole segments of 16 blocks with a rest (simd_multi.SEG: 2 segments + 1 super-block, + 3 blocks)
+MULTI_CASES = [(t, n) for t in INT16_FORMATS for n in [*widths(t), 1280 if block_size(t) == 256 else 1120]]
 
 
 @pytest.mark.parametrize("qtype,n", MULTI_CASES, ids=[f"{t.name}-{n}" for t, n in MULTI_CASES])
@@ -167,6 +172,51 @@ def test_gemm_of_stacked_matrices(with_q6_k):
     want = np.concatenate([matvec_raw(r, qtype, x) for r, (qtype, _) in zip(raws, mats, strict=True)], axis=1)
     assert tp % NR == 0 and np.all(out[T:] == 0) and np.all(out[:, rows:] == 0)
     np.testing.assert_allclose(out[:T, :rows], want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_stacked_matrices_with_q6_k(T):
+    """A product of stacked matrices with Q6_K among them (a Q4_K_M file's Q/K/V), for one token (where the Q6_K
+    rows may take the several-token kernel) and for three, over rows of two whole segments and a super-block
+    more: each matrix within the int16 bound of its dequantized product."""
+    from quant.kernels import activation_blocks, matvec_multi, prepare, weight_views
+
+    rng = np.random.default_rng(6)
+    n = 1280
+    mats = [(Q.Q4_K, 21), (Q.Q6_K, 19), (Q.Q8_0, 7), (Q.Q6_K, 5)]
+    raws = [weights(qtype, rows, n, rng) for qtype, rows in mats]
+    buf = np.concatenate([r.reshape(-1) for r in raws])
+    offs = np.cumsum([0] + [r.size for r in raws])[:-1]
+    descs = np.array([[o, int(qtype), rows] for o, (qtype, rows) in zip(offs, mats, strict=True)], dtype=np.int64)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    x[:, 9] *= 30
+    xb = activation_blocks(T, n)
+    prepare(x, xb)
+    out = np.full((T, sum(r for _, r in mats)), np.nan, dtype=np.float32)
+    matvec_multi(weight_views(buf), descs, x, xb, out)
+    w = np.concatenate([reference(r, qtype, n) for r, (qtype, _) in zip(raws, mats, strict=True)]).astype(np.float64)
+    mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+    bound = 2e-5 * mag + 1e-6 + int16_rounding(x) @ np.abs(w).T
+    assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound)
+
+
+@pytest.mark.slow
+def test_several_token_kernels_of_256_bit_vectors():
+    """The several-token kernels as AVX2 and NEON compile them (simd_multi.WIDE off, forced on any host by
+    LLMCLI_SIMD_WIDTH=256, in a kernel cache folder of their own) pass the tests above."""
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from quant import simd_multi\n"
+        "assert not simd_multi.WIDE\n"
+        "import test_kernels as k\n"
+        "for qtype, n in k.MULTI_CASES:\n"
+        "    k.test_several_tokens_equal_one_at_a_time(qtype, n)\n"
+        "for T in (1, 3):\n"
+        "    k.test_stacked_matrices_with_q6_k(T)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=900,
+                         env={**os.environ, "LLMCLI_SIMD_WIDTH": "256"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_single_vector_and_threads():

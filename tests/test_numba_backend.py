@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = REPO / ".test-models"
 
 DEFAULTS = NumbaOptions()
-GEMM_MIN_T, GEMM_MIN_T_COLD, SMALL_T = DEFAULTS.gemm_min_t, DEFAULTS.gemm_min_t_cold, DEFAULTS.small_t
+GEMM_MIN_T_COLD, SMALL_T = DEFAULTS.gemm_min_t_cold, DEFAULTS.small_t
 
 
 def with_options(model, **changes):
@@ -73,7 +73,7 @@ def models(smollm2_variants):
 def test_logits_match_numpy(models, variant):
     """Every numba path gives the reference's distribution at every position: the prompt in one GEMM pass (the
     integer GEMM, and BLAS on dequantized tiles: which one runs by default depends on the CPU), the prompt through
-    the matvec kernels in chunks of SMALL_T (what prompts shorter than GEMM_MIN_T take), and pieces of 5 tokens
+    the matvec kernels in chunks of SMALL_T (what prompts shorter than model.gemm_min_t take), and pieces of 5 tokens
     through the cache."""
     fast, ref = models(variant)
     tokens = np.array(PROMPTS[0])
@@ -141,7 +141,7 @@ def test_short_prompts_take_the_decode_stack_until_the_gemm_path_is_loaded(model
     loaded it. The two paths round differently, so each result shows which path made it."""
     fast, _ = models("q4_1")
     tokens = np.resize(np.array(PROMPTS[0]), GEMM_MIN_T_COLD - 1)
-    assert len(tokens) >= GEMM_MIN_T
+    assert len(tokens) >= fast.gemm_min_t == 32  # a small model's threshold
 
     def forward(t):
         return fast.forward(t, fast.new_cache(len(t)))
@@ -149,6 +149,7 @@ def test_short_prompts_take_the_decode_stack_until_the_gemm_path_is_loaded(model
     with_options(fast, gemm_min_t=1 << 30)
     stack = forward(tokens)
     with_options(fast, gemm_min_t=1, gemm_min_t_cold=0)
+    assert fast.gemm_min_t == 1
     gemm = forward(tokens)
     assert not np.array_equal(stack, gemm)
     with_options(fast)
@@ -161,7 +162,7 @@ def test_short_prompts_take_the_decode_stack_until_the_gemm_path_is_loaded(model
 
 @pytest.mark.slow
 def test_prompt_pool_equals_one_thread(models, smollm2_variants):
-    """A prompt long enough for the prompt path (GEMM_MIN_T), whose products go to its thread pool, gives the
+    """A prompt long enough for the prompt path (GEMM_MIN_T_COLD), whose products go to its thread pool, gives the
     logits of the same prompt on one thread, and the numba backend leaves BLAS itself on one thread (its
     products get their parallelism from that pool, not from a second, spinning pool of BLAS threads)."""
     from threadpoolctl import threadpool_info
@@ -169,7 +170,7 @@ def test_prompt_pool_equals_one_thread(models, smollm2_variants):
     fast, _ = models("q4_1")
     one = load_model(read_gguf(smollm2_variants["q4_1"]), "numba", threads=1)
     assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
-    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), max(GEMM_MIN_T, GEMM_MIN_T_COLD) + 9)
+    tokens = np.resize(np.array(PROMPTS[0] + PROMPTS[1]), GEMM_MIN_T_COLD + 9)
     want = one.forward(tokens, one.new_cache(len(tokens)), all_logits=True)
     got = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -198,7 +199,7 @@ def test_k_quant_models_match_numpy(qtype, tmp_path):
     assert {t.qtype.name for t in gguf.tensors.values() if len(t.shape) == 2} == {qtype}
     fast, ref = load_model(gguf, "numba", threads=2), load_model(gguf, "numpy")
     tokens = np.resize(np.array([3, 17, 99, 5, 140, 2, 77, 31, 8, 64, 12, 150]),
-                       max(GEMM_MIN_T, GEMM_MIN_T_COLD) + 5)
+                       GEMM_MIN_T_COLD + 5)
     want = ref.forward(tokens, ref.new_cache(len(tokens)), all_logits=True)
     whole = fast.forward(tokens, fast.new_cache(len(tokens)), all_logits=True)  # the prompt path
     cache = fast.new_cache(len(tokens))
