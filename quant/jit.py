@@ -41,11 +41,12 @@ __all__ = ["njit", "prange", "use_kernel_cache"]
 _SHARED = ("jit.py", "kernels.py", "kernels_lowbit.py", "kv_kernels.py", "simd.py", "simd_multi.py", "gemm.py",
            "quantize.py")
 PRUNE_AFTER_DAYS = 30
+SIMD_WIDTH_VAR = "LLMCLI_SIMD_WIDTH"  # "256": the several-token kernels of 256-bit vectors on any host (tests)
 
 
 def _sources_hash() -> str:
     # and the vector width forced for tests (quant/simd_multi.py), which changes the code the kernels compile to
-    h = hashlib.sha256((numba.__version__ + os.environ.get("LLMCLI_SIMD_WIDTH", "")).encode())
+    h = hashlib.sha256((numba.__version__ + os.environ.get(SIMD_WIDTH_VAR, "")).encode())
     for name in _SHARED:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]

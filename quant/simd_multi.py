@@ -27,6 +27,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from quant.jit import SIMD_WIDTH_VAR
 from quant.simd import (
     F32,
     FAST,
@@ -74,7 +75,6 @@ def _use_512_bit_vectors() -> bool:
 # With 512-bit registers (WIDE), a block's 32 products are one pair-product instruction, and rows are taken in
 # segments of 16 blocks whose codes are transposed (below); with 256-bit registers (AVX2, NEON) a block's two
 # 8-lane halves are added as integers before its one conversion.
-SIMD_WIDTH_VAR = "LLMCLI_SIMD_WIDTH"
 WIDE = _use_512_bit_vectors()
 
 
@@ -87,11 +87,17 @@ V_ACC = V16F if WIDE else V8F
 _ACC_ZERO = ir.Constant(V_ACC, [0.0] * V_ACC.count)
 
 
+def _concat(b, lo, hi):
+    """Two vectors of n lanes -> one of 2n: lo's lanes, then hi's."""
+    n = lo.type.count
+    return b.shuffle_vector(lo, hi, _const(I32, range(2 * n)))
+
+
 def _block_dot(b, lo, hi, xq, xo):
     """The codes of a block of 32 (weights 0-15 in lo, 16-31 in hi, <16 x i16> each) . the 32 int16 at byte xo of
     xq -> its pair sums as floats (<16 x float> when WIDE, else <8 x float>)."""
     if WIDE:
-        return b.sitofp(_pairs(b, b.shuffle_vector(lo, hi, _const(I32, range(32))), xq, xo), V16F)
+        return b.sitofp(_pairs(b, _concat(b, lo, hi), xq, xo), V16F)
     return b.sitofp(b.add(_pairs(b, lo, xq, xo), _pairs(b, hi, xq, b.add(xo, _i64(32)))), V8F)
 
 
@@ -183,7 +189,7 @@ def _emit_q45_k(b, five, TT, w, xq, xd, xs, nsb, start=None):
         return accs + mins
 
     zero8 = ir.Constant(V8F, [0.0] * 8)
-    vals, _ = _loop(b, start or _i64(0), nsb, 1, [_ACC_ZERO] * TT + [zero8] * TT * WIDE, body)
+    vals, _ = _loop(b, start or _i64(0), nsb, 1, [_ACC_ZERO] * TT + ([zero8] * TT if WIDE else []), body)
     if not WIDE:
         return [_hsum(b, a) for a in vals]
     return [b.fadd(_hsum(b, vals[t]), _hsum(b, vals[TT + t]), flags=FAST) for t in range(TT)]
@@ -285,11 +291,6 @@ def _emit_segments(b, TT, decode, xq, xd, xs, nseg):
 
     accs, _ = _loop(b, _i64(0), nseg, 1, [_ACC_ZERO] * TT, body)
     return accs
-
-
-def _concat(b, lo, hi):
-    n = lo.type.count
-    return b.shuffle_vector(lo, hi, _const(I32, range(2 * n)))
 
 
 # block decoder -> the block's 32 codes as one <32 x i16>, where that saves joining two halves (Q4_0's nibbles
@@ -436,7 +437,7 @@ def _emit_q6_k_any(b, TT, w, xq, xd, nsb):
     if not WIDE:
         return _emit_q6_k(b, TT, w, xq, xd, nsb)
     return _with_segments(b, TT, _q6_k_segment(b, w), lambda start: _emit_q6_k(b, TT, w, xq, xd, nsb, start),
-                          xq, xd, xd, nsb, 2)
+                          xq, xd, None, nsb, 2)
 
 
 def _legacy(name):

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
 from quant.formats import block_size, type_size
+from quant.jit import SIMD_WIDTH_VAR
 from quant.kernels import dequantize_raw, matvec_raw
 
 # gguf-py quantizes these; K-quants it only dequantizes, so their blocks are random bytes with sane scales
@@ -215,7 +216,7 @@ def test_several_token_kernels_of_256_bit_vectors():
         "    k.test_stacked_matrices_with_q6_k(T)\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=900,
-                         env={**os.environ, "LLMCLI_SIMD_WIDTH": "256"})
+                         env={**os.environ, SIMD_WIDTH_VAR: "256"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
