@@ -15,7 +15,7 @@
                                                             # 1 and 2 threads, next to the parallel-sum bandwidth
     python benchmarks/bench_kernels.py --tokens [--formats q4_0,q4_k,q6_k]
                                                             # T = 1, 2, 4, 8 tokens through matvec (each block
-                                                            # decoded once for up to 4) vs the one-token kernel
+                                                            # decoded once for up to 8) vs the one-token kernel
                                                             # per token, one thread, CPU time
     python benchmarks/bench_kernels.py --steps FILE.gguf [--threads 1]
                                                             # CPU time of a batched decode step of 1, 2, 4, 8
@@ -420,7 +420,7 @@ def streaming(threads_list=(1, 2)) -> list[dict]:
 
 
 def several_tokens(formats: list[str], tokens=(1, 2, 4, 8)) -> list[dict]:
-    """The small-T path: matvec (each block decoded once for up to 4 tokens, quant/simd_multi.py) against the
+    """The small-T path: matvec (each block decoded once for up to 8 tokens, quant/simd_multi.py) against the
     one-token kernel called per token (what matvec did before), on a 2048 x 2048 matrix (cache-resident: the step
     is compute-bound once tokens share it), one thread, CPU time, alternating; and each T's cost relative to
     T = 1."""

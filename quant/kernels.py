@@ -83,11 +83,16 @@ def row_bytes(qtype, n):
 
 
 def activation_blocks(T: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Buffers for `prepare` of a (T, n) activation: (sums, int16 copy, its scales, its sums)."""
-    def per_block():
-        return np.empty((T, n // QK8), dtype=np.float32)
+    """Buffers for `prepare` of a (T, n) activation: (sums, int16 copy, its scales, its sums), each starting on a
+    64-byte boundary, where the kernels' vector loads want them (see segment_layout)."""
+    def aligned(cols, dtype):
+        size = np.dtype(dtype).itemsize
+        buf = np.empty(T * cols + 64 // size, dtype=dtype)
+        skip = (-buf.ctypes.data) % 64 // size
+        return buf[skip:skip + T * cols].reshape(T, cols)
 
-    return per_block(), np.empty((T, n), dtype=np.int16), per_block(), per_block()
+    return aligned(n // QK8, np.float32), aligned(n, np.int16), aligned(n // QK8, np.float32), \
+        aligned(n // QK8, np.float32)
 
 
 @njit(cache=True, nogil=True)
@@ -210,11 +215,11 @@ def row_offset(descs, r, n):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r):
-    """out[t, r] = row of `qtype` at byte `off` (n weights) . x[t] for every token t of x: (T, n), given the
-    prepared (xs, xq, xd, xc) = prepare(x) (T rows each) and xk, xq in the several-token kernels' layout
-    (segment_layout): the quantized formats decode each block once for up to simd_multi.MAX_WIDTH tokens
-    (quant/simd_multi.py); the others go token by token. New quantized formats add their kernel here."""
+def dot_tokens_int(wv, qtype, off, n, xk, xd, xs, xc, out, r):
+    """out[t, r] = row of `qtype` at byte `off` (n weights) . token t, for every token of the prepared activation
+    (xk: its int16 copy in the several-token kernels' layout, segment_layout): the formats of quant/simd_multi.py,
+    which decode each block once for up to simd_multi.MAX_WIDTH tokens. False for any other format (nothing
+    written). New quantized formats add their kernel here."""
     u8, nb = wv[0], n // 32
     if qtype == Q4_0:
         simd_multi.dot_q4_0(u8, off, xk, xd, xs, xc, nb, out, r)
@@ -233,6 +238,15 @@ def dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r):
     elif qtype == Q5_1:
         simd_multi.dot_q5_1(u8, off, xk, xd, xs, xc, nb, out, r)
     else:
+        return False
+    return True
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r):
+    """dot_tokens_int, and token by token for the other formats (x: (T, n) float32, xq: the int16 copy as
+    prepared)."""
+    if not dot_tokens_int(wv, qtype, off, n, xk, xd, xs, xc, out, r):
         for t in range(x.shape[0]):
             out[t, r] = dot_row(wv, qtype, off, n, x[t], xs[t], xq[t], xd[t], xc[t])
 
@@ -245,7 +259,11 @@ def segment_layout(xq):
     T, n = xq.shape
     seg = simd_multi.SEG
     whole = n // (32 * seg) * (32 * seg)
-    out = np.empty_like(xq)
+    # on a 64-byte boundary: every product reads 64 bytes of it, and a misaligned copy splits each read over two
+    # cache lines (8 tokens' products ran at 75-85 G multiply-adds/s in some processes, 115-130 in others)
+    buf = np.empty(T * n + 32, dtype=np.int16)
+    skip = (-buf.ctypes.data) % 64 // 2
+    out = buf[skip:skip + T * n].reshape(T, n)
     for t in range(T):
         for s0 in range(0, whole, 32 * seg):
             for i in range(seg):
@@ -254,6 +272,66 @@ def segment_layout(xq):
                     out[t, s0 + 2 * (seg * p + i) + 1] = xq[t, s0 + 32 * i + 2 * p + 1]
         out[t, whole:] = xq[t, whole:]
     return out
+
+
+CHUNK_ROWS = 32  # rows that take one column chunk after the other (a few pages of weights)
+ACTIVATION_BYTES = 32768  # the int16 activation a several-token product keeps in L1 (48 KB on Zen 5, 32 on Zen 4)
+
+
+@njit(cache=True, inline="always")
+def chunk_width(T, n, descs):
+    """Columns per pass of a several-token product (n: all of them in one). Each row reads every token's
+    activation, so where T tokens of n int16 exceed ACTIVATION_BYTES the rows are taken in column chunks, all rows
+    for one chunk before the next: 8 tokens on a 1B model's ffn_down (n = 8192) ran at 44 G multiply-adds/s whole,
+    against ~115 for rows of 2048. Only for the formats of simd_multi (chunks of whole segments of 512)."""
+    width = max(512, ACTIVATION_BYTES // (2 * T) // 512 * 512)
+    if T == 1 or n <= width:
+        return n
+    for i in range(descs.shape[0]):
+        q = descs[i, 1]
+        if not (q == Q4_0 or q == Q4_1 or q == Q5_0 or q == Q5_1 or q == Q8_0 or q == Q4_K or q == Q5_K
+                or q == Q6_K):  # dot_tokens_int's formats
+            return n
+    return width
+
+
+@njit(cache=True, nogil=True)
+def chunk_layout(xb, c0, c1):
+    """Columns c0 .. c1 of a prepared activation xb (activation_blocks) as contiguous copies (xs, xq, xd, xc), xq
+    in the several-token kernels' layout (segment_layout where simd_multi.WIDE)."""
+    xs, xq, xd, xc = xb
+    b0, b1 = c0 // 32, c1 // 32
+    xk = segment_layout(xq[:, c0:c1]) if simd_multi.WIDE else np.ascontiguousarray(xq[:, c0:c1])
+    return (np.ascontiguousarray(xs[:, b0:b1]), xk, np.ascontiguousarray(xd[:, b0:b1]),
+            np.ascontiguousarray(xc[:, b0:b1]))
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_chunked(wv, descs, xb, width, out):
+    """matvec_multi for several tokens, the columns in chunks of `width` (chunk_width): rows in groups of
+    CHUNK_ROWS, each group chunk by chunk, the partial products summed at the end."""
+    T, n = xb[1].shape
+    total = 0
+    for i in range(descs.shape[0]):
+        total += descs[i, 2]
+    nch = (n + width - 1) // width
+    chunks = [chunk_layout(xb, c * width, min(n, (c + 1) * width)) for c in range(nch)]
+    parts = np.empty((nch, T, total), dtype=np.float32)
+    for blk in prange((total + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        r0, r1 = blk * CHUNK_ROWS, min(total, (blk + 1) * CHUNK_ROWS)
+        for c in range(nch):
+            c0, c1 = c * width, min(n, (c + 1) * width)
+            cs, ck, cd, cc = chunks[c]
+            for r in range(r0, r1):
+                off, qtype = row_offset(descs, r, n)
+                off += row_bytes(qtype, c0)
+                dot_tokens_int(wv, qtype, off, c1 - c0, ck, cd, cs, cc, parts[c], r)
+        for r in range(r0, r1):
+            for t in range(T):
+                acc = parts[0, t, r]
+                for c in range(1, nch):
+                    acc += parts[c, t, r]
+                out[t, r] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -275,8 +353,12 @@ def matvec_multi(wv, descs, x, xb, out):
     # the several-token kernels' copy of xq; with WIDE, one token's Q6_K rows take that kernel too (1.26x the
     # one-token kernel's speed: benchmarks/RESULTS.md)
     wide_q6 = simd_multi.WIDE and q6
-    xk = segment_layout(xq) if simd_multi.WIDE and (x.shape[0] > 1 or q6) else xq
-    if x.shape[0] > 1:
+    width = chunk_width(x.shape[0], n, descs)
+    chunked = x.shape[0] > 1 and width < n
+    xk = segment_layout(xq) if simd_multi.WIDE and not chunked and (x.shape[0] > 1 or q6) else xq
+    if chunked:
+        matvec_chunked(wv, descs, xb, width, out)
+    elif x.shape[0] > 1:
         for r in prange(total):
             off, qtype = row_offset(descs, r, n)
             dot_tokens(wv, qtype, off, n, x, xs, xq, xk, xd, xc, out, r)

@@ -53,6 +53,8 @@ from quant.simd import (
     _loop,
     _pairs,
     _prefetch_span,
+    _q4_0,
+    _q4_1,
     _q6_bytes,
     _q6_codes,
     _q8_0,
@@ -60,7 +62,6 @@ from quant.simd import (
     _vec,
 )
 
-MAX_WIDTH = 4  # tokens per pass over a row; T = 8 is two passes, T = 6 a pass of 4 and one of 2
 BLOCKS = 2  # legacy blocks per loop iteration (their scales gathered as one vector)
 
 
@@ -76,6 +77,7 @@ def _use_512_bit_vectors() -> bool:
 # segments of 16 blocks whose codes are transposed (below); with 256-bit registers (AVX2, NEON) a block's two
 # 8-lane halves are added as integers before its one conversion.
 WIDE = _use_512_bit_vectors()
+MAX_WIDTH = 8 if WIDE else 4  # tokens per pass over a row; T = 6 on AVX2 is a pass of 4 and one of 2
 
 
 def _lane(b, v, j, n=8):
@@ -237,10 +239,11 @@ def _emit_q6_k(b, TT, w, xq, xd, nsb, start=None):
 # of all 16 blocks, one per lane; the activation is laid out the same way (quant.kernels.segment_layout). A token
 # then sums each block in its own lane with 16 pair products, and takes one conversion and one FMA with the 16
 # blocks' scales for the segment, for a transpose of 64 shuffles that all the tokens share. Q4_0 for 4 tokens on
-# Zen 5: 285 instructions per segment, against 616 for its 16 blocks above. Blocks past the last whole segment go
-# through the kernels above.
+# Zen 5: 285 instructions per segment, against 616 for its 16 blocks above; Q4_0 and Q4_1 skip the transpose (their
+# pairs are gathered from the packed bytes: 213). Blocks past the last whole segment go through the kernels above.
 
 SEG = 16  # blocks of 32 per segment: one 32-bit lane each in a 512-bit vector
+CHAINS = {1: 4, 2: 4, 3: 4, 4: 4}  # integer sums per token and segment, by tokens per pass (else 2)
 
 
 def _transpose16(b, rows):
@@ -258,33 +261,71 @@ def _transpose16(b, rows):
     return rows
 
 
+def _transposed(b, codes):
+    """16 blocks' codes (<32 x i16> each) -> 16 vectors, vector p holding pair p of every block."""
+    v16i = _vec(I32, 16)
+    return [b.bitcast(c, _vec(I16, 32)) for c in _transpose16(b, [b.bitcast(c, v16i) for c in codes])]
+
+
+def _gather_bytes(b, srcs, picks):
+    """<64 x i8> whose byte k is byte picks[k] of the concatenated srcs (<64 x i8> each), or 0 where picks[k] is
+    None: a two-source permute per pair of sources, each merged in under a mask (one vpermt2b each, masked, on
+    x86 with VBMI: Zen 4 and 5, Sapphire Rapids)."""
+    out = ir.Constant(_vec(I8, 64), [0] * 64)
+    for g in range(0, len(srcs), 2):
+        pair = srcs[g:g + 2]
+        mine = [p is not None and 64 * g <= p < 64 * (g + len(pair)) for p in picks]
+        if not any(mine):
+            continue
+        idx = [p - 64 * g if m else 0 for p, m in zip(picks, mine, strict=True)]
+        perm = b.shuffle_vector(pair[0], pair[-1], _const(I32, idx))
+        out = b.select(_const(ir.IntType(1), mine), perm, out)
+    return out
+
+
+def _load64(b, w, o, nbytes=64):
+    """nbytes (32 or 64) at w + o as <64 x i8> (32: twice over; nothing is read past them)."""
+    v = _load(b, w, o, _vec(I8, nbytes))
+    return v if nbytes == 64 else _concat(b, v, v)
+
+
+def _segment_bytes(b, w, o, nbytes):
+    """The nbytes (a multiple of 32) at w + o as <64 x i8> sources for _gather_bytes."""
+    return [_load64(b, w, b.add(o, _i64(k)), min(64, nbytes - k)) for k in range(0, nbytes, 64)]
+
+
+def _words_of(b, srcs, picks):
+    """<32 x i16> zero-extended from the bytes picks (32 of them) of srcs: the bytes land in the low halves."""
+    return b.bitcast(_gather_bytes(b, srcs, [q for p in picks for q in (p, None)]), _vec(I16, 32))
+
+
 def _emit_segments(b, TT, decode, xq, xd, xs, nseg):
     """Segments 0 .. nseg - 1 for TT tokens (xq in segment layout) -> TT <16 x float> accumulators. decode(s) ->
-    (16 block codes <32 x i16>, their scales as <16 x float> or, where each half of a block has its own (Q6_K), a
-    pair of them (first 16 weights, last 16), their minimums <16 x float> to multiply the activation's block sums
-    xs, or None)."""
+    (16 vectors <32 x i16>, vector p holding pair p of every block (a block per 32-bit lane), the blocks' scales
+    as <16 x float> or, where each half of a block has its own (Q6_K), a pair of them (first 16 weights, last 16),
+    their minimums <16 x float> to multiply the activation's block sums xs, or None)."""
     v16i = _vec(I32, 16)
     zero = ir.Constant(v16i, [0] * 16)
 
     def body(s, accs):
         accs = list(accs)
-        codes, scales, mins = decode(s)
-        cols = [b.bitcast(c, _vec(I16, 32)) for c in _transpose16(b, [b.bitcast(c, v16i) for c in codes])]
+        cols, scales, mins = decode(s)
         xo, at = b.mul(s, _i64(SEG * 64)), b.mul(s, _i64(SEG * 4))
         split = isinstance(scales, tuple)
-        # per token, pairs 0-7 and 8-15 summed apart: Q6_K scales them apart, and two chains of 8 products hide
-        # the products' latency
-        sums = [[zero, zero] for _ in range(TT)]
+        # each token's 16 products in `chains` integer sums, each converted and scaled on its own: LLVM would
+        # otherwise add them all in one chain, one product's latency after the other (2 chains took 8 tokens
+        # from 80 to 130 G multiply-adds/s). Q6_K scales pairs 0-7 and 8-15 apart.
+        chains = CHAINS.get(TT, 2)
+        sums = [[zero] * chains for _ in range(TT)]
         for p in range(16):
             for t in range(TT):
-                sums[t][p // 8] = b.add(sums[t][p // 8], _pairs(b, cols[p], xq[t], b.add(xo, _i64(64 * p))))
+                c = p * chains // 16
+                sums[t][c] = b.add(sums[t][c], _pairs(b, cols[p], xq[t], b.add(xo, _i64(64 * p))))
         for t in range(TT):
             x = _load(b, xd[t], at, V16F)
-            if split:
-                for h in range(2):
-                    accs[t] = _fma(b, b.sitofp(sums[t][h], V16F), b.fmul(scales[h], x, flags=FAST), accs[t])
-            else:
-                accs[t] = _fma(b, b.sitofp(b.add(*sums[t]), V16F), b.fmul(scales, x, flags=FAST), accs[t])
+            for c in range(chains):
+                sc = scales[c * 2 // chains] if split else scales
+                accs[t] = _fma(b, b.sitofp(sums[t][c], V16F), b.fmul(sc, x, flags=FAST), accs[t])
             if mins is not None:
                 accs[t] = _fma(b, mins, _load(b, xs[t], at, V16F), accs[t])
         return accs
@@ -298,8 +339,40 @@ def _emit_segments(b, TT, decode, xq, xd, xs, nseg):
 _BLOCK32 = {_q8_0: lambda b, w, o: b.sext(_load(b, w, b.add(o, _i64(2)), _vec(I8, 32)), _vec(I16, 32))}
 
 
+def _nibble_segment(b, fmt, w):
+    """Q4_0 / Q4_1 segments straight into pair vectors: the segment's bytes in whole vectors, and per pair of
+    packed bytes (weights 2u, 2u + 1 in the low nibbles, 2u + 16, 2u + 17 in the high) one gather of that pair
+    from every block, zero-extended to words; a mask and a shift then give pairs u and u + 8. About 60
+    instructions per segment where decoding each block and transposing took ~220."""
+    _, block_bytes, offset, has_min = fmt
+    qs = 4 if has_min else 2
+
+    def halves(srcs, at):
+        words = _gather_bytes(b, srcs, [block_bytes * (k // 2) + at + k % 2 if k < 32 else None for k in range(64)])
+        h = b.shuffle_vector(b.bitcast(words, _vec(I16, 32)), b.bitcast(words, _vec(I16, 32)), _const(I32, range(16)))
+        return b.fpext(b.bitcast(h, _vec(HALF, 16)), V16F)
+
+    def decode(s):
+        o = b.mul(s, _i64(SEG * block_bytes))
+        _prefetch_span(b, w, o, SEG * block_bytes)
+        srcs = _segment_bytes(b, w, o, SEG * block_bytes)
+        low, high = [], []
+        for u in range(8):
+            words = _words_of(b, srcs, [block_bytes * (k // 2) + qs + 2 * u + k % 2 for k in range(32)])
+            low.append(b.and_(words, _const(I16, [15] * 32)))
+            high.append(b.lshr(words, _const(I16, [4] * 32)))
+        cols = low + high
+        if offset:
+            cols = [b.sub(c, _const(I16, [offset] * 32)) for c in cols]
+        return cols, halves(srcs, 0), halves(srcs, 2) if has_min else None
+
+    return decode
+
+
 def _legacy_segment(b, fmt, w):
     block, block_bytes, offset, has_min = fmt
+    if block in (_q4_0, _q4_1):
+        return _nibble_segment(b, fmt, w)
 
     def codes_of(o):
         if block in _BLOCK32:
@@ -314,7 +387,7 @@ def _legacy_segment(b, fmt, w):
             c = codes_of(b.add(o, _i64(block_bytes * i)))
             codes.append(b.sub(c, _const(I16, [offset] * 32)) if offset else c)
         d = _halves(b, w, o, block_bytes, 0, SEG)
-        return codes, d, _halves(b, w, o, block_bytes, 2, SEG) if has_min else None
+        return _transposed(b, codes), d, _halves(b, w, o, block_bytes, 2, SEG) if has_min else None
 
     return decode
 
@@ -336,7 +409,7 @@ def _q45_k_segment(b, five, w):
             for g in range(4):  # sub-blocks 2g and 2g + 1: the low and high nibbles of 32 bytes
                 words = b.zext(_load(b, w, b.add(o, _i64(16 + 32 * g)), _vec(I8, 32)), _vec(I16, 32))
                 codes += [b.and_(words, _const(I16, [15] * 32)), b.lshr(words, _const(I16, [4] * 32))]
-        return codes, _concat(b, *dsc), _concat(b, *ndm)
+        return _transposed(b, codes), _concat(b, *dsc), _concat(b, *ndm)
 
     return decode
 
@@ -352,7 +425,7 @@ def _q6_k_segment(b, w):
             firsts.append(b.shuffle_vector(dsc, dsc, _const(I32, range(0, 16, 2))))
             seconds.append(b.shuffle_vector(dsc, dsc, _const(I32, range(1, 16, 2))))
             codes += [b.sext(q, _vec(I16, 32)) for q in _q6_bytes(b, w, o)]
-        return codes, (_concat(b, *firsts), _concat(b, *seconds)), None
+        return _transposed(b, codes), (_concat(b, *firsts), _concat(b, *seconds)), None
 
     return decode
 

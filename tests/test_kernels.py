@@ -106,7 +106,8 @@ MULTI_CASES = [(t, n) for t in INT16_FORMATS for n in [*widths(t), 1280 if block
 
 @pytest.mark.parametrize("qtype,n", MULTI_CASES, ids=[f"{t.name}-{n}" for t, n in MULTI_CASES])
 def test_several_tokens_equal_one_at_a_time(qtype, n):
-    """T = 2..9 tokens at once (quant/simd_multi.py: each block decoded once for up to 4 of them; 9 = 4 + 4 + 1)
+    """T = 2..9 tokens at once (quant/simd_multi.py: each block decoded once for up to 8 of them with 512-bit
+    vectors, 4 with 256; 9 = 8 + 1 or 4 + 4 + 1)
     equal the one-token kernel for each token to float32 rounding (the same integer block sums, added in another
     order): |difference| <= 2e-6 * (|W| @ |x|) + 1e-7, and dequantize(W) @ x within the bound of
     test_matvec_equals_dequantized_product. Odd shapes: 37 rows, rows of 3 blocks (a block past the pairs)."""
@@ -122,6 +123,30 @@ def test_several_tokens_equal_one_at_a_time(qtype, n):
         assert np.all(np.abs(y - one) <= 2e-6 * mag + 1e-7), T
         bound = 2e-5 * mag + 1e-6 + int16_rounding(x) @ np.abs(w).T
         assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= bound), T
+
+
+# rows longer than one column chunk of a several-token product (kernels.chunk_width: 2048 columns for 8 tokens,
+# 1024 for 16), the last chunk ending in blocks past its whole segments
+CHUNK_CASES = [(t, 2816 if block_size(t) == 256 else 2656) for t in INT16_FORMATS]
+
+
+@pytest.mark.parametrize("qtype,n", CHUNK_CASES, ids=[f"{t.name}-{n}" for t, n in CHUNK_CASES])
+def test_several_tokens_in_column_chunks(qtype, n):
+    """8 and 16 tokens over rows taken in column chunks (kernels.matvec_chunked) equal the one-token kernel for
+    each token, to float32 rounding as in test_several_tokens_equal_one_at_a_time."""
+    from quant.kernels import chunk_width
+
+    rng = np.random.default_rng(4)
+    raw = weights(qtype, ROWS, n, rng)
+    w = reference(raw, qtype, n).astype(np.float64)
+    for T in (8, 16):
+        assert chunk_width(T, n, np.array([[0, int(qtype), ROWS]], dtype=np.int64)) < n
+        x = rng.standard_normal((T, n)).astype(np.float32)
+        x[:, 7] *= 40
+        y = matvec_raw(raw, qtype, x)
+        one = np.stack([matvec_raw(raw, qtype, x[t]) for t in range(T)])
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+        assert np.all(np.abs(y - one) <= 2e-6 * mag + 1e-7), T
 
 
 GEMM_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
@@ -175,11 +200,12 @@ def test_gemm_of_stacked_matrices(with_q6_k):
     np.testing.assert_allclose(out[:T, :rows], want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 16])
 def test_stacked_matrices_with_q6_k(T):
     """A product of stacked matrices with Q6_K among them (a Q4_K_M file's Q/K/V), for one token (where the Q6_K
-    rows may take the several-token kernel) and for three, over rows of two whole segments and a super-block
-    more: each matrix within the int16 bound of its dequantized product."""
+    rows may take the several-token kernel), for three, and for sixteen (rows in column chunks of 1024), over
+    rows of two whole segments and a super-block more: each matrix within the int16 bound of its dequantized
+    product."""
     from quant.kernels import activation_blocks, matvec_multi, prepare, weight_views
 
     rng = np.random.default_rng(6)
@@ -212,7 +238,9 @@ def test_several_token_kernels_of_256_bit_vectors():
         "import test_kernels as k\n"
         "for qtype, n in k.MULTI_CASES:\n"
         "    k.test_several_tokens_equal_one_at_a_time(qtype, n)\n"
-        "for T in (1, 3):\n"
+        "for qtype, n in k.CHUNK_CASES:\n"
+        "    k.test_several_tokens_in_column_chunks(qtype, n)\n"
+        "for T in (1, 3, 16):\n"
         "    k.test_stacked_matrices_with_q6_k(T)\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=900,
