@@ -56,10 +56,11 @@ class NumbaOptions:
     small_t: int = 8  # tokens per forward_stack call (its scratch buffers hold this many)
     # Prompts of at least gemm_min_t tokens take the GEMM path (a fixed cost of packing or dequantizing every
     # weight, then cheap per token); shorter ones run forward_stack over chunks of small_t tokens (no fixed cost,
-    # the matvec kernels' cost per token; since those decode each block once for up to 4 tokens, the decode stack
+    # the matvec kernels' cost per token; since those decode each block once for several tokens, the decode stack
     # is as fast as BLAS up to ~32-48 tokens on AVX2, and 2x as fast at 16; the integer GEMM of a VNNI CPU
-    # overtakes it at ~12 tokens on the 1B shape, at ~24 on SmolLM2, whose small layers leave the GEMM path's fixed
-    # cost per layer in front: RESULTS.md). 0: NumbaModel.gemm_min_t picks 16 or 32 for the CPU and the model.
+    # overtakes it at ~24-28 tokens on the 1B shape, at ~48 on SmolLM2, whose small layers leave the GEMM path's
+    # fixed cost per layer in front: RESULTS.md). 0: NumbaModel.gemm_min_t picks 24, 32 or 40 for the CPU and the
+    # model.
     gemm_min_t: int = 0
     # ... once the GEMM path's machine code is loaded in this process: loading it costs a fresh process's first
     # prompt more than a prompt this short earns back, so until a prompt of gemm_min_t_cold tokens has taken the
@@ -286,14 +287,16 @@ class NumbaModel:
 
     @property
     def gemm_min_t(self) -> int:
-        """Prompts of this many tokens or more take the GEMM path (NumbaOptions.gemm_min_t, unless 0): 16 where the
-        integer GEMM runs and a layer holds 2^24 weights or more (the 1B shape: 60 M), else 32."""
+        """Prompts of this many tokens or more take the GEMM path (NumbaOptions.gemm_min_t, unless 0): where the
+        integer GEMM runs, 24 if a layer holds 2^24 weights or more (the 1B shape: 60 M), else 40; 32 elsewhere."""
         if self.options.gemm_min_t:
             return self.options.gemm_min_t
         hp = self.hparams
         q, kv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
         per_layer = hp.n_embd * (2 * q + 2 * kv) + 3 * hp.n_embd * hp.n_ff
-        return 16 if self._int_gemm and per_layer >= 1 << 24 else 32
+        if not self._int_gemm:
+            return 32
+        return 24 if per_layer >= 1 << 24 else 40
 
     def warm_up(self) -> None:
         """Run the prompt path and the decode stack once on a scratch cache (compiles or loads their kernels)."""
