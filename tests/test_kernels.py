@@ -107,14 +107,20 @@ MULTI_CASES = [(t, n) for t in INT16_FORMATS for n in [*widths(t), 1280 if block
 @pytest.mark.parametrize("qtype,n", MULTI_CASES, ids=[f"{t.name}-{n}" for t, n in MULTI_CASES])
 def test_several_tokens_equal_one_at_a_time(qtype, n):
     """T = 2..9 tokens at once (quant/simd_multi.py: each block decoded once for up to 8 of them with 512-bit
-    vectors, 4 with 256; 9 = 8 + 1 or 4 + 4 + 1)
-    equal the one-token kernel for each token to float32 rounding (the same integer block sums, added in another
-    order): |difference| <= 2e-6 * (|W| @ |x|) + 1e-7, and dequantize(W) @ x within the bound of
-    test_matvec_equals_dequantized_product. Odd shapes: 37 rows, rows of 3 blocks (a block past the pairs)."""
-    rng = np.random.default_rng(3)
+    vectors, 4 with 256; 9 = 8 + 1 or 4 + 4 + 1) equal the one-token kernel for each token to float32 rounding
+    (the same integer block sums, added in another order): |difference| <= 2e-6 * (|W| @ |x|) + 1e-7, and
+    dequantize(W) @ x within the bound of test_matvec_equals_dequantized_product. Odd shapes: 37 rows, rows of 3
+    blocks (a block past the pairs)."""
+    check_several_tokens(qtype, n, range(2, 10), seed=3)
+
+
+def check_several_tokens(qtype, n, counts, seed):
+    """matvec of T tokens at once against the one-token kernel per token and against dequantize(W) @ x, for each
+    T in counts (test_several_tokens_equal_one_at_a_time's bounds)."""
+    rng = np.random.default_rng(seed)
     raw = weights(qtype, ROWS, n, rng)
     w = reference(raw, qtype, n).astype(np.float64)
-    for T in range(2, 10):
+    for T in counts:
         x = rng.standard_normal((T, n)).astype(np.float32)
         x[:, 7] *= 40
         y = matvec_raw(raw, qtype, x)
@@ -132,21 +138,13 @@ CHUNK_CASES = [(t, 2816 if block_size(t) == 256 else 2656) for t in INT16_FORMAT
 
 @pytest.mark.parametrize("qtype,n", CHUNK_CASES, ids=[f"{t.name}-{n}" for t, n in CHUNK_CASES])
 def test_several_tokens_in_column_chunks(qtype, n):
-    """8 and 16 tokens over rows taken in column chunks (kernels.matvec_chunked) equal the one-token kernel for
-    each token, to float32 rounding as in test_several_tokens_equal_one_at_a_time."""
+    """8 and 16 tokens over rows taken in column chunks (kernels.matvec_chunked), within the bounds of
+    test_several_tokens_equal_one_at_a_time."""
     from quant.kernels import chunk_width
 
-    rng = np.random.default_rng(4)
-    raw = weights(qtype, ROWS, n, rng)
-    w = reference(raw, qtype, n).astype(np.float64)
     for T in (8, 16):
         assert chunk_width(T, n, np.array([[0, int(qtype), ROWS]], dtype=np.int64)) < n
-        x = rng.standard_normal((T, n)).astype(np.float32)
-        x[:, 7] *= 40
-        y = matvec_raw(raw, qtype, x)
-        one = np.stack([matvec_raw(raw, qtype, x[t]) for t in range(T)])
-        mag = np.abs(x).astype(np.float64) @ np.abs(w).T
-        assert np.all(np.abs(y - one) <= 2e-6 * mag + 1e-7), T
+    check_several_tokens(qtype, n, (8, 16), seed=4)
 
 
 GEMM_CASES = [(t, n) for t in INT16_FORMATS for n in widths(t)]
