@@ -3,6 +3,7 @@ interface of a loaded model and its KV cache."""
 
 from __future__ import annotations
 
+import mmap
 from typing import Protocol
 
 import numpy as np
@@ -19,8 +20,8 @@ from quant.gguf_file import GGUFFile, Tensor
 from quant.kvtypes import KV_CODES, KV_TYPES, check_kv_type, row_bytes, row_elems
 
 __all__ = ["KV_TYPES", "HParams", "KVCache", "Model", "OffsetCache", "SimpleKVCache",
-           "count_params", "global_weights", "layer_weights", "output_tensor", "read_hparams", "rope_groups",
-           "rope_inv_freq", "weight_bytes_per_token"]
+           "count_params", "global_weights", "layer_weights", "lazy_zeros", "output_tensor", "read_hparams",
+           "rope_groups", "rope_inv_freq", "weight_bytes_per_token"]
 
 
 def count_params(gguf: GGUFFile) -> int:
@@ -36,6 +37,20 @@ def weight_bytes_per_token(gguf: GGUFFile, hp: HParams) -> int:
 
 def output_tensor(gguf: GGUFFile, hp: HParams) -> Tensor:
     return global_weights(gguf, hp)["output"]
+
+
+def lazy_zeros(shape, dtype) -> np.ndarray:
+    """Zeros in memory that is committed a 4 KB page at a time, where it is first written (a KV cache). numpy asks
+    the kernel for 2 MB pages on big arrays; a cache's first rows land in every layer's and head's block, so its
+    first prompt committed and zeroed all of it: a 4096-position SmolLM2 cache, 94 MB, and 60-90 ms on a fresh
+    server slot (benchmarks/RESULTS.md)."""
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if n == 0:
+        return np.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, n)  # anonymous and private: zero pages, each committed on its first write
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: keep 4 KB pages even where huge pages are on for everything
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
 class KVCache(Protocol):
@@ -136,8 +151,8 @@ class RingKVCache(OffsetCache):
         self.layout = self.plan(hp, max_seq, slack, kv_type)
         size = self.elems(self.layout, hp, kv_type)
         dtype = KV_TYPES[kv_type][2]
-        self.k = np.zeros(size, dtype=dtype) if k is None else k
-        self.v = np.zeros(size, dtype=dtype) if v is None else v
+        self.k = lazy_zeros(size, dtype) if k is None else k
+        self.v = lazy_zeros(size, dtype) if v is None else v
         # the layout in bytes (first byte, positions kept), for kernels that read the cache as bytes
         self.byte_layout = self.layout * np.array([np.dtype(dtype).itemsize, 1], dtype=np.int64)
 
@@ -194,5 +209,5 @@ class SimpleKVCache(OffsetCache):
         row = row_elems(kv_type, hp.head_dim)
         shape = ((hp.n_layers, hp.n_kv_heads, max_seq, row) if heads_first
                  else (hp.n_layers, max_seq, hp.n_kv_heads, row))
-        self.k = np.zeros(shape, dtype=KV_TYPES[kv_type][2])
-        self.v = np.zeros_like(self.k)
+        self.k = lazy_zeros(shape, KV_TYPES[kv_type][2])
+        self.v = lazy_zeros(shape, KV_TYPES[kv_type][2])

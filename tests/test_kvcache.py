@@ -203,6 +203,31 @@ def test_cache_bytes_per_type(smollm2_gguf):
     assert kv_cache_bytes(hp, 4096, kv_type="q8_0") == f32 * 34 // 128
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cache_memory_is_committed_where_written(smollm2_models, pooled):
+    """A fresh cache's first prompt writes a few rows in every layer's and head's block: only their pages may
+    become resident, not the whole cache (with 2 MB pages every block would be: 755 MB here), and the cache
+    reads back what the prompt wrote after zeros."""
+    import os
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    model = smollm2_models["numba"]
+    ctx = 16384  # f16: 30 layers x 3 heads x 16384 x 128 bytes x 2 = 377 MB per conversation
+    model.forward(np.arange(100, 120), model.new_cache(64, kv_type="f16"))  # machine code loaded, buffers made
+    before = rss()
+    caches = model.new_caches(2, ctx, kv_type="f16") if pooled else [model.new_cache(ctx, kv_type="f16")]
+    model.forward(np.arange(100, 120), caches[0])
+    grown = rss() - before
+    size = sum(c.k.nbytes + c.v.nbytes for c in caches)
+    assert size > 300 << 20 and grown < 40 << 20, (size, grown)
+    k0, _ = caches[0].layer(0)
+    assert k0[:, :20].any() and not k0[:, 20:].any()
+
+
 def test_unknown_kv_type_is_one_line(smollm2_path):
     import subprocess
     import sys

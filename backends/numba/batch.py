@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backends.base import HParams, RingKVCache
+from backends.base import HParams, RingKVCache, lazy_zeros
 from quant.kvtypes import KV_TYPES, check_kv_type
 
 
@@ -63,7 +63,7 @@ class CachePool:
         check_kv_type(kv_type, hp.head_dim)
         self.hp, self.max_seq, self.slack, self.kv_type = hp, max_seq, slack, kv_type
         self.layout = RingKVCache.plan(hp, max_seq, slack, kv_type)
-        self.k = np.zeros((n, RingKVCache.elems(self.layout, hp, kv_type)), dtype=KV_TYPES[kv_type][2])
-        self.v = np.zeros_like(self.k)
+        shape = (n, RingKVCache.elems(self.layout, hp, kv_type))
+        self.k, self.v = lazy_zeros(shape, KV_TYPES[kv_type][2]), lazy_zeros(shape, KV_TYPES[kv_type][2])
         self.scratch = scratch  # buffers of forward_stack for up to n tokens (NumbaModel._make_scratch)
         self.caches = [PooledKVCache(self, i, slot_scratch()) for i in range(n)]
