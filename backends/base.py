@@ -42,8 +42,8 @@ def output_tensor(gguf: GGUFFile, hp: HParams) -> Tensor:
 def lazy_zeros(shape, dtype) -> np.ndarray:
     """Zeros in memory that is committed a 4 KB page at a time, where it is first written (a KV cache). numpy asks
     the kernel for 2 MB pages on big arrays; a cache's first rows land in every layer's and head's block, so its
-    first prompt committed and zeroed all of it: a 4096-position SmolLM2 cache, 94 MB, and 60-90 ms on a fresh
-    server slot (benchmarks/RESULTS.md)."""
+    first prompt committed and zeroed all of it, which a fresh server slot paid for in its first reply
+    (benchmarks/RESULTS.md)."""
     n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if n == 0:
         return np.zeros(shape, dtype=dtype)
