@@ -82,17 +82,22 @@ def row_bytes(qtype, n):
 # quant/simd.py.
 
 
-def activation_blocks(T: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Buffers for `prepare` of a (T, n) activation: (sums, int16 copy, its scales, its sums), each starting on a
-    64-byte boundary, where the kernels' vector loads want them (see segment_layout)."""
-    def aligned(cols, dtype):
-        size = np.dtype(dtype).itemsize
-        buf = np.empty(T * cols + 64 // size, dtype=dtype)
-        skip = (-buf.ctypes.data) % 64 // size
-        return buf[skip:skip + T * cols].reshape(T, cols)
+@njit(cache=True, nogil=True)
+def aligned_empty(rows, cols, dtype):
+    """An uninitialized (rows, cols) array of `dtype` starting on a 64-byte boundary: the kernels' vector loads
+    read 64 bytes at a time, and a misaligned copy splits each read over two cache lines (8 tokens' products ran
+    at 75-85 G multiply-adds/s in some processes, 115-130 in others)."""
+    buf = np.empty(rows * cols + 64, dtype)
+    skip = (-buf.ctypes.data) % 64 // buf.itemsize
+    return buf[skip:skip + rows * cols].reshape(rows, cols)
 
-    return aligned(n // QK8, np.float32), aligned(n, np.int16), aligned(n // QK8, np.float32), \
-        aligned(n // QK8, np.float32)
+
+@njit(cache=True, nogil=True)
+def activation_blocks(T, n):
+    """Buffers for `prepare` of a (T, n) activation: (sums, int16 copy, its scales, its sums), each on a 64-byte
+    boundary (aligned_empty)."""
+    return (aligned_empty(T, n // QK8, np.float32), aligned_empty(T, n, np.int16),
+            aligned_empty(T, n // QK8, np.float32), aligned_empty(T, n // QK8, np.float32))
 
 
 @njit(cache=True, nogil=True)
@@ -259,11 +264,7 @@ def segment_layout(xq):
     T, n = xq.shape
     seg = simd_multi.SEG
     whole = n // (32 * seg) * (32 * seg)
-    # on a 64-byte boundary: every product reads 64 bytes of it, and a misaligned copy splits each read over two
-    # cache lines (8 tokens' products ran at 75-85 G multiply-adds/s in some processes, 115-130 in others)
-    buf = np.empty(T * n + 32, dtype=np.int16)
-    skip = (-buf.ctypes.data) % 64 // 2
-    out = buf[skip:skip + T * n].reshape(T, n)
+    out = aligned_empty(T, n, np.int16)
     for t in range(T):
         for s0 in range(0, whole, 32 * seg):
             for i in range(seg):
