@@ -83,12 +83,14 @@ def test_attention_kernel_reads_encoded_cache(kv_type, d, window):
     np.testing.assert_allclose(out, _reference_attention(q, dk, dv, positions, window, 0.1), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_type,d,heads,T", [(t, 64, 6, 8) for t in TYPES]
-                         + [("f32", 40, 16, 5), ("f16", 40, 16, 5), ("f16", 96, 2, 1), ("q8_0", 64, 24, 3)])
-def test_chunk_attention_equals_float_attention(kv_type, d, heads, T):
+@pytest.mark.parametrize("kv_type,d,heads,T,threads", [(t, 64, 6, 8, 2) for t in TYPES]
+                         + [("f32", 40, 16, 5, 2), ("f16", 40, 16, 5, 2), ("f16", 96, 2, 1, 2), ("q8_0", 64, 24, 3, 2),
+                            ("f16", 64, 6, 20, 4), ("q8_0", 64, 18, 17, 4)])
+def test_chunk_attention_equals_float_attention(kv_type, d, heads, T, threads):
     """A chunk of one conversation's consecutive tokens over a full layer (a head per work item, all its tokens
-    at once): each token sees the positions up to its own. GQA groups of 3, 8, 1 and 12 on 2 KV heads, 1 to 8
-    tokens, head sizes with a scalar tail (40) and without."""
+    at once, or parts of them where the heads do not share evenly among the threads): each token sees the
+    positions up to its own. GQA groups of 3, 8, 1, 9 and 12 on 2 KV heads, 1 to 20 tokens (20 on 4 threads: 3
+    parts of 8, 8, 4 tokens), head sizes with a scalar tail (40) and without."""
     from backends.numba import layers as L
     from quant.kv_kernels import encode_rows
 
@@ -105,7 +107,7 @@ def test_chunk_attention_equals_float_attention(kv_type, d, heads, T):
     q = rng.standard_normal((T, heads, d)).astype(np.float32)
     start = P - T
     out = np.full_like(q, np.nan)
-    L.attention_chunk(q, k_pool, v_pool, 0, S, KVH, code, 1, start, np.float32(0.1), out)
+    L.attention_chunk(q, k_pool, v_pool, 0, S, KVH, code, 1, start, np.float32(0.1), out, threads)
     dk = kvtypes.decode(kvtypes.encode(keys, kv_type), kv_type)
     dv = kvtypes.decode(kvtypes.encode(values, kv_type), kv_type)
     positions = np.arange(start, P)

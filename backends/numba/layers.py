@@ -45,7 +45,7 @@ L_WINDOW, L_ROPE = range(2)
 N_LAYER_OPTS = 2
 # Decode attention below this many multiply-adds (query x cached position x head_dim, over all heads) runs on
 # one thread: SmolLM2 (9 heads of 64) up to ~230 cached positions. One parallel region less per layer. Above it,
-# a chunk of one conversation's prompt runs a head per work item for all its tokens (attention_chunk).
+# a chunk of one conversation's prompt runs a head (or part of its tokens) per work item (attention_chunk).
 SERIAL_ATTENTION = 1 << 17
 
 
@@ -154,14 +154,14 @@ def _attend(q, k_cache, v_cache, kvt, start, window, scale, out, t, h0, h1):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend_chunk(q, k_cache, v_cache, kvt, start, scale, out, h):
-    """Attention of query head h for all T tokens of q, one conversation's consecutive positions start .. start +
-    T - 1, over a full (windowless) layer's cache (see _attend): each token sees the positions up to its own. The
-    tokens share their history, so each cached row is decoded once for up to GROUP_DOTS of them (a chunk of a
-    follow-up turn over a long conversation)."""
+def _attend_chunk(q, k_cache, v_cache, kvt, start, scale, out, h, t0, t1):
+    """Attention of query head h for tokens t0 .. t1 - 1 of q, one conversation's consecutive positions start ..
+    start + T - 1, over a full (windowless) layer's cache (see _attend): each token sees the positions up to its
+    own. The tokens share their history, so each cached row is decoded once for up to GROUP_DOTS of them (a chunk
+    of a follow-up turn over a long conversation)."""
     T, H, D = q.shape
-    _attend_set(q, k_cache, v_cache, kvt, h // (H // k_cache.shape[0]), np.int64(0), start + T, h * D, H * D, T,
-                np.int64(1), scale, out)
+    _attend_set(q, k_cache, v_cache, kvt, h // (H // k_cache.shape[0]), np.int64(0), start + t1, (t0 * H + h) * D,
+                H * D, t1 - t0, np.int64(1), scale, out)
 
 
 @njit(cache=True, fastmath=True)
@@ -264,16 +264,23 @@ def attention_rows(q, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_chunk(q, k_pool, v_pool, off, S, KVH, kvt, slot, start, scale, out):
+def attention_chunk(q, k_pool, v_pool, off, S, KVH, kvt, slot, start, scale, out, threads):
     """`attention_rows` for T tokens of one conversation (row `slot` of the pools) at consecutive positions start
     .. start + T - 1 of a full layer (no window, so S > every position): a work item is one query head for all
-    the tokens (_attend_chunk)."""
-    H, D = q.shape[1], q.shape[2]
+    the tokens (_attend_chunk), or for a part of them where the heads do not share evenly among `threads`
+    (SmolLM2's 9 on 2 threads went 5 + 4). Parts are whole groups of GROUP_DOTS tokens, so a cached row is
+    decoded as often as before."""
+    T, H, D = q.shape
+    groups = (T + simd.GROUP_DOTS - 1) // simd.GROUP_DOTS
+    parts = min(threads, groups) if H % threads else 1
     RB = kvk.kv_row_bytes(kvt, D)
     kc = k_pool[slot, off:off + KVH * S * RB].reshape((KVH, S, RB))
     vc = v_pool[slot, off:off + KVH * S * RB].reshape((KVH, S, RB))
-    for h in prange(H):
-        _attend_chunk(q, kc, vc, kvt, start, scale, out, h)
+    for i in prange(H * parts):
+        h, p = i // parts, i % parts
+        t0 = min(T, groups * p // parts * simd.GROUP_DOTS)
+        t1 = min(T, groups * (p + 1) // parts * simd.GROUP_DOTS)
+        _attend_chunk(q, kc, vc, kvt, start, scale, out, h, t0, t1)
 
 
 @njit(cache=True, fastmath=True)
@@ -437,7 +444,7 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
             seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
         if chunk and window <= 0 and H * seen * D >= SERIAL_ATTENTION:
-            attention_chunk(q3, k_pool, v_pool, off, S, KVH, kvt, slots[0], positions[0], scale, att3)
+            attention_chunk(q3, k_pool, v_pool, off, S, KVH, kvt, slots[0], positions[0], scale, att3, threads)
         elif H * seen * D < SERIAL_ATTENTION:
             attention_rows_serial(q3, k_pool, v_pool, off, S, KVH, kvt, slots, positions, window, scale, att3)
         else:
