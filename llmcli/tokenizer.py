@@ -126,7 +126,9 @@ class Tokenizer:
                                      f"of {len(tokens)} tokens")
             return value
 
-        vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+        # decoded once to build the backend; the tokenizer keeps the compact array (quant.gguf_file.StringArray)
+        texts = list(tokens)
+        vocab = dict(zip(texts, range(len(texts)), strict=True))
         pre = gguf.get_str("tokenizer.ggml.pre", "default")
         backend: _HFTokenizer | SentencePieceBPE
         if kind == "gpt2":
@@ -137,7 +139,7 @@ class Tokenizer:
             backend = _byte_level_backend(vocab, merges, pre, where)
             add_space_prefix = False
             try:
-                _add_special_tokens(backend, tokens, token_types)
+                _add_special_tokens(backend, texts, token_types)
             except Exception as e:  # tokenizers raises bare Exceptions; the vocabulary is data from the file
                 raise ModelFileError(f"{where}: bad tokenizer vocabulary: {_one_line(e)}") from None
         else:
@@ -147,10 +149,10 @@ class Tokenizer:
                                      "entry per token")
             add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix", True)
             unk_id = token_id("unknown_token_id")
-            added = [t for t, ty in zip(tokens, token_types, strict=True)
+            added = [t for t, ty in zip(texts, token_types, strict=True)
                      if ty in (CONTROL, UNKNOWN, USER_DEFINED)]
-            backend = SentencePieceBPE(tokens, vocab, scores, added, add_space_prefix,
-                                       tokens[unk_id] if unk_id is not None else None)
+            backend = SentencePieceBPE(texts, vocab, scores, added, add_space_prefix,
+                                       texts[unk_id] if unk_id is not None else None)
 
         eos_id = token_id("eos_token_id")
         stops = {i for i in (eos_id, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}

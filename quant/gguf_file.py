@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -128,9 +129,9 @@ class _Cursor:
                                  f"{self.left()} bytes left in the file hold")
         return n
 
-    def strings(self, count: int) -> list[str]:
-        """`count` length-prefixed strings: a vocabulary and its merges (262k for Gemma 3). One tight loop finds
-        where each starts; then all of them are decoded with one call, which is 3x faster than one at a time."""
+    def strings(self, count: int) -> StringArray:
+        """`count` length-prefixed strings: a vocabulary and its merges (262k for Gemma 3), found by one tight
+        loop and left in the file until they are read (StringArray)."""
         buf, pos, end = self.buf, self.pos, len(self.buf)
         unpack = struct.Struct("<Q").unpack_from
         starts = [0] * count
@@ -142,8 +143,8 @@ class _Cursor:
             pos = end + 1
         if pos > end:
             raise ModelFileError(f"{self.path}: truncated GGUF header (string array cut off)")
-        first, self.pos = self.pos, pos
-        return _decode_strings(buf, first, pos, starts)
+        self.pos = pos
+        return StringArray(buf, starts, pos)
 
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.scalar("<I")
@@ -176,26 +177,61 @@ class _Cursor:
 _LIST_LIMIT = 1 << 21
 
 
-def _decode_strings(buf: memoryview, first: int, end: int, starts: list[int]) -> list[str]:
-    """The strings whose 8-byte length prefixes are at `starts`, in buf[first:end]. The text between prefixes is
-    joined with NULs in place of the prefixes, decoded once and split. Text that is not UTF-8, or that holds a NUL
-    itself, is decoded one string at a time instead, invalid bytes replaced."""
-    if not starts:
-        return []
-    text = np.frombuffer(buf, dtype=np.uint8, count=end - first, offset=first).copy()
-    at = np.asarray(starts, dtype=np.int64) - first
-    keep = np.ones(text.size, dtype=bool)
-    for k in range(1, 8):  # a prefix's first byte becomes the NUL; its other 7 go
-        keep[at + k] = False
-    text[at] = 0
-    try:
-        pieces = text[keep][1:].tobytes().decode("utf-8").split("\x00")
-    except UnicodeDecodeError:
-        pieces = []
-    if len(pieces) == len(starts):
-        return pieces
-    ends = starts[1:] + [end]
-    return [str(buf[a + 8:b], "utf-8", "replace") for a, b in zip(starts, ends, strict=True)]
+class StringArray(Sequence):
+    """A metadata array of strings, kept as the file's bytes and decoded when read: a 49k-token vocabulary and
+    its merges as Python strings take 8.3 MB, which a process that never tokenizes (a benchmark, `llm show`)
+    need not hold, and a tokenizer built from them holds its own copy. Reads as a list of str (invalid UTF-8
+    replaced) and compares equal to one."""
+
+    def __init__(self, buf: memoryview, starts: list[int], end: int):
+        """starts: the byte offset in buf of each string's 8-byte length prefix; end: where the last one ends."""
+        self._buf, self._end = buf, end
+        self._first = starts[0] if starts else end
+        # offsets from the first, 4 bytes each where they fit (a vocabulary spans a few MB)
+        span = end - self._first
+        self._at = np.asarray(starts, dtype=np.int64) - self._first
+        if span < 1 << 32:
+            self._at = self._at.astype(np.uint32)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        a = self._first + int(self._at[i])  # IndexError past the end, as a list
+        return str(self._buf[a + 8:a + 8 + int.from_bytes(self._buf[a:a + 8], "little")], "utf-8", "replace")
+
+    def __iter__(self):
+        return iter(self.decoded())
+
+    def decoded(self) -> list[str]:
+        """All the strings, decoded with one call (3x faster than one at a time): the text between length
+        prefixes joined with NULs in place of the prefixes, decoded once and split. Text that is not UTF-8, or
+        that holds a NUL itself, is decoded one string at a time instead."""
+        if not len(self._at):
+            return []
+        text = np.frombuffer(self._buf, dtype=np.uint8, count=self._end - self._first, offset=self._first).copy()
+        at = self._at.astype(np.int64)
+        keep = np.ones(text.size, dtype=bool)
+        for k in range(1, 8):  # a prefix's first byte becomes the NUL; its other 7 go
+            keep[at + k] = False
+        text[at] = 0
+        try:
+            pieces = text[keep][1:].tobytes().decode("utf-8").split("\x00")
+        except UnicodeDecodeError:
+            pieces = []
+        return pieces if len(pieces) == len(self._at) else [self[i] for i in range(len(self))]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (StringArray, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and self.decoded() == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} strings)"
 
 
 @dataclass

@@ -105,10 +105,8 @@ def test_show_says_when_chatml_is_the_fallback(tmp_path, smollm2_gguf):
     for key, value in smollm2_gguf.metadata.items():
         if key in ("general.architecture", "tokenizer.chat_template"):
             continue
-        if isinstance(value, list):
-            w.add_array(key, value)
-        else:
-            w.add_key_value(key, value, GGUFValueType.get_type(value))
+        vtype, sub = smollm2_gguf.types[key]
+        w.add_key_value(key, value, GGUFValueType(vtype), sub_type=None if sub is None else GGUFValueType(sub))
     for t in smollm2_gguf.tensors.values():
         w.add_tensor(t.name, t.data, raw_dtype=t.qtype)
     w.write_header_to_file()

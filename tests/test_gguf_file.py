@@ -89,8 +89,29 @@ def test_string_arrays(tmp_path, items):
     w.close()
     g = read_gguf(tmp_path / "s.gguf", check_types=False)
     as_text = [i.decode("utf-8", "replace") if isinstance(i, bytes) else i for i in items]
-    assert g.metadata["test.strings"] == as_text
+    strings = g.metadata["test.strings"]  # kept as the file's bytes: read one by one, or all at once
+    assert strings == as_text and list(strings) == as_text and len(strings) == len(as_text)
+    assert [strings[i] for i in range(-len(items), len(items))] == as_text * 2
+    assert strings[1:3] == as_text[1:3] and strings[::-1] == as_text[::-1]
+    with pytest.raises(IndexError):
+        strings[len(items)]
     assert g.metadata["test.after"] == "still read"
+
+
+def test_a_vocabulary_stays_in_the_file_until_read(smollm2_path):
+    """Reading SmolLM2's header makes no Python string per token or merge (97,884 of them, 8.3 MB as
+    strings): a process that never tokenizes (a benchmark, `llm show`) does not hold them."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        g = read_gguf(smollm2_path)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152 and len(g.metadata["tokenizer.ggml.merges"]) == 48900
+    assert held < 1.5e6, held
+    assert g.metadata["tokenizer.ggml.tokens"][1] == "<|im_start|>"
 
 
 @pytest.mark.parametrize("length", [2**64 - 1, 2**63, 10**6])
