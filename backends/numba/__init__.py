@@ -38,6 +38,8 @@ from quant.jit import use_kernel_cache
 from quant.kernels import (
     F32,
     KERNEL_TYPES,
+    Q5_K,
+    Q6_K,
     QUANTIZED_TYPES,
     activation_blocks,
     dequant_rows,
@@ -57,10 +59,10 @@ class NumbaOptions:
     # Prompts of at least gemm_min_t tokens take the GEMM path (a fixed cost of packing or dequantizing every
     # weight, then cheap per token); shorter ones run forward_stack over chunks of small_t tokens (no fixed cost,
     # the matvec kernels' cost per token; since those decode each block once for several tokens, the decode stack
-    # is as fast as BLAS up to ~32-48 tokens on AVX2, and 2x as fast at 16; the integer GEMM of a VNNI CPU
-    # overtakes it at ~24-28 tokens on the 1B shape, at ~48 on SmolLM2, whose small layers leave the GEMM path's
-    # fixed cost per layer in front: RESULTS.md). 0: NumbaModel.gemm_min_t picks 24, 32 or 40 for the CPU and the
-    # model.
+    # keeps up with BLAS on AVX2 to ~40 tokens, but to ~20 on Q6_K layers and ~24 on Q5_K, whose kernels are the
+    # slowest there; the integer GEMM of a VNNI CPU overtakes it at ~24-28 tokens on the 1B shape, at ~48 on
+    # SmolLM2, whose small layers leave the GEMM path's fixed cost per layer in front: RESULTS.md). 0:
+    # NumbaModel.gemm_min_t picks for the CPU, the model and its main weight type.
     gemm_min_t: int = 0
     # ... once the GEMM path's machine code is loaded in this process: loading it costs a fresh process's first
     # prompt more than a prompt this short earns back, so until a prompt of gemm_min_t_cold tokens has taken the
@@ -205,6 +207,13 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
         run(work, len(tasks))
 
 
+# Where prompts go through BLAS (no VNNI), the token count from which that beats the decode stack, by the type of
+# most of the layers' weights; 40 for the others. Q6_K and Q5_K have the slowest matvec kernels there (1B shape on
+# Zen 3, 2 threads: Q6_K 20 tokens 504 ms BLAS / 530 stack, 24: 546 / 641; Q5_K_M 24: 680 / 678, 32: 795 / 917;
+# Q4_0 40: 791 / 697, Q8_0 40: 764 / 741: RESULTS.md).
+_BLAS_GEMM_MIN_T = {Q6_K: 20, Q5_K: 24}
+
+
 class NumbaModel:
     name = "numba"
 
@@ -219,8 +228,10 @@ class NumbaModel:
         self.layer_tab = np.full((hp.n_layers, L.N_KINDS, 2), -1, dtype=np.int64)
         kinds = {slot: kind for kind, slot in _KIND_SLOTS.items()}
         q, kv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
+        layer_bytes: dict[int, int] = {}  # qtype -> bytes of the layers' weights in it
         for i in range(hp.n_layers):
             for slot, t in layer_weights(gguf, hp, i).items():
+                layer_bytes[int(t.qtype)] = layer_bytes.get(int(t.qtype), 0) + t.n_bytes
                 if slot in _FUSED:  # a fused matrix is its parts' rows one after the other: located by offset
                     off, qtype = self._locate(t)
                     row = t.n_bytes // t.shape[0]
@@ -232,6 +243,7 @@ class NumbaModel:
                 if slot not in kinds:
                     raise UnsupportedError(f"numba backend cannot use {hp.arch} weight slot '{slot}' ({t.name})")
                 self.layer_tab[i, kinds[slot]] = self._locate(t)
+        self.main_type = max(layer_bytes, key=layer_bytes.get) if layer_bytes else -1  # most of the layers' bytes
         g = global_weights(gguf, hp)
         self.glob_tab = np.array([self._locate(g["embd"]), self._locate(g["out_norm"]), self._locate(g["output"])],
                                  dtype=np.int64)
@@ -288,14 +300,15 @@ class NumbaModel:
     @property
     def gemm_min_t(self) -> int:
         """Prompts of this many tokens or more take the GEMM path (NumbaOptions.gemm_min_t, unless 0): where the
-        integer GEMM runs, 24 if a layer holds 2^24 weights or more (the 1B shape: 60 M), else 40; 32 elsewhere."""
+        integer GEMM runs, 24 if a layer holds 2^24 weights or more (the 1B shape: 60 M), else 40; on BLAS, by the
+        layers' main weight type, _BLAS_GEMM_MIN_T."""
         if self.options.gemm_min_t:
             return self.options.gemm_min_t
+        if not self._int_gemm:
+            return _BLAS_GEMM_MIN_T.get(self.main_type, 40)
         hp = self.hparams
         q, kv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
         per_layer = hp.n_embd * (2 * q + 2 * kv) + 3 * hp.n_embd * hp.n_ff
-        if not self._int_gemm:
-            return 32
         return 24 if per_layer >= 1 << 24 else 40
 
     def warm_up(self) -> None:
