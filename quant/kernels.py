@@ -82,22 +82,24 @@ def row_bytes(qtype, n):
 # quant/simd.py.
 
 
-@njit(cache=True, nogil=True)
-def aligned_empty(rows, cols, dtype):
+def _aligned_empty(rows, cols, dtype):
     """An uninitialized (rows, cols) array of `dtype` starting on a 64-byte boundary: the kernels' vector loads
-    read 64 bytes at a time, and a misaligned copy splits each read over two cache lines (8 tokens' products ran
-    at 75-85 G multiply-adds/s in some processes, 115-130 in others)."""
+    read 64 bytes at a time, and a misaligned copy splits each read over two cache lines (RESULTS.md)."""
     buf = np.empty(rows * cols + 64, dtype)
     skip = (-buf.ctypes.data) % 64 // buf.itemsize
     return buf[skip:skip + rows * cols].reshape(rows, cols)
 
 
-@njit(cache=True, nogil=True)
-def activation_blocks(T, n):
+# one definition, run as Python by activation_blocks and compiled into the jitted callers (segment_layout): as a
+# jitted entry point of its own, activation_blocks cost a fresh process ~40 ms to load its machine code
+aligned_empty = njit(cache=True, nogil=True)(_aligned_empty)
+
+
+def activation_blocks(T: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Buffers for `prepare` of a (T, n) activation: (sums, int16 copy, its scales, its sums), each on a 64-byte
-    boundary (aligned_empty)."""
-    return (aligned_empty(T, n // QK8, np.float32), aligned_empty(T, n, np.int16),
-            aligned_empty(T, n // QK8, np.float32), aligned_empty(T, n // QK8, np.float32))
+    boundary."""
+    return (_aligned_empty(T, n // QK8, np.float32), _aligned_empty(T, n, np.int16),
+            _aligned_empty(T, n // QK8, np.float32), _aligned_empty(T, n // QK8, np.float32))
 
 
 @njit(cache=True, nogil=True)
