@@ -208,9 +208,8 @@ def prompt_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, st
 
 
 # Where prompts go through BLAS (no VNNI), the token count from which that beats the decode stack, by the type of
-# most of the layers' weights; 40 for the others. Q6_K and Q5_K have the slowest matvec kernels there (1B shape on
-# Zen 3, 2 threads: Q6_K 20 tokens 504 ms BLAS / 530 stack, 24: 546 / 641; Q5_K_M 24: 680 / 678, 32: 795 / 917;
-# Q4_0 40: 791 / 697, Q8_0 40: 764 / 741: RESULTS.md).
+# most of the layers' weights; 40 for the others. The decode stack runs at its format's matvec speed, and Q6_K's and
+# Q5_K's are the slowest there (the 1B shape's crossovers: RESULTS.md, "The prompt threshold on AVX2").
 _BLAS_GEMM_MIN_T = {Q6_K: 20, Q5_K: 24}
 
 
