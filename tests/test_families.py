@@ -204,6 +204,12 @@ def test_rotating_cache_equals_full_attention_masked_to_the_window(tmp_path):
         pos += n
     got.append(fast.forward(tokens[pos:], cache, all_logits=True))  # >= GEMM_MIN_T_COLD: the prompt path
     np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-3, atol=1e-3)
+    # the same pieces for their last logits only: the last layer then runs past its keys and values for the last
+    # token alone (the ring still gets every position)
+    cache, pos = fast.new_cache(len(tokens)), 0
+    for n in steps + [len(tokens) - 40]:
+        np.testing.assert_allclose(fast.forward(tokens[pos:pos + n], cache), want[pos + n - 1], rtol=1e-3, atol=1e-3)
+        pos += n
 
 
 def test_rotating_cache_trims_within_its_slack_else_drops_everything(tmp_path):

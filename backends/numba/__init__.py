@@ -43,7 +43,7 @@ from quant.kernels import (
     QUANTIZED_TYPES,
     activation_blocks,
     dequant_rows,
-    matvec,
+    matvec_multi,
     prepare,
     weight_views,
 )
@@ -362,8 +362,8 @@ class NumbaModel:
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
         L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                         self._inv_freq(caches[0]), tokens, positions, slots, pool.k.view(np.uint8),
-                        pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, True, pool.scratch, logits,
-                        numba.get_num_threads())
+                        pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, len(tokens), pool.scratch,
+                        logits, numba.get_num_threads())
         for c in caches:
             c.offset += 1
         return logits
@@ -388,10 +388,11 @@ class NumbaModel:
             logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
 
             def stack():
-                for c0 in range(0, T, opts.small_t):  # only the last chunk's logits are kept unless all_logits
+                for c0 in range(0, T, opts.small_t):  # only the last chunk's last logits unless all_logits
                     chunk = tokens[c0:c0 + opts.small_t]
+                    outputs = len(chunk) if all_logits else int(c0 + len(chunk) == T)
                     out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                    L.forward_stack(*self._stack_args(cache, chunk, start + c0, all_logits, scratch, out))
+                    L.forward_stack(*self._stack_args(cache, chunk, start + c0, outputs, scratch, out))
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
@@ -495,9 +496,18 @@ class NumbaModel:
         self._run(work, len(ranges))
         return out
 
-    def _gemm(self, x: np.ndarray, desc: np.ndarray, rows: int, scratch: RunScratch) -> np.ndarray:
-        """x @ W.T for x: (T, n) and the (rows, n) weight at desc = (byte offset, qtype)."""
-        return self._gemm_cat(x, [(desc, rows)], scratch)
+    def _products(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
+        """_gemm_cat for the prompt's tokens; for a few rows (the last token's logits and last layer) the integer
+        GEMM still where it runs (as fast as the matvec kernels there: packing costs about what the dot products
+        do, and a process whose prompt takes this path need not load the matvec kernels' machine code as well), else
+        the matvec kernels: BLAS would dequantize whole matrices for one row."""
+        if len(x) > self.options.small_t or (self._int_gemm and all(int(d[1]) in QUANTIZED_TYPES for d, _ in parts)):
+            return self._gemm_cat(x, parts, scratch)
+        xb = activation_blocks(len(x), x.shape[1])
+        prepare(x, xb)
+        out = np.empty((len(x), sum(rows for _, rows in parts)), dtype=np.float32)
+        matvec_multi(self.wv, np.array([[d[0], d[1], rows] for d, rows in parts], dtype=np.int64), x, xb, out)
+        return out
 
     def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool,
                       scratch: RunScratch) -> np.ndarray:
@@ -515,6 +525,9 @@ class NumbaModel:
                 x)
         L.rope_tables(start, self._inv_freq(cache), np.float32(hp.rope_attn_factor), cos, sin)
         for i in range(hp.n_layers):
+            # the last layer caches every token's keys and values, but past its attention it runs for the last
+            # token alone when only its logits are wanted (as llama.cpp does): 1/n_layers of a prompt's products
+            out_t = 1 if i == hp.n_layers - 1 and not all_logits else T
             lt = self.layer_tab[i]
             g = self.layer_opt[i, L.L_ROPE]
             L.rms_norm(x, f32, lt[L.ATTN_NORM, 0], eps, h)
@@ -531,33 +544,23 @@ class NumbaModel:
                 L.head_norm(k3, f32, lt[L.K_NORM, 0], eps)
             L.rope(q3, cos[g], sin[g], hp.rope_neox)
             L.rope(k3, cos[g], sin[g], hp.rope_neox)
-            self._attend_prompt(cache, i, q3, k3, v.reshape(T, KVH, D), start, att)
-            x += self._post_norm(self._gemm(att.reshape(T, H * D), lt[L.WO], E, scratch), lt[L.POST_ATTN_NORM])
+            self._attend_prompt(cache, i, q3, k3, v.reshape(T, KVH, D), start, att, out_t)
+            if out_t < T:
+                x, h, att, ff = x[-1:], h[-1:], att[-1:], ff[-1:]
+            x += self._post_norm(self._products(att.reshape(out_t, H * D), [(lt[L.WO], E)], scratch),
+                                 lt[L.POST_ATTN_NORM])
             L.rms_norm(x, f32, lt[L.FFN_NORM, 0], eps, h)
-            gu = self._gemm_cat(h, [(lt[L.GATE], F), (lt[L.UP], F)], scratch)
+            gu = self._products(h, [(lt[L.GATE], F), (lt[L.UP], F)], scratch)
             L.glu(gu, ff, self.dims[L.D_ACT])
-            x += self._post_norm(self._gemm(ff, lt[L.DOWN], E, scratch), lt[L.POST_FFN_NORM])
+            x += self._post_norm(self._products(ff, [(lt[L.DOWN], E)], scratch), lt[L.POST_FFN_NORM])
 
-        rows = x if all_logits else x[-1:]
-        h = h[: len(rows)]
-        L.rms_norm(rows, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
-        if len(rows) > self.options.small_t or (self._int_gemm and
-                                                 int(self.glob_tab[L.OUTPUT, 1]) in QUANTIZED_TYPES):
-            # the integer GEMM even for the last token alone: as fast as the matvec kernels there (packing costs
-            # about what the dot products do), and a process whose prompt takes this path need not load the
-            # matvec kernels' machine code (~40 ms) as well as the GEMM's. Not BLAS: it would dequantize the
-            # whole vocabulary matrix for one row.
-            logits = self._gemm(h, self.glob_tab[L.OUTPUT], hp.n_vocab, scratch)
-        else:
-            xb = activation_blocks(len(rows), E)
-            prepare(h, xb)
-            logits = np.empty((len(rows), hp.n_vocab), dtype=np.float32)
-            matvec(self.wv, self.glob_tab[L.OUTPUT, 1], self.glob_tab[L.OUTPUT, 0], hp.n_vocab, h, xb, logits)
+        L.rms_norm(x, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
+        logits = self._products(h, [(self.glob_tab[L.OUTPUT], hp.n_vocab)], scratch)
         if hp.logit_softcap:
             L.softcap(logits, np.float32(hp.logit_softcap))
         return logits
 
-    def _stack_args(self, cache: RingKVCache, tokens: np.ndarray, start: int, all_logits: bool,
+    def _stack_args(self, cache: RingKVCache, tokens: np.ndarray, start: int, outputs: int,
                     scratch: RunScratch, out: np.ndarray) -> tuple:
         """forward_stack's arguments for tokens at positions start.. of one conversation's cache (the one row of a
         pool, as bytes)."""
@@ -565,15 +568,16 @@ class NumbaModel:
         return (self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt, self._inv_freq(cache),
                 tokens, np.arange(start, start + n, dtype=np.int64), np.zeros(n, dtype=np.int64),
                 cache.k.view(np.uint8)[None], cache.v.view(np.uint8)[None], cache.byte_layout, cache.kv_code,
-                all_logits, scratch.stack, out, numba.get_num_threads())
+                outputs, scratch.stack, out, numba.get_num_threads())
 
     def _inv_freq(self, cache: RingKVCache) -> np.ndarray:
         """The RoPE frequency sets for this cache's context (LongRoPE: long factors past the original one)."""
         return self.inv_freq_long if cache.max_seq > self.hparams.rope_orig_ctx else self.inv_freq
 
     def _attend_prompt(self, cache: RingKVCache, i: int, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray,
-                       start: int, att: np.ndarray) -> None:
-        """Store layer i's new keys and values k3, v3: (T, n_kv_heads, head_dim) and attend to them. A full layer
+                       start: int, att: np.ndarray, out_t: int) -> None:
+        """Store layer i's new keys and values k3, v3: (T, n_kv_heads, head_dim) and attend to them with the last
+        out_t queries of q3 (into att's last out_t rows). A full layer
         attends over its cache (in place when it is float32; else over a float32 copy of the positions seen, which
         BLAS needs); a windowed one over its ring's positions the first query sees, in order, followed by the new
         ones, and its ring then keeps the last of them. An encoded cache (f16, q8_0) is attended as stored: the new
@@ -588,15 +592,16 @@ class NumbaModel:
                 keys, values = self._decoded(cache, kc[:, :start + T]), self._decoded(cache, vc[:, :start + T])
             else:
                 keys, values = kc, vc
-            prompt_attention(q3, keys, values, start, att, self.hparams.scale, 0, self._run, self.options.query_block)
+            prompt_attention(q3[T - out_t:], keys, values, start + T - out_t, att[T - out_t:], self.hparams.scale, 0,
+                             self._run, self.options.query_block)
             return
         base = max(0, start - window + 1)
         slots = np.arange(base, start) % S
         old_k, old_v = self._decoded(cache, kc[:, slots]), self._decoded(cache, vc[:, slots])
         all_k = np.concatenate([old_k, self._decoded(cache, keys)], axis=1)
         all_v = np.concatenate([old_v, self._decoded(cache, values)], axis=1)
-        prompt_attention(q3, all_k, all_v, start - base, att, self.hparams.scale, window, self._run,
-                         self.options.query_block)
+        prompt_attention(q3[T - out_t:], all_k, all_v, start - base + T - out_t, att[T - out_t:], self.hparams.scale,
+                         window, self._run, self.options.query_block)
         keep = min(T, S)
         slots = np.arange(start + T - keep, start + T) % S
         kc[:, slots] = keys[:, T - keep:]

@@ -382,11 +382,12 @@ def _rows(xb, a, b):
 
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
-                  v_pool, kv_layout, kvt, all_logits, scratch, logits, threads):
+                  v_pool, kv_layout, kvt, outputs, scratch, logits, threads):
     """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
     cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
     batched decode step: a token from each of several conversations, every weight row read once for all of them).
-    Writes K/V into the caches and logits: (T or 1, n_vocab). scratch: tuple of buffers sized for T (see
+    Writes K/V into the caches and the logits of the last `outputs` tokens: (outputs, n_vocab); T for all of them,
+    0 for none (a prompt's chunk before its last). scratch: tuple of buffers sized for T (see
     NumbaModel._make_scratch); inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks
     from. k_pool, v_pool: (n_slots, cache bytes) uint8; in each row layer i's keys are (n_kv_heads, S, row bytes)
     from byte kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
@@ -432,7 +433,6 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
         rope(q3, cos[g], sin[g], dims[D_NEOX] != 0)
         rope(k3, cos[g], sin[g], dims[D_NEOX] != 0)
         off, S = kv_layout[layer, 0], kv_layout[layer, 1]
-        seen = 0  # cached positions the queries see, over all of them
         att[:, :nkv] = v  # the values, contiguous for the encoder (att is free until the attention below)
         for t in range(T):
             kc = k_pool[slots[t], off:off + KVH * S * RB].reshape((KVH, S, RB))
@@ -441,6 +441,16 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
             for kh in range(KVH):  # encoded as they are written
                 kvk.encode_row(k3[t, kh], kc[kh, slot], kvt)
                 kvk.encode_row(att[t][kh * D:(kh + 1) * D], vc[kh, slot], kvt)
+        if layer == dims[D_LAYERS] - 1 and outputs < T:
+            # past its keys and values, the last layer only feeds the logits: it runs for their tokens alone
+            if outputs == 0:
+                return
+            f = T - outputs
+            x, h, q3, att, gu, ff, tmp = x[f:], h[f:], q3[f:], att[f:], gu[f:], ff[f:], tmp[f:]
+            xs_e, xs_q, xs_f = _rows(xs_e, f, T), _rows(xs_q, f, T), _rows(xs_f, f, T)
+            positions, slots, T = positions[f:], slots[f:], outputs
+        seen = 0  # cached positions the queries see, over all of them
+        for t in range(T):
             seen += positions[t] + 1 if window <= 0 else min(positions[t] + 1, window)
         att3 = att.reshape(T, H, D)
         if chunk and window <= 0 and H * seen * D >= SERIAL_ATTENTION:
@@ -467,10 +477,8 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
             rms_norm(tmp, f32, lt[POST_FFN_NORM, 0], eps, tmp)
         x += tmp
 
-    first = 0 if all_logits else T - 1
-    rms_norm(x[first:], f32, glob_tab[OUT_NORM, 0], eps, h[first:])
-    xb = _rows(xs_e, first, T)
-    prepare(h[first:], xb)
-    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h[first:], xb, logits)
+    rms_norm(x, f32, glob_tab[OUT_NORM, 0], eps, h)
+    prepare(h, xs_e)
+    matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h, xs_e, logits)
     if fparams[F_SOFTCAP] > 0:
         softcap(logits, fparams[F_SOFTCAP])
