@@ -62,8 +62,8 @@ def _number(body: dict, name: str, lo: float | None = None, hi: float | None = N
     below = lo is not None and (value <= lo if lo_open else value < lo)
     if below or (hi is not None and value > hi):
         left = "(" if lo_open else "["
-        rng = f"{left}{lo}, {hi}]" if hi is not None else (f"> {lo}" if lo_open else f">= {lo}")
-        raise ApiError(400, f"'{name}' must be in {rng}, got {value}", name, "invalid_value")
+        rng = f"in {left}{lo}, {hi}]" if hi is not None else (f"> {lo}" if lo_open else f">= {lo}")
+        raise ApiError(400, f"'{name}' must be {rng}, got {value}", name, "invalid_value")
     return value
 
 

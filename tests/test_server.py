@@ -186,29 +186,31 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     assert len(set(alone)) == len(alone)  # eight different texts: a mix-up would show
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
-    ({"messages": CHAT, "temperature": 2.5}, 400, "temperature"),
-    ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
-    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
-    ({"messages": CHAT, "max_tokens": 1.5}, 400, "max_tokens"),
-    ({"messages": CHAT, "n": 2}, 400, "n"),
-    ({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
-    ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
-    ({"messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
-    ({"messages": CHAT, "model": "gpt-4o"}, 404, "model"),
+@pytest.mark.parametrize("body, status, param, says", [
+    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature", ""),
+    ({"messages": CHAT, "temperature": 2.5}, 400, "temperature", "'temperature' must be in [0, 2], got 2.5"),
+    ({"messages": CHAT, "top_p": 0}, 400, "top_p", "'top_p' must be in (0, 1], got 0"),
+    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "'max_tokens' must be >= 1, got 0"),
+    ({"messages": CHAT, "max_tokens": 1.5}, 400, "max_tokens", ""),
+    ({"messages": CHAT, "n": 2}, 400, "n", ""),
+    ({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ""),
+    ({"messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias", ""),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", ""),
+    ({"messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
+    ({"messages": []}, 400, "messages", ""),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", ""),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", ""),
+    ({"messages": CHAT, "model": "gpt-4o"}, 404, "model", ""),
 ])
-def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, status, param):
+def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, status, param, says):
     body = {"model": server.model, **body}
     r = httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    assert says in error["message"]  # the range in words a person reads
+
 
 
 def test_malformed_and_unknown_requests_then_the_server_answers_normally(server):
