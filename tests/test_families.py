@@ -245,3 +245,7 @@ def test_mlx_windowed_layers_keep_a_bounded_cache(tmp_path):
     assert kl_per_position(np.concatenate(got), want).max() < 1e-4
     assert cache.trim(3) == 3
     assert kl_per_position(fast.forward(tokens[37:], cache, all_logits=True), want[37:]).max() < 1e-4
+    cache, pos = fast.new_cache(64), 0
+    for n in [1] * 20 + [3, 8, 2, 7]:  # last logits only: the last layer's windowed mask for the last query
+        assert kl_per_position(fast.forward(tokens[pos:pos + n], cache)[None], want[pos + n - 1:pos + n]).max() < 1e-4
+        pos += n

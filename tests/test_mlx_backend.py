@@ -127,6 +127,9 @@ def test_pieces_with_cache_equal_one_pass(mx, mlx_model):
 
     ids = np.array([1, 504, 3158, 8, 6233, 314, 253, 1345, 281, 34, 29, 41, 730, 5])
     whole = mlx_model.forward(ids, mlx_model.new_cache(32), all_logits=True)
+    # for the last logits alone the last layer runs past its keys and values for the last token only
+    last = mlx_model.forward(ids, mlx_model.new_cache(32))
+    np.testing.assert_allclose(last, whole[-1], rtol=0, atol=1e-4 * np.abs(whole).max())
     cache = MlxKVCache(mlx_model.hparams, 32, mlx_model.dtype, step=4)  # grows at 4, 8, 12, 16
     pieces = ((0, 5), (5, 6), (6, 11), (11, 14))
     parts = [mlx_model.forward(ids[a:b], cache, all_logits=True) for a, b in pieces]

@@ -124,8 +124,9 @@ class MlxModel:
                            freqs=periods[i])
         return out if self.rope_mscale is None else out * self.rope_mscale.astype(out.dtype)
 
-    def attention(self, layer: Layer, i: int, h: mx.array, cache: MlxKVCache) -> mx.array:
-        """h: (T, n_embd) -> (T, n_embd); writes this layer's keys and values into the cache."""
+    def attention(self, layer: Layer, i: int, h: mx.array, cache: MlxKVCache, queries: int) -> mx.array:
+        """h: (T, n_embd) -> (queries, n_embd): the attention of the last `queries` tokens; writes every token's
+        keys and values into the cache."""
         hp = self.hparams
         T = h.shape[0]
         q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
@@ -143,18 +144,19 @@ class MlxModel:
             k = mx.fast.rms_norm(k, layer.k_norm, hp.norm_eps)
         q, k = self.rope(q, cache.offset, i, cache.max_seq), self.rope(k, cache.offset, i, cache.max_seq)
         keys, values, first = cache.update(i, k, v)  # (1, n_kv_heads, positions first .. offset + T, head_dim)
+        q = q[:, :, T - queries:]
         window = hp.window(i)
-        if window and T == 1:  # one query: its window is the last `window` keys
+        if window and queries == 1:  # one query: its window is the last `window` keys
             keys, values = keys[:, :, -window:], values[:, :, -window:]
             mask = None
         elif window:  # query at position p sees keys p - window < s <= p
-            pos = mx.arange(cache.offset, cache.offset + T)[:, None]
+            pos = mx.arange(cache.offset + T - queries, cache.offset + T)[:, None]
             s = mx.arange(first, cache.offset + T)[None, :]
             mask = (s <= pos) & (s > pos - window)
         else:  # "causal" aligns the last query with the last key: right for a prefill after a cached prefix
-            mask = "causal" if T > 1 else None
+            mask = "causal" if queries > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.attn_scale, mask=mask)
-        return layer.wo(out.transpose(0, 2, 1, 3).reshape(T, q_dim))
+        return layer.wo(out.transpose(0, 2, 1, 3).reshape(queries, q_dim))
 
     def mlp(self, layer: Layer, h: mx.array) -> mx.array:
         if len(layer.gate_up) == 1:
@@ -175,7 +177,11 @@ class MlxModel:
         if hp.embed_scale != 1.0:
             x = x * hp.embed_scale
         for i, layer in enumerate(self.layers):
-            a = self.attention(layer, i, mx.fast.rms_norm(x, layer.attn_norm, hp.norm_eps), cache)
+            # the last layer runs past its keys and values for the last token alone when only its logits are wanted
+            queries = 1 if i == len(self.layers) - 1 and not all_logits else T
+            a = self.attention(layer, i, mx.fast.rms_norm(x, layer.attn_norm, hp.norm_eps), cache, queries)
+            if queries < T:
+                x = x[T - queries:]
             if layer.post_attn_norm is not None:
                 a = mx.fast.rms_norm(a, layer.post_attn_norm, hp.norm_eps)
             x = x + a
@@ -185,7 +191,7 @@ class MlxModel:
             x = x + f
         cache.offset += T
         if not all_logits:
-            x = x[-1]
+            x = x[0]
         logits = self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
         if hp.logit_softcap:
             logits = hp.logit_softcap * mx.tanh(logits / hp.logit_softcap)
