@@ -404,12 +404,26 @@ use_kernel_cache()
 assert probe_kernels.twice(21.0) == 42.0
 stats = probe_kernels.twice.stats
 print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
+(library,) = [overload.library for overload in probe_kernels.twice.overloads.values()]
+print("linking module parsed:", library._shared_module is not None)
+from numba import njit
+
+@njit
+def calls_twice(x):  # compiled here: links against the cached library
+    return probe_kernels.twice(x) + 1.0
+
+assert calls_twice(20.0) == 41.0
+module = library._shared_module
+defined = {f.name for group in (module.functions, module.global_variables) for f in group if not f.is_declaration}
+print("after a link, parsed:", module is not None, "its symbols known:",
+      bool(defined) and defined <= library._codegen._engine._defined_symbols)
 """
 
 
 def test_jit_cache_is_chosen_at_load_and_reused(tmp_path):
     """Importing the jitted modules writes nothing; `use_kernel_cache()` (the backend's load) picks the folder;
-    the first process compiles and saves there, the second loads the machine code from it."""
+    the first process compiles and saves there, the second loads the machine code from it, and a function
+    compiled there links against what it loaded."""
     import os
     import subprocess
     import sys
@@ -426,8 +440,41 @@ def test_jit_cache_is_chosen_at_load_and_reused(tmp_path):
     assert "after import: []" in runs[0].stdout  # nothing written at import
     assert "hits 0 misses 1" in runs[0].stdout  # compiled, and saved ...
     assert "hits 1 misses 0" in runs[1].stdout  # ... and loaded by the next process
+    # which parses the module that compilations link against only when one does, having listed the symbols it
+    # defines from its object code
+    assert "linking module parsed: False" in runs[1].stdout
+    assert "after a link, parsed: True its symbols known: True" in runs[1].stdout
     (folder,) = (tmp_path / "cache" / "llmcli" / "numba").iterdir()
     assert any(p.suffix == ".nbi" for p in folder.rglob("*")) and not (tmp_path / "__pycache__").exists()
+
+
+def test_elf_symbols_are_what_the_module_defines():
+    """The symbols a loaded kernel library registers come from its object code: an object's defined functions and
+    data, not what it only declares; anything that is not a whole ELF64 object gives None (numba's own path)."""
+    import llvmlite.binding as llvm
+
+    from quant.jit import elf_defined_symbols
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    module = llvm.parse_assembly("""
+        @table = global [4 x i32] [i32 1, i32 2, i32 3, i32 4]
+        @secret = internal global i32 7
+        declare double @sqrt(double)
+        define double @root(double %x) { %r = call double @sqrt(double %x) ret double %r }
+        define i32 @peek(i64 %i) {
+          %p = getelementptr [4 x i32], [4 x i32]* @table, i64 0, i64 %i
+          %v = load i32, i32* %p
+          %s = load i32, i32* @secret
+          %t = add i32 %v, %s
+          ret i32 %t
+        }
+    """)
+    obj = llvm.Target.from_default_triple().create_target_machine().emit_object(module)
+    if obj[:4] == b"\x7fELF":
+        assert elf_defined_symbols(obj) == {"table", "secret", "root", "peek"}
+    for broken in (obj[:0x30], obj[:len(obj) // 2], b"\x7fELF\x02\x01" + bytes(58), b"not an object"):
+        assert elf_defined_symbols(broken) is None
 
 
 @pytest.mark.slow
