@@ -191,7 +191,7 @@ class MlxModel:
             x = x + f
         cache.offset += T
         if not all_logits:
-            x = x[0]
+            x = x[-1]
         logits = self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
         if hp.logit_softcap:
             logits = hp.logit_softcap * mx.tanh(logits / hp.logit_softcap)

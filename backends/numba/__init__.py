@@ -431,9 +431,18 @@ class NumbaModel:
         """x @ [W1; W2; ...].T for matrices sharing the input (Q/K/V, gate/up; or one matrix): (T, sum of rows),
         the outputs side by side. The integer GEMM (quant/gemm.py) when NumbaOptions.prompt_gemm picks it and every
         matrix has a type it takes, else BLAS on dequantized tiles."""
-        if self._int_gemm and all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts):
+        if self._int_gemm_takes(parts):
             return self._gemm_int(x, parts, scratch)
         return self._gemm_float(x, parts, scratch)
+
+    def _int_gemm_takes(self, parts: list[tuple[np.ndarray, int]]) -> bool:
+        """Whether the integer GEMM runs here and takes every matrix of parts."""
+        return self._int_gemm and all(int(desc[1]) in QUANTIZED_TYPES for desc, _ in parts)
+
+    @staticmethod
+    def _descs(parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """(byte offset, qtype, rows) of each matrix of parts, as the stacked-row kernels take them."""
+        return np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
 
     def _gemm_int(self, x: np.ndarray, parts: list[tuple[np.ndarray, int]], scratch: RunScratch) -> np.ndarray:
         """_gemm_cat with quant.gemm (imported on first use: a run whose prompts are short never needs it); each
@@ -445,7 +454,7 @@ class NumbaModel:
             widest = max(hp.n_embd, hp.n_heads * hp.head_dim, hp.n_ff)
             scratch.packed = [packed_buffers(widest) for _ in range(self.threads)]
         T = x.shape[0]
-        descs = np.array([[desc[0], desc[1], rows] for desc, rows in parts], dtype=np.int64)
+        descs = self._descs(parts)
         rows = int(descs[:, 2].sum())
         groups = -(-rows // GROUP)
         # the pool's threads share a product worth more than a hand-off; packing a weight costs ~9 multiply-adds
@@ -501,12 +510,12 @@ class NumbaModel:
         GEMM still where it runs (as fast as the matvec kernels there: packing costs about what the dot products
         do, and a process whose prompt takes this path need not load the matvec kernels' machine code as well), else
         the matvec kernels: BLAS would dequantize whole matrices for one row."""
-        if len(x) > self.options.small_t or (self._int_gemm and all(int(d[1]) in QUANTIZED_TYPES for d, _ in parts)):
+        if len(x) > self.options.small_t or self._int_gemm_takes(parts):
             return self._gemm_cat(x, parts, scratch)
         xb = activation_blocks(len(x), x.shape[1])
         prepare(x, xb)
         out = np.empty((len(x), sum(rows for _, rows in parts)), dtype=np.float32)
-        matvec_multi(self.wv, np.array([[d[0], d[1], rows] for d, rows in parts], dtype=np.int64), x, xb, out)
+        matvec_multi(self.wv, self._descs(parts), x, xb, out)
         return out
 
     def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool,
@@ -577,11 +586,11 @@ class NumbaModel:
     def _attend_prompt(self, cache: RingKVCache, i: int, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray,
                        start: int, att: np.ndarray, out_t: int) -> None:
         """Store layer i's new keys and values k3, v3: (T, n_kv_heads, head_dim) and attend to them with the last
-        out_t queries of q3 (into att's last out_t rows). A full layer
-        attends over its cache (in place when it is float32; else over a float32 copy of the positions seen, which
-        BLAS needs); a windowed one over its ring's positions the first query sees, in order, followed by the new
-        ones, and its ring then keeps the last of them. An encoded cache (f16, q8_0) is attended as stored: the new
-        keys and values too go through the encoding first, as on the decode path."""
+        out_t queries of q3 (into att's last out_t rows). A full layer attends over its cache (in place when it is
+        float32; else over a float32 copy of the positions seen, which BLAS needs); a windowed one over its ring's
+        positions the first query sees, in order, followed by the new ones, and its ring then keeps the last of them.
+        An encoded cache (f16, q8_0) is attended as stored: the new keys and values too go through the encoding
+        first, as on the decode path."""
         T, window = len(q3), self.hparams.window(i)
         kc, vc = cache.layer(i)  # (n_kv_heads, S, row elements)
         S = kc.shape[1]
