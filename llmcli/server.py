@@ -167,6 +167,31 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
+def _refuse_what_is_not_served(body: dict) -> None:
+    """Tool calls and JSON output are refused by name: a client that asks for them and got free text instead would
+    fail later, on a reply it cannot parse."""
+    for name in ("tools", "functions"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, list) or value):
+            raise ApiError(400, f"'{name}' is not supported: this server does not call tools", name,
+                           "unsupported_value")
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice is not None and choice not in ("none", "auto"):
+        param = "tool_choice" if "tool_choice" in body else "function_call"
+        raise ApiError(400, f"'{param}' is not supported: this server does not call tools", param,
+                       "unsupported_value")
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_object", "json_schema"):
+        raise ApiError(400, f"'response_format' {kind} is not supported: replies are free text (type 'text')",
+                       "response_format", "unsupported_value")
+    if kind != "text":
+        raise ApiError(400, "'response_format' must be an object with 'type': 'text'", "response_format",
+                       "invalid_value")
+
+
 # --- the app ---------------------------------------------------------------------------------------------
 
 class Api:
@@ -239,6 +264,7 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
         messages = _chat_messages(body)
+        _refuse_what_is_not_served(body)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top is not None and not want_logprobs:

@@ -201,6 +201,12 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", ""),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", ""),
     ({"messages": CHAT, "model": "gpt-4o"}, 404, "model", ""),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "does not call tools"),
+    ({"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice", "does not call tools"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
+     "json_object is not supported"),
+    ({"messages": CHAT, "response_format": "json"}, 400, "response_format", ""),
 ])
 def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, status, param, says):
     body = {"model": server.model, **body}
@@ -230,6 +236,10 @@ def test_malformed_and_unknown_requests_then_the_server_answers_normally(server)
     assert [m.id for m in models.data] == [server.model]
     r = c.completions.create(model=server.model, prompt=PROMPTS[0], temperature=0, max_tokens=4)
     assert r.choices[0].text and r.usage.completion_tokens == 4
+    # what asks for nothing the server lacks is served: plain text, no tools
+    r = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=4,
+                                  response_format={"type": "text"}, tools=[], tool_choice="none")
+    assert r.choices[0].message.content and r.usage.completion_tokens == 4
 
 
 def test_api_key_is_required_when_set(server1):
