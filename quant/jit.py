@@ -20,6 +20,10 @@ against, and keeps it: 17 MB for the decode stack, and the peak of a process tha
 when a compilation first links against them (`_LazyLinking`), and take the symbols they define from their object
 code's symbol table instead.
 
+Numba's runtime (reference counts, array allocation) has a few helper functions in LLVM IR that numba compiles in
+every process: ~25 ms, and that first compilation pulls ~27 MB of LLVM's own code into memory, a process that only
+loads cached kernels needs nothing else of. Their machine code is cached beside the kernels (`_start_runtime`).
+
 Each version of the sources gets a new folder, so old ones are pruned: every start marks its folder as used
 (its modification time), and the first start of a new version removes the folders not used for
 PRUNE_AFTER_DAYS (another install of llm on the same account keeps its folder while it is used).
@@ -33,13 +37,15 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import llvmlite
 import numba
 from numba import prange
 from numba.core.dispatcher import Dispatcher
-from numba.core.runtime import rtsys
+from numba.core.runtime import nrtdynmod, rtsys
 
 __all__ = ["njit", "prange", "use_kernel_cache"]
 
@@ -100,11 +106,67 @@ def _enable_caching(dispatcher: Dispatcher) -> None:
 def _load_cached(cache, sig, target_context):
     """numba's Cache.load_overload without its `target_context.refresh()` (see the module's docstring), but with
     the one part of it that cached code needs: its runtime (array allocation) set up."""
-    rtsys.initialize(target_context)
     _lazy_linking(target_context.codegen())
+    _start_runtime(target_context)
     with cache._guard_against_spurious_io_errors():
         return cache._load_overload(sig, target_context)
     return None  # the guard swallowed an I/O error: numba compiles instead
+
+
+def _start_runtime(context) -> None:
+    """rtsys.initialize, with the runtime's compiled helpers loaded from the cache folder (see the module's
+    docstring), where this numba has the internals that takes."""
+    if rtsys._init or not hasattr(nrtdynmod, "create_nrt_module") or not numba.config.CACHE_DIR:
+        rtsys.initialize(context)
+        return
+    compile_nrt = nrtdynmod.compile_nrt_functions
+    nrtdynmod.compile_nrt_functions = _cached_runtime  # what rtsys.initialize calls, by the module's name
+    try:
+        rtsys.initialize(context)
+    finally:
+        nrtdynmod.compile_nrt_functions = compile_nrt
+
+
+def _cached_runtime(context):
+    """numba's compile_nrt_functions, its result kept as object code in a file of the cache folder named after
+    what the code depends on (numba's IR, LLVM, the CPU): the library loaded from there when it exists and reads
+    back, else compiled (and the file written: temp, then rename; a cache that cannot be written only costs
+    time)."""
+    codegen = context.codegen()
+    key = repr((numba.__version__, llvmlite.__version__, codegen.magic_tuple()))
+    path = Path(numba.config.CACHE_DIR) / f"runtime-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
+    try:
+        state = _runtime_state(path.read_bytes())
+        if state is not None:
+            return codegen.unserialize_library(state)
+    except (OSError, RuntimeError, ValueError):  # unreadable, or LLVM refused its bitcode: compile instead
+        pass
+    ir_module, library = nrtdynmod.create_nrt_module(context)
+    library.enable_object_caching()
+    library.add_ir_module(ir_module)
+    library.finalize()
+    name, _, (obj, bitcode) = library.serialize_using_object_code()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, delete=False) as f:
+            f.write(b"".join(struct.pack("<Q", len(part)) + part for part in (name.encode(), obj, bitcode)))
+        os.replace(f.name, path)
+    except OSError:
+        pass
+    return library
+
+
+def _runtime_state(data: bytes) -> tuple | None:
+    """(name, "object", (object code, bitcode)) from a runtime file's three length-prefixed parts, or None when
+    they do not add up or the object code is not an ELF object with a symbol table (another platform's: compile)."""
+    parts, at = [], 0
+    while at + 8 <= len(data) and len(parts) < 3:
+        n, = struct.unpack_from("<Q", data, at)
+        parts.append(data[at + 8:at + 8 + n])
+        at += 8 + n
+    if len(parts) != 3 or at != len(data) or elf_defined_symbols(parts[1]) is None:
+        return None
+    return parts[0].decode("utf-8", errors="replace"), "object", (parts[1], parts[2])
 
 
 def elf_defined_symbols(obj: bytes) -> set[str] | None:

@@ -402,6 +402,9 @@ print("after import:", sorted(os.listdir(os.environ["XDG_CACHE_HOME"])))
 from quant.jit import use_kernel_cache
 use_kernel_cache()
 assert probe_kernels.twice(21.0) == 42.0
+assert probe_kernels.filled(5, 2.0).sum() == 10.0  # an array made in numba's runtime, freed by it
+from numba.core.runtime import rtsys
+print("runtime loaded from the cache:", hasattr(rtsys.library, "_linking_bitcode"))
 stats = probe_kernels.twice.stats
 print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
 (library,) = [overload.library for overload in probe_kernels.twice.overloads.values()]
@@ -429,17 +432,31 @@ def test_jit_cache_is_chosen_at_load_and_reused(tmp_path):
     import sys
 
     (tmp_path / "probe_kernels.py").write_text(
-        "from quant.jit import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2.0 * x\n")
+        "import numpy as np\nfrom quant.jit import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2.0 * x\n\n"
+        "@njit(cache=True)\ndef filled(n, v):\n    return np.full(n, v)\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
            "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("NUMBA_CACHE_DIR", None)
     (tmp_path / "cache").mkdir()
-    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path)], env=env, capture_output=True,
-                           text=True, timeout=300) for _ in range(2)]
+    def probe():
+        return subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    runs = [probe() for _ in range(2)]
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     assert "after import: []" in runs[0].stdout  # nothing written at import
     assert "hits 0 misses 1" in runs[0].stdout  # compiled, and saved ...
     assert "hits 1 misses 0" in runs[1].stdout  # ... and loaded by the next process
+    # numba's runtime too: compiled by the first process, its machine code loaded by the second
+    assert "runtime loaded from the cache: False" in runs[0].stdout
+    assert "runtime loaded from the cache: True" in runs[1].stdout
+    (runtime,) = (tmp_path / "cache").rglob("runtime-*.bin")
+    good = runtime.read_bytes()
+    for bad in (good[:len(good) // 2], good[:8] + b"\xff" * 8 + good[16:], b""):  # cut, a huge length, empty
+        runtime.write_bytes(bad)
+        run = probe()
+        assert run.returncode == 0 and "runtime loaded from the cache: False" in run.stdout, run.stderr
+        assert runtime.read_bytes() == good  # compiled again, and the file written whole
     # which parses the module that compilations link against only when one does, having listed the symbols it
     # defines from its object code
     assert "linking module parsed: False" in runs[1].stdout
