@@ -158,13 +158,13 @@ def _cached_runtime(context):
 
 def _runtime_state(data: bytes) -> tuple | None:
     """(name, "object", (object code, bitcode)) from a runtime file's three length-prefixed parts, or None when
-    they do not add up or the object code is not an ELF object with a symbol table (another platform's: compile)."""
+    they do not add up to the file."""
     parts, at = [], 0
     while at + 8 <= len(data) and len(parts) < 3:
         n, = struct.unpack_from("<Q", data, at)
         parts.append(data[at + 8:at + 8 + n])
         at += 8 + n
-    if len(parts) != 3 or at != len(data) or elf_defined_symbols(parts[1]) is None:
+    if len(parts) != 3 or at != len(data) or not all(parts):
         return None
     return parts[0].decode("utf-8", errors="replace"), "object", (parts[1], parts[2])
 
