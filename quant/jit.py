@@ -116,7 +116,7 @@ def _load_cached(cache, sig, target_context):
 def _start_runtime(context) -> None:
     """rtsys.initialize, with the runtime's compiled helpers loaded from the cache folder (see the module's
     docstring), where this numba has the internals that takes."""
-    if rtsys._init or not hasattr(nrtdynmod, "create_nrt_module") or not numba.config.CACHE_DIR:
+    if getattr(rtsys, "_init", True) or not hasattr(nrtdynmod, "create_nrt_module") or not numba.config.CACHE_DIR:
         rtsys.initialize(context)
         return
     compile_nrt = nrtdynmod.compile_nrt_functions
