@@ -35,8 +35,9 @@ from backends.base import kv_cache_bytes
 from llmcli import engine
 from llmcli.sampling import SamplingConfig
 from llmcli.speculative import SpeculativeConfig
-from llmcli.store import resolve_model, store_root, write_atomic
+from llmcli.store import resolve_model, store_root
 from quant.errors import LlmError
+from quant.files import write_atomic
 from quant.gguf_file import read_gguf
 from quant.kvtypes import check_kv_type
 

@@ -157,7 +157,7 @@ class ChatLoop:
         return True
 
     def save(self, path: Path) -> None:
-        from llmcli.store import write_atomic
+        from quant.files import write_atomic
 
         try:
             write_atomic(path, self.conv.to_json().encode())

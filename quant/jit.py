@@ -37,7 +37,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,8 @@ import numba
 from numba import prange
 from numba.core.dispatcher import Dispatcher
 from numba.core.runtime import nrtdynmod, rtsys
+
+from quant.files import write_atomic
 
 __all__ = ["njit", "prange", "use_kernel_cache"]
 
@@ -130,8 +131,7 @@ def _start_runtime(context) -> None:
 def _cached_runtime(context):
     """numba's compile_nrt_functions, its result kept as object code in a file of the cache folder named after
     what the code depends on (numba's IR, LLVM, the CPU): the library loaded from there when it exists and reads
-    back, else compiled (and the file written: temp, then rename; a cache that cannot be written only costs
-    time)."""
+    back, else compiled (and the file written whole; a cache that cannot be written only costs time)."""
     codegen = context.codegen()
     key = repr((numba.__version__, llvmlite.__version__, codegen.magic_tuple()))
     path = Path(numba.config.CACHE_DIR) / f"runtime-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
@@ -147,10 +147,7 @@ def _cached_runtime(context):
     library.finalize()
     name, _, (obj, bitcode) = library.serialize_using_object_code()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, delete=False) as f:
-            f.write(b"".join(struct.pack("<Q", len(part)) + part for part in (name.encode(), obj, bitcode)))
-        os.replace(f.name, path)
+        write_atomic(path, b"".join(struct.pack("<Q", len(part)) + part for part in (name.encode(), obj, bitcode)))
     except OSError:
         pass
     return library
