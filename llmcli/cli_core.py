@@ -14,15 +14,43 @@ import typer
 from llmcli import options as opt
 from quant.errors import LlmError, PromptError
 
+MAX_SCHEMA_BYTES = 1 << 20
 
-def _gen_config(max_tokens, stop, sampling: dict):
+
+def _gen_config(max_tokens, stop, sampling: dict, fmt: str | None = None):
     from llmcli.engine import GenerationConfig
     from llmcli.sampling import SamplingConfig
 
     kwargs = {"sampling": SamplingConfig.from_options(**sampling), "stop": tuple(stop or ())}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
+    if fmt is not None:
+        kwargs["grammar"] = _output_format(fmt)
     return GenerationConfig(**kwargs)
+
+
+def _output_format(fmt: str):
+    """--format: 'json', or a JSON Schema file -> its Grammar."""
+    from llmcli.grammar import GrammarError
+    from llmcli.json_schema import json_grammar
+
+    if fmt == "json":
+        return json_grammar()
+    path = Path(fmt)
+    try:
+        if path.stat().st_size > MAX_SCHEMA_BYTES:
+            raise LlmError(f"--format {fmt}: the schema file is over {MAX_SCHEMA_BYTES >> 20} MiB")
+        schema = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise LlmError(f"--format {fmt}: no such file (give 'json' or a JSON Schema file)") from None
+    except OSError as e:
+        raise LlmError(f"--format {fmt}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise LlmError(f"--format {fmt}: not a JSON file ({e})") from None
+    try:
+        return json_grammar(schema)
+    except GrammarError as e:
+        raise LlmError(f"--format {fmt}: {e}") from None
 
 
 def _spec_config(lookup: int | None, draft: str | None, draft_max: int | None):
@@ -110,7 +138,7 @@ def run(
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
-    seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
+    seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None, fmt: opt.Format = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """One-shot generation; only the generated text goes to stdout.
@@ -129,7 +157,8 @@ def run(
     if not prompt.strip():
         raise PromptError("the prompt is empty")
     config = _gen_config(max_tokens, stop, opt.sampling_options(
-        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed),
+        fmt)
     spec = _spec_config(lookup, draft, draft_max)
     lm = _open(path, backend, threads, template)
     session = Session(lm, ctx, kv_type=kv_type, spec=spec, draft=_open(draft, backend, threads) if draft else None)
@@ -171,6 +200,7 @@ def chat(
     context_shift: Annotated[bool, typer.Option(
         "--context-shift", help="When the context is full, drop the oldest turns and shift the KV cache past them "
         "instead of recomputing the rest.", metavar=opt.FLAG)] = False,
+    fmt: opt.Format = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
     """Chat in the terminal, streaming replies; the KV cache is reused across turns.
@@ -184,7 +214,8 @@ def chat(
     from llmcli.store import DEFAULT_MODEL
 
     config = _gen_config(max_tokens, stop, opt.sampling_options(
-        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed),
+        fmt)
     spec = _spec_config(lookup, draft, draft_max)
     # soft_wrap: notices stay one line each (a terminal wraps them itself; a log or a pipe gets them whole)
     err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import HParams, KVCache, Model, default_kv_type, load_model
+from llmcli.grammar import Constraint, Grammar, vocabulary_bytes
 from llmcli.sampling import Sampler, SamplingConfig
 from llmcli.speculative import DraftLength, DraftModel, PromptLookup, SpeculativeConfig, accept, check_vocab
 from llmcli.template import ChatTemplate
@@ -39,6 +40,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    grammar: Grammar | None = None  # the output must follow it (llmcli/json_schema.py: JSON); None: free text
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -192,9 +194,15 @@ class Generation:
     one conversation, the server's scheduler for many at once) hands it each step's logits; `step` samples a
     token and says what text it makes and whether the generation is over."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], config: GenerationConfig, budget: int):
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], config: GenerationConfig, budget: int,
+                 n_vocab: int | None = None):
+        """n_vocab: the model's logits per step (its output rows; the tokenizer's vocabulary when None)."""
         self.tokenizer, self.config = tokenizer, config
         self.sampler = Sampler(config.sampling)
+        self.constraint = None
+        if config.grammar is not None:
+            vocab = vocabulary_bytes(tokenizer, n_vocab or tokenizer.vocab_size)
+            self.constraint = Constraint(config.grammar, vocab, tokenizer.stop_ids)
         self.bias = None
         if config.logit_bias:
             self.bias = np.zeros(tokenizer.vocab_size, dtype=np.float32)
@@ -213,13 +221,28 @@ class Generation:
         """The next token from the model's logits for this step."""
         if self.bias is not None:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
+        if self.constraint is not None:
+            if self.sampler.greedy:  # the most likely token is most often allowed: one walk instead of a mask
+                token = self.sampler(logits, self.history)
+                if self.constraint.allows(token):
+                    return token
+            logits = self._allowed(logits)
         return self.sampler(logits, self.history)
 
     def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """What `sample` would draw from after `history`: (n_vocab,) float64 probabilities."""
         if self.bias is not None:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
+        if self.constraint is not None:
+            logits = self._allowed(logits)
         return self.sampler.probabilities(logits, history)
+
+    def _allowed(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` with -inf for the tokens the output format does not allow next."""
+        mask = self.constraint.mask()
+        if not mask.any():
+            raise LlmError("no token of the model's vocabulary can continue the requested output format")
+        return np.where(mask, np.asarray(logits, dtype=np.float32), np.float32(-np.inf))
 
     def step(self, logits: np.ndarray) -> tuple[int, str]:
         """Sample a token from `logits` and take it: -> (token, text it completes). Sets `finish` when this
@@ -235,9 +258,11 @@ class Generation:
         if token in self.tokenizer.stop_ids:
             self.finish = "stop"
             return token, ""
+        if self.constraint is not None:
+            self.constraint.take(token)
         # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
         text, stopped = self.stops.feed(self.detok.add(token) if token < self.tokenizer.vocab_size else "")
-        if stopped:
+        if stopped or (self.constraint is not None and self.constraint.finished):
             self.finish = "stop"
         elif self.n_gen >= self.budget:
             self.finish = "length"
@@ -371,7 +396,8 @@ class Session:
     def start(self, prompt: Sequence[int], config: GenerationConfig) -> Generation:
         """A Generation for `prompt` whose budget is what the context leaves after it."""
         self.check_prompt(prompt)
-        return Generation(self.lm.tokenizer, prompt, config, min(config.max_tokens, self.n_ctx - len(prompt)))
+        return Generation(self.lm.tokenizer, prompt, config, min(config.max_tokens, self.n_ctx - len(prompt)),
+                          self.lm.hparams.n_vocab)
 
     def _decode(self, gen: Generation, logits: np.ndarray) -> Iterator[tuple[int, str]]:
         """gen.step over the logits of each token fed back, until gen finishes. A backend with

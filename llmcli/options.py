@@ -46,6 +46,9 @@ Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.", metavar=FLAG)]
+Format = Annotated[str | None, typer.Option(
+    "--format", help="The reply's format: 'json' (a JSON object) or a JSON Schema file the reply follows "
+    "(its objects' properties in the schema's order).", show_default=False)]
 Lookup = Annotated[int | None, typer.Option(
     "--lookup", help="Speculative decoding by prompt lookup: draft up to N tokens that followed the last few "
     "tokens earlier in the prompt or reply, verified in one pass (the same text, faster when the reply repeats "

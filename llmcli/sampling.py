@@ -167,10 +167,14 @@ class Sampler:
 
     def _survivors(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The token ids top-k and the filters leave, and their probabilities (float64, summing to 1)."""
-        ids = None  # the vocabulary ids of `logits` when it holds only top-k's survivors
-        if 0 < self.cfg.top_k < logits.size:  # one pass over the vocabulary; the rest works on ~k tokens
-            ids = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
+        ids = None  # the vocabulary ids of `logits` when it holds only some of them
+        if np.isneginf(logits).any():  # an output format left a few: partitioning many equal -inf is slow
+            ids = np.flatnonzero(logits > -np.inf)
             logits = logits[ids]
+        if 0 < self.cfg.top_k < logits.size:  # one pass over the vocabulary; the rest works on ~k tokens
+            keep = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
+            ids = keep if ids is None else ids[keep]
+            logits = logits[keep]
         for f in self.filters:
             logits = f(logits)
         live = np.flatnonzero(np.isfinite(logits))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import queue
@@ -25,6 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse, TokenLogprob
+from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
+from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
 from quant.errors import FieldError, LlmError
 
@@ -107,9 +110,9 @@ def _logit_bias(body: dict, n_vocab: int) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
-def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logprobs: int | None
-                      ) -> GenerationConfig:
-    """The request's settings over the server's defaults (`llm serve`'s options)."""
+def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logprobs: int | None,
+                      grammar: Grammar | None = None) -> GenerationConfig:
+    """The request's settings over the server's defaults (`llm serve`'s options); `grammar`: the reply's format."""
     if _number(body, "n", 1, None, integer=True) not in (None, 1):
         raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
     sampling = {}
@@ -132,7 +135,7 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
             defaults, sampling=dataclasses.replace(defaults.sampling, **sampling),
             max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
             stop=defaults.stop if stop is None else stop,
-            logit_bias=_logit_bias(body, n_vocab), logprobs=logprobs)
+            logit_bias=_logit_bias(body, n_vocab), logprobs=logprobs, grammar=grammar or defaults.grammar)
     except FieldError as e:
         raise ApiError(400, str(e), e.field, "invalid_value") from None
     except LlmError as e:  # SamplingConfig's own checks
@@ -167,9 +170,9 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def _refuse_what_is_not_served(body: dict) -> None:
-    """Tool calls and JSON output are refused by name: a client that asks for them and got free text instead would
-    fail later, on a reply it cannot parse."""
+def _refuse_tools(body: dict) -> None:
+    """Tool calls are refused by name: a client that asks for them and got free text instead would fail later, on a
+    reply it cannot parse."""
     for name in ("tools", "functions"):
         value = body.get(name)
         if value is not None and (not isinstance(value, list) or value):
@@ -180,16 +183,32 @@ def _refuse_what_is_not_served(body: dict) -> None:
         param = "tool_choice" if "tool_choice" in body else "function_call"
         raise ApiError(400, f"'{param}' is not supported: this server does not call tools", param,
                        "unsupported_value")
+
+
+def _response_format(body: dict) -> str | None:
+    """The JSON Schema the reply must follow, as JSON text ("null": any JSON object); None: free text.
+    OpenAI's shapes: {"type": "text" | "json_object"} and {"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind in ("json_object", "json_schema"):
-        raise ApiError(400, f"'response_format' {kind} is not supported: replies are free text (type 'text')",
-                       "response_format", "unsupported_value")
-    if kind != "text":
-        raise ApiError(400, "'response_format' must be an object with 'type': 'text'", "response_format",
-                       "invalid_value")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "null"
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ApiError(400, "'response_format.json_schema' must be an object with a 'name'",
+                           "response_format.json_schema", "invalid_value")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict | bool):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
+                           "response_format.json_schema.schema", "invalid_type")
+        return json.dumps(schema)  # not sorted: the order of the properties is the order they are written in
+    raise ApiError(400, "'response_format' must be an object with 'type' 'text', 'json_object' or 'json_schema'",
+                   "response_format", "invalid_value")
 
 
 # --- the app ---------------------------------------------------------------------------------------------
@@ -202,6 +221,23 @@ class Api:
         self.scheduler, self.model_id, self.defaults, self.api_key = scheduler, model_id, defaults, api_key
         self.lm = scheduler.lm
         self.created = int(time.time())
+        self._grammar = functools.lru_cache(maxsize=32)(self._build_grammar)  # schema text -> Grammar
+
+    def _build_grammar(self, schema: str) -> Grammar:
+        grammar = json_grammar(json.loads(schema))
+        # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
+        Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab)).mask()
+        return grammar
+
+    async def _format(self, body: dict) -> Grammar | None:
+        """The grammar `response_format` asks for, built off the event loop (a schema can take a while)."""
+        schema = _response_format(body)
+        if schema is None:
+            return None
+        try:
+            return await asyncio.to_thread(self._grammar, schema)
+        except GrammarError as e:
+            raise ApiError(400, f"'response_format': {e}", "response_format", "invalid_value") from None
 
     def app(self) -> Starlette:
         routes = [
@@ -264,13 +300,14 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
         messages = _chat_messages(body)
-        _refuse_what_is_not_served(body)
+        _refuse_tools(body)
+        grammar = await self._format(body)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top is not None and not want_logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
-                                   (top or 0) if want_logprobs else None)
+                                   (top or 0) if want_logprobs else None, grammar)
         try:
             text = self.lm.template.render(messages, add_generation_prompt=True)
         except LlmError as e:
@@ -304,7 +341,7 @@ class Api:
         if _number(body, "best_of", 1, 1, integer=True) not in (None, 1):
             raise ApiError(400, "only best_of = 1 is supported", "best_of", "invalid_value")
         logprobs = _number(body, "logprobs", 0, MAX_LEGACY_LOGPROBS, integer=True)
-        config = generation_config(body, self.defaults, self.lm.hparams.n_vocab, logprobs)
+        config = generation_config(body, self.defaults, self.lm.hparams.n_vocab, logprobs, await self._format(body))
         return await self._respond(request, body, ids, config, chat=False)
 
     async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,

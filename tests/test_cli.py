@@ -193,6 +193,38 @@ def test_bad_options(smollm2_path):
                               "--backend", "numpy"), "nonexistent.jinja")
 
 
+def test_format_json_and_a_schema_file(tmp_path, smollm2_path):
+    """--format json prints a JSON object; --format FILE one that follows the schema, properties in its order; on
+    the numpy backend as on numba (the same greedy text)."""
+    r = llm("run", str(smollm2_path), "Describe a cat called Tom as JSON.", "--format", "json", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout), dict)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+                                               "indoor": {"type": "boolean"}},
+              "required": ["name", "age", "indoor"], "additionalProperties": False}
+    (tmp_path / "cat.json").write_text(json.dumps(schema))
+    outs = []
+    for backend in ("numba", "numpy"):
+        r = llm("run", str(smollm2_path), "Describe a cat called Tom.", "--format", str(tmp_path / "cat.json"),
+                "--temperature", "0", "--backend", backend)
+        assert r.returncode == 0, r.stderr
+        value = json.loads(r.stdout)
+        assert list(value) == ["name", "age", "indoor"]
+        assert isinstance(value["age"], int) and isinstance(value["indoor"], bool)
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+
+
+def test_bad_formats_get_one_clear_line(tmp_path, smollm2_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "pattern.json").write_text('{"type": "string", "pattern": "^a"}')
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    for fmt, words in ((str(tmp_path / "none.json"), ("no such file",)), (str(tmp_path / "bad.json"), ("not a JSON",)),
+                       (str(tmp_path / "pattern.json"), ("'pattern' is not supported",)),
+                       (str(tmp_path / "deep.json"), ("--format",)), (str(tmp_path), ("--format",))):
+        assert_one_line_error(llm("run", str(smollm2_path), "hi", "--format", fmt), *words)
+
+
 def test_ctrl_c_stops_the_reply_not_the_chat(tmp_path, smollm2_path):
     import select
     import signal

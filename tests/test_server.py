@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Annotated
 
 import httpx
 import pytest
@@ -204,9 +205,11 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "does not call tools"),
     ({"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice", "does not call tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
-     "json_object is not supported"),
     ({"messages": CHAT, "response_format": "json"}, 400, "response_format", ""),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "string", "pattern": "^a"}}}}, 400, "response_format", "the keyword 'pattern' is not supported"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "response_format.json_schema", "with a 'name'"),
 ])
 def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, status, param, says):
     body = {"model": server.model, **body}
@@ -240,6 +243,43 @@ def test_malformed_and_unknown_requests_then_the_server_answers_normally(server)
     r = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=4,
                                   response_format={"type": "text"}, tools=[], tool_choice="none")
     assert r.choices[0].message.content and r.usage.completion_tokens == 4
+
+
+def test_json_mode_and_structured_outputs_through_the_openai_client(server):
+    """response_format json_object gives a JSON object, streamed or not (the same text); json_schema, as the
+    client's own `parse` sends it from a pydantic model, gives an instance of that model."""
+    import pydantic
+
+    c = server.client()
+    ask = {"model": server.model, "temperature": 0, "max_tokens": 200,
+           "messages": [{"role": "user", "content": "Describe a cat called Tom as JSON."}]}
+    whole = c.chat.completions.create(**ask, response_format={"type": "json_object"})
+    text = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict)
+    streamed = c.chat.completions.create(**ask, response_format={"type": "json_object"}, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == text
+
+    class City(pydantic.BaseModel):  # bounded lengths: a 135M model may repeat itself inside a list or string
+        name: str
+        country: str
+        population: int
+        rivers: Annotated[list[Annotated[str, pydantic.StringConstraints(max_length=20)]],
+                          pydantic.Field(max_length=3)]
+
+    parsed = c.chat.completions.parse(model=server.model, temperature=0, max_tokens=200, response_format=City,
+                                      messages=[{"role": "user", "content": "Describe Paris as JSON."}])
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City) and city.name and isinstance(city.population, int)
+    assert list(json.loads(parsed.choices[0].message.content)) == ["name", "country", "population", "rivers"]
+
+    done = c.completions.create(model=server.model, prompt="A JSON list of three fruits:", temperature=0,
+                                max_tokens=60, extra_body={"response_format": {
+                                    "type": "json_schema", "json_schema": {"name": "fruits", "schema": {
+                                        "type": "array", "items": {"type": "string"}, "minItems": 3,
+                                        "maxItems": 3}}}})
+    assert done.choices[0].finish_reason == "stop"
+    fruits = json.loads(done.choices[0].text)
+    assert len(fruits) == 3 and all(isinstance(f, str) for f in fruits)
 
 
 def test_api_key_is_required_when_set(server1):

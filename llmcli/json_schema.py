@@ -1,0 +1,377 @@
+"""JSON output formats as grammars (llmcli/grammar.py): any JSON object, or a value that follows a JSON Schema.
+
+A schema's objects are written with their declared properties in the declared order (as OpenAI's structured
+outputs do), the optional ones skippable; every required property appears. The keywords that constrain a
+value and are not enforced here are refused by name rather than ignored, so an output that comes back always
+follows its schema; annotations (title, description, format, examples, ...) are ignored, as JSON Schema allows.
+
+Bounds that keep a generation finite: integers and fractions of at most MAX_DIGITS digits, exponents of 3, and
+(llmcli/grammar_kernels.py) at most MAX_BLANKS whitespace bytes in a row and MAX_DEPTH levels of nesting.
+"""
+
+from __future__ import annotations
+
+import json
+
+from llmcli.grammar import Builder, Grammar, GrammarError
+
+MAX_DIGITS = 20
+MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
+DIGITS = b"0123456789"
+HEX = b"0123456789abcdefABCDEF"
+# bytes a JSON string holds as they are: printable ASCII but the quote and the backslash; and UTF-8's sequences
+ASCII_PLAIN = bytes(b for b in range(0x20, 0x80) if b not in b'"\\')
+FOLLOWS = bytes(range(0x80, 0xC0))  # a UTF-8 sequence's continuation bytes
+
+# Keywords that only describe (JSON Schema lets a validator ignore them), and the ones built into the grammar.
+ANNOTATIONS = {"title", "description", "default", "examples", "format", "$schema", "$id", "$comment",
+               "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "strict"}
+ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
+            "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
+            "nullable"}
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def json_grammar(schema: dict | bool | None = None) -> Grammar:
+    """None: any JSON object (OpenAI's json_object); else a value that follows `schema` (GrammarError names the
+    part of it that cannot be followed)."""
+    j = _JsonMachines(schema)
+    b = j.b
+    top, end = b.state(), b.state(final=True)  # no blank before or after the value: it is the whole reply
+    try:
+        b.call(top, j.free_object(j.any()) if schema is None else j.value(schema, "schema"), end)
+    except RecursionError:
+        raise GrammarError("the schema is nested too deeply") from None
+    return b.build(top)
+
+
+class _JsonMachines:
+    """Start states of JSON value machines in one Builder, each built once."""
+
+    def __init__(self, root):
+        self.b = Builder()
+        self.root = root
+        self._memo: dict[object, int] = {}
+
+    def _once(self, key, make) -> int:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    # --- the machines of JSON's own grammar ---------------------------------------------------------------
+
+    def any(self) -> int:
+        """Any JSON value."""
+        if "any" in self._memo:
+            return self._memo["any"]
+        start = self._memo["any"] = self.b.state()
+        for part in (self.free_object(start), self.array(start), self.string(), self.number(integer=False),
+                     self.literal([b"true", b"false", b"null"])):
+            self.b.merge(start, part)
+        return start
+
+    def literal(self, values: list[bytes]) -> int:
+        """Exactly one of `values` (a trie of them: a value that is a prefix of another may end early)."""
+        b = self.b
+        start = b.state()
+        nodes = {b"": start}
+        for value in sorted(set(values)):
+            for i in range(1, len(value) + 1):
+                if value[:i] not in nodes:
+                    nodes[value[:i]] = b.state(structural=False)
+                    b.edge(nodes[value[:i - 1]], value[i - 1:i], nodes[value[:i]])
+            b.final[nodes[value]] = True
+        return start
+
+    def string(self, lo: int = 0, hi: int | None = None) -> int:
+        """A JSON string of lo..hi characters (hi None: no limit)."""
+        return self._once(("string", lo, hi), lambda: self._string(lo, hi))
+
+    def _string(self, lo: int, hi: int | None) -> int:
+        b = self.b
+        start, end = b.state(), b.state(final=True)
+        top = hi if hi is not None else lo  # counts above `top` are not told apart
+        body = [b.state(structural=False) for _ in range(top + 1)]
+        b.edge(start, b'"', body[0])
+        for k, s in enumerate(body):
+            if k >= lo:
+                b.edge(s, b'"', end)
+            if hi is None or k < hi:
+                self._character(s, body[min(k + 1, top)])
+        return start
+
+    def _character(self, s: int, nxt: int) -> None:
+        """One character of a string from s to nxt: a plain ASCII byte, an escape, or a whole UTF-8 sequence (a
+        token may hold part of one; the walk goes on with the next token)."""
+        b = self.b
+        b.edge(s, ASCII_PLAIN, nxt)
+        b.loop[s] = nxt == s
+        esc, *hexes = [b.state(structural=False) for _ in range(5)]
+        b.edge(s, b"\\", esc)
+        b.edge(esc, b'"\\/bfnrt', nxt)
+        b.edge(esc, b"u", hexes[0])
+        for h, h_next in zip(hexes, [*hexes[1:], nxt], strict=True):
+            b.edge(h, HEX, h_next)
+        # a well-formed UTF-8 sequence (as Python decodes): after its first byte, the bytes that may follow
+        conts = {}
+        for name, after, allowed in (("1", nxt, FOLLOWS), ("2", "1", FOLLOWS), ("3", "2", FOLLOWS),
+                                     ("E0", "1", bytes(range(0xA0, 0xC0))), ("ED", "1", bytes(range(0x80, 0xA0))),
+                                     ("F0", "2", bytes(range(0x90, 0xC0))), ("F4", "2", bytes(range(0x80, 0x90)))):
+            conts[name] = b.state(structural=False)
+            b.edge(conts[name], allowed, conts[after] if isinstance(after, str) else after)
+        for first, cont in ((range(0xC2, 0xE0), "1"), ([0xE0], "E0"), ([*range(0xE1, 0xED), 0xEE, 0xEF], "2"),
+                            ([0xED], "ED"), ([0xF0], "F0"), (range(0xF1, 0xF4), "3"), ([0xF4], "F4")):
+            b.edge(s, bytes(first), conts[cont])
+
+    def number(self, integer: bool) -> int:
+        return self._once(("number", integer), lambda: self._number(integer))
+
+    def _number(self, integer: bool) -> int:
+        """-? (0 | [1-9] digits) (. digits)? ([eE] [+-]? digits)?, the optional parts only when not `integer`."""
+        b = self.b
+        start, minus = b.state(), b.state()
+        zero = b.state(final=True)
+        ints = [b.state(final=True) for _ in range(MAX_DIGITS)]
+        for s in (start, minus):
+            b.edge(s, b"0", zero)
+            b.edge(s, b"123456789", ints[0])
+        b.edge(start, b"-", minus)
+        for s, nxt in zip(ints, ints[1:], strict=False):
+            b.edge(s, DIGITS, nxt)
+        if integer:
+            return start
+        dot, e, sign = b.state(), b.state(), b.state()
+        fracs = [b.state(final=True) for _ in range(MAX_DIGITS)]
+        exps = [b.state(final=True) for _ in range(3)]
+        for s in (zero, *ints):
+            b.edge(s, b".", dot)
+        for s in (zero, *ints, *fracs):
+            b.edge(s, b"eE", e)
+        b.edge(dot, DIGITS, fracs[0])
+        for run in (fracs, exps):
+            for s, nxt in zip(run, run[1:], strict=False):
+                b.edge(s, DIGITS, nxt)
+        b.edge(e, b"+-", sign)
+        for s in (e, sign):
+            b.edge(s, DIGITS, exps[0])
+        return start
+
+    def free_object(self, value: int, keys: bool = True) -> int:
+        """An object whose values start at `value`, any keys (none when not `keys`)."""
+        return self._once(("object", value, keys), lambda: self._free_object(value, keys))
+
+    def _free_object(self, value: int, keys: bool) -> int:
+        b = self.b
+        start, opened, end = b.state(), b.state(), b.state(final=True)
+        b.edge(start, b"{", opened)
+        b.blanks(opened)
+        b.edge(opened, b"}", end)
+        if not keys:
+            return start
+        key, colon, after, comma = b.state(), b.state(), b.state(), b.state()
+        body = self.b.state(structural=False)
+        b.edge(opened, b'"', body)
+        b.edge(comma, b'"', body)
+        self._string_body(body, key)
+        for s in (key, colon, after, comma):
+            b.blanks(s)
+        b.edge(key, b":", colon)
+        b.call(colon, value, after)
+        b.edge(after, b",", comma)
+        b.edge(after, b"}", end)
+        return start
+
+    def _string_body(self, body: int, close: int) -> None:
+        """Any string's characters at `body`, its closing quote going to `close`."""
+        self.b.edge(body, b'"', close)
+        self._character(body, body)
+
+    def array(self, item: int, lo: int = 0, hi: int | None = None) -> int:
+        """An array of lo..hi items that start at `item`."""
+        return self._once(("array", item, lo, hi), lambda: self._array(item, lo, hi))
+
+    def _array(self, item: int, lo: int, hi: int | None) -> int:
+        b = self.b
+        start, opened, end = b.state(), b.state(), b.state(final=True)
+        top = max(hi if hi is not None else lo, 1)
+        after = [b.state() for _ in range(top + 1)]  # after[k]: k items written (after[0] unused)
+        b.edge(start, b"[", opened)
+        b.blanks(opened)
+        if lo == 0:
+            b.edge(opened, b"]", end)
+        if hi != 0:
+            b.call(opened, item, after[1])
+        for k in range(1, top + 1):
+            b.blanks(after[k])
+            if k >= lo:
+                b.edge(after[k], b"]", end)
+            if hi is None or k < hi:
+                comma = b.state()
+                b.blanks(comma)
+                b.edge(after[k], b",", comma)
+                b.call(comma, item, after[min(k + 1, top)])
+        return start
+
+    # --- schemas ------------------------------------------------------------------------------------------
+
+    def value(self, schema, where: str) -> int:
+        if schema is True or schema == {}:
+            return self.any()
+        if schema is False:
+            raise GrammarError(f"{where} is false: no value can follow it")
+        if not isinstance(schema, dict):
+            raise GrammarError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+        for key in schema:
+            if key not in ENFORCED and key not in ANNOTATIONS:
+                raise GrammarError(f"{where}: the keyword {key!r} is not supported")
+        if "$ref" in schema:
+            ref = schema["$ref"]
+            if ref in self._memo:
+                return self._memo[ref]
+            start = self._memo[ref] = self.b.state()
+            self.b.merge(start, self.value(self._resolve(ref, where), ref))
+            return start
+        return self._once(id(schema), lambda: self._value(schema, where))
+
+    def _value(self, schema: dict, where: str) -> int:
+        if "enum" in schema or "const" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise GrammarError(f"{where}.enum must be a non-empty list")
+            return self.literal([json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode() for v in values])
+        for key in ("anyOf", "oneOf", "allOf"):
+            if key in schema:
+                alts = schema[key]
+                if not isinstance(alts, list) or not alts:
+                    raise GrammarError(f"{where}.{key} must be a non-empty list")
+                if key == "allOf" and len(alts) > 1:
+                    raise GrammarError(f"{where}.allOf of more than one schema is not supported")
+                return self._union([self.value(a, f"{where}.{key}[{i}]") for i, a in enumerate(alts)])
+        kind = schema.get("type")
+        if kind is None:
+            kind = "object" if "properties" in schema else "array" if "items" in schema else None
+        kinds = kind if isinstance(kind, list) else [kind]
+        if schema.get("nullable") is True and None not in kinds:
+            kinds = [*kinds, "null"]
+        if "number" in kinds and "integer" in kinds:  # an integer is a number: the number machine covers both
+            kinds.remove("integer")
+        if kinds == [None]:
+            return self.any()
+        for k in kinds:
+            if k not in TYPES:
+                raise GrammarError(f"{where}.type must be one of {', '.join(TYPES)}, got {k!r}")
+        return self._union([self._typed(schema, k, where) for k in kinds])
+
+    def _union(self, starts: list[int]) -> int:
+        if len(starts) == 1:
+            return starts[0]
+        start = self.b.state()
+        for s in starts:
+            self.b.merge(start, s)
+        return start
+
+    def _typed(self, schema: dict, kind: str, where: str) -> int:
+        if kind == "object":
+            return self._object(schema, where)
+        if kind == "array":
+            items = schema.get("items", True)
+            lo, hi = self._count(schema, "minItems", where), self._count(schema, "maxItems", where)
+            return self.array(self.value(items, f"{where}.items"), lo or 0, hi)
+        if kind == "string":
+            lo, hi = self._count(schema, "minLength", where), self._count(schema, "maxLength", where)
+            return self.string(lo or 0, hi)
+        if kind in ("number", "integer"):
+            return self.number(integer=kind == "integer")
+        return self.literal({"boolean": [b"true", b"false"], "null": [b"null"]}[kind])
+
+    def _count(self, schema: dict, key: str, where: str) -> int | None:
+        n = schema.get(key)
+        if n is None:
+            return None
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT:
+            raise GrammarError(f"{where}.{key} must be an integer in 0..{MAX_COUNT}, got {n!r}")
+        return n
+
+    def _object(self, schema: dict, where: str) -> int:
+        props = schema.get("properties") or {}
+        required = schema.get("required") or []
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(props, dict) or not isinstance(required, list):
+            raise GrammarError(f"{where}: 'properties' must be an object and 'required' a list")
+        names = list(props)
+        names += [r for r in required if isinstance(r, str) and r not in props]  # required, any value
+        if not names:
+            if extra is False:
+                return self.free_object(self.any(), keys=False)
+            return self.free_object(self.value(extra, f"{where}.additionalProperties"))
+        values = [self.value(props.get(n, True), f"{where}.properties.{n}") for n in names]
+        return self._declared(names, [n in required for n in names], values)
+
+    def _declared(self, names: list[str], required: list[bool], values: list[int]) -> int:
+        """An object of these properties in this order; the ones not required may be left out."""
+        b = self.b
+        start, opened, end = b.state(), b.state(), b.state(final=True)
+        b.edge(start, b"{", opened)
+        b.blanks(opened)
+        n = len(names)
+        after = [b.state() for _ in range(n)]
+
+        def candidates(i: int) -> list[int]:
+            """The properties that may come after property i (-1: first): up to and with the next required."""
+            out = []
+            for j in range(i + 1, n):
+                out.append(j)
+                if required[j]:
+                    break
+            return out
+
+        def done_after(i: int) -> bool:
+            return not any(required[i + 1:])
+
+        tries: dict[tuple[int, ...], int] = {}
+
+        def key_trie(cands: list[int]) -> int:
+            """The state after a key's opening quote: the bytes of the candidates' names, then `"`, `:`."""
+            if tuple(cands) in tries:
+                return tries[tuple(cands)]
+            root = tries[tuple(cands)] = b.state(structural=False)
+            for j in cands:
+                name = json.dumps(names[j], ensure_ascii=False)[1:].encode()  # the name and its closing quote
+                s = root
+                for i in range(len(name)):
+                    nxt = b.moves[s].get(name[i], (None,))[0]
+                    if nxt is None:  # the state after the closing quote is between tokens again
+                        nxt = b.state(structural=i == len(name) - 1)
+                        b.edge(s, name[i:i + 1], nxt)
+                    s = nxt
+                colon = b.state()
+                b.blanks(s)
+                b.edge(s, b":", colon)
+                b.blanks(colon)
+                b.call(colon, values[j], after[j])
+            return root
+
+        if done_after(-1):
+            b.edge(opened, b"}", end)
+        b.edge(opened, b'"', key_trie(candidates(-1)))
+        for i in range(n):
+            b.blanks(after[i])
+            if done_after(i):
+                b.edge(after[i], b"}", end)
+            if candidates(i):
+                comma = b.state()
+                b.blanks(comma)
+                b.edge(after[i], b",", comma)
+                b.edge(comma, b'"', key_trie(candidates(i)))
+        return start
+
+    def _resolve(self, ref, where: str):
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise GrammarError(f"{where}.$ref must point inside the schema ('#/...'), got {ref!r}")
+        node = self.root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                raise GrammarError(f"{where}.$ref {ref!r} points at nothing")
+            node = node[part]
+        return node

@@ -1,0 +1,270 @@
+"""Constrained decoding (llmcli/grammar.py, llmcli/json_schema.py): the JSON machines against Python's json module
+and the `jsonschema` validator, the compiled token mask against a walk of each token, and greedy generation on
+the real models that is the argmax of the allowed tokens and parses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from jsonschema import Draft202012Validator
+
+from llmcli.grammar import Constraint, GrammarError, VocabularyBytes, vocabulary_bytes
+from llmcli.json_schema import MAX_DIGITS, json_grammar
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer"},
+        "email": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "ab", "b", 1, None]}, "minItems": 1, "maxItems": 3},
+        "pet": {"$ref": "#/$defs/pet"},
+        "score": {"type": "number"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+    "$defs": {"pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "friends": {
+        "type": "array", "items": {"$ref": "#/$defs/pet"}, "maxItems": 2}}, "required": ["kind"]}},
+}
+SCHEMAS = [
+    PERSON,
+    {"type": "array", "items": {"type": "boolean"}},
+    {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "object", "additionalProperties": {"type": "null"}}]},
+    {"type": "object", "additionalProperties": False},
+    {"type": "string", "minLength": 3},
+    True,
+]
+BYTES = VocabularyBytes([bytes([b]) for b in range(256)])  # a vocabulary of single bytes
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(8 if depth < 4 else 5)
+    if kind == 0:
+        return rng.choice([True, False, None])
+    if kind == 1:
+        return rng.randrange(-10**12, 10**12)
+    if kind == 2:
+        return rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-30, 30)
+    if kind in (3, 4):
+        return "".join(rng.choice('ab "\\\n\t/é€😀\u0001') for _ in range(rng.randrange(8)))
+    if kind == 5:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {_random_json(rng, 9) if rng.random() < 0.2 else f"k{i}": _random_json(rng, depth + 1)
+            for i in range(rng.randrange(4))}
+
+
+def _dumps(rng: random.Random, value) -> bytes:
+    """`value` as JSON, written one of several ways (compact, indented, ASCII-escaped or not)."""
+    if isinstance(value, dict):
+        value = {str(k): v for k, v in value.items()}
+    indent = rng.choice([None, 1, 2, "\t"])
+    # a run of blanks is [\n][ \t]* (no blank before a newline): "," before a line break, ", " within a line
+    comma = "," if indent is not None else rng.choice([",", ", "])
+    text = json.dumps(value, indent=indent, ensure_ascii=rng.random() < 0.5,
+                      separators=(comma, rng.choice([":", ": ", " : "])))
+    return text.encode()
+
+
+def test_any_value_machine_accepts_exactly_what_json_loads_accepts():
+    """Every value json.dumps writes (within the bounds: digits, blanks) is accepted; a mutated text is accepted
+    only if json.loads reads it (the machine never lets an invalid output through)."""
+    rng = random.Random(7)
+    anything, an_object = json_grammar(True), json_grammar()
+    accepted_mutants = 0
+    for _ in range(600):
+        value = _random_json(rng)
+        text = _dumps(rng, value)
+        assert anything.accepts(text), text
+        assert an_object.accepts(text) == isinstance(value, dict), text
+        for _ in range(5):
+            b = bytearray(text)
+            i = rng.randrange(len(b) + 1)
+            op = rng.randrange(3)
+            if op == 0 and i < len(b):
+                del b[i]
+            elif op == 1:
+                b.insert(i, rng.choice(b'{}[]",:0-.eE \\tfnu1x'))
+            elif i < len(b):
+                b[i] = rng.choice(b'{}[]",:0-.eE \\tfnu1x')
+            if anything.accepts(bytes(b)):
+                accepted_mutants += 1
+                json.loads(bytes(b))  # raises if the machine let an invalid text through (UTF-8 included)
+    assert accepted_mutants > 100  # the mutations were not all rejected for some trivial reason
+
+
+def test_bounds_keep_a_generation_finite():
+    g = json_grammar(True)
+    assert g.accepts(b"1" * MAX_DIGITS) and not g.accepts(b"1" * (MAX_DIGITS + 1))
+    assert g.accepts(b"[\n" + b" " * 20 + b"1]") and not g.accepts(b"[\n" + b" " * 21 + b"1]")
+    assert g.accepts(b"[\t 1,\n 2]") and not g.accepts(b"[\n\n1]") and not g.accepts(b"[ \n1]")
+    assert not g.accepts(b"[\r\n1]") and not g.accepts(b" 1") and not g.accepts(b"1\n")
+    assert g.accepts(b"[" * 60 + b"]" * 60) and not g.accepts(b"[" * 70 + b"]" * 70)
+    assert not g.accepts(b"1 ") and not g.accepts(b"01") and not g.accepts(b"1.") and not g.accepts(b"")
+    assert g.accepts(b'"\\ud83d\\ude00\\n"') and not g.accepts(b'"\\x"') and not g.accepts(b'"\n"')
+
+
+def _walk_randomly(g, rng: random.Random, limit: int = 400) -> bytes | None:
+    """A random output of grammar `g`, byte by byte (None when it runs past `limit` bytes)."""
+    c = Constraint(g, BYTES)
+    out = bytearray()
+    while len(out) < limit:
+        if c.complete and (c.finished or rng.random() < 0.3):
+            return bytes(out)
+        choices = np.flatnonzero(c.mask()).tolist()
+        choices = [b for b in choices if b < 0x80 or rng.random() < 0.2] or choices
+        b = rng.choice(choices)
+        assert c.feed(bytes([b]))
+        out.append(b)
+    return None
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "bools", "anyof", "empty-object", "string3", "true"])
+def test_what_a_schema_grammar_writes_follows_the_schema(schema):
+    """Random walks through the grammar end in texts that parse and that jsonschema validates; valid instances
+    written in the schema's property order are accepted."""
+    g = json_grammar(schema)
+    validator = Draft202012Validator(schema)
+    rng = random.Random(3)
+    done = 0
+    for _ in range(300):
+        text = _walk_randomly(g, rng)
+        if text is None:
+            continue
+        value = json.loads(text)  # well-formed UTF-8 too, though bytes >= 0x80 were among the random choices
+        assert validator.is_valid(value), (text, list(validator.iter_errors(value)))
+        done += 1
+    assert done > 100
+
+
+def test_a_schema_grammar_accepts_valid_instances_and_refuses_invalid_ones():
+    g = json_grammar(PERSON)
+    good = [{"name": "Tom", "age": 3, "tags": ["ab"]},
+            {"name": "Ann Lee", "age": -1, "email": None, "tags": [1, None, "b"], "pet": {"kind": "cat", "friends": [
+                {"kind": "cat"}, {"kind": "cat", "friends": []}]}, "score": 2.5e-3}]
+    bad = [{"name": "Tom", "age": 3},  # a required property missing
+           {"name": "", "age": 3, "tags": ["a"]},  # minLength
+           {"name": "Tom", "age": 3.5, "tags": ["a"]},  # not an integer
+           {"name": "Tom", "age": 3, "tags": []},  # minItems
+           {"name": "Tom", "age": 3, "tags": ["a", "a", "a", "a"]},  # maxItems
+           {"name": "Tom", "age": 3, "tags": ["c"]},  # not in the enum
+           {"name": "Tom", "age": 3, "tags": ["a"], "extra": 1},  # additionalProperties false
+           {"age": 3, "name": "Tom", "tags": ["a"]}]  # out of the schema's order: never written
+    validator = Draft202012Validator(PERSON)
+    for value in good:
+        assert validator.is_valid(value)
+        for indent in (None, 2):
+            assert g.accepts(json.dumps(value, indent=indent).encode()), value
+    for value in bad:
+        assert not g.accepts(json.dumps(value).encode()), value
+    assert g.accepts('{"name": "Zoë 😀", "age": 0, "tags": ["a"]}'.encode())  # characters, not bytes, counted
+
+
+@pytest.mark.parametrize("schema,says", [
+    ({"type": "string", "pattern": "a+"}, "schema: the keyword 'pattern' is not supported"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
+     "schema.properties.n: the keyword 'minimum' is not supported"),
+    ({"anyOf": [{"type": "object"}, {"type": "object", "properties": {"a": {}}}]}, "both start with b'{'"),
+    (False, "no value can follow it"),
+    ({"$ref": "#/$defs/missing"}, "points at nothing"),
+    ({"$ref": "https://example.com/s.json"}, "must point inside the schema"),
+    ({"type": "array", "maxItems": 10**9}, "maxItems must be an integer in 0..256"),
+    ({"type": "thing"}, "type must be one of"),
+    ({"allOf": [{"type": "string"}, {"minLength": 2}]}, "allOf of more than one"),
+    ({"enum": []}, "enum must be a non-empty list"),
+    ({"$ref": "#"}, "never says how its output starts"),
+    ({"enum": list(range(100000))}, "more than 20000 states"),
+    ([1, 2], "must be a JSON Schema object"),
+])
+def test_a_schema_that_cannot_be_followed_is_refused_by_name(schema, says):
+    with pytest.raises(GrammarError) as e:
+        json_grammar(schema)
+    assert says in str(e.value)
+
+
+def test_a_recursive_schema_and_a_deep_one():
+    tree = {"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {
+        "$ref": "#/$defs/node"}}}, "required": ["children"]}}, "$ref": "#/$defs/node"}
+    g = json_grammar(tree)
+    assert g.accepts(b'{"children": [{"children": []}, {"children": [{"children": []}]}]}')
+    assert not g.accepts(b'{"children": [{}]}')
+    deep: dict = {"type": "string"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(GrammarError, match="nested too deeply"):
+        json_grammar(deep)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_the_compiled_mask_equals_a_walk_of_every_token(model, smollm2_path, gemma3_path):
+    """The mask kernel's shortcuts (plain string runs, leading whitespace, first bytes) decide every token as the
+    plain byte walk of that token does, in states met while writing JSON."""
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    tok = Tokenizer.from_gguf(read_gguf(smollm2_path if model == "smollm2" else gemma3_path))
+    vocab = vocabulary_bytes(tok, tok.vocab_size)
+    g = json_grammar(PERSON)
+    step = 1 if model == "smollm2" else 7  # every 7th token of 262k: the walk of each one in Python is slow
+    text = '{"name": "Zoë", "age": 12, "email": null, "tags": ["ab", 1]   , "pet": {"kind": "cat"}}'.encode()
+    for cut in (0, 1, 9, 12, 16, 22, 24, 45, 50, 57, 58, 60, len(text)):
+        c = Constraint(g, vocab, tok.stop_ids)
+        assert c.feed(text[:cut])
+        mask = c.mask().copy()
+        for t in range(0, tok.vocab_size, step):
+            assert mask[t] == c.allows(t), (cut, t, tok.token_bytes(t))
+        assert mask.any()
+        assert mask[sorted(tok.stop_ids)].all() == (cut == len(text))
+
+
+def test_greedy_json_is_the_most_likely_allowed_token_each_step(smollm2_path):
+    """Greedy generation under a schema takes, at every step, the model's most likely token among those the
+    grammar allows (checked against the logprobs of the 20 most likely, replayed through a fresh constraint), and
+    its text parses and follows the schema."""
+    from llmcli.engine import GenerationConfig, Session, encode_chat, load
+    from llmcli.sampling import SamplingConfig
+
+    lm = load(smollm2_path)
+    session = Session(lm, 1024)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "country", "population"]}
+    g = json_grammar(schema)
+    prompt = encode_chat(session, [{"role": "user", "content": "Describe Paris as JSON."}])
+    records = list(session.generate(prompt, GenerationConfig(
+        max_tokens=80, grammar=g, logprobs=20, sampling=SamplingConfig(temperature=0.0))))
+    assert records[-1].finish_reason == "stop"
+    value = json.loads("".join(r.text for r in records))
+    assert Draft202012Validator(schema).is_valid(value) and set(value) == {"city", "country", "population"}
+    replay = Constraint(g, vocabulary_bytes(lm.tokenizer, lm.hparams.n_vocab), lm.tokenizer.stop_ids)
+    steps = [lp for r in records for lp in r.logprobs]
+    assert len(steps) == records[-1].generation_tokens
+    for lp in steps:
+        assert replay.allows(lp.token)
+        for alt, alt_lp in lp.top:
+            if alt_lp > lp.logprob:
+                assert not replay.allows(alt), (alt, lm.tokenizer.piece(alt))
+        replay.take(lp.token)
+    assert replay.complete
+
+
+def test_sampled_json_parses_and_same_seed_same_text(gemma3_path):
+    from llmcli.engine import GenerationConfig, Session, encode_chat, load
+    from llmcli.sampling import SamplingConfig
+
+    lm = load(gemma3_path)
+    session = Session(lm, 1024)
+    prompt = encode_chat(session, [{"role": "user", "content": "Give me a JSON object about a dog."}])
+    texts = []
+    for seed in (1, 1, 2):
+        config = GenerationConfig(max_tokens=120, grammar=json_grammar(),
+                                  sampling=SamplingConfig(temperature=1.0, seed=seed))
+        records = list(session.generate(prompt, config))
+        texts.append("".join(r.text for r in records))
+        if records[-1].finish_reason == "stop":
+            assert isinstance(json.loads(texts[-1]), dict)
+        else:
+            assert texts[-1].lstrip().startswith("{")
+    assert texts[0] == texts[1]
