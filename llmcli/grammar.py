@@ -38,6 +38,7 @@ class Builder:
         self.structural: list[bool] = []
         self.loop: list[bool] = []
         self._pending: list[tuple[int, int, int]] = []  # (state, start state, return state or -1 for merge)
+        self._disjoint: list[tuple[list[int], str]] = []
 
     def state(self, final: bool = False, structural: bool = True) -> int:
         if len(self.moves) >= MAX_STATES:
@@ -68,6 +69,10 @@ class Builder:
         """s takes every first move of `start` as its own (one of several values may begin at s)."""
         self._pending.append((s, start, -1))
 
+    def disjoint(self, starts: list[int], where: str) -> None:
+        """No two of these values may begin with the same byte (checked by `build`, once their moves are known)."""
+        self._disjoint.append((starts, where))
+
     def build(self, start: int) -> Grammar:
         # a worklist: when a state gains moves, the calls and merges that copy from it run again (merges of merges
         # and recursive references settle when nothing new arrives)
@@ -86,8 +91,16 @@ class Builder:
                     grew = True
             if grew:
                 work.extend(readers.get(s, ()))
-        if not self.moves[start]:  # e.g. a schema that is only a reference to itself
-            raise GrammarError("no value can follow the format: it never says how its output starts")
+        for starts, where in self._disjoint:
+            seen: set[int] = set()
+            for sub in starts:
+                if seen & self.moves[sub].keys():
+                    raise GrammarError(f"{where}: two alternatives can begin with the same byte, so a value could "
+                                       f"match both")
+                seen |= self.moves[sub].keys()
+        # a value that cannot start (a schema that is only a reference to itself) would leave a generation stuck
+        if not self.moves[start] or any(not self.moves[sub] for _, sub, _ in self._pending):
+            raise GrammarError("a part of the format never says how its value starts (a reference to itself?)")
         n = len(self.moves)
         trans = np.full((n, 256), -1, dtype=np.int32)
         push = np.full((n, 256), -1, dtype=np.int32)

@@ -24,12 +24,14 @@ ASCII_PLAIN = bytes(b for b in range(0x20, 0x80) if b not in b'"\\')
 FOLLOWS = bytes(range(0x80, 0xC0))  # a UTF-8 sequence's continuation bytes
 
 # Keywords that only describe (JSON Schema lets a validator ignore them), and the ones built into the grammar.
+# OpenAPI's `nullable` is among them: JSON Schema ignores it, so leaving null out is valid under both.
 ANNOTATIONS = {"title", "description", "default", "examples", "format", "$schema", "$id", "$comment",
-               "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "strict"}
+               "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "strict", "nullable"}
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-            "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
-            "nullable"}
+            "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength"}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+IMPLIED = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
+           "string": {"minLength", "maxLength"}}
 
 
 def json_grammar(schema: dict | bool | None = None) -> Grammar:
@@ -225,6 +227,7 @@ class _JsonMachines:
             if key not in ENFORCED and key not in ANNOTATIONS:
                 raise GrammarError(f"{where}: the keyword {key!r} is not supported")
         if "$ref" in schema:
+            _alone("$ref", [k for k in schema if k in ENFORCED and k not in ("$defs", "definitions")], where)
             ref = schema["$ref"]
             if ref in self._memo:
                 return self._memo[ref]
@@ -234,11 +237,7 @@ class _JsonMachines:
         return self._once(id(schema), lambda: self._value(schema, where))
 
     def _value(self, schema: dict, where: str) -> int:
-        if "enum" in schema or "const" in schema:
-            values = [schema["const"]] if "const" in schema else schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise GrammarError(f"{where}.enum must be a non-empty list")
-            return self.literal([json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode() for v in values])
+        present = sorted(k for k in schema if k in ENFORCED and k not in ("$defs", "definitions"))
         for key in ("anyOf", "oneOf", "allOf"):
             if key in schema:
                 alts = schema[key]
@@ -246,21 +245,77 @@ class _JsonMachines:
                     raise GrammarError(f"{where}.{key} must be a non-empty list")
                 if key == "allOf" and len(alts) > 1:
                     raise GrammarError(f"{where}.allOf of more than one schema is not supported")
-                return self._union([self.value(a, f"{where}.{key}[{i}]") for i, a in enumerate(alts)])
+                _alone(key, present, where)
+                starts = [self.value(a, f"{where}.{key}[{i}]") for i, a in enumerate(alts)]
+                if key == "oneOf":  # exactly one: alternatives that begin alike, or untyped ones, could both match
+                    for i, a in enumerate(alts):
+                        if not self._typed_enough(a):
+                            raise GrammarError(f"{where}.oneOf[{i}] needs a 'type' (or an 'enum'), so that a value "
+                                               f"matches one alternative only")
+                    self.b.disjoint(starts, f"{where}.oneOf")
+                return self._union(starts)
+        kinds = self._kinds(schema, present, where)
+        if "enum" in schema or "const" in schema:
+            return self._enum(schema, kinds, present, where)
+        if kinds is None:
+            return self.any()
+        return self._union([self._typed(schema, k, where) for k in kinds])
+
+    def _typed_enough(self, schema, depth: int = 0) -> bool:
+        """Whether every value `schema` accepts has a type it names (then the first byte of a value tells its
+        type, and alternatives of different first bytes cannot both match)."""
+        if not isinstance(schema, dict) or depth > 32:
+            return False
+        if "type" in schema or "enum" in schema or "const" in schema:
+            return True
+        if "$ref" in schema:
+            try:
+                return self._typed_enough(self._resolve(schema["$ref"], ""), depth + 1)
+            except GrammarError:
+                return False
+        alts = next((schema[k] for k in ("anyOf", "oneOf", "allOf") if k in schema), None)
+        return isinstance(alts, list) and bool(alts) and all(self._typed_enough(a, depth + 1) for a in alts)
+
+    def _kinds(self, schema: dict, present: list[str], where: str) -> list[str] | None:
+        """The types a value may have: `type`, else the one its keywords imply (JSON Schema applies `properties`
+        only to objects, but a value written to follow them must be one); None: any."""
         kind = schema.get("type")
         if kind is None:
-            kind = "object" if "properties" in schema else "array" if "items" in schema else None
-        kinds = kind if isinstance(kind, list) else [kind]
-        if schema.get("nullable") is True and None not in kinds:
-            kinds = [*kinds, "null"]
-        if "number" in kinds and "integer" in kinds:  # an integer is a number: the number machine covers both
-            kinds.remove("integer")
-        if kinds == [None]:
-            return self.any()
-        for k in kinds:
-            if k not in TYPES:
-                raise GrammarError(f"{where}.type must be one of {', '.join(TYPES)}, got {k!r}")
-        return self._union([self._typed(schema, k, where) for k in kinds])
+            implied = [t for t, keys in IMPLIED.items() if keys & set(present)]
+            if len(implied) > 1:
+                raise GrammarError(f"{where} has keywords of {' and '.join(implied)} values and no 'type'")
+            kinds = implied or None
+        else:
+            kinds = list(kind) if isinstance(kind, list) else [kind]
+            if not kinds:
+                raise GrammarError(f"{where}.type must not be empty")
+            for k in kinds:
+                if k not in TYPES:
+                    raise GrammarError(f"{where}.type must be one of {', '.join(TYPES)}, got {k!r}")
+        if kinds is not None and "number" in kinds and "integer" in kinds:
+            kinds.remove("integer")  # an integer is a number: the number machine writes both
+        return kinds
+
+    def _enum(self, schema: dict, kinds: list[str] | None, present: list[str], where: str) -> int:
+        """`enum` and/or `const`: the values both allow, of the types `kinds` allow, written compactly."""
+        _alone("enum" if "enum" in schema else "const", [k for k in present if k != "type"],
+               where, also=("enum", "const"))
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        if not isinstance(values, list) or not values:
+            raise GrammarError(f"{where}.enum must be a non-empty list")
+        try:
+            texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False) for v in values]
+            if "const" in schema:
+                const = json.dumps(schema["const"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+                texts = [t for t in texts if t == const]
+        except ValueError as e:  # NaN or infinity: not JSON
+            raise GrammarError(f"{where}: {e}") from None
+        if kinds is not None:
+            texts = [t for t in texts if _json_kind(json.loads(t)) in kinds
+                     or (_json_kind(json.loads(t)) == "integer" and "number" in kinds)]
+        if not texts:
+            raise GrammarError(f"{where}: no value of its 'enum'/'const' is allowed by its other keywords")
+        return self.literal([t.encode() for t in texts])
 
     def _union(self, starts: list[int]) -> int:
         if len(starts) == 1:
@@ -275,22 +330,23 @@ class _JsonMachines:
             return self._object(schema, where)
         if kind == "array":
             items = schema.get("items", True)
-            lo, hi = self._count(schema, "minItems", where), self._count(schema, "maxItems", where)
-            return self.array(self.value(items, f"{where}.items"), lo or 0, hi)
+            lo, hi = self._range(schema, "minItems", "maxItems", where)
+            return self.array(self.value(items, f"{where}.items"), lo, hi)
         if kind == "string":
-            lo, hi = self._count(schema, "minLength", where), self._count(schema, "maxLength", where)
-            return self.string(lo or 0, hi)
+            return self.string(*self._range(schema, "minLength", "maxLength", where))
         if kind in ("number", "integer"):
             return self.number(integer=kind == "integer")
         return self.literal({"boolean": [b"true", b"false"], "null": [b"null"]}[kind])
 
-    def _count(self, schema: dict, key: str, where: str) -> int | None:
-        n = schema.get(key)
-        if n is None:
-            return None
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT:
-            raise GrammarError(f"{where}.{key} must be an integer in 0..{MAX_COUNT}, got {n!r}")
-        return n
+    def _range(self, schema: dict, lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:
+        """(minimum, maximum or None) of a count."""
+        lo, hi = (schema.get(k) for k in (lo_key, hi_key))
+        for key, n in ((lo_key, lo), (hi_key, hi)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT):
+                raise GrammarError(f"{where}.{key} must be an integer in 0..{MAX_COUNT}, got {n!r}")
+        if lo is not None and hi is not None and lo > hi:
+            raise GrammarError(f"{where}.{lo_key} {lo} is over {hi_key} {hi}")
+        return lo or 0, hi
 
     def _object(self, schema: dict, where: str) -> int:
         props = schema.get("properties") or {}
@@ -298,13 +354,20 @@ class _JsonMachines:
         extra = schema.get("additionalProperties", True)
         if not isinstance(props, dict) or not isinstance(required, list):
             raise GrammarError(f"{where}: 'properties' must be an object and 'required' a list")
-        names = list(props)
-        names += [r for r in required if isinstance(r, str) and r not in props]  # required, any value
+        banned = [n for n, v in props.items() if v is False]  # `"a": false`: a must not appear
+        if any(n in required for n in banned):
+            raise GrammarError(f"{where} requires {banned[0]!r} and forbids it")
+        names = [n for n in props if n not in banned]
+        undeclared = [r for r in required if isinstance(r, str) and r not in props]
+        if undeclared and extra is False:
+            raise GrammarError(f"{where} requires {undeclared[0]!r}, which it does not declare and does not allow")
+        names += undeclared  # required, and valued as additionalProperties says
         if not names:
             if extra is False:
                 return self.free_object(self.any(), keys=False)
             return self.free_object(self.value(extra, f"{where}.additionalProperties"))
-        values = [self.value(props.get(n, True), f"{where}.properties.{n}") for n in names]
+        values = [self.value(props[n], f"{where}.properties.{n}") if n in props
+                  else self.value(extra, f"{where}.additionalProperties") for n in names]
         return self._declared(names, [n in required for n in names], values)
 
     def _declared(self, names: list[str], required: list[bool], values: list[int]) -> int:
@@ -375,3 +438,20 @@ class _JsonMachines:
                 raise GrammarError(f"{where}.$ref {ref!r} points at nothing")
             node = node[part]
         return node
+
+
+def _alone(key: str, present: list[str], where: str, also: tuple[str, ...] = ()) -> None:
+    """`key` is enforced on its own: a schema that adds other constraints to it is refused, not half-followed."""
+    others = [k for k in present if k != key and k not in also]
+    if others:
+        raise GrammarError(f"{where}: {key!r} together with {', '.join(map(repr, others))} is not supported")
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value.is_integer() else "number"
+    return {str: "string", list: "array", dict: "object", type(None): "null"}[type(value)]

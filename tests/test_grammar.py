@@ -12,7 +12,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from llmcli.grammar import Constraint, GrammarError, VocabularyBytes, vocabulary_bytes
-from llmcli.json_schema import MAX_DIGITS, json_grammar
+from llmcli.json_schema import MAX_DIGITS, TYPES, json_grammar
 
 PERSON = {
     "type": "object",
@@ -174,7 +174,15 @@ def test_a_schema_grammar_accepts_valid_instances_and_refuses_invalid_ones():
     ({"type": "thing"}, "type must be one of"),
     ({"allOf": [{"type": "string"}, {"minLength": 2}]}, "allOf of more than one"),
     ({"enum": []}, "enum must be a non-empty list"),
-    ({"$ref": "#"}, "never says how its output starts"),
+    ({"$ref": "#"}, "never says how its value starts"),
+    ({"oneOf": [{"type": "string"}, {"properties": {"a": {}}}]}, "oneOf[1] needs a 'type'"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "could not tell them apart"),
+    ({"oneOf": [{"type": "string"}, {"type": "string", "title": "s"}]}, "two alternatives can begin with the same"),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, "does not declare and does not allow"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength 5 is over maxLength 2"),
+    ({"type": "string", "enum": [1, 2]}, "no value of its 'enum'/'const' is allowed"),
+    ({"enum": ["a"], "minLength": 2}, "'enum' together with 'minLength' is not supported"),
+    ({"properties": {"a": {}}, "items": {}}, "keywords of object and array values and no 'type'"),
     ({"enum": list(range(100000))}, "more than 20000 states"),
     ([1, 2], "must be a JSON Schema object"),
 ])
@@ -182,6 +190,63 @@ def test_a_schema_that_cannot_be_followed_is_refused_by_name(schema, says):
     with pytest.raises(GrammarError) as e:
         json_grammar(schema)
     assert says in str(e.value)
+
+
+def _random_schema(rng: random.Random, depth: int = 0):
+    """A schema of the keywords the grammar knows, some it refuses, and wrong values for them."""
+    if depth > 3 or rng.random() < 0.15:
+        return rng.choice([True, False, {}, {"type": rng.choice(TYPES)}, 5, []])
+    kinds = [*TYPES, [rng.choice(TYPES), rng.choice(TYPES)], [], "weird"]
+    values = [1, -2.5, "x", None, True, [], {}, [1, "a"], {"a": 1}, 10**30, "", "é"]
+    makers = {
+        "type": lambda: rng.choice(kinds),
+        "properties": lambda: {rng.choice(["a", "b", "ab", "abc"]): _random_schema(rng, depth + 1)
+                               for _ in range(rng.randrange(4))},
+        "required": lambda: [rng.choice(["a", "b", "ab"]) for _ in range(rng.randrange(3))],
+        "additionalProperties": lambda: rng.choice([True, False, _random_schema(rng, depth + 1)]),
+        "items": lambda: _random_schema(rng, depth + 1),
+        "minItems": lambda: rng.choice([0, 1, 2, 300, -1, "2"]), "maxItems": lambda: rng.choice([0, 1, 3, 1.5]),
+        "minLength": lambda: rng.choice([0, 1, 2, 300]), "maxLength": lambda: rng.choice([0, 2, 5, None]),
+        "enum": lambda: [rng.choice(values) for _ in range(rng.randrange(4))],
+        "const": lambda: rng.choice(values),
+        "anyOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
+        "oneOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
+        "allOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
+        "$ref": lambda: rng.choice(["#", "#/$defs/a", "#/properties/a", "x"]),
+        "nullable": lambda: True, "title": lambda: "t", "pattern": lambda: "^a",
+    }
+    schema = {k: makers[k]() for k in rng.sample(sorted(makers), rng.randrange(1, 5))}
+    if rng.random() < 0.3:
+        schema["$defs"] = {"a": _random_schema(rng, depth + 1)}
+    return schema
+
+
+def test_random_schemas_are_refused_by_name_or_followed():
+    """Random schemas, valid and not: json_grammar either raises GrammarError or builds a grammar whose random
+    outputs jsonschema finds valid (the implied types, enum filters, oneOf's exclusivity and the refusals of
+    what is not enforced are what this checks)."""
+    from jsonschema.exceptions import SchemaError
+
+    rng = random.Random(11)
+    built = walked = 0
+    for _ in range(500):
+        schema = _random_schema(rng)
+        try:
+            g = json_grammar(schema)
+        except GrammarError:
+            continue
+        built += 1
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError:
+            continue
+        validator = Draft202012Validator(schema)
+        for _ in range(3):
+            text = _walk_randomly(g, rng, limit=300)
+            if text is not None:
+                walked += 1
+                assert validator.is_valid(json.loads(text)), (schema, text)
+    assert built > 80 and walked > 150
 
 
 def test_a_recursive_schema_and_a_deep_one():
