@@ -214,6 +214,7 @@ class Generation:
         self.detok, self.stops = tokenizer.stream(), StopMatcher(config.stop)
         self.n_gen = 0
         self.finish: str | None = None
+        self.stop_matched = False  # a stop string ended it (the text held back for it is not output)
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not yet handed out
         self.n_drafted = self.n_accepted = 0  # speculative decoding's tally
 
@@ -262,7 +263,9 @@ class Generation:
             self.constraint.take(token)
         # an id past the tokenizer's vocabulary (a table padded beyond it) has no text
         text, stopped = self.stops.feed(self.detok.add(token) if token < self.tokenizer.vocab_size else "")
-        if stopped or (self.constraint is not None and self.constraint.finished):
+        if stopped:
+            self.finish, self.stop_matched = "stop", True
+        elif self.constraint is not None and self.constraint.finished:
             self.finish = "stop"
         elif self.n_gen >= self.budget:
             self.finish = "length"
@@ -270,8 +273,8 @@ class Generation:
 
     def tail(self) -> str:
         """Text still held back when the generation ends other than by a stop (a partial stop string or
-        character is real output then)."""
-        if self.finish == "stop":
+        character is real output then). Under an output format every byte taken is part of the value."""
+        if self.stop_matched or (self.finish == "stop" and self.constraint is None):
             return ""
         return self.stops.feed(self.detok.flush())[0] + self.stops.flush()
 

@@ -333,3 +333,24 @@ def test_sampled_json_parses_and_same_seed_same_text(gemma3_path):
         else:
             assert texts[-1].lstrip().startswith("{")
     assert texts[0] == texts[1]
+
+
+def test_a_value_that_ends_on_part_of_a_stop_string_is_whole(smollm2_path):
+    """A stop string's first characters at the end of a complete value are held back while they might start it;
+    the value's end is the generation's end, so they are output (only a stop string that matched is cut)."""
+    from llmcli.engine import GenerationConfig, Session, encode_chat, load
+    from llmcli.sampling import SamplingConfig
+
+    lm = load(smollm2_path)
+    session = Session(lm, 512)
+    prompt = encode_chat(session, [{"role": "user", "content": "Describe Paris as JSON."}])
+
+    def reply(stop: tuple[str, ...]) -> tuple[str, str]:
+        records = list(session.generate(prompt, GenerationConfig(
+            max_tokens=60, stop=stop, grammar=json_grammar(), sampling=SamplingConfig(temperature=0.0))))
+        return "".join(r.text for r in records), records[-1].finish_reason
+
+    whole, finish = reply(())
+    assert finish == "stop" and isinstance(json.loads(whole), dict)
+    assert reply((whole[-2:] + "never",)) == (whole, "stop")
+    assert reply((whole[-3:],)) == (whole[:-3], "stop")
