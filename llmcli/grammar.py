@@ -133,6 +133,7 @@ class Grammar:
         return c.feed(data) and c.complete
 
 
+@lru_cache(maxsize=1)
 def _kernels():
     """The jitted walk, imported on first use: a run without a format never loads numba for it."""
     from llmcli import grammar_kernels
@@ -145,8 +146,7 @@ def _kernels():
 class VocabularyBytes:
     """Every token's bytes, end to end, for the kernels: data (total,) uint8; offsets (n + 1,) int64; plain (n,)
     bool, a token of whole UTF-8 characters a JSON string holds as they are; key (n,) uint16, how it begins
-    (grammar_kernels.allowed).
-    Control tokens have no bytes (they are never text)."""
+    (grammar_kernels.allowed). Control tokens have no bytes (they are never text)."""
 
     def __init__(self, pieces: list[bytes]):
         n_vocab = len(pieces)
