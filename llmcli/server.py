@@ -283,6 +283,8 @@ class Api:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "We could not parse the JSON body of your request.", None, "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "The JSON body of your request is nested too deeply.", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", None, "invalid_type")
         if "model" in body and not isinstance(body["model"], str):

@@ -225,6 +225,7 @@ def test_bad_chat_requests_get_their_status_and_openai_error_body(server, body, 
 def test_malformed_and_unknown_requests_then_the_server_answers_normally(server):
     c = server.client()
     for path, content in (("/v1/chat/completions", b"{not json"), ("/v1/completions", b"[1, 2"),
+                          ("/v1/chat/completions", b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
                           ("/v1/completions", b'"a string"'), ("/v1/completions", b'{"prompt": 5}')):
         r = httpx.post(server.base + path, content=content, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
