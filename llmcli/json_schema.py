@@ -47,6 +47,53 @@ def json_grammar(schema: dict | bool | None = None) -> Grammar:
     return b.build(top)
 
 
+def tool_call_grammar(tools: list[tuple[str, object]], text: bool) -> Grammar:
+    """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
+    with the arguments that tool takes; with `text`, or else plain text, which then does not begin with "{"."""
+    j = _JsonMachines(None)
+    b = j.b
+    top, end, done = b.state(), b.state(final=True), b.state(final=True)
+    start = b.state()
+    b.call(top, start, end)
+    if text:
+        free = b.state(final=True, structural=False)
+        b.edge(free, range(256), free)
+        b.loop[free] = True
+        b.edge(top, [c for c in range(256) if c != ord("{")], free)
+
+    def fixed(s: int, data: bytes) -> int:
+        """`data` from s, then blanks may follow (JSON's whitespace between tokens)."""
+        for i, c in enumerate(data):
+            nxt = b.state(structural=i == len(data) - 1)
+            b.edge(s, [c], nxt)
+            s = nxt
+        b.blanks(s)
+        return s
+
+    name_quote = b.state(structural=False)
+    b.edge(fixed(fixed(fixed(start, b"{"), b'"name"'), b":"), b'"', name_quote)
+    for i, (name, parameters) in enumerate(tools):
+        s = name_quote
+        spelled = json.dumps(name, ensure_ascii=False)[1:].encode()  # the name and its closing quote
+        for k in range(len(spelled)):
+            nxt = b.moves[s].get(spelled[k], (None,))[0]
+            if nxt is None:
+                nxt = b.state(structural=k == len(spelled) - 1)
+                b.edge(s, spelled[k:k + 1], nxt)
+            s = nxt
+        b.blanks(s)
+        colon = fixed(fixed(fixed(s, b","), b'"arguments"'), b":")
+        after = b.state()
+        b.blanks(after)
+        b.edge(after, b"}", done)
+        j.root = parameters
+        try:
+            b.call(colon, j.value(parameters, f"tools[{i}].function.parameters"), after)
+        except RecursionError:
+            raise GrammarError(f"tools[{i}].function.parameters is nested too deeply") from None
+    return b.build(top)
+
+
 class _JsonMachines:
     """Start states of JSON value machines in one Builder, each built once."""
 
@@ -229,9 +276,10 @@ class _JsonMachines:
         if "$ref" in schema:
             _alone("$ref", [k for k in schema if k in ENFORCED and k not in ("$defs", "definitions")], where)
             ref = schema["$ref"]
-            if ref in self._memo:
-                return self._memo[ref]
-            start = self._memo[ref] = self.b.state()
+            key = ("$ref", id(self.root), ref)  # each tool's parameters are a schema of their own
+            if key in self._memo:
+                return self._memo[key]
+            start = self._memo[key] = self.b.state()
             self.b.merge(start, self.value(self._resolve(ref, where), ref))
             return start
         return self._once(id(schema), lambda: self._value(schema, where))

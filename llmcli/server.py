@@ -29,11 +29,12 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
+from llmcli.tools import Tool, ToolChoice, call_text, parse_tools, read_call, with_instructions
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class ApiError(Exception):
@@ -143,10 +144,13 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
 
 
 def _chat_messages(body: dict) -> list[dict]:
+    """The request's messages as the template takes them: text content; an assistant turn that called tools as the
+    calls it wrote, and a tool's result as a user turn that says which function returned it (llmcli/tools.py)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
     out = []
+    called: dict[str, str] = {}  # tool call id -> function name
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -155,34 +159,59 @@ def _chat_messages(body: dict) -> list[dict]:
         if role not in CHAT_ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {sorted(CHAT_ROLES)}", f"{where}.role",
                            "invalid_value")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):  # content parts: only text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"'{where}.content' parts must be text parts", f"{where}.content",
-                               "invalid_value")
-            content = "".join(p["text"] for p in content)
-        elif not isinstance(content, str):
-            raise ApiError(400, f"'{where}.content' must be a string", f"{where}.content", "invalid_type")
+        content = _text_content(m.get("content"), f"{where}.content")
+        if role == "assistant" and m.get("tool_calls"):
+            content = "\n".join([content] * bool(content) + _calls(m["tool_calls"], f"{where}.tool_calls", called))
+        elif role == "tool":
+            name = called.get(m.get("tool_call_id"))
+            role, content = "user", f"The function {name or ''} returned: {content}".replace("  ", " ")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
 
-def _refuse_tools(body: dict) -> None:
-    """Tool calls are refused by name: a client that asks for them and got free text instead would fail later, on a
-    reply it cannot parse."""
-    for name in ("tools", "functions"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, list) or value):
-            raise ApiError(400, f"'{name}' is not supported: this server does not call tools", name,
+def _text_content(content, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # content parts: only text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"'{where}' parts must be text parts", where, "invalid_value")
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"'{where}' must be a string", where, "invalid_type")
+    return content
+
+
+def _calls(calls, where: str, called: dict[str, str]) -> list[str]:
+    """An assistant turn's tool calls as the model wrote them; their ids are remembered for the results."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"'{where}' must be a list", where, "invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise ApiError(400, f"'{where}[{j}]' must be a call: {{\"id\", \"type\": \"function\", \"function\": "
+                                f"{{\"name\", \"arguments\"}}}}", f"{where}[{j}]", "invalid_value")
+        if isinstance(call.get("id"), str):
+            called[call["id"]] = fn["name"]
+        out.append(call_text(fn["name"], fn["arguments"]))
+    return out
+
+
+def _tool_choice(body: dict) -> ToolChoice | None:
+    """What the reply may call (`tools`, `tool_choice`); the legacy `functions` are refused by name."""
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise ApiError(400, f"'{name}' is not supported: give the functions as 'tools'", name,
                            "unsupported_value")
-    choice = body.get("tool_choice", body.get("function_call"))
-    if choice is not None and choice not in ("none", "auto"):
-        param = "tool_choice" if "tool_choice" in body else "function_call"
-        raise ApiError(400, f"'{param}' is not supported: this server does not call tools", param,
+    try:
+        choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    except FieldError as e:
+        raise ApiError(400, str(e), e.field, "invalid_value") from None
+    if choice is not None and body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError(400, "'response_format' together with 'tools' is not supported", "response_format",
                        "unsupported_value")
+    return choice
 
 
 def _response_format(body: dict) -> str | None:
@@ -221,23 +250,34 @@ class Api:
         self.scheduler, self.model_id, self.defaults, self.api_key = scheduler, model_id, defaults, api_key
         self.lm = scheduler.lm
         self.created = int(time.time())
-        self._grammar = functools.lru_cache(maxsize=32)(self._build_grammar)  # schema text -> Grammar
+        # a format's JSON text (a schema, "null" for any object; or the tools offered) -> its Grammar
+        self._grammar = functools.lru_cache(maxsize=32)(self._build_grammar)
 
-    def _build_grammar(self, schema: str) -> Grammar:
-        grammar = json_grammar(json.loads(schema))
+    def _build_grammar(self, kind: str, text: str) -> Grammar:
+        if kind == "tools":
+            tools = [Tool(name, description, parameters) for name, description, parameters in json.loads(text)[1]]
+            grammar = ToolChoice(tuple(tools), required=json.loads(text)[0]).grammar()
+        else:
+            grammar = json_grammar(json.loads(text))
         # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
         Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab)).mask()
         return grammar
 
-    async def _format(self, body: dict) -> Grammar | None:
-        """The grammar `response_format` asks for, built off the event loop (a schema can take a while)."""
-        schema = _response_format(body)
-        if schema is None:
-            return None
+    async def _format(self, body: dict, tools: ToolChoice | None = None) -> Grammar | None:
+        """The grammar `response_format` or the tools ask for, built off the event loop (a schema can take a
+        while)."""
+        if tools is not None:
+            param, key = "tools", ("tools", json.dumps(
+                [tools.required, [[t.name, t.description, t.parameters] for t in tools.tools]]))
+        else:
+            schema = _response_format(body)
+            if schema is None:
+                return None
+            param, key = "response_format", ("schema", schema)
         try:
-            return await asyncio.to_thread(self._grammar, schema)
+            return await asyncio.to_thread(self._grammar, *key)
         except GrammarError as e:
-            raise ApiError(400, f"'response_format': {e}", "response_format", "invalid_value") from None
+            raise ApiError(400, f"'{param}': {e}", param, "invalid_value") from None
 
     def app(self) -> Starlette:
         routes = [
@@ -302,8 +342,10 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
         messages = _chat_messages(body)
-        _refuse_tools(body)
-        grammar = await self._format(body)
+        tools = _tool_choice(body)
+        if tools is not None:
+            messages = with_instructions(messages, tools)
+        grammar = await self._format(body, tools)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top is not None and not want_logprobs:
@@ -315,7 +357,7 @@ class Api:
         except LlmError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         prompt = self.lm.tokenizer.encode(text, add_special=False)
-        return await self._respond(request, body, prompt, config, chat=True)
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools is not None)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -347,7 +389,7 @@ class Api:
         return await self._respond(request, body, ids, config, chat=False)
 
     async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,
-                       chat: bool) -> Response:
+                       chat: bool, tools: bool = False) -> Response:
         stream = _bool(body, "stream")
         options = body.get("stream_options")
         if options is not None and (not isinstance(options, dict) or not stream):
@@ -357,7 +399,7 @@ class Api:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         job = self._submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
-        render = _Render(self, chat, config.logprobs is not None)
+        render = _Render(self, chat, config.logprobs is not None, tools)
         if stream:
             return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -378,6 +420,7 @@ class Api:
         try:
             if render.chat:
                 yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
+            held: str | bool | None = None  # with tools: the text of a call being written; False: a text reply
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
                     yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
@@ -386,10 +429,23 @@ class Api:
                     yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
                                           "param": None, "code": "server_shutting_down"}})
                     return
-                if r.text or r.logprobs:
+                if held is None and r.text and render.tools:
+                    held = "" if r.text.startswith("{") else False  # a call is sent whole, when it is complete
+                if held not in (None, False):
+                    held += r.text
+                elif r.text or r.logprobs:
                     yield _sse(render.chunk(r.text, None, r.logprobs, include_usage))
                 if r.finish_reason is not None:
-                    yield _sse(render.chunk(None, r.finish_reason, [], include_usage))
+                    finish = r.finish_reason
+                    if held not in (None, False):
+                        call = read_call(held)
+                        if call is None:  # cut short by max_tokens: what there is, as text
+                            yield _sse(render.chunk(held, None, [], include_usage))
+                        else:
+                            yield _sse(render.chunk({"tool_calls": [render.tool_call(*call, index=0)]}, None, [],
+                                                    include_usage))
+                            finish = "tool_calls"
+                    yield _sse(render.chunk(None, finish, [], include_usage))
                     if include_usage:
                         yield _sse(render.usage_chunk(r))
             yield "data: [DONE]\n\n"
@@ -459,8 +515,9 @@ def _guard(handler):
 class _Render:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, api: Api, chat: bool, logprobs: bool):
-        self.api, self.chat, self.logprobs = api, chat, logprobs
+    def __init__(self, api: Api, chat: bool, logprobs: bool, tools: bool = False):
+        """tools: the reply may be a tool call (llmcli/tools.py: one that begins with "{")."""
+        self.api, self.chat, self.logprobs, self.tools = api, chat, logprobs, tools
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -500,7 +557,12 @@ class _Render:
         last = records[-1]
         text = "".join(r.text for r in records)
         lps = self._logprobs([i for r in records for i in r.logprobs])
-        if self.chat:
+        call = read_call(text) if self.tools else None
+        if call is not None:
+            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
+                                              "tool_calls": [self.tool_call(*call)]},
+                      "logprobs": None, "finish_reason": "tool_calls"}
+        elif self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": lps, "finish_reason": last.finish_reason}
         else:
@@ -520,6 +582,11 @@ class _Render:
         if include_usage:
             out["usage"] = None
         return out
+
+    def tool_call(self, name: str, arguments: str, index: int | None = None) -> dict:
+        call = {"id": "call_" + secrets.token_hex(12), "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        return call if index is None else {"index": index} | call
 
     def usage_chunk(self, last: GenerationResponse) -> dict:
         obj = self.object + ".chunk" if self.chat else self.object

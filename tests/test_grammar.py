@@ -354,3 +354,33 @@ def test_a_value_that_ends_on_part_of_a_stop_string_is_whole(smollm2_path):
     assert finish == "stop" and isinstance(json.loads(whole), dict)
     assert reply((whole[-2:] + "never",)) == (whole, "stop")
     assert reply((whole[-3:],)) == (whole[:-3], "stop")
+
+
+def test_a_tool_call_grammar(smollm2_path):
+    """One call of one of the tools, its arguments as that tool's schema says (names that are prefixes of others
+    included); with text allowed, any reply that does not begin with "{" too. Its compiled mask equals a walk of
+    every token, in free text as in a call."""
+    from llmcli.json_schema import tool_call_grammar
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [("get", city), ("get_time", {"type": "object", "properties": {}, "additionalProperties": False})]
+    strict, loose = tool_call_grammar(tools, text=False), tool_call_grammar(tools, text=True)
+    for g in (strict, loose):
+        assert g.accepts(b'{"name": "get", "arguments": {"city": "Paris"}}')
+        assert g.accepts(b'{\n  "name":"get_time",\n  "arguments": {}\n}')
+        assert not g.accepts(b'{"name": "get", "arguments": {}}')
+        assert not g.accepts(b'{"name": "get_time", "arguments": {"city": "Paris"}}')
+        assert not g.accepts(b'{"name": "gets", "arguments": {"city": "Paris"}}')
+        assert not g.accepts(b'{"arguments": {}, "name": "get_time"}')
+    assert loose.accepts("It is sunny {and} warm ☀".encode()) and not strict.accepts(b"It is sunny")
+    assert not loose.accepts(b"{It is sunny")
+
+    tok = Tokenizer.from_gguf(read_gguf(smollm2_path))
+    vocab = vocabulary_bytes(tok, tok.vocab_size)
+    for prefix in (b"", b"It", b'{"name": "get', b'{"name": "get_time", "arguments": '):
+        c = Constraint(loose, vocab, tok.stop_ids)
+        assert c.feed(prefix)
+        mask = c.mask().copy()
+        assert all(mask[t] == c.allows(t) for t in range(tok.vocab_size))

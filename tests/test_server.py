@@ -21,6 +21,11 @@ openai = pytest.importorskip("openai")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 KEY = "sk-test-key"
 CHAT = [{"role": "user", "content": "Write a haiku about the sea"}]
+TOOLS = [{"type": "function", "function": {
+    "name": name, "description": description,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+                   "additionalProperties": False}}}
+    for name, description in (("get_weather", "The weather now in a city"), ("get_time", "The time now in a city"))]
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "The best way to learn Python is",
            "def fibonacci(n):", "Water boils at", "My favourite colour is", "The sun rises in the"]
 
@@ -202,9 +207,21 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", ""),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", ""),
     ({"messages": CHAT, "model": "gpt-4o"}, 404, "model", ""),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-     "does not call tools"),
-    ({"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice", "does not call tools"),
+    ({"messages": CHAT, "functions": [{"name": "f"}]}, 400, "functions", "give the functions as 'tools'"),
+    ({"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice", "needs 'tools'"),
+    ({"messages": CHAT, "tools": {"name": "f"}}, 400, "tools", "must be a list"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools[0].function.name", "letters, digits"),
+    ({"messages": CHAT, "tools": [TOOLS[0], TOOLS[0]]}, 400, "tools[1].function.name", "given twice"),
+    ({"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
+     "tool_choice", "not among 'tools'"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]}, 400, "tools",
+     "'minimum' is not supported"),
+    ({"messages": CHAT, "tools": TOOLS, "response_format": {"type": "json_object"}}, 400, "response_format",
+     "together with 'tools'"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]},
+     400, "messages[0].tool_calls[0]", "must be a call"),
     ({"messages": CHAT, "response_format": "json"}, 400, "response_format", ""),
     ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
         "type": "string", "pattern": "^a"}}}}, 400, "response_format", "the keyword 'pattern' is not supported"),
@@ -281,6 +298,48 @@ def test_json_mode_and_structured_outputs_through_the_openai_client(server):
     assert done.choices[0].finish_reason == "stop"
     fruits = json.loads(done.choices[0].text)
     assert len(fruits) == 3 and all(isinstance(f, str) for f in fruits)
+
+
+def test_tool_calls_through_the_openai_client(server):
+    """tool_choice required / a named function: a call of one of the tools with arguments its schema takes,
+    streamed as one tool_calls delta; auto: a call or text, well formed either way; the call and the tool's result
+    go back in the next turn."""
+    from jsonschema import Draft202012Validator
+
+    c = server.client()
+    ask = {"model": server.model, "temperature": 0, "max_tokens": 80, "tools": TOOLS,
+           "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    schema = TOOLS[0]["function"]["parameters"]
+    for choice, names in (("required", {"get_weather", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})):
+        r = c.chat.completions.create(**ask, tool_choice=choice)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        (call,) = r.choices[0].message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        assert Draft202012Validator(schema).is_valid(json.loads(call.function.arguments))
+        chunks = [ch for ch in c.chat.completions.create(**ask, tool_choice=choice, stream=True) if ch.choices]
+        streamed = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.function.name, d.function.arguments) for d in streamed] == [
+            (0, call.function.name, call.function.arguments)]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    r = c.chat.completions.create(**ask)  # tool_choice auto
+    message = r.choices[0].message
+    if message.tool_calls:
+        assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls[0].function.name in names
+    else:
+        assert message.content and not message.content.startswith("{")
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+    first = c.chat.completions.create(**ask, tool_choice="required")
+    history = [*ask["messages"], first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
+                "content": "18 degrees and sunny"}]
+    follow = c.chat.completions.create(**(ask | {"messages": history}), tool_choice="none")
+    assert follow.choices[0].message.content and follow.choices[0].message.tool_calls is None
+    # the call and the result are in the prompt, as turns of their own
+    bare = c.chat.completions.create(**(ask | {"messages": history[:1]}), tool_choice="none")
+    assert follow.usage.prompt_tokens - bare.usage.prompt_tokens > first.usage.completion_tokens + 8
 
 
 def test_api_key_is_required_when_set(server1):
