@@ -12,11 +12,13 @@ Bounds that keep a generation finite: integers and fractions of at most MAX_DIGI
 from __future__ import annotations
 
 import json
+import math
 
 from llmcli.grammar import Builder, Grammar, GrammarError
 
 MAX_DIGITS = 20
 MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
+MAX_RANGE = 1000  # an integer range of up to this many values is written out as its values
 DIGITS = b"0123456789"
 HEX = b"0123456789abcdefABCDEF"
 # bytes a JSON string holds as they are: printable ASCII but the quote and the backslash; and UTF-8's sequences
@@ -27,11 +29,14 @@ FOLLOWS = bytes(range(0x80, 0xC0))  # a UTF-8 sequence's continuation bytes
 # OpenAPI's `nullable` is among them: JSON Schema ignores it, so leaving null out is valid under both.
 ANNOTATIONS = {"title", "description", "default", "examples", "format", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "strict", "nullable"}
-ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-            "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength"}
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+            "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
+            *BOUNDS}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-IMPLIED = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
-           "string": {"minLength", "maxLength"}}
+IMPLIED = {"object": {"properties", "required", "additionalProperties"},
+           "array": {"items", "prefixItems", "minItems", "maxItems"}, "string": {"minLength", "maxLength"},
+           "number": set(BOUNDS)}
 
 
 def json_grammar(schema: dict | bool | None = None) -> Grammar:
@@ -172,19 +177,22 @@ class _JsonMachines:
                             ([0xED], "ED"), ([0xF0], "F0"), (range(0xF1, 0xF4), "3"), ([0xF4], "F4")):
             b.edge(s, bytes(first), conts[cont])
 
-    def number(self, integer: bool) -> int:
-        return self._once(("number", integer), lambda: self._number(integer))
+    def number(self, integer: bool, negative: bool = True, zero: bool = True) -> int:
+        """A JSON number (an integer when `integer`); not negative / not zero when those are False."""
+        return self._once(("number", integer, negative, zero), lambda: self._number(integer, negative, zero))
 
-    def _number(self, integer: bool) -> int:
+    def _number(self, integer: bool, negative: bool, zero: bool) -> int:
         """-? (0 | [1-9] digits) (. digits)? ([eE] [+-]? digits)?, the optional parts only when not `integer`."""
         b = self.b
         start, minus = b.state(), b.state()
-        zero = b.state(final=True)
+        zero_state = b.state(final=True)
         ints = [b.state(final=True) for _ in range(MAX_DIGITS)]
         for s in (start, minus):
-            b.edge(s, b"0", zero)
+            if zero:
+                b.edge(s, b"0", zero_state)
             b.edge(s, b"123456789", ints[0])
-        b.edge(start, b"-", minus)
+        if negative:
+            b.edge(start, b"-", minus)
         for s, nxt in zip(ints, ints[1:], strict=False):
             b.edge(s, DIGITS, nxt)
         if integer:
@@ -192,9 +200,9 @@ class _JsonMachines:
         dot, e, sign = b.state(), b.state(), b.state()
         fracs = [b.state(final=True) for _ in range(MAX_DIGITS)]
         exps = [b.state(final=True) for _ in range(3)]
-        for s in (zero, *ints):
+        for s in (zero_state, *ints):
             b.edge(s, b".", dot)
-        for s in (zero, *ints, *fracs):
+        for s in (zero_state, *ints, *fracs):
             b.edge(s, b"eE", e)
         b.edge(dot, DIGITS, fracs[0])
         for run in (fracs, exps):
@@ -235,21 +243,28 @@ class _JsonMachines:
         self.b.edge(body, b'"', close)
         self._character(body, body)
 
-    def array(self, item: int, lo: int = 0, hi: int | None = None) -> int:
-        """An array of lo..hi items that start at `item`."""
-        return self._once(("array", item, lo, hi), lambda: self._array(item, lo, hi))
+    def array(self, item: int, lo: int = 0, hi: int | None = None, prefix: tuple[int, ...] = ()) -> int:
+        """An array of lo..hi items: the first ones start at `prefix`'s states, the others at `item` (-1: there
+        are no others)."""
+        if item < 0:
+            hi = len(prefix) if hi is None else min(hi, len(prefix))
+        return self._once(("array", item, lo, hi, prefix), lambda: self._array(item, lo, hi, prefix))
 
-    def _array(self, item: int, lo: int, hi: int | None) -> int:
+    def _array(self, item: int, lo: int, hi: int | None, prefix: tuple[int, ...]) -> int:
         b = self.b
         start, opened, end = b.state(), b.state(), b.state(final=True)
-        top = max(hi if hi is not None else lo, 1)
+        top = max(hi if hi is not None else max(lo, len(prefix)), 1)
         after = [b.state() for _ in range(top + 1)]  # after[k]: k items written (after[0] unused)
+
+        def nth(k: int) -> int:  # the machine of item k (0-based)
+            return prefix[k] if k < len(prefix) else item
+
         b.edge(start, b"[", opened)
         b.blanks(opened)
         if lo == 0:
             b.edge(opened, b"]", end)
         if hi != 0:
-            b.call(opened, item, after[1])
+            b.call(opened, nth(0), after[1])
         for k in range(1, top + 1):
             b.blanks(after[k])
             if k >= lo:
@@ -258,7 +273,7 @@ class _JsonMachines:
                 comma = b.state()
                 b.blanks(comma)
                 b.edge(after[k], b",", comma)
-                b.call(comma, item, after[min(k + 1, top)])
+                b.call(comma, nth(k), after[min(k + 1, top)])
         return start
 
     # --- schemas ------------------------------------------------------------------------------------------
@@ -377,14 +392,46 @@ class _JsonMachines:
         if kind == "object":
             return self._object(schema, where)
         if kind == "array":
-            items = schema.get("items", True)
             lo, hi = self._range(schema, "minItems", "maxItems", where)
-            return self.array(self.value(items, f"{where}.items"), lo, hi)
+            first = schema.get("prefixItems", [])
+            if not isinstance(first, list):
+                raise GrammarError(f"{where}.prefixItems must be a list")
+            prefix = tuple(self.value(p, f"{where}.prefixItems[{i}]") for i, p in enumerate(first))
+            items = schema.get("items", True)
+            return self.array(-1 if items is False else self.value(items, f"{where}.items"), lo, hi, prefix)
         if kind == "string":
             return self.string(*self._range(schema, "minLength", "maxLength", where))
         if kind in ("number", "integer"):
-            return self.number(integer=kind == "integer")
+            return self._numeric(schema, kind, where)
         return self.literal({"boolean": [b"true", b"false"], "null": [b"null"]}[kind])
+
+    def _numeric(self, schema: dict, kind: str, where: str) -> int:
+        """A number or an integer within its bounds: an integer range of at most MAX_RANGE values is spelled out;
+        `minimum` 0 (or 1, for integers) drops the sign (and the zero); other bounds are refused."""
+        bounds = {k: schema[k] for k in BOUNDS if k in schema}
+        for key, v in bounds.items():
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                raise GrammarError(f"{where}.{key} must be a number, got {v!r}")
+        if not bounds:
+            return self.number(integer=kind == "integer")
+        if kind == "number":
+            if bounds == {"minimum": 0}:
+                return self.number(integer=False, negative=False)
+            raise GrammarError(f"{where}: a number's bounds are followed only for 'minimum': 0")
+        lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+        lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+        highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+        highs += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+        lo, hi = max(lows, default=None), min(highs, default=None)
+        if lo is not None and hi is not None:
+            if lo > hi:
+                raise GrammarError(f"{where}: no integer is within its bounds")
+            if hi - lo < MAX_RANGE:
+                return self.literal([str(i).encode() for i in range(lo, hi + 1)])
+        if hi is None and lo in (0, 1):
+            return self.number(integer=True, negative=False, zero=lo == 0)
+        raise GrammarError(f"{where}: an integer's bounds are followed for ranges of at most {MAX_RANGE} values, "
+                           f"or a 'minimum' of 0 or 1")
 
     def _range(self, schema: dict, lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:
         """(minimum, maximum or None) of a count."""

@@ -164,8 +164,11 @@ def test_a_schema_grammar_accepts_valid_instances_and_refuses_invalid_ones():
 
 @pytest.mark.parametrize("schema,says", [
     ({"type": "string", "pattern": "a+"}, "schema: the keyword 'pattern' is not supported"),
-    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
-     "schema.properties.n: the keyword 'minimum' is not supported"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
+     "schema.properties.n: the keyword 'multipleOf' is not supported"),
+    ({"type": "integer", "minimum": 5}, "ranges of at most 1000 values, or a 'minimum' of 0 or 1"),
+    ({"type": "number", "maximum": 5}, "only for 'minimum': 0"),
+    ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer is within its bounds"),
     ({"anyOf": [{"type": "object"}, {"type": "object", "properties": {"a": {}}}]}, "both start with b'{'"),
     (False, "no value can follow it"),
     ({"$ref": "#/$defs/missing"}, "points at nothing"),
@@ -214,6 +217,9 @@ def _random_schema(rng: random.Random, depth: int = 0):
         "allOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
         "$ref": lambda: rng.choice(["#", "#/$defs/a", "#/properties/a", "x"]),
         "nullable": lambda: True, "title": lambda: "t", "pattern": lambda: "^a",
+        "minimum": lambda: rng.choice([0, 1, -3, 2.5, 0.0]), "maximum": lambda: rng.choice([5, 1000, 3.5, -2]),
+        "exclusiveMinimum": lambda: rng.choice([0, -1, 0.5]), "exclusiveMaximum": lambda: rng.choice([3, 10**6]),
+        "prefixItems": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
     }
     schema = {k: makers[k]() for k in rng.sample(sorted(makers), rng.randrange(1, 5))}
     if rng.random() < 0.3:
@@ -247,6 +253,27 @@ def test_random_schemas_are_refused_by_name_or_followed():
                 walked += 1
                 assert validator.is_valid(json.loads(text)), (schema, text)
     assert built > 80 and walked > 150
+
+
+def test_bounds_and_tuples():
+    """Integer ranges, non-negative and positive numbers, and prefixItems (pydantic's tuples), against jsonschema
+    on every value of a range and its neighbours."""
+    for schema in ({"type": "integer", "minimum": -3, "maximum": 12}, {"type": "integer", "exclusiveMinimum": 0.5,
+                                                                       "exclusiveMaximum": 7}):
+        g, v = json_grammar(schema), Draft202012Validator(schema)
+        for i in range(-20, 30):
+            assert g.accepts(str(i).encode()) == v.is_valid(i), (schema, i)
+    positive, natural = json_grammar({"type": "integer", "minimum": 1}), json_grammar({"type": "integer", "minimum": 0})
+    assert positive.accepts(b"7") and not positive.accepts(b"0") and not positive.accepts(b"-7")
+    assert natural.accepts(b"0") and natural.accepts(b"70") and not natural.accepts(b"-1")
+    nonneg = json_grammar({"type": "number", "minimum": 0})
+    assert nonneg.accepts(b"0.25") and nonneg.accepts(b"2e-3") and not nonneg.accepts(b"-0.25")
+    pair = {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2}
+    g = json_grammar(pair)
+    assert g.accepts(b'[1, "a"]') and not g.accepts(b'["a", 1]') and not g.accepts(b"[1]")
+    assert not g.accepts(b'[1, "a", 2]')
+    rest = json_grammar({"type": "array", "prefixItems": [{"type": "boolean"}], "items": {"type": "null"}})
+    assert rest.accepts(b"[true, null, null]") and rest.accepts(b"[]") and not rest.accepts(b"[null]")
 
 
 def test_a_recursive_schema_and_a_deep_one():
