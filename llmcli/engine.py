@@ -222,28 +222,26 @@ class Generation:
         """The next token from the model's logits for this step."""
         if self.bias is not None:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
-        if self.constraint is not None:
-            if self.sampler.greedy:  # the most likely token is most often allowed: one walk instead of a mask
-                token = self.sampler(logits, self.history)
-                if self.constraint.allows(token):
-                    return token
-            logits = self._allowed(logits)
-        return self.sampler(logits, self.history)
+        if self.constraint is None:
+            return self.sampler(logits, self.history)
+        if self.sampler.greedy:  # the most likely token is most often allowed: one walk instead of a mask
+            token = self.sampler(logits, self.history)
+            if self.constraint.allows(token):
+                return token
+        return self.sampler(logits, self.history, self._allowed())
 
     def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """What `sample` would draw from after `history`: (n_vocab,) float64 probabilities."""
         if self.bias is not None:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
-        if self.constraint is not None:
-            logits = self._allowed(logits)
-        return self.sampler.probabilities(logits, history)
+        return self.sampler.probabilities(logits, history, None if self.constraint is None else self._allowed())
 
-    def _allowed(self, logits: np.ndarray) -> np.ndarray:
-        """`logits` with -inf for the tokens the output format does not allow next."""
+    def _allowed(self) -> np.ndarray:
+        """(n_vocab,) bool: the tokens the output format allows next."""
         mask = self.constraint.mask()
         if not mask.any():
             raise LlmError("no token of the model's vocabulary can continue the requested output format")
-        return np.where(mask, np.asarray(logits, dtype=np.float32), np.float32(-np.inf))
+        return mask
 
     def step(self, logits: np.ndarray) -> tuple[int, str]:
         """Sample a token from `logits` and take it: -> (token, text it completes). Sets `finish` when this

@@ -145,8 +145,8 @@ def _kernels():
 
 class VocabularyBytes:
     """Every token's bytes, end to end, for the kernels: data (total,) uint8; offsets (n + 1,) int64; plain (n,)
-    bool, a token of whole UTF-8 characters a JSON string holds as they are; key (n,) uint16, how it begins
-    (grammar_kernels.allowed). Control tokens have no bytes (they are never text)."""
+    bool, a token of whole UTF-8 characters a JSON string holds as they are (odd: the ids of the others); key (n,)
+    uint16, how it begins (grammar_kernels.allowed). Control tokens have no bytes (they are never text)."""
 
     def __init__(self, pieces: list[bytes]):
         n_vocab = len(pieces)
@@ -154,6 +154,7 @@ class VocabularyBytes:
         np.cumsum([len(p) for p in pieces], out=self.offsets[1:])
         self.data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
         self.plain = np.array([_plain(p) for p in pieces], dtype=np.bool_)
+        self.odd = np.flatnonzero(~self.plain)
         kernels = _kernels()
         self.key = np.array([_begins(p, kernels) for p in pieces], dtype=np.uint16)
 
@@ -253,7 +254,7 @@ class Constraint:
     def mask(self) -> np.ndarray:
         """(n_vocab,) bool: the tokens that may come next (a view, valid until the next call)."""
         self.k.allowed(*self.g.tables, self.g.loop, self.stack, self.depth, self.state, self.blanks,
-                       self.vocab.data, self.vocab.offsets, self.vocab.plain, self.vocab.key,
+                       self.vocab.data, self.vocab.offsets, self.vocab.plain, self.vocab.odd, self.vocab.key,
                        self._mask)
         self._mask[self.stop_ids] = self.complete
         return self._mask

@@ -64,12 +64,12 @@ BEGINS_BYTE, BEGINS_BLANKS, BEGINS_NEWLINE, BEGINS_OTHER, ALL_BLANKS, ALL_NEWLIN
 
 
 @njit(cache=True, nogil=True)
-def allowed(trans, push, final, structural, classes, loop, stack, depth, state, blanks, data, offsets, plain, key,
-            out):
+def allowed(trans, push, final, structural, classes, loop, stack, depth, state, blanks, data, offsets, plain, odd,
+            key, out):
     """out[t] = whether token t (bytes data[offsets[t]:offsets[t + 1]]) can come next. Most tokens are decided by
     how they begin (key[t]: BEGINS_* * 256 + their first byte after any leading blanks), through a table made
     for this state; the rest are walked. Inside a string's plain run (loop[state]) a token of plain string
-    bytes (plain[t]) stays there."""
+    bytes (plain[t]) stays there: only the others (the ids in `odd`) are looked at."""
     pushed = np.empty(MAX_DEPTH, dtype=np.int32)
     two = np.zeros(2, dtype=np.uint8)
     # blanks lead to one state that loops on them (the same moves after it): a token's leading blanks only count
@@ -112,13 +112,16 @@ def allowed(trans, push, final, structural, classes, loop, stack, depth, state, 
                                                   or table[BEGINS_BYTE * 256 + 13] != no)):
             if not ok:
                 table[kind * 256:(kind + 1) * 256] = no
-    fast = loop[state]
+    if loop[state]:
+        out[:] = plain
+        for t in odd:
+            out[t] = table[key[t]] != no and walk(trans, push, final, structural, classes, stack, depth, state,
+                                                  blanks, data, offsets[t], offsets[t + 1], pushed)[0] >= 0
+        return
     for t in range(out.size):
         v = table[key[t]]
         if v == no:
             out[t] = False
-        elif fast and plain[t]:
-            out[t] = True
         else:
             out[t] = walk(trans, push, final, structural, classes, stack, depth, state, blanks, data, offsets[t],
                           offsets[t + 1], pushed)[0] >= 0

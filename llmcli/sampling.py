@@ -142,15 +142,16 @@ class Sampler:
                                     "parameters are broken")
         return apply_penalties(logits, history, self.cfg)
 
-    def probabilities(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+    def probabilities(self, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray | None = None
+                      ) -> np.ndarray:
         """The distribution __call__ draws from, over the whole vocabulary: (n_vocab,) float64, zero where a
         filter removed the token; one-hot at the argmax when greedy. Speculative sampling compares these."""
         logits = self._penalized(logits, history)
         probs = np.zeros(logits.size, dtype=np.float64)
         if self.greedy:
-            probs[int(np.argmax(logits))] = 1.0
+            probs[self._argmax(logits, allowed)] = 1.0
             return probs
-        ids, p = self._survivors(logits)
+        ids, p = self._survivors(logits, allowed)
         probs[ids] = p
         return probs
 
@@ -159,18 +160,30 @@ class Sampler:
         live = np.flatnonzero(weights > 0)
         return self._pick(live, weights[live])
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray | None = None) -> int:
+        """The next token; `allowed` (n_vocab,) bool: only these may be drawn (an output format's mask)."""
         logits = self._penalized(logits, history)
         if self.cfg.temperature == 0.0:
-            return int(np.argmax(logits))
-        return self._pick(*self._survivors(logits))
+            return self._argmax(logits, allowed)
+        return self._pick(*self._survivors(logits, allowed))
 
-    def _survivors(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _argmax(logits: np.ndarray, allowed: np.ndarray | None) -> int:
+        if allowed is None:
+            return int(np.argmax(logits))
+        ids = np.flatnonzero(allowed)
+        return int(ids[np.argmax(logits[ids])])
+
+    def _survivors(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The token ids top-k and the filters leave, and their probabilities (float64, summing to 1)."""
         ids = None  # the vocabulary ids of `logits` when it holds only some of them
-        if np.isneginf(logits).any():  # an output format left a few: partitioning many equal -inf is slow
-            ids = np.flatnonzero(logits > -np.inf)
-            logits = logits[ids]
+        if allowed is not None:
+            # few allowed: work on them alone (partitioning many equal -inf is slow); most: mask the others
+            if 4 * np.count_nonzero(allowed) < allowed.size:
+                ids = np.flatnonzero(allowed)
+                logits = logits[ids]
+            else:
+                logits = np.where(allowed, logits, np.float32(-np.inf))
         if 0 < self.cfg.top_k < logits.size:  # one pass over the vocabulary; the rest works on ~k tokens
             keep = np.flatnonzero(logits >= np.partition(logits, -self.cfg.top_k)[-self.cfg.top_k])
             ids = keep if ids is None else ids[keep]
