@@ -4,7 +4,8 @@
   python benchmarks/bench_format.py --models smollm2 --reps 9 --json
 
 Mask: milliseconds per call of Constraint.mask() in states met while writing JSON (between tokens, inside a
-string, after a number), median of 50 calls. Decode: one session per model, greedy and sampled (temperature 0.8,
+string, after a number), median of 50 calls. Step: what a generation step costs outside the model (sampling,
+mask, detokenizer), on one logits vector replayed, so the forward pass's noise stays out. Decode: one session per model, greedy and sampled (temperature 0.8,
 seed fixed), each repetition alternating free text, --format json and a schema; a prompt that asks for a long
 list so every run reaches max_tokens. Tokens/s is the engine's decode rate (first token excluded); the ratio is
 format / free, median of the repetitions.
@@ -55,6 +56,28 @@ def mask_ms(lm) -> dict[str, float]:
     return out
 
 
+def step_ms(lm, n: int) -> dict[str, float]:
+    """Milliseconds a generation step spends outside the model (sampling, the mask, the detokenizer): `n` steps
+    on one logits vector of the model (the prompt's last), taken away from the forward pass's noise. Median of
+    the steps, per mode and format."""
+    session = Session(lm, 1024)
+    prompt = encode_chat(session, [{"role": "user", "content": PROMPT}])
+    logits = session.prefill(prompt)
+    out = {}
+    for mode, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+        for fmt, grammar in (("free", None), ("json", json_grammar()), ("schema", json_grammar(SCHEMA))):
+            config = GenerationConfig(max_tokens=n, grammar=grammar,
+                                      sampling=SamplingConfig(temperature=temperature, seed=7))
+            gen = session.start(prompt, config)
+            times = []
+            while gen.finish is None:
+                t = time.perf_counter()
+                gen.step(logits)
+                times.append(time.perf_counter() - t)
+            out[f"{mode} {fmt}"] = statistics.median(times) * 1e3
+    return out
+
+
 def decode(lm, reps: int, n: int) -> dict[str, dict[str, list[float]]]:
     session = Session(lm, 1024)
     prompt = encode_chat(session, [{"role": "user", "content": PROMPT}])
@@ -84,12 +107,16 @@ def main() -> None:
     for name in args.models.split(","):
         lm = load(MODELS[name])
         masks = mask_ms(lm)
+        steps = step_ms(lm, args.n)
         rates = decode(lm, args.reps, args.n)
-        report[name] = {"n_vocab": lm.hparams.n_vocab, "mask_ms": masks, "decode": rates}
+        report[name] = {"n_vocab": lm.hparams.n_vocab, "mask_ms": masks, "step_ms": steps, "decode": rates}
         print(f"\n{name} ({lm.hparams.n_vocab} tokens), {lm.model.name} backend")
         print("| mask state | ms |\n|---|---:|")
         for state, ms in masks.items():
             print(f"| {state} | {ms:.2f} |")
+        print("| step outside the model | ms |\n|---|---:|")
+        for key, ms in steps.items():
+            print(f"| {key} | {ms:.2f} |")
         print("| decode | tok/s (median) | tokens | vs free |\n|---|---:|---:|---:|")
         for key, r in rates.items():
             mode = key.split()[0]
