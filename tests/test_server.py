@@ -216,8 +216,8 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     ({"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
      "tool_choice", "not among 'tools'"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]}, 400, "tools",
-     "'minimum' is not supported"),
+        "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}}]}, 400, "tools",
+     "'multipleOf' is not supported"),
     ({"messages": CHAT, "tools": TOOLS, "response_format": {"type": "json_object"}}, 400, "response_format",
      "together with 'tools'"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]},
@@ -330,6 +330,15 @@ def test_tool_calls_through_the_openai_client(server):
     else:
         assert message.content and not message.content.startswith("{")
         assert r.choices[0].finish_reason in ("stop", "length")
+
+    # a call cut short by max_tokens is no call: what was written comes back as text, finish "length"
+    cut = c.chat.completions.create(**(ask | {"max_tokens": 5}), tool_choice="required")
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
+    assert cut.choices[0].message.content.startswith("{")
+    chunks = [ch for ch in c.chat.completions.create(**(ask | {"max_tokens": 5}), tool_choice="required",
+                                                     stream=True) if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == cut.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
 
     first = c.chat.completions.create(**ask, tool_choice="required")
     history = [*ask["messages"], first.choices[0].message.model_dump(exclude_none=True),
