@@ -5,10 +5,10 @@
 
 Mask: milliseconds per call of Constraint.mask() in states met while writing JSON (between tokens, inside a
 string, after a number), median of 50 calls. Step: what a generation step costs outside the model (sampling,
-mask, detokenizer), on one logits vector replayed, so the forward pass's noise stays out. Decode: one session per model, greedy and sampled (temperature 0.8,
-seed fixed), each repetition alternating free text, --format json and a schema; a prompt that asks for a long
-list so every run reaches max_tokens. Tokens/s is the engine's decode rate (first token excluded); the ratio is
-format / free, median of the repetitions.
+mask, detokenizer), on one logits vector replayed, so the forward pass's noise stays out. Decode: one session
+per model, greedy and sampled (temperature 0.8, seed fixed), each repetition alternating free text, --format
+json and a schema; a prompt that asks for a long list so every run reaches max_tokens. Tokens/s is the engine's
+decode rate (first token excluded); the ratio is format / free, median of the repetitions.
 """
 
 from __future__ import annotations

@@ -52,19 +52,22 @@ def json_grammar(schema: dict | bool | None = None) -> Grammar:
     return b.build(top)
 
 
-def tool_call_grammar(tools: list[tuple[str, object]], text: bool) -> Grammar:
+def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
-    with the arguments that tool takes; with `text`, or else plain text, which then does not begin with "{"."""
+    with the arguments that tool takes; with `several`, or a JSON list of such calls; with `text`, or else plain
+    text, which then does not begin with "{" (or "[")."""
     j = _JsonMachines(None)
     b = j.b
     top, end, done = b.state(), b.state(final=True), b.state(final=True)
     start = b.state()
     b.call(top, start, end)
+    if several:
+        b.call(top, j.array(start, lo=1), end)
     if text:
         free = b.state(final=True, structural=False)
         b.edge(free, range(256), free)
         b.loop[free] = True
-        b.edge(top, [c for c in range(256) if c != ord("{")], free)
+        b.edge(top, [c for c in range(256) if c not in (b"{[" if several else b"{")], free)
 
     def fixed(s: int, data: bytes) -> int:
         """`data` from s, then blanks may follow (JSON's whitespace between tokens)."""

@@ -29,7 +29,7 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
-from llmcli.tools import Tool, ToolChoice, call_text, parse_tools, read_call, with_instructions
+from llmcli.tools import Tool, ToolChoice, call_text, parse_tools, read_calls, with_instructions
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
@@ -161,7 +161,9 @@ def _chat_messages(body: dict) -> list[dict]:
                            "invalid_value")
         content = _text_content(m.get("content"), f"{where}.content")
         if role == "assistant" and m.get("tool_calls"):
-            content = "\n".join([content] * bool(content) + _calls(m["tool_calls"], f"{where}.tool_calls", called))
+            calls = _calls(m["tool_calls"], f"{where}.tool_calls", called)  # as the model writes them (tools.py)
+            written = calls[0] if len(calls) == 1 else "[" + ", ".join(calls) + "]"
+            content = f"{content}\n{written}" if content else written
         elif role == "tool":
             name = called.get(m.get("tool_call_id"))
             role, content = "user", f"The function {name or ''} returned: {content}".replace("  ", " ")
@@ -205,7 +207,7 @@ def _tool_choice(body: dict) -> ToolChoice | None:
             raise ApiError(400, f"'{name}' is not supported: give the functions as 'tools'", name,
                            "unsupported_value")
     try:
-        choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+        choice = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     except FieldError as e:
         raise ApiError(400, str(e), e.field, "invalid_value") from None
     if choice is not None and body.get("response_format") not in (None, {"type": "text"}):
@@ -255,8 +257,8 @@ class Api:
 
     def _build_grammar(self, kind: str, text: str) -> Grammar:
         if kind == "tools":
-            tools = [Tool(name, description, parameters) for name, description, parameters in json.loads(text)[1]]
-            grammar = ToolChoice(tuple(tools), required=json.loads(text)[0]).grammar()
+            required, several, listed = json.loads(text)
+            grammar = ToolChoice(tuple(Tool(*t) for t in listed), required, several).grammar()
         else:
             grammar = json_grammar(json.loads(text))
         # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
@@ -268,7 +270,7 @@ class Api:
         while)."""
         if tools is not None:
             param, key = "tools", ("tools", json.dumps(
-                [tools.required, [[t.name, t.description, t.parameters] for t in tools.tools]]))
+                [tools.required, tools.several, [[t.name, t.description, t.parameters] for t in tools.tools]]))
         else:
             schema = _response_format(body)
             if schema is None:
@@ -430,7 +432,7 @@ class Api:
                                           "param": None, "code": "server_shutting_down"}})
                     return
                 if held is None and r.text and render.tools:
-                    held = "" if r.text.startswith("{") else False  # a call is sent whole, when it is complete
+                    held = "" if r.text.startswith(("{", "[")) else False  # calls are sent whole, once complete
                 if held not in (None, False):
                     held += r.text
                 elif r.text or r.logprobs:
@@ -438,12 +440,12 @@ class Api:
                 if r.finish_reason is not None:
                     finish = r.finish_reason
                     if held not in (None, False):
-                        call = read_call(held)
-                        if call is None:  # cut short by max_tokens: what there is, as text
+                        calls = read_calls(held)
+                        if calls is None:  # cut short by max_tokens: what there is, as text
                             yield _sse(render.chunk(held, None, [], include_usage))
                         else:
-                            yield _sse(render.chunk({"tool_calls": [render.tool_call(*call, index=0)]}, None, [],
-                                                    include_usage))
+                            deltas = [render.tool_call(*c, index=i) for i, c in enumerate(calls)]
+                            yield _sse(render.chunk({"tool_calls": deltas}, None, [], include_usage))
                             finish = "tool_calls"
                     yield _sse(render.chunk(None, finish, [], include_usage))
                     if include_usage:
@@ -557,10 +559,10 @@ class _Render:
         last = records[-1]
         text = "".join(r.text for r in records)
         lps = self._logprobs([i for r in records for i in r.logprobs])
-        call = read_call(text) if self.tools else None
-        if call is not None:
+        calls = read_calls(text) if self.tools else None
+        if calls is not None:
             choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
-                                              "tool_calls": [self.tool_call(*call)]},
+                                              "tool_calls": [self.tool_call(*c) for c in calls]},
                       "logprobs": None, "finish_reason": "tool_calls"}
         elif self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},

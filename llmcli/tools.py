@@ -5,7 +5,7 @@ Chat templates spell tools in as many ways as there are model families, and many
 way at all. So the model is told in its system message, in words and JSON Schema, and a call is a bare JSON object
 {"name": ..., "arguments": {...}} that the grammar (llmcli/json_schema.tool_call_grammar) makes well formed: the
 name one of the tools', the arguments what that tool takes. Where the model may also answer in text ("auto"), a
-reply that begins with "{" is a call and any other is text.
+reply that begins with "{" (or "[": a list of calls) is a call and any other is text.
 """
 
 from __future__ import annotations
@@ -35,25 +35,31 @@ class ToolChoice:
 
     tools: tuple[Tool, ...]
     required: bool
+    several: bool = True  # several calls in one reply (a JSON list of them): OpenAI's parallel_tool_calls
 
     def grammar(self) -> Grammar:
-        return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required)
+        return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
+                                 several=self.several)
 
     def instructions(self) -> str:
         """What the system message tells the model."""
         listed = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
                                       ensure_ascii=False) for t in self.tools)
-        how = ('{"name": "<function name>", "arguments": {<its arguments>}}')
+        how = '{"name": "<function name>", "arguments": {<its arguments>}}'
+        several = " To call several at once, reply with a JSON list of such objects." if self.several else ""
         if self.required:
             return (f"You have these functions (their arguments as JSON Schema):\n{listed}\n"
-                    f"Reply with only a JSON object that calls one of them: {how}")
+                    f"Reply with only a JSON object that calls one of them: {how}.{several}")
         return (f"You can call these functions (their arguments as JSON Schema):\n{listed}\n"
-                f"To call one, reply with only a JSON object: {how}. Otherwise reply in plain text.")
+                f"To call one, reply with only a JSON object: {how}.{several} Otherwise reply in plain text.")
 
 
-def parse_tools(tools, choice) -> ToolChoice | None:
-    """OpenAI's `tools` and `tool_choice` -> what the reply may call; None: no tool (text). FieldError names the
-    request field that is wrong."""
+def parse_tools(tools, choice, parallel=None) -> ToolChoice | None:
+    """OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` -> what the reply may call; None: no tool (text).
+    FieldError names the request field that is wrong."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise FieldError("parallel_tool_calls", "must be true or false")
+    several = parallel is not False
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
             raise FieldError("tool_choice", "needs 'tools'")
@@ -78,11 +84,11 @@ def parse_tools(tools, choice) -> ToolChoice | None:
             raise FieldError(f"tools[{i}].function.parameters", "must be a JSON Schema object")
         parsed[name] = Tool(name, description, parameters)
     if choice in (None, "auto"):
-        return ToolChoice(tuple(parsed.values()), required=False)
+        return ToolChoice(tuple(parsed.values()), required=False, several=several)
     if choice == "none":
         return None
     if choice == "required":
-        return ToolChoice(tuple(parsed.values()), required=True)
+        return ToolChoice(tuple(parsed.values()), required=True, several=several)
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
@@ -90,7 +96,7 @@ def parse_tools(tools, choice) -> ToolChoice | None:
                                         '{"name": ...}}')
     if name not in parsed:
         raise FieldError("tool_choice", f"names {name!r}, which is not among 'tools'")
-    return ToolChoice((parsed[name],), required=True)
+    return ToolChoice((parsed[name],), required=True, several=several)
 
 
 def with_instructions(messages: list[dict], choice: ToolChoice) -> list[dict]:
@@ -110,12 +116,14 @@ def call_text(name: str, arguments: str) -> str:
     return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
 
 
-def read_call(text: str) -> tuple[str, str] | None:
-    """(name, arguments as JSON text) when the reply is a whole call; None for text (or a call cut short)."""
-    if not text.startswith("{"):
+def read_calls(text: str) -> list[tuple[str, str]] | None:
+    """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
+    cut short). The grammar wrote it, so a reply that parses has the call's shape."""
+    if not text.startswith(("{", "[")):
         return None
     try:
-        call = json.loads(text)
+        calls = json.loads(text)
     except ValueError:
         return None
-    return call["name"], json.dumps(call["arguments"], ensure_ascii=False)
+    return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+            for c in (calls if isinstance(calls, list) else [calls])]

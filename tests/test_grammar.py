@@ -402,7 +402,11 @@ def test_a_tool_call_grammar(smollm2_path):
         assert not g.accepts(b'{"name": "gets", "arguments": {"city": "Paris"}}')
         assert not g.accepts(b'{"arguments": {}, "name": "get_time"}')
     assert loose.accepts("It is sunny {and} warm ☀".encode()) and not strict.accepts(b"It is sunny")
-    assert not loose.accepts(b"{It is sunny")
+    assert not loose.accepts(b"{It is sunny") and not strict.accepts(b'[{"name": "get_time", "arguments": {}}]')
+    several = tool_call_grammar(tools, text=True, several=True)
+    assert several.accepts(b'[{"name": "get_time", "arguments": {}},\n {"name": "get", "arguments": {"city": "A"}}]')
+    assert several.accepts(b'{"name": "get_time", "arguments": {}}') and not several.accepts(b"[]")
+    assert not several.accepts(b"[It is") and several.accepts(b"It is [so]")
 
     tok = Tokenizer.from_gguf(read_gguf(smollm2_path))
     vocab = vocabulary_bytes(tok, tok.vocab_size)

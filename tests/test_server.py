@@ -218,6 +218,7 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}}]}, 400, "tools",
      "'multipleOf' is not supported"),
+    ({"messages": CHAT, "tools": TOOLS, "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls", "true or false"),
     ({"messages": CHAT, "tools": TOOLS, "response_format": {"type": "json_object"}}, 400, "response_format",
      "together with 'tools'"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]},
@@ -340,6 +341,15 @@ def test_tool_calls_through_the_openai_client(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == cut.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
 
+    # several calls in one reply: a list the grammar allows unless parallel_tool_calls is false; given back as such
+    both = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": '{"city": "Paris"}'}}
+        for i, n in enumerate(("get_weather", "get_time"))]}
+    results = [{"role": "tool", "tool_call_id": f"call_{i}", "content": r} for i, r in enumerate(("sunny", "noon"))]
+    r = c.chat.completions.create(**(ask | {"messages": [*ask["messages"], both, *results]}), tool_choice="none",
+                                  parallel_tool_calls=False)
+    assert r.choices[0].message.content and r.usage.prompt_tokens > first_turn_tokens(c, ask) + 20
+
     first = c.chat.completions.create(**ask, tool_choice="required")
     history = [*ask["messages"], first.choices[0].message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
@@ -349,6 +359,10 @@ def test_tool_calls_through_the_openai_client(server):
     # the call and the result are in the prompt, as turns of their own
     bare = c.chat.completions.create(**(ask | {"messages": history[:1]}), tool_choice="none")
     assert follow.usage.prompt_tokens - bare.usage.prompt_tokens > first.usage.completion_tokens + 8
+
+
+def first_turn_tokens(c, ask: dict) -> int:
+    return c.chat.completions.create(**ask, tool_choice="none").usage.prompt_tokens
 
 
 def test_api_key_is_required_when_set(server1):
