@@ -29,7 +29,7 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
-from llmcli.tools import Tool, ToolChoice, call_text, parse_tools, read_calls, with_instructions
+from llmcli.tools import Tool, ToolChoice, calls_text, parse_tools, read_calls, result_text, with_instructions
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
@@ -161,12 +161,10 @@ def _chat_messages(body: dict) -> list[dict]:
                            "invalid_value")
         content = _text_content(m.get("content"), f"{where}.content")
         if role == "assistant" and m.get("tool_calls"):
-            calls = _calls(m["tool_calls"], f"{where}.tool_calls", called)  # as the model writes them (tools.py)
-            written = calls[0] if len(calls) == 1 else "[" + ", ".join(calls) + "]"
+            written = calls_text(_calls(m["tool_calls"], f"{where}.tool_calls", called))
             content = f"{content}\n{written}" if content else written
         elif role == "tool":
-            name = called.get(m.get("tool_call_id"))
-            role, content = "user", f"The function {name or ''} returned: {content}".replace("  ", " ")
+            role, content = "user", result_text(called.get(m.get("tool_call_id")), content)
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -184,8 +182,8 @@ def _text_content(content, where: str) -> str:
     return content
 
 
-def _calls(calls, where: str, called: dict[str, str]) -> list[str]:
-    """An assistant turn's tool calls as the model wrote them; their ids are remembered for the results."""
+def _calls(calls, where: str, called: dict[str, str]) -> list[tuple[str, str]]:
+    """An assistant turn's tool calls: [(name, arguments)]; their ids are remembered for the results."""
     if not isinstance(calls, list):
         raise ApiError(400, f"'{where}' must be a list", where, "invalid_type")
     out = []
@@ -196,7 +194,7 @@ def _calls(calls, where: str, called: dict[str, str]) -> list[str]:
                                 f"{{\"name\", \"arguments\"}}}}", f"{where}[{j}]", "invalid_value")
         if isinstance(call.get("id"), str):
             called[call["id"]] = fn["name"]
-        out.append(call_text(fn["name"], fn["arguments"]))
+        out.append((fn["name"], fn["arguments"]))
     return out
 
 

@@ -107,13 +107,22 @@ def with_instructions(messages: list[dict], choice: ToolChoice) -> list[dict]:
     return [{"role": "system", "content": text}, *messages]
 
 
-def call_text(name: str, arguments: str) -> str:
-    """A call as the model writes it (an earlier assistant turn that called a tool, given back in the prompt)."""
-    try:
-        args = json.loads(arguments)
-    except ValueError:
-        args = arguments  # not JSON: given back as the string it is
-    return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+def calls_text(calls: list[tuple[str, str]]) -> str:
+    """Calls ((name, arguments as JSON text)) as the model writes them: an earlier assistant turn that called tools,
+    given back in the prompt. Arguments that are not JSON are given back as the string they are."""
+    written = []
+    for name, arguments in calls:
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            args = arguments
+        written.append(json.dumps({"name": name, "arguments": args}, ensure_ascii=False))
+    return written[0] if len(written) == 1 else "[" + ", ".join(written) + "]"
+
+
+def result_text(name: str | None, content: str) -> str:
+    """A tool's result as the user turn that gives it back (`name`: the function, where its call is known)."""
+    return f"{f'The function {name}' if name else 'A function'} returned: {content}"
 
 
 def read_calls(text: str) -> list[tuple[str, str]] | None:
