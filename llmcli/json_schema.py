@@ -1,4 +1,5 @@
-"""JSON output formats as grammars (llmcli/grammar.py): any JSON object, or a value that follows a JSON Schema.
+"""JSON output formats as grammars (llmcli/grammar.py): any JSON object, a value that follows a JSON Schema, or a
+tool call (llmcli/tools.py).
 
 A schema's objects are written with their declared properties in the declared order (as OpenAI's structured
 outputs do), the optional ones skippable; every required property appears. The keywords that constrain a
