@@ -230,15 +230,18 @@ class Generation:
                 return token
         return self.sampler(logits, self.history, self._allowed())
 
-    def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """What `sample` would draw from after `history`: (n_vocab,) float64 probabilities."""
+    def distribution(self, logits: np.ndarray, history: Sequence[int], constraint: Constraint | None = None
+                     ) -> np.ndarray:
+        """What `sample` would draw from after `history`: (n_vocab,) float64 probabilities. `constraint`: where the
+        output format stands after `history`, when that is ahead of this generation (a draft's later tokens)."""
         if self.bias is not None:
             logits = np.asarray(logits, dtype=np.float32) + self.bias
-        return self.sampler.probabilities(logits, history, None if self.constraint is None else self._allowed())
+        constraint = constraint or self.constraint
+        return self.sampler.probabilities(logits, history, None if constraint is None else self._allowed(constraint))
 
-    def _allowed(self) -> np.ndarray:
+    def _allowed(self, constraint: Constraint | None = None) -> np.ndarray:
         """(n_vocab,) bool: the tokens the output format allows next."""
-        mask = self.constraint.mask()
+        mask = (constraint or self.constraint).mask()
         if not mask.any():
             raise LlmError("no token of the model's vocabulary can continue the requested output format")
         return mask

@@ -205,6 +205,13 @@ class Constraint:
         self._pushed = np.empty(self.k.MAX_DEPTH, dtype=np.int32)
         self._mask = np.empty(n_vocab, dtype=np.bool_)
 
+    def copy(self) -> Constraint:
+        """The same place in the same grammar, to move on from separately (a draft model's proposals)."""
+        c = Constraint.__new__(Constraint)
+        c.__dict__.update(self.__dict__)
+        c.stack, c._pushed, c._mask = self.stack.copy(), self._pushed.copy(), self._mask.copy()
+        return c
+
     def _walk(self, data: np.ndarray, lo: int, hi: int) -> tuple[int, int, int, int]:
         return self.k.walk(*self.g.tables, self.stack, self.depth, self.state, self.blanks, data, lo, hi,
                            self._pushed)

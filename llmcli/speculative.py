@@ -146,14 +146,19 @@ class DraftModel:
         history = list(gen.history)
         drafts: list[int] = []
         qs: list[np.ndarray | None] = []
+        constraint = gen.constraint.copy() if gen.constraint is not None else None  # an output format, drafted on
         for i in range(k):
-            q = gen.distribution(logits, history)
+            q = gen.distribution(logits, history, constraint)
             token = int(np.argmax(q)) if gen.sampler.greedy else gen.sampler.draw(q)
             drafts.append(token)
             qs.append(None if gen.sampler.greedy else q)
             history.append(token)
             if i + 1 == k or token in gen.tokenizer.stop_ids:
                 break
+            if constraint is not None:
+                constraint.take(token)
+                if constraint.finished:
+                    break
             logits = s.feed(token)
         return drafts, qs
 

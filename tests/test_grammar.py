@@ -415,3 +415,23 @@ def test_a_tool_call_grammar(smollm2_path):
         assert c.feed(prefix)
         mask = c.mask().copy()
         assert all(mask[t] == c.allows(t) for t in range(tok.vocab_size))
+
+
+def test_speculative_decoding_under_a_format(smollm2_path):
+    """With a draft model, a format gives the same greedy text as without drafting; the draft proposes under the
+    format too (its copy of the constraint moves through its own proposals), so the model as its own draft has
+    every proposal kept. Prompt lookup gives the same text as well."""
+    from llmcli.engine import GenerationConfig, Session, encode_chat, load
+    from llmcli.sampling import SamplingConfig
+    from llmcli.speculative import SpeculativeConfig
+
+    lm = load(smollm2_path)
+    config = GenerationConfig(max_tokens=60, grammar=json_grammar(PERSON), sampling=SamplingConfig(temperature=0.0))
+    plain = Session(lm, 512)
+    prompt = encode_chat(plain, [{"role": "user", "content": "Describe a person called Tom as JSON."}])
+    want = "".join(r.text for r in plain.generate(prompt, config))
+    for spec, draft in ((SpeculativeConfig(draft_max=4), lm), (SpeculativeConfig(lookup=8), None)):
+        records = list(Session(lm, 512, spec=spec, draft=draft).generate(prompt, config))
+        assert "".join(r.text for r in records) == want
+        if draft is not None:
+            assert records[-1].draft_tokens > 10 and records[-1].accepted_tokens == records[-1].draft_tokens
