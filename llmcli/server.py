@@ -29,7 +29,7 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
-from llmcli.tools import Tool, ToolChoice, calls_text, parse_tools, read_calls, result_text, with_instructions
+from llmcli.tools import Tool, ToolChoice, calls_text, parse_tools, result_text, with_instructions
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
@@ -357,7 +357,7 @@ class Api:
         except LlmError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         prompt = self.lm.tokenizer.encode(text, add_special=False)
-        return await self._respond(request, body, prompt, config, chat=True, tools=tools is not None)
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -389,7 +389,7 @@ class Api:
         return await self._respond(request, body, ids, config, chat=False)
 
     async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,
-                       chat: bool, tools: bool = False) -> Response:
+                       chat: bool, tools: ToolChoice | None = None) -> Response:
         stream = _bool(body, "stream")
         options = body.get("stream_options")
         if options is not None and (not isinstance(options, dict) or not stream):
@@ -420,7 +420,8 @@ class Api:
         try:
             if render.chat:
                 yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
-            held: str | bool | None = None  # with tools: the text of a call being written; False: a text reply
+            undecided = render.tools is not None  # until the first text says whether the reply is a call
+            held: str | None = None  # the text of a call being written: calls are sent whole, once complete
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
                     yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
@@ -429,16 +430,17 @@ class Api:
                     yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
                                           "param": None, "code": "server_shutting_down"}})
                     return
-                if held is None and r.text and render.tools:
-                    held = "" if r.text.startswith(("{", "[")) else False  # calls are sent whole, once complete
-                if held not in (None, False):
+                if undecided and r.text:
+                    undecided = False
+                    held = "" if render.tools.begins_call(r.text) else None
+                if held is not None:
                     held += r.text
                 elif r.text or r.logprobs:
                     yield _sse(render.chunk(r.text, None, r.logprobs, include_usage))
                 if r.finish_reason is not None:
                     finish = r.finish_reason
-                    if held not in (None, False):
-                        calls = read_calls(held)
+                    if held is not None:
+                        calls = render.tools.read(held)
                         if calls is None:  # cut short by max_tokens: what there is, as text
                             yield _sse(render.chunk(held, None, [], include_usage))
                         else:
@@ -515,8 +517,8 @@ def _guard(handler):
 class _Render:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, api: Api, chat: bool, logprobs: bool, tools: bool = False):
-        """tools: the reply may be a tool call (llmcli/tools.py: one that begins with "{")."""
+    def __init__(self, api: Api, chat: bool, logprobs: bool, tools: ToolChoice | None = None):
+        """tools: what the reply may call (llmcli/tools.py tells a call from text)."""
         self.api, self.chat, self.logprobs, self.tools = api, chat, logprobs, tools
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -557,7 +559,7 @@ class _Render:
         last = records[-1]
         text = "".join(r.text for r in records)
         lps = self._logprobs([i for r in records for i in r.logprobs])
-        calls = read_calls(text) if self.tools else None
+        calls = self.tools.read(text) if self.tools is not None else None
         if calls is not None:
             choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
                                               "tool_calls": [self.tool_call(*c) for c in calls]},

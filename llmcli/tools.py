@@ -41,6 +41,23 @@ class ToolChoice:
         return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
                                  several=self.several)
 
+    def begins_call(self, text: str) -> bool:
+        """Whether a reply that begins with `text` is a call: "{", or "[" where a list of calls may come (where it
+        may not, "[" begins text)."""
+        return text.startswith(("{", "[") if self.several else "{")
+
+    def read(self, text: str) -> list[tuple[str, str]] | None:
+        """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
+        cut short). The grammar wrote it, so a call that parses has the call's shape."""
+        if not self.begins_call(text):
+            return None
+        try:
+            calls = json.loads(text)
+        except ValueError:
+            return None
+        return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                for c in (calls if isinstance(calls, list) else [calls])]
+
     def instructions(self) -> str:
         """What the system message tells the model."""
         listed = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
@@ -123,16 +140,3 @@ def calls_text(calls: list[tuple[str, str]]) -> str:
 def result_text(name: str | None, content: str) -> str:
     """A tool's result as the user turn that gives it back (`name`: the function, where its call is known)."""
     return f"{f'The function {name}' if name else 'A function'} returned: {content}"
-
-
-def read_calls(text: str) -> list[tuple[str, str]] | None:
-    """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
-    cut short). The grammar wrote it, so a reply that parses has the call's shape."""
-    if not text.startswith(("{", "[")):
-        return None
-    try:
-        calls = json.loads(text)
-    except ValueError:
-        return None
-    return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-            for c in (calls if isinstance(calls, list) else [calls])]

@@ -435,3 +435,17 @@ def test_speculative_decoding_under_a_format(smollm2_path):
         assert "".join(r.text for r in records) == want
         if draft is not None:
             assert records[-1].draft_tokens > 10 and records[-1].accepted_tokens == records[-1].draft_tokens
+
+
+def test_a_reply_is_read_as_calls_only_where_calls_can_be_written():
+    """Without parallel calls a reply that begins with "[" is text, even when it parses as JSON; a list of calls
+    is read where lists of calls are allowed; a call cut short is text."""
+    from llmcli.tools import Tool, ToolChoice
+
+    tools = (Tool("get", "", {"type": "object"}),)
+    one, several = ToolChoice(tools, required=False, several=False), ToolChoice(tools, required=False)
+    assert one.read("[1, 2]") is None and one.read("[It is] sunny") is None
+    assert one.read('{"name": "get", "arguments": {"a": 1}}') == [("get", '{"a": 1}')]
+    assert several.read('[{"name": "get", "arguments": {}}, {"name": "get", "arguments": {"b": []}}]') == [
+        ("get", "{}"), ("get", '{"b": []}')]
+    assert several.read('{"name": "get", "argu') is None and several.read("Sunny.") is None
