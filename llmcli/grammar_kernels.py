@@ -86,8 +86,7 @@ def allowed(trans, push, final, structural, classes, loop, stack, depth, state, 
         elif one_state == -2:
             one_state = s1
     skip = one_state >= 0
-    no, walk_it = 0, 2
-    table = np.full(7 * 256, walk_it, dtype=np.int8)  # 0: refused; 2: walk the token
+    may = np.ones(7 * 256, dtype=np.bool_)  # by how a token begins: False, refused; True, walk it to know
     for b in range(256):
         two[0] = b
         first = walk(trans, push, final, structural, classes, stack, depth, state, blanks, two, 0, 1, pushed)[0] >= 0
@@ -96,32 +95,28 @@ def allowed(trans, push, final, structural, classes, loop, stack, depth, state, 
         after_blank = walk(trans, push, final, structural, classes, stack, depth, state, blanks, two, 0, 2,
                            pushed)[0] >= 0
         if not first:
-            table[BEGINS_BYTE * 256 + b] = no
+            may[BEGINS_BYTE * 256 + b] = False
         if skip:
             if not after_blank:
-                table[BEGINS_BLANKS * 256 + b] = no
+                may[BEGINS_BLANKS * 256 + b] = False
             if not after_blank or blanks > 0:  # a newline only starts a run of blanks
-                table[BEGINS_NEWLINE * 256 + b] = no
-            table[BEGINS_OTHER * 256 + b] = no  # "\n\n", "\r", " \n": never, where blanks are between tokens
-        table[EMPTY * 256 + b] = no
+                may[BEGINS_NEWLINE * 256 + b] = False
+            may[BEGINS_OTHER * 256 + b] = False  # "\n\n", "\r", " \n": never, where blanks are between tokens
+        may[EMPTY * 256 + b] = False
     if not skip:  # a token that begins with a blank needs that blank to be allowed here
-        space_or_tab = table[BEGINS_BYTE * 256 + 32] != no or table[BEGINS_BYTE * 256 + 9] != no
-        newline = table[BEGINS_BYTE * 256 + 10] != no
+        space_or_tab = may[BEGINS_BYTE * 256 + 32] or may[BEGINS_BYTE * 256 + 9]
+        newline = may[BEGINS_BYTE * 256 + 10]
         for kind, ok in ((BEGINS_BLANKS, space_or_tab), (ALL_BLANKS, space_or_tab), (BEGINS_NEWLINE, newline),
-                         (ALL_NEWLINE, newline), (BEGINS_OTHER, space_or_tab or newline
-                                                  or table[BEGINS_BYTE * 256 + 13] != no)):
+                         (ALL_NEWLINE, newline),
+                         (BEGINS_OTHER, space_or_tab or newline or may[BEGINS_BYTE * 256 + 13])):
             if not ok:
-                table[kind * 256:(kind + 1) * 256] = no
+                may[kind * 256:(kind + 1) * 256] = False
     if loop[state]:
         out[:] = plain
         for t in odd:
-            out[t] = table[key[t]] != no and walk(trans, push, final, structural, classes, stack, depth, state,
-                                                  blanks, data, offsets[t], offsets[t + 1], pushed)[0] >= 0
+            out[t] = may[key[t]] and walk(trans, push, final, structural, classes, stack, depth, state, blanks,
+                                          data, offsets[t], offsets[t + 1], pushed)[0] >= 0
         return
     for t in range(out.size):
-        v = table[key[t]]
-        if v == no:
-            out[t] = False
-        else:
-            out[t] = walk(trans, push, final, structural, classes, stack, depth, state, blanks, data, offsets[t],
-                          offsets[t + 1], pushed)[0] >= 0
+        out[t] = may[key[t]] and walk(trans, push, final, structural, classes, stack, depth, state, blanks, data,
+                                      offsets[t], offsets[t + 1], pushed)[0] >= 0
