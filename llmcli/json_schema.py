@@ -82,14 +82,7 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
     name_quote = b.state(structural=False)
     b.edge(fixed(fixed(fixed(start, b"{"), b'"name"'), b":"), b'"', name_quote)
     for i, (name, parameters) in enumerate(tools):
-        s = name_quote
-        spelled = json.dumps(name, ensure_ascii=False)[1:].encode()  # the name and its closing quote
-        for k in range(len(spelled)):
-            nxt = b.moves[s].get(spelled[k], (None,))[0]
-            if nxt is None:
-                nxt = b.state(structural=k == len(spelled) - 1)
-                b.edge(s, spelled[k:k + 1], nxt)
-            s = nxt
+        s = j.name(name_quote, name)
         b.blanks(s)
         colon = fixed(fixed(fixed(s, b","), b'"arguments"'), b":")
         after = b.state()
@@ -241,6 +234,20 @@ class _JsonMachines:
         b.edge(after, b",", comma)
         b.edge(after, b"}", end)
         return start
+
+    def name(self, opened: int, name: str) -> int:
+        """The state after `name` (a key, a tool's name) and its closing quote, from `opened` (after the opening
+        quote). The names spelled from one state share it as a trie: the bytes where they differ choose."""
+        b = self.b
+        spelled = json.dumps(name, ensure_ascii=False)[1:].encode()
+        s = opened
+        for i in range(len(spelled)):
+            nxt = b.moves[s].get(spelled[i], (None,))[0]
+            if nxt is None:  # the state after the closing quote is between tokens again
+                nxt = b.state(structural=i == len(spelled) - 1)
+                b.edge(s, spelled[i:i + 1], nxt)
+            s = nxt
+        return s
 
     def _string_body(self, body: int, close: int) -> None:
         """Any string's characters at `body`, its closing quote going to `close`."""
@@ -498,14 +505,7 @@ class _JsonMachines:
                 return tries[tuple(cands)]
             root = tries[tuple(cands)] = b.state(structural=False)
             for j in cands:
-                name = json.dumps(names[j], ensure_ascii=False)[1:].encode()  # the name and its closing quote
-                s = root
-                for i in range(len(name)):
-                    nxt = b.moves[s].get(name[i], (None,))[0]
-                    if nxt is None:  # the state after the closing quote is between tokens again
-                        nxt = b.state(structural=i == len(name) - 1)
-                        b.edge(s, name[i:i + 1], nxt)
-                    s = nxt
+                s = self.name(root, names[j])
                 colon = b.state()
                 b.blanks(s)
                 b.edge(s, b":", colon)
