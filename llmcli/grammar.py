@@ -226,11 +226,6 @@ class Constraint:
         self.state, self.blanks = state, blanks
         return True
 
-    def allows_bytes(self, data: bytes) -> bool:
-        """Whether `data` may come next."""
-        chunk = np.frombuffer(data, dtype=np.uint8)
-        return self._walk(chunk, 0, chunk.size)[0] >= 0
-
     def feed(self, data: bytes) -> bool:
         """Move past `data`; False (and no move) when the grammar refuses it."""
         chunk = np.frombuffer(data, dtype=np.uint8)
