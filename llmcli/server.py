@@ -164,7 +164,11 @@ def _chat_messages(body: dict) -> list[dict]:
             written = calls_text(_calls(m["tool_calls"], f"{where}.tool_calls", called))
             content = f"{content}\n{written}" if content else written
         elif role == "tool":
-            role, content = "user", result_text(called.get(m.get("tool_call_id")), content)
+            call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise ApiError(400, f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id",
+                               "invalid_type")
+            role, content = "user", result_text(called.get(call_id), content)
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 

@@ -223,6 +223,8 @@ def test_eight_concurrent_streams_each_return_what_they_return_alone(server):
      "together with 'tools'"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]},
      400, "messages[0].tool_calls[0]", "must be a call"),
+    ({"messages": [{"role": "tool", "content": "sunny", "tool_call_id": ["1"]}]}, 400, "messages[0].tool_call_id",
+     "must be a string"),
     ({"messages": CHAT, "response_format": "json"}, 400, "response_format", ""),
     ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
         "type": "string", "pattern": "^a"}}}}, 400, "response_format", "the keyword 'pattern' is not supported"),
