@@ -156,7 +156,7 @@ def _chat_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise ApiError(400, f"'{where}' must be an object", where, "invalid_type")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {sorted(CHAT_ROLES)}", f"{where}.role",
                            "invalid_value")
         content = _text_content(m.get("content"), f"{where}.content")

@@ -363,6 +363,55 @@ def test_tool_calls_through_the_openai_client(server):
     assert follow.usage.prompt_tokens - bare.usage.prompt_tokens > first.usage.completion_tokens + 8
 
 
+def test_random_messages_tools_and_formats_are_refused_in_words():
+    """Bodies with values of every wrong type in messages, tool calls, tools, tool_choice and response_format are
+    read by the server's own parsing (as each request is): a 4xx ApiError or a grammar's refusal, never another
+    exception (the server would answer 500)."""
+    import random
+
+    from llmcli.grammar import GrammarError
+    from llmcli.json_schema import json_grammar
+    from llmcli.server import ApiError, _chat_messages, _response_format, _tool_choice
+
+    rng = random.Random(5)
+    values = [None, True, 0, -1, 1.5, "", "x", "auto", "none", "required", [], {}, [1], {"a": 1}, [None], [{}],
+              "function"]
+    keys = ["type", "function", "name", "arguments", "id", "parameters", "description", "content", "role",
+            "tool_calls", "tool_call_id", "json_schema", "schema"]
+
+    def junk(depth=0):
+        if depth > 2 or rng.random() < 0.5:
+            return rng.choice(values)
+        if rng.random() < 0.5:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(4))}
+
+    refused = 0
+    for _ in range(3000):
+        body = {"messages": [rng.choice([{"role": rng.choice(["user", "tool", "assistant", "system", junk()]),
+                                          "content": rng.choice(["hi", None, junk()]), "tool_calls": junk(),
+                                          "tool_call_id": junk()}, junk()])
+                             for _ in range(rng.randrange(1, 3))]}
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "functions"):
+            if rng.random() < 0.4:
+                body[key] = rng.choice([junk(), TOOLS, [TOOLS[0], junk()],
+                                        {"type": "json_schema", "json_schema": {"name": "n", "schema": junk()}}])
+        try:
+            _chat_messages(body)
+            choice = _tool_choice(body)
+            if choice is not None:
+                choice.grammar()
+            schema = _response_format(body)
+            if schema is not None:
+                json_grammar(json.loads(schema))
+        except ApiError as e:
+            assert 400 <= e.status < 500
+            refused += 1
+        except GrammarError:
+            refused += 1
+    assert refused > 1000
+
+
 def first_turn_tokens(c, ask: dict) -> int:
     return c.chat.completions.create(**ask, tool_choice="none").usage.prompt_tokens
 
