@@ -18,7 +18,8 @@ def serve(
     parallel: Annotated[int, typer.Option(
         "--parallel", help="Requests generated at once, each with its own KV cache; more wait in a queue.")] = 4,
     api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 request.",
+        "--api-key", envvar="LLM_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every /v1 and /api request.",
         show_default=False)] = None,
     template: opt.Template = None,
     backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
@@ -28,8 +29,9 @@ def serve(
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
-    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models). The sampling
-    options are the defaults of requests that do not set them.
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and ollama's
+    (/api/chat, /api/generate, /api/tags, ...). The sampling options are the defaults of requests that do not set
+    them.
 
     Example: llm serve smollm2 --port 8080 --parallel 4
     """
@@ -61,7 +63,8 @@ def serve(
             await super().startup(sockets)
             if self.started:
                 print(f"llm serve: {model_id} ({lm.model.name} backend, {parallel} slots of {scheduler.n_ctx} "
-                      f"tokens) on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+                      f"tokens) on http://{host}:{port}/v1 (OpenAI) and /api (ollama)"
+                      + (" (API key required)" if api_key else ""),
                       file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",

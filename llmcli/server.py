@@ -49,6 +49,9 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
+    def ollama_response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
 
 # --- request fields ---------------------------------------------------------------------------------------
 
@@ -80,15 +83,15 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
-def _stops(body: dict) -> tuple[str, ...] | None:
+def _stops(body: dict, most: int = MAX_STOPS) -> tuple[str, ...] | None:
     stop = body.get("stop")
     if stop is None:
         return None
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
-    if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOPS} strings", "stop", "invalid_value")
+    if len(stops) > most:
+        raise ApiError(400, f"'stop' takes at most {most} strings", "stop", "invalid_value")
     return tuple(stops)
 
 
@@ -112,7 +115,7 @@ def _logit_bias(body: dict, n_vocab: int) -> tuple[tuple[int, float], ...]:
 
 
 def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logprobs: int | None,
-                      grammar: Grammar | None = None) -> GenerationConfig:
+                      grammar: Grammar | None = None, most_stops: int = MAX_STOPS) -> GenerationConfig:
     """The request's settings over the server's defaults (`llm serve`'s options); `grammar`: the reply's format."""
     if _number(body, "n", 1, None, integer=True) not in (None, 1):
         raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
@@ -120,6 +123,7 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
     for name, lo, hi, integer, lo_open in (
             ("temperature", 0, 2, False, False), ("top_p", 0, 1, False, True), ("top_k", 0, None, True, False),
             ("min_p", 0, 1, False, False), ("repeat_penalty", 0, None, False, True),
+            ("repeat_last_n", 0, None, True, False),
             ("frequency_penalty", -2, 2, False, False), ("presence_penalty", -2, 2, False, False),
             ("seed", -1, 2**63 - 1, True, False)):
         value = _number(body, name, lo, hi, integer, lo_open)
@@ -130,7 +134,7 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
     max_tokens = _number(body, "max_completion_tokens", 1, None, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, None, integer=True)
-    stop = _stops(body)
+    stop = _stops(body, most_stops)
     try:
         return dataclasses.replace(
             defaults, sampling=dataclasses.replace(defaults.sampling, **sampling),
@@ -168,7 +172,9 @@ def _chat_messages(body: dict) -> list[dict]:
             if call_id is not None and not isinstance(call_id, str):
                 raise ApiError(400, f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id",
                                "invalid_type")
-            role, content = "user", result_text(called.get(call_id), content)
+            # which function returned it: the call it answers, else its `name` (ollama's tool_name, read as that)
+            name = called.get(call_id) or (m.get("name") if isinstance(m.get("name"), str) else None)
+            role, content = "user", result_text(name, content)
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -267,21 +273,28 @@ class Api:
         Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab)).mask()
         return grammar
 
-    async def _format(self, body: dict, tools: ToolChoice | None = None) -> Grammar | None:
-        """The grammar `response_format` or the tools ask for, built off the event loop (a schema can take a
-        while)."""
+    async def grammar(self, param: str, schema: str | None = None, tools: ToolChoice | None = None
+                      ) -> Grammar | None:
+        """The grammar of a reply that must follow `schema` (JSON Schema as JSON text, "null": any JSON object) or
+        call `tools`; built off the event loop (a schema can take a while). `param`: the request field a schema
+        that cannot be followed is blamed on."""
         if tools is not None:
-            param, key = "tools", ("tools", json.dumps(
+            key = ("tools", json.dumps(
                 [tools.required, tools.several, [[t.name, t.description, t.parameters] for t in tools.tools]]))
+        elif schema is not None:
+            key = ("schema", schema)
         else:
-            schema = _response_format(body)
-            if schema is None:
-                return None
-            param, key = "response_format", ("schema", schema)
+            return None
         try:
             return await asyncio.to_thread(self._grammar, *key)
         except GrammarError as e:
             raise ApiError(400, f"'{param}': {e}", param, "invalid_value") from None
+
+    async def _format(self, body: dict, tools: ToolChoice | None = None) -> Grammar | None:
+        """The grammar `response_format` or the tools ask for."""
+        if tools is not None:
+            return await self.grammar("tools", tools=tools)
+        return await self.grammar("response_format", _response_format(body))
 
     def app(self) -> Starlette:
         routes = [
@@ -291,6 +304,9 @@ class Api:
             Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
             Route("/v1/completions", _guard(self.completions), methods=["POST"]),
         ]
+        from llmcli.server_ollama import Ollama  # it builds on this module
+
+        routes += Ollama(self).routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     def _authorize(self, request: Request) -> None:
@@ -321,7 +337,8 @@ class Api:
             raise ApiError(404, f"The model '{model}' does not exist (this server serves '{self.model_id}')",
                            "model", "model_not_found")
 
-    async def _body(self, request: Request) -> dict:
+    async def read_json(self, request: Request) -> dict:
+        """The request's JSON object, once its API key is checked."""
         self._authorize(request)
         try:
             body = json.loads(await request.body())
@@ -331,12 +348,16 @@ class Api:
             raise ApiError(400, "The JSON body of your request is nested too deeply.", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", None, "invalid_type")
+        return body
+
+    async def _body(self, request: Request) -> dict:
+        body = await self.read_json(request)
         if "model" in body and not isinstance(body["model"], str):
             raise ApiError(400, "'model' must be a string", "model", "invalid_type")
         self._check_model(body.get("model"))
         return body
 
-    def _submit(self, prompt: list[int], config: GenerationConfig, notify) -> Job:
+    def submit(self, prompt: list[int], config: GenerationConfig, notify) -> Job:
         try:
             return self.scheduler.submit(prompt, config, notify)
         except LlmError as e:  # the prompt does not fit the context, or the server is closing
@@ -356,12 +377,15 @@ class Api:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
+        return await self._respond(request, body, self.chat_prompt(messages), config, chat=True, tools=tools)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The messages through the model's chat template, as tokens, ready for the reply."""
         try:
             text = self.lm.template.render(messages, add_generation_prompt=True)
         except LlmError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
-        prompt = self.lm.tokenizer.encode(text, add_special=False)
-        return await self._respond(request, body, prompt, config, chat=True, tools=tools)
+        return self.lm.tokenizer.encode(text, add_special=False)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -402,7 +426,7 @@ class Api:
         include_usage = bool(options and _bool(options, "include_usage"))
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        job = self._submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
+        job = self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
         render = _Render(self, chat, config.logprobs is not None, tools)
         if stream:
             return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
@@ -499,23 +523,33 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return ApiError(exc.status_code, exc.detail or "error", None, None).response()
+    error = ApiError(exc.status_code, exc.detail or "error", None, None)
+    return error.ollama_response() if request.url.path.startswith("/api/") else error.response()
 
 
-def _guard(handler):
-    """The route's ApiError as its response; any other exception (a bug, not bad input) as a 500 with OpenAI's
-    body and one line on the server's stderr, never a traceback."""
+def _guard(handler, ollama: bool = False):
+    """The route's ApiError as its response (OpenAI's error body, or ollama's with `ollama`); any other exception
+    (a bug, not bad input) as a 500 and one line on the server's stderr, never a traceback."""
 
     async def route(request: Request) -> Response:
         try:
             return await handler(request)
         except ApiError as e:
-            return e.response()
+            return e.ollama_response() if ollama else e.response()
         except Exception as e:
             print(f"llm serve: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
-            return ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error").response()
+            error = ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error")
+            return error.ollama_response() if ollama else error.response()
 
     return route
+
+
+def token_logprobs(tokenizer, items: list[TokenLogprob]) -> list[dict]:
+    """Each token's {"token", "logprob", "bytes", "top_logprobs"}: OpenAI's chat shape, which ollama's is too."""
+    def entry(t, lp):
+        b = tokenizer.token_bytes(t)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+    return [entry(i.token, i.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]
 
 
 class _Render:
@@ -538,11 +572,7 @@ class _Render:
             return None
         tok = self.api.lm.tokenizer
         if self.chat:
-            def entry(t, lp):
-                b = tok.token_bytes(t)
-                return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
-            return {"content": [entry(i.token, i.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in i.top]}
-                                for i in items], "refusal": None}
+            return {"content": token_logprobs(tok, items), "refusal": None}
         tokens = [tok.token_bytes(i.token).decode("utf-8", errors="replace") for i in items]
         offsets = []
         for t in tokens:

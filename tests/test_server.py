@@ -4,9 +4,7 @@ streams that add up, concurrent requests without cross-talk, OpenAI's error bodi
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +15,8 @@ import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
+from serving import ENV, KEY, Served  # noqa: E402
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-KEY = "sk-test-key"
 CHAT = [{"role": "user", "content": "Write a haiku about the sea"}]
 TOOLS = [{"type": "function", "function": {
     "name": name, "description": description,
@@ -28,50 +25,6 @@ TOOLS = [{"type": "function", "function": {
     for name, description in (("get_weather", "The weather now in a city"), ("get_time", "The time now in a city"))]
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "The best way to learn Python is",
            "def fibonacci(n):", "Water boils at", "My favourite colour is", "The sun rises in the"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """An `llm serve` process and a client for it."""
-
-    def __init__(self, model, *args: str):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmcli", "serve", str(model), "--port", str(self.port), "--ctx", "512", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        deadline = time.monotonic() + 600  # a cold numba cache compiles the kernels first
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llm serve exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("llm serve did not start")
-            time.sleep(0.2)
-        self.model = httpx.get(self.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}
-                               ).json()["data"][0]["id"]
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def stop(self) -> tuple[int, str]:
-        """SIGINT, as Ctrl-C: -> (exit status, stderr)."""
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
 
 
 @pytest.fixture(scope="module")
