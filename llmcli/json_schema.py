@@ -53,22 +53,45 @@ def json_grammar(schema: dict | bool | None = None) -> Grammar:
     return b.build(top)
 
 
-def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False) -> Grammar:
+def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
+                      wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments")
+                      ) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
-    with the arguments that tool takes; with `several`, or a JSON list of such calls; with `text`, or else plain
-    text, which then does not begin with "{" (or "[")."""
+    (`keys` names the two) with the arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
+    JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),
+    as a chat template writes calls, e.g. <tool_call>{...}</tool_call>. With `text`, or else plain text, which
+    then does not begin as a call does ("{" or "[" unwrapped; the whole of what comes before a wrapped call)."""
     j = _JsonMachines(None)
     b = j.b
-    top, end, done = b.state(), b.state(final=True), b.state(final=True)
-    start = b.state()
-    b.call(top, start, end)
-    if several:
-        b.call(top, j.array(start, lo=1), end)
+    top = b.state()
+    start = b.state()  # a call object
+    if wrap is None:
+        end = b.state(final=True)
+        b.call(top, start, end)
+        if several:
+            b.call(top, j.array(start, lo=1), end)
+        first = b"{[" if several else b"{"
+    else:
+        between, after = wrap[1], wrap[2]
+        begin_at = _spell(b, top, [wrap[0].encode()])[0]
+        done = b.state()
+        b.call(begin_at, start, done)
+        ends = _spell(b, done, [after.encode()] + ([] if between is None or not several else [between.encode()]))
+        b.final[ends[0]] = True
+        if len(ends) > 1:
+            b.call(ends[1], start, done)
+        first = wrap[0].encode()[:1] or b"{"
     if text:
         free = b.state(final=True, structural=False)
         b.edge(free, range(256), free)
         b.loop[free] = True
-        b.edge(top, [c for c in range(256) if c not in (b"{[" if several else b"{")], free)
+        prefix = wrap[0].encode() if wrap is not None else b""
+        # text may begin with any part of what begins a call, as long as it then turns away from it
+        s = top
+        for c in prefix[:-1]:
+            b.edge(s, [x for x in range(256) if x != c], free)
+            s = b.moves[s][c][0]
+        b.edge(s, [c for c in range(256) if c not in (prefix[-1:] if prefix else first)], free)
 
     def fixed(s: int, data: bytes) -> int:
         """`data` from s, then blanks may follow (JSON's whitespace between tokens)."""
@@ -79,21 +102,41 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         b.blanks(s)
         return s
 
+    name_key, args_key = (json.dumps(k).encode() for k in keys)
+    call_done = b.state(final=True)
     name_quote = b.state(structural=False)
-    b.edge(fixed(fixed(fixed(start, b"{"), b'"name"'), b":"), b'"', name_quote)
+    b.edge(fixed(fixed(fixed(start, b"{"), name_key), b":"), b'"', name_quote)
     for i, (name, parameters) in enumerate(tools):
         s = j.name(name_quote, name)
         b.blanks(s)
-        colon = fixed(fixed(fixed(s, b","), b'"arguments"'), b":")
+        colon = fixed(fixed(fixed(s, b","), args_key), b":")
         after = b.state()
         b.blanks(after)
-        b.edge(after, b"}", done)
+        b.edge(after, b"}", call_done)
         j.root = parameters
         try:
             b.call(colon, j.value(parameters, f"tools[{i}].function.parameters"), after)
         except RecursionError:
             raise GrammarError(f"tools[{i}].function.parameters is nested too deeply") from None
     return b.build(top)
+
+
+def _spell(b: Builder, s: int, words: list[bytes]) -> list[int]:
+    """States spelling each word from s (words that begin alike share their states, and a word may begin
+    another): the state where each word ends."""
+    ends = []
+    for word in words:
+        at = s
+        for c in word:
+            move = b.moves[at].get(c)
+            if move is None:
+                nxt = b.state(structural=False)  # the template's own bytes, blanks included, as they are
+                b.edge(at, [c], nxt)
+                at = nxt
+            else:
+                at = move[0]
+        ends.append(at)
+    return ends
 
 
 class _JsonMachines:

@@ -29,7 +29,18 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
-from llmcli.tools import Tool, ToolChoice, calls_text, parse_tools, result_text, with_instructions
+from llmcli.tools import (
+    CallStream,
+    CallSyntax,
+    Tool,
+    ToolChoice,
+    call_syntax,
+    calls_text,
+    parse_tools,
+    result_text,
+    template_calls,
+    with_instructions,
+)
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
@@ -147,9 +158,10 @@ def generation_config(body: dict, defaults: GenerationConfig, n_vocab: int, logp
         raise ApiError(400, str(e), None, "invalid_value") from None
 
 
-def _chat_messages(body: dict) -> list[dict]:
-    """The request's messages as the template takes them: text content; an assistant turn that called tools as the
-    calls it wrote, and a tool's result as a user turn that says which function returned it (llmcli/tools.py)."""
+def _chat_messages(body: dict, syntax: CallSyntax | None = None) -> list[dict]:
+    """The request's messages as the template takes them: text content; an assistant turn that called tools and a
+    tool's result in the template's own way where it has one (`syntax`), else as the calls' JSON and as a user turn
+    that says which function returned it (llmcli/tools.py)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
@@ -165,7 +177,11 @@ def _chat_messages(body: dict) -> list[dict]:
                            "invalid_value")
         content = _text_content(m.get("content"), f"{where}.content")
         if role == "assistant" and m.get("tool_calls"):
-            written = calls_text(_calls(m["tool_calls"], f"{where}.tool_calls", called))
+            calls = _calls(m["tool_calls"], f"{where}.tool_calls", called)
+            if syntax is not None:
+                out.append({"role": "assistant", "content": content, "tool_calls": template_calls(calls)})
+                continue
+            written = calls_text([call[:2] for call in calls])
             content = f"{content}\n{written}" if content else written
         elif role == "tool":
             call_id = m.get("tool_call_id")
@@ -174,6 +190,9 @@ def _chat_messages(body: dict) -> list[dict]:
                                "invalid_type")
             # which function returned it: the call it answers, else its `name` (ollama's tool_name, read as that)
             name = called.get(call_id) or (m.get("name") if isinstance(m.get("name"), str) else None)
+            if syntax is not None and syntax.results:
+                out.append({"role": "tool", "content": content, "name": name, "tool_call_id": call_id})
+                continue
             role, content = "user", result_text(name, content)
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
@@ -192,8 +211,8 @@ def _text_content(content, where: str) -> str:
     return content
 
 
-def _calls(calls, where: str, called: dict[str, str]) -> list[tuple[str, str]]:
-    """An assistant turn's tool calls: [(name, arguments)]; their ids are remembered for the results."""
+def _calls(calls, where: str, called: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    """An assistant turn's tool calls: [(name, arguments, id)]; their ids are remembered for the results."""
     if not isinstance(calls, list):
         raise ApiError(400, f"'{where}' must be a list", where, "invalid_type")
     out = []
@@ -204,7 +223,7 @@ def _calls(calls, where: str, called: dict[str, str]) -> list[tuple[str, str]]:
                                 f"{{\"name\", \"arguments\"}}}}", f"{where}[{j}]", "invalid_value")
         if isinstance(call.get("id"), str):
             called[call["id"]] = fn["name"]
-        out.append((fn["name"], fn["arguments"]))
+        out.append((fn["name"], fn["arguments"], call.get("id") if isinstance(call.get("id"), str) else None))
     return out
 
 
@@ -262,11 +281,14 @@ class Api:
         self.created = int(time.time())
         # a format's JSON text (a schema, "null" for any object; or the tools offered) -> its Grammar
         self._grammar = functools.lru_cache(maxsize=32)(self._build_grammar)
+        # how the model's template writes tool calls, where it does (else tools are told in the system message)
+        self.syntax = call_syntax(self.lm.template, self.lm.tokenizer)
 
     def _build_grammar(self, kind: str, text: str) -> Grammar:
         if kind == "tools":
-            required, several, listed = json.loads(text)
-            grammar = ToolChoice(tuple(Tool(*t) for t in listed), required, several).grammar()
+            required, several, listed, syntax = json.loads(text)
+            grammar = ToolChoice(tuple(Tool(*t) for t in listed), required, several,
+                                 CallSyntax(*syntax) if syntax else None).grammar()
         else:
             grammar = json_grammar(json.loads(text))
         # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
@@ -280,7 +302,8 @@ class Api:
         that cannot be followed is blamed on."""
         if tools is not None:
             key = ("tools", json.dumps(
-                [tools.required, tools.several, [[t.name, t.description, t.parameters] for t in tools.tools]]))
+                [tools.required, tools.several, [[t.name, t.description, t.parameters] for t in tools.tools],
+                 dataclasses.astuple(tools.syntax) if tools.syntax else None]))
         elif schema is not None:
             key = ("schema", schema)
         else:
@@ -366,10 +389,7 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
-        messages = _chat_messages(body)
-        tools = _tool_choice(body)
-        if tools is not None:
-            messages = with_instructions(messages, tools)
+        prompt, tools = self.conversation(body, _tool_choice(body))
         grammar = await self._format(body, tools)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
@@ -377,12 +397,25 @@ class Api:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
-        return await self._respond(request, body, self.chat_prompt(messages), config, chat=True, tools=tools)
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The messages through the model's chat template, as tokens, ready for the reply."""
+    def conversation(self, body: dict, tools: ToolChoice | None) -> tuple[list[int], ToolChoice | None]:
+        """The prompt of a chat request's `messages` and the tools it offers, and the tools as the reply may call
+        them: in the template's own way where it has one, else as the system message tells."""
+        messages = _chat_messages(body, self.syntax)
+        shown = None
+        if tools is not None and self.syntax is not None:
+            tools = dataclasses.replace(tools, syntax=self.syntax)
+            shown = [t.as_dict() for t in tools.tools]
+        elif tools is not None:
+            messages = with_instructions(messages, tools)
+        return self.chat_prompt(messages, shown), tools
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The messages (and the tools offered) through the model's chat template, as tokens, ready for the
+        reply."""
         try:
-            text = self.lm.template.render(messages, add_generation_prompt=True)
+            text = self.lm.template.render(messages, add_generation_prompt=True, tools=tools)
         except LlmError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         return self.lm.tokenizer.encode(text, add_special=False)
@@ -448,8 +481,7 @@ class Api:
         try:
             if render.chat:
                 yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
-            undecided = render.tools is not None  # until the first text says whether the reply is a call
-            held: str | None = None  # the text of a call being written: calls are sent whole, once complete
+            split = CallStream(render.tools)  # calls are sent whole, once complete
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
                     yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
@@ -458,23 +490,18 @@ class Api:
                     yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
                                           "param": None, "code": "server_shutting_down"}})
                     return
-                if undecided and r.text:
-                    undecided = False
-                    held = "" if render.tools.begins_call(r.text) else None
-                if held is not None:
-                    held += r.text
-                elif r.text or r.logprobs:
-                    yield _sse(render.chunk(r.text, None, r.logprobs, include_usage))
+                text = split.feed(r.text)
+                if text or (r.logprobs and split.call is None):
+                    yield _sse(render.chunk(text, None, r.logprobs, include_usage))
                 if r.finish_reason is not None:
                     finish = r.finish_reason
-                    if held is not None:
-                        calls = render.tools.read(held)
-                        if calls is None:  # cut short by max_tokens: what there is, as text
-                            yield _sse(render.chunk(held, None, [], include_usage))
-                        else:
-                            deltas = [render.tool_call(*c, index=i) for i, c in enumerate(calls)]
-                            yield _sse(render.chunk({"tool_calls": deltas}, None, [], include_usage))
-                            finish = "tool_calls"
+                    text, calls = split.finish()  # calls cut short by max_tokens come as text
+                    if text:
+                        yield _sse(render.chunk(text, None, [], include_usage))
+                    if calls is not None:
+                        deltas = [render.tool_call(*c, index=i) for i, c in enumerate(calls)]
+                        yield _sse(render.chunk({"tool_calls": deltas}, None, [], include_usage))
+                        finish = "tool_calls"
                     yield _sse(render.chunk(None, finish, [], include_usage))
                     if include_usage:
                         yield _sse(render.usage_chunk(r))

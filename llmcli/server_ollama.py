@@ -28,7 +28,6 @@ from llmcli.server import (
     ApiError,
     _bool,
     _cancel_on_disconnect,
-    _chat_messages,
     _guard,
     _number,
     _records,
@@ -37,7 +36,7 @@ from llmcli.server import (
     generation_config,
     token_logprobs,
 )
-from llmcli.tools import ToolChoice, with_instructions
+from llmcli.tools import CallStream, ToolChoice
 
 # ollama's options (its client's `Options`), by what llm does with each
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
@@ -288,20 +287,19 @@ class Ollama:
         messages = body["messages"]
         if not isinstance(messages, list):
             raise ApiError(400, "'messages' must be a list", "messages")
-        messages = _chat_messages({"messages": _openai_messages(messages)})
         tools_given = body.get("tools")
         if isinstance(tools_given, list):  # ollama's tools may leave out the type: a function is all there is
             tools_given = [{"type": "function"} | t if isinstance(t, dict) else t for t in tools_given]
-        tools = _tool_choice({"tools": tools_given})
+        prompt, tools = self.api.conversation({"messages": _openai_messages(messages)},
+                                              _tool_choice({"tools": tools_given}))
         if tools is not None:
             if _schema(body) is not None:
                 raise ApiError(400, "'format' together with 'tools' is not supported", "format")
-            messages = with_instructions(messages, tools)
             grammar = await self.api.grammar("tools", tools=tools)
         else:
             grammar = await self.api.grammar("format", _schema(body))
         config = self._config(body, grammar)
-        return await self._respond(request, self.api.chat_prompt(messages), config, stream, chat=True, tools=tools)
+        return await self._respond(request, prompt, config, stream, chat=True, tools=tools)
 
     async def generate(self, request: Request) -> Response:
         body = await self._body(request)
@@ -405,8 +403,7 @@ class _Reply:
         """The NDJSON stream; whenever it stops early (the client left), the job ends at its next token. A tool
         call is held back until it is whole, then sent as one piece."""
         tokens: list[int] = []
-        undecided = self.tools is not None  # until the first text says whether the reply is a call
-        held: str | None = None
+        split = CallStream(self.tools)
         try:
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the status is out: the error becomes the stream's last line
@@ -417,17 +414,13 @@ class _Reply:
                     return
                 if r.token is not None:
                     tokens.append(r.token)
-                if undecided and r.text:
-                    undecided = False
-                    held = "" if self.tools.begins_call(r.text) else None
-                if held is not None:
-                    held += r.text
-                elif r.text or r.logprobs:
-                    yield _line(self._obj(r.text, r.logprobs))
+                text = split.feed(r.text)
+                if text or (r.logprobs and split.call is None):
+                    yield _line(self._obj(text, r.logprobs))
                 if r.finish_reason is not None:
-                    if held is not None:  # whole calls, or what there is as text where max_tokens cut them
-                        calls = self.tools.read(held)
-                        yield _line(self._obj("", None, calls) if calls else self._obj(held))
+                    text, calls = split.finish()  # calls cut short by max_tokens come as text
+                    if text or calls:
+                        yield _line(self._obj(text, None, calls))
                     yield _line(self._done(self._obj(""), r, tokens))
         finally:
             job.cancel()

@@ -1,11 +1,14 @@
 """Tool calls: the functions a request offers the model, what the model is told about them, the grammar its reply
 follows, and the call read back from the reply.
 
-Chat templates spell tools in as many ways as there are model families, and many (SmolLM2's, Gemma 3's) have no
-way at all. So the model is told in its system message, in words and JSON Schema, and a call is a bare JSON object
-{"name": ..., "arguments": {...}} that the grammar (llmcli/json_schema.tool_call_grammar) makes well formed: the
-name one of the tools', the arguments what that tool takes. Where the model may also answer in text ("auto"), a
-reply that begins with "{" (or "[": a list of calls) is a call and any other is text.
+Where the model's chat template shows tools and writes calls (Qwen's and Hermes' <tool_call> tags, Llama 3's
+bare JSON, ...), the model gets the tools and its past calls and results that way, as it was trained, and a call
+is written the way the template writes one: `call_syntax` reads that off the template by rendering a probe
+conversation. Many templates (SmolLM2's, Gemma 3's) have no way at all; then the model is told in its system
+message, in words and JSON Schema, and a call is a bare JSON object {"name": ..., "arguments": {...}}. Either way
+the grammar (llmcli/json_schema.tool_call_grammar) makes the call well formed: the name one of the tools', the
+arguments what that tool takes. Where the model may also answer in text ("auto"), a reply that begins as a call
+does is a call and any other is text.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from llmcli.grammar import Grammar
 from llmcli.json_schema import tool_call_grammar
-from quant.errors import FieldError
+from quant.errors import FieldError, LlmError
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -28,6 +32,25 @@ class Tool:
     description: str
     parameters: dict | bool  # JSON Schema of the arguments
 
+    def as_dict(self) -> dict:
+        """OpenAI's (and chat templates') form of a tool."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """How a chat template writes tool calls: `begin`, then call objects {name_key: ..., args_key: {...}}
+    separated by `between` (None: one call a reply), then `end`. `results`: the template renders `tool` messages
+    (else a result goes back as a user turn)."""
+
+    begin: str
+    between: str | None
+    end: str
+    name_key: str = "name"
+    args_key: str = "arguments"
+    results: bool = True
+
 
 @dataclass(frozen=True)
 class ToolChoice:
@@ -35,31 +58,54 @@ class ToolChoice:
 
     tools: tuple[Tool, ...]
     required: bool
-    several: bool = True  # several calls in one reply (a JSON list of them): OpenAI's parallel_tool_calls
+    several: bool = True  # several calls in one reply: OpenAI's parallel_tool_calls
+    syntax: CallSyntax | None = None  # the template's way of writing calls; None: a bare JSON object (or list)
 
     def grammar(self) -> Grammar:
+        wrap, keys = None, ("name", "arguments")
+        if self.syntax is not None:
+            x = self.syntax
+            wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key)
         return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
-                                 several=self.several)
+                                 several=self.several, wrap=wrap, keys=keys)
 
-    def begins_call(self, text: str) -> bool:
-        """Whether a reply that begins with `text` is a call: "{", or "[" where a list of calls may come (where it
-        may not, "[" begins text)."""
-        return text.startswith(("{", "[") if self.several else "{")
+    def decide(self, text: str) -> bool | None:
+        """Whether a reply that begins with `text` is a call; None while `text` could still turn out either way."""
+        if self.syntax is None or not self.syntax.begin:
+            return text.startswith(("{", "[") if self.several and self.syntax is None else "{") if text else None
+        begin = self.syntax.begin
+        if text.startswith(begin):
+            return True
+        return None if begin.startswith(text) else False
 
     def read(self, text: str) -> list[tuple[str, str]] | None:
         """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
         cut short). The grammar wrote it, so a call that parses has the call's shape."""
-        if not self.begins_call(text):
+        if not self.decide(text):
             return None
-        try:
-            calls = json.loads(text)
-        except ValueError:
-            return None
-        return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-                for c in (calls if isinstance(calls, list) else [calls])]
+        if self.syntax is None:
+            try:
+                calls = json.loads(text)
+            except ValueError:
+                return None
+            return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                    for c in (calls if isinstance(calls, list) else [calls])]
+        x, decoder, out = self.syntax, json.JSONDecoder(), []
+        at = len(x.begin)
+        while True:
+            try:
+                call, at = decoder.raw_decode(text, at)
+            except ValueError:
+                return None
+            out.append((call[x.name_key], json.dumps(call[x.args_key], ensure_ascii=False)))
+            if text[at:] == x.end:
+                return out
+            if x.between is None or not text.startswith(x.between, at):
+                return None
+            at += len(x.between)
 
     def instructions(self) -> str:
-        """What the system message tells the model."""
+        """What the system message tells a model whose template does not show tools."""
         listed = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
                                       ensure_ascii=False) for t in self.tools)
         how = '{"name": "<function name>", "arguments": {<its arguments>}}'
@@ -69,6 +115,164 @@ class ToolChoice:
                     f"Reply with only a JSON object that calls one of them: {how}.{several}")
         return (f"You can call these functions (their arguments as JSON Schema):\n{listed}\n"
                 f"To call one, reply with only a JSON object: {how}.{several} Otherwise reply in plain text.")
+
+
+class CallStream:
+    """A streamed reply split into text, sent as it comes, and calls, held until they are whole."""
+
+    def __init__(self, choice: ToolChoice | None):
+        self.choice = choice
+        self.pending = ""  # text that may yet begin a call
+        self.decided = choice is None
+        self.call: str | None = None  # the text of the calls being written
+
+    def feed(self, text: str) -> str:
+        """The next piece of the reply -> the text to send now."""
+        if self.decided:
+            if self.call is None:
+                return text
+            self.call += text
+            return ""
+        self.pending += text
+        verdict = self.choice.decide(self.pending)
+        if verdict is None:
+            return ""
+        self.decided = True
+        out, self.pending = self.pending, ""
+        if verdict:
+            self.call = out
+            return ""
+        return out
+
+    def finish(self) -> tuple[str, list[tuple[str, str]] | None]:
+        """At the end of the reply: (text still to send, the calls or None). Calls cut short come back as text."""
+        if self.call is not None:
+            calls = self.choice.read(self.call)
+            return ("", calls) if calls is not None else (self.call, None)
+        return self.pending, None
+
+
+_PROBE_TOOL = Tool("probe_weather", "probe tool description", {
+    "type": "object", "properties": {"probe_city": {"type": "string"}}, "required": ["probe_city"]})
+
+
+def _probe_call(i: int) -> dict:
+    # ids of 9 letters and digits: some templates (Mistral's) insist on that shape
+    return {"id": f"probe{i:04d}", "type": "function",
+            "function": {"name": _PROBE_TOOL.name, "arguments": {"probe_city": f"probe_city_{i}"}}}
+
+
+@lru_cache(maxsize=8)
+def call_syntax(template, tokenizer) -> CallSyntax | None:
+    """How `template` (a ChatTemplate) writes tool calls, read off a probe conversation; None where it does not show
+    tools, writes calls in a shape this cannot follow (ids or other keys inside a call, arguments as a string), or
+    spells calls with control tokens (the grammar only writes text)."""
+    tools = [_PROBE_TOOL.as_dict()]
+    user = {"role": "user", "content": "probe question"}
+
+    def render(messages, prompt=False):
+        return template.render(messages, add_generation_prompt=prompt, tools=tools)
+
+    def assistant(n):
+        return {"role": "assistant", "content": "", "tool_calls": [_probe_call(i) for i in range(n)]}
+
+    try:
+        base = render([user], prompt=True)
+        if _PROBE_TOOL.description not in base:
+            return None
+        texts = [render([user, m]) for m in ({"role": "assistant", "content": "probe answer"}, assistant(1),
+                                              assistant(2))]
+        result = render([user, assistant(1), {"role": "tool", "content": "probe result", "name": _PROBE_TOOL.name,
+                                              "tool_call_id": "probe0000"}], prompt=True)
+    except LlmError:
+        return None
+    if not all(t.startswith(base) for t in texts) or "probe answer" not in texts[0][len(base):]:
+        return None
+    # what the template writes around any reply, text or calls: e.g. an empty <think> block before it, <|im_end|>
+    # after it
+    lead, turn_end = texts[0][len(base):].split("probe answer", 1)
+    parts = []
+    for n, t in ((1, texts[1]), (2, texts[2])):
+        body = t[len(base):]
+        if not body.startswith(lead) or not body.endswith(turn_end):
+            return None
+        parts.append(_find_calls(body[len(lead):len(body) - len(turn_end)], n))
+    if parts[0] is None:
+        return None
+    (begin, end, keys, _), two = parts
+    between = None
+    if two is not None and two[0] == begin and two[1] == end and two[2] == keys:
+        between = two[3]
+    syntax = CallSyntax(begin, between, end, *keys, results="probe result" in result)
+    for piece in (begin, between or "", end):
+        if any(tokenizer.is_special(t) for t in tokenizer.encode(piece, add_special=False)):
+            return None
+    return syntax
+
+
+def _find_calls(body: str, n: int):
+    """The probe's n calls in an assistant turn -> (text before them, after them, (name key, arguments key), text
+    between the first two); None where they are not n plain JSON objects of two keys."""
+    decoder, found = json.JSONDecoder(), []
+    at = 0
+    for i in range(n):
+        while True:
+            at = body.find("{", at)
+            if at < 0:
+                return None
+            try:
+                obj, stop = decoder.raw_decode(body, at)
+            except ValueError:
+                at += 1
+                continue
+            if isinstance(obj, dict) and _PROBE_TOOL.name in obj.values():
+                break
+            at += 1
+        keys = [k for k, v in obj.items() if v == _PROBE_TOOL.name] + [
+            k for k, v in obj.items() if v == {"probe_city": f"probe_city_{i}"}]
+        if len(obj) != 2 or len(keys) != 2 or list(obj) != keys:
+            return None
+        found.append((at, stop, tuple(keys)))
+        at = stop
+    if any(f[2] != found[0][2] for f in found):
+        return None
+    between = body[found[0][1]:found[1][0]] if n > 1 else None
+    return body[:found[0][0]], body[found[-1][1]:], found[0][2], between
+
+
+def with_instructions(messages: list[dict], choice: ToolChoice) -> list[dict]:
+    """`messages` with the tools' instructions at the end of the system message (one is added first if none)."""
+    text = choice.instructions()
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def calls_text(calls: list[tuple[str, str]]) -> str:
+    """Calls ((name, arguments as JSON text)) as the model writes them without its template's way: an earlier
+    assistant turn that called tools, given back in the prompt. Arguments that are not JSON are given back as the
+    string they are."""
+    written = [json.dumps({"name": name, "arguments": _arguments(arguments)}, ensure_ascii=False)
+               for name, arguments in calls]
+    return written[0] if len(written) == 1 else "[" + ", ".join(written) + "]"
+
+
+def template_calls(calls: list[tuple[str, str, str | None]]) -> list[dict]:
+    """Calls ((name, arguments as JSON text, id)) as chat templates take them on an assistant message."""
+    return [{"id": call_id, "type": "function", "function": {"name": name, "arguments": _arguments(arguments)}}
+            for name, arguments, call_id in calls]
+
+
+def _arguments(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def result_text(name: str | None, content: str) -> str:
+    """A tool's result as the user turn that gives it back (`name`: the function, where its call is known)."""
+    return f"{f'The function {name}' if name else 'A function'} returned: {content}"
 
 
 def parse_tools(tools, choice, parallel=None) -> ToolChoice | None:
@@ -114,29 +318,3 @@ def parse_tools(tools, choice, parallel=None) -> ToolChoice | None:
     if name not in parsed:
         raise FieldError("tool_choice", f"names {name!r}, which is not among 'tools'")
     return ToolChoice((parsed[name],), required=True, several=several)
-
-
-def with_instructions(messages: list[dict], choice: ToolChoice) -> list[dict]:
-    """`messages` with the tools' instructions at the end of the system message (one is added first if none)."""
-    text = choice.instructions()
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-def calls_text(calls: list[tuple[str, str]]) -> str:
-    """Calls ((name, arguments as JSON text)) as the model writes them: an earlier assistant turn that called tools,
-    given back in the prompt. Arguments that are not JSON are given back as the string they are."""
-    written = []
-    for name, arguments in calls:
-        try:
-            args = json.loads(arguments)
-        except ValueError:
-            args = arguments
-        written.append(json.dumps({"name": name, "arguments": args}, ensure_ascii=False))
-    return written[0] if len(written) == 1 else "[" + ", ".join(written) + "]"
-
-
-def result_text(name: str | None, content: str) -> str:
-    """A tool's result as the user turn that gives it back (`name`: the function, where its call is known)."""
-    return f"{f'The function {name}' if name else 'A function'} returned: {content}"

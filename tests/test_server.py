@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -314,6 +315,61 @@ def test_tool_calls_through_the_openai_client(server):
     # the call and the result are in the prompt, as turns of their own
     bare = c.chat.completions.create(**(ask | {"messages": history[:1]}), tool_choice="none")
     assert follow.usage.prompt_tokens - bare.usage.prompt_tokens > first.usage.completion_tokens + 8
+
+
+def test_tool_calls_in_the_templates_own_way(smollm2_path):
+    """A template that shows tools and writes calls (<tool_call> tags here): the model gets the tools, its past
+    calls and their results as the template writes them, and writes its calls that way; they come back as
+    tool_calls, whole or streamed, through the OpenAI and the ollama APIs."""
+    import ollama
+
+    from llmcli.template import ChatTemplate
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    template_path = Path(__file__).parent / "data" / "tools_chatml.jinja"
+    s = Served(smollm2_path, "--parallel", "2", "--template", str(template_path))
+    try:
+        c = s.client()
+        ask = {"model": s.model, "temperature": 0, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required",
+               "parallel_tool_calls": False, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+        r = c.chat.completions.create(**ask)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
+        assert json.loads(call.function.arguments)["city"]
+        chunks = [ch for ch in c.chat.completions.create(**ask, stream=True) if ch.choices]
+        streamed = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, d.function.arguments) for d in streamed] == [
+            (call.function.name, call.function.arguments)]
+        assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+        # the prompt is the template's rendering of the tools, the call and its result
+        history = ask["messages"] + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+        r = c.chat.completions.create(**(ask | {"messages": history, "tool_choice": "auto", "max_tokens": 4}))
+        gguf = read_gguf(smollm2_path)
+        tok = Tokenizer.from_gguf(gguf)
+        template = ChatTemplate.from_gguf(gguf, override=template_path, bos_token=tok.bos_token,
+                                          eos_token=tok.eos_token)
+        arguments = json.loads(call.function.arguments)
+        text = template.render([ask["messages"][0], {
+            "role": "assistant", "content": "", "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}]},
+            {"role": "tool", "content": "sunny, 24 C", "name": call.function.name, "tool_call_id": call.id}],
+            tools=TOOLS)
+        assert "<tool_response>\nsunny, 24 C\n</tool_response>" in text and '"description": "The weather' in text
+        assert r.usage.prompt_tokens == len(tok.encode(text, add_special=False))
+
+        # ollama's API: the same call
+        o = ollama.Client(host=s.base, timeout=120)
+        r = o.chat(model=s.model, messages=ask["messages"], stream=False,
+                   tools=[TOOLS[0]], options={"temperature": 0, "num_predict": 60})
+        if r.message.tool_calls:  # auto: a 135M model may answer in text
+            assert r.message.tool_calls[0].function.name == "get_weather" and r.message.content == ""
+        else:
+            assert r.message.content and not r.message.content.startswith("<tool_call>")
+    finally:
+        s.stop()
 
 
 def test_random_messages_tools_and_formats_are_refused_in_words():

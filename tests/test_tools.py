@@ -1,0 +1,145 @@
+"""Tool calls in a chat template's own way: the syntax read off a template, the grammar that writes calls that way,
+the calls read back from a reply, whole or streamed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from llmcli.grammar import Constraint, vocabulary_bytes
+from llmcli.template import ChatTemplate
+from llmcli.tools import CallStream, CallSyntax, Tool, ToolChoice, call_syntax
+
+TOOLS_CHATML = Path(__file__).parent / "data" / "tools_chatml.jinja"
+HERMES = CallSyntax("<tool_call>\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>")
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+        "additionalProperties": False}
+TOOLS = (Tool("get", "", CITY), Tool("get_time", "", {"type": "object", "properties": {},
+                                                        "additionalProperties": False}))
+
+# A template in the way of Llama 3.1's (written for the tests): tools as JSON in the user's turn, a call as a bare
+# JSON object with "parameters", one a line, results in an "ipython" turn; an empty <think> block before
+# every reply of the assistant's.
+BARE_JSON = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + ('ipython' if m['role'] == 'tool' else m['role']) + '<|end_header_id|>\n\n' }}"
+    "{% if m['role'] == 'user' and tools and loop.first %}"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}{% endfor %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    gguf = read_gguf(smollm2_path)
+    return gguf, Tokenizer.from_gguf(gguf)
+
+
+def _template(gguf, tok, source: str | None = None, path: Path | None = None) -> ChatTemplate:
+    if source is not None:
+        return ChatTemplate(source, "test", bos_token=tok.bos_token, eos_token=tok.eos_token)
+    return ChatTemplate.from_gguf(gguf, override=path, bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+
+def test_the_call_syntax_is_read_off_the_template(smollm2, gemma3_path):
+    gguf, tok = smollm2
+    assert call_syntax(_template(gguf, tok, path=TOOLS_CHATML), tok) == HERMES
+    assert call_syntax(_template(gguf, tok, BARE_JSON), tok) == CallSyntax("", "\n", "", "name", "parameters")
+    # templates that show no tools: SmolLM2's and Gemma 3's own, and ChatML
+    assert call_syntax(_template(gguf, tok), tok) is None
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    gemma = read_gguf(gemma3_path)
+    assert call_syntax(ChatTemplate.from_gguf(gemma), Tokenizer.from_gguf(gemma)) is None
+    # calls the grammar cannot write that way: an id inside each call; a call begun with a control token;
+    # arguments given as a string; a template that fails on tool calls
+    with_id = TOOLS_CHATML.read_text().replace(
+        "{'name': call['function']['name'],", "{'id': call['id'], 'name': call['function']['name'],")
+    control = TOOLS_CHATML.read_text().replace("'<tool_call>\\n' +", "'<|im_start|>\\n' +")
+    as_string = TOOLS_CHATML.read_text().replace("'arguments': call['function']['arguments']",
+                                                 "'arguments': call['function']['arguments'] | tojson")
+    failing = TOOLS_CHATML.read_text().replace("{%- for call in message['tool_calls'] or [] %}",
+                                               "{{ raise_exception('no calls') }}{%- for call in [] %}")
+    for source in (with_id, control, as_string, failing):
+        assert source != TOOLS_CHATML.read_text()
+        assert call_syntax(_template(gguf, tok, source), tok) is None
+    # one call a reply where the template writes a second call in another shape
+    one = TOOLS_CHATML.read_text().replace("{%- if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}",
+                                           "{%- if message['content'] or not loop.first %}{{ '\\n--\\n' }}{% endif %}")
+    assert call_syntax(_template(gguf, tok, one), tok).between == "\n</tool_call>\n--\n<tool_call>\n"
+
+
+def _calls_text(syntax: CallSyntax, calls: list[tuple[str, dict]], rng: random.Random) -> str:
+    """Calls written as the template writes them, with JSON's whitespace varied."""
+    def obj(name, args):
+        sep = rng.choice([(", ", ": "), (",", ":"), (",\n  ", ": ")])
+        return json.dumps({syntax.name_key: name, syntax.args_key: args}, separators=sep)
+    return syntax.begin + (syntax.between or "").join(obj(*c) for c in calls) + syntax.end
+
+
+@pytest.mark.parametrize("syntax", [HERMES, CallSyntax("", "\n", "", "name", "parameters"),
+                                    CallSyntax("[CALLS]", ", ", "[/CALLS]"), CallSyntax("<call>", None, "</call>")])
+def test_the_grammar_writes_calls_the_templates_way_and_they_read_back(syntax, smollm2):
+    rng = random.Random(3)
+    several, one = ToolChoice(TOOLS, False, True, syntax), ToolChoice(TOOLS, True, False, syntax)
+    loose, strict = several.grammar(), one.grammar()
+    for _ in range(50):
+        n = rng.choice([1, 1, 2, 3]) if syntax.between is not None else 1
+        calls = [rng.choice([("get", {"city": rng.choice(["Paris", "Rio", "Zürich"])}), ("get_time", {})])
+                 for _ in range(n)]
+        text = _calls_text(syntax, calls, rng)
+        assert loose.accepts(text.encode())
+        assert strict.accepts(text.encode()) == (n == 1)
+        assert several.read(text) == [(name, json.dumps(args, ensure_ascii=False)) for name, args in calls]
+        assert several.read(text[:-1]) is None  # cut short: text, not calls
+    call = _calls_text(syntax, [("get", {"city": "Paris"})], rng)
+    wrong = [call.replace('"get"', '"gets"'), call.replace('"Paris"', "5"),
+             call.replace(syntax.begin, syntax.begin[:-1] + "x") if syntax.begin else "x" + call]
+    assert not any(loose.accepts(w.encode()) and several.read(w) for w in wrong)
+    # text: anything that does not begin as a call does, including text that begins with part of its opening
+    for text in ("It is sunny.", "<tool", "<tool_cal!", "[CALL", "<cal", "Sunny {so}"):
+        if several.decide(text) is not False:  # may yet be a call
+            continue
+        assert loose.accepts(text.encode()) and not strict.accepts(text.encode())
+        assert several.read(text) is None
+    # the compiled mask is a walk of every token, in text, in the opening and inside a call
+    gguf, tok = smollm2
+    vocab = vocabulary_bytes(tok, tok.vocab_size)
+    for prefix in ("", "It", syntax.begin[:3], syntax.begin, call[:len(syntax.begin) + 9], call):
+        c = Constraint(loose, vocab, tok.stop_ids)
+        assert c.feed(prefix.encode())
+        mask = c.mask().copy()
+        assert all(mask[t] == c.allows(t) for t in range(tok.vocab_size))
+
+
+def test_a_streamed_reply_is_split_into_text_and_whole_calls():
+    choice = ToolChoice(TOOLS, False, True, HERMES)
+    call = '<tool_call>\n{"name": "get", "arguments": {"city": "Rio"}}\n</tool_call>'
+
+    def run(pieces):
+        split = CallStream(choice)
+        sent = [split.feed(p) for p in pieces]
+        return sent, split.finish()
+
+    # a call: nothing sent until it is whole, then the call
+    sent, (rest, calls) = run(["<tool", "_call>\n", call[12:30], call[30:]])
+    assert not any(sent) and rest == "" and calls == [("get", '{"city": "Rio"}')]
+    # text that began like a call: held while it might be one, then sent whole
+    sent, (rest, calls) = run(["<to", "day", " it rains"])
+    assert sent == ["", "<today", " it rains"] and (rest, calls) == ("", None)
+    # a reply that ends while it might still be a call is text; so is a call cut short
+    assert run(["<tool_"])[1] == ("<tool_", None)
+    assert run([call[:25]])[1] == (call[:25], None)
+    # without tools, everything is text as it comes
+    split = CallStream(None)
+    assert [split.feed(p) for p in ("<tool", "_call>")] == ["<tool", "_call>"] and split.finish() == ("", None)
