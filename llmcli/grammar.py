@@ -37,6 +37,7 @@ class Builder:
         self.final: list[bool] = []
         self.structural: list[bool] = []
         self.loop: list[bool] = []
+        self.watch: list[int] = []  # a byte free text at this state watches for (only tokens holding it can leave)
         self._pending: list[tuple[int, int, int]] = []  # (state, start state, return state or -1 for merge)
         self._disjoint: list[tuple[list[int], str]] = []
 
@@ -47,6 +48,7 @@ class Builder:
         self.final.append(final)
         self.structural.append(structural)
         self.loop.append(False)
+        self.watch.append(-1)
         return len(self.moves) - 1
 
     def edge(self, s: int, data: Iterable[int] | bytes, target: int, ret: int = -1) -> None:
@@ -112,16 +114,18 @@ class Builder:
         _, first, classes = np.unique(columns, axis=0, return_index=True, return_inverse=True)
         return Grammar(np.ascontiguousarray(trans[:, first]), np.ascontiguousarray(push[:, first]),
                        np.asarray(self.final), np.asarray(self.structural), np.asarray(self.loop),
-                       classes.reshape(-1).astype(np.int32), start)
+                       classes.reshape(-1).astype(np.int32), start, np.asarray(self.watch, dtype=np.int16))
 
 
 class Grammar:
     """A built machine: read-only tables (llmcli/grammar_kernels.py documents them) and its start state."""
 
-    def __init__(self, trans, push, final, structural, loop, classes, start: int):
+    def __init__(self, trans, push, final, structural, loop, classes, start: int, watch=None):
         self.trans, self.push, self.final = trans, push, final
         self.structural, self.loop, self.classes = structural, loop, classes
         self.start = start
+        # loop states of free text that watch for a byte (else loop states are a JSON string's plain run)
+        self.watch = np.full(final.size, -1, dtype=np.int16) if watch is None else watch
 
     @property
     def tables(self) -> tuple:
@@ -155,8 +159,18 @@ class VocabularyBytes:
         self.data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
         self.plain = np.array([_plain(p) for p in pieces], dtype=np.bool_)
         self.odd = np.flatnonzero(~self.plain)
+        self.filled = self.offsets[1:] > self.offsets[:-1]  # tokens with bytes: all but control tokens
+        self._holding: dict[int, np.ndarray] = {}
         kernels = _kernels()
         self.key = np.array([_begins(p, kernels) for p in pieces], dtype=np.uint16)
+
+
+    def holding(self, byte: int) -> np.ndarray:
+        """The ids of the tokens that hold `byte`."""
+        if byte not in self._holding:
+            at = np.flatnonzero(self.data == byte)
+            self._holding[byte] = np.unique(np.searchsorted(self.offsets, at, side="right") - 1)
+        return self._holding[byte]
 
 
 def _begins(piece: bytes, k) -> int:
@@ -255,9 +269,13 @@ class Constraint:
 
     def mask(self) -> np.ndarray:
         """(n_vocab,) bool: the tokens that may come next (a view, valid until the next call)."""
+        watch = int(self.g.watch[self.state])
+        if watch >= 0:  # free text that stays free unless a token holds the byte it watches for
+            plain, odd = self.vocab.filled, self.vocab.holding(watch)
+        else:
+            plain, odd = self.vocab.plain, self.vocab.odd
         self.k.allowed(*self.g.tables, self.g.loop, self.stack, self.depth, self.state, self.blanks,
-                       self.vocab.data, self.vocab.offsets, self.vocab.plain, self.vocab.odd, self.vocab.key,
-                       self._mask)
+                       self.vocab.data, self.vocab.offsets, plain, odd, self.vocab.key, self._mask)
         self._mask[self.stop_ids] = self.complete
         return self._mask
 

@@ -54,13 +54,14 @@ def json_grammar(schema: dict | bool | None = None) -> Grammar:
 
 
 def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
-                      wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments")
-                      ) -> Grammar:
+                      wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments"),
+                      lazy: bool = False) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
     (`keys` names the two) with the arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
     JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),
     as a chat template writes calls, e.g. <tool_call>{...}</tool_call>. With `text`, or else plain text, which
-    then does not begin as a call does ("{" or "[" unwrapped; the whole of what comes before a wrapped call)."""
+    then does not begin as a call does ("{" or "[" unwrapped; the whole of what comes before a wrapped call); with
+    `lazy` too, the text may go on into calls wherever it writes what comes before them."""
     j = _JsonMachines(None)
     b = j.b
     top = b.state()
@@ -73,7 +74,12 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         first = b"{[" if several else b"{"
     else:
         between, after = wrap[1], wrap[2]
-        begin_at = _spell(b, top, [wrap[0].encode()])[0]
+        lazy = lazy and text and bool(wrap[0])
+        if lazy:
+            begin_at = b.state()
+            _watch(b, top, wrap[0].encode(), begin_at)
+        else:
+            begin_at = _spell(b, top, [wrap[0].encode()])[0]
         done = b.state()
         b.call(begin_at, start, done)
         ends = _spell(b, done, [after.encode()] + ([] if between is None or not several else [between.encode()]))
@@ -81,7 +87,7 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         if len(ends) > 1:
             b.call(ends[1], start, done)
         first = wrap[0].encode()[:1] or b"{"
-    if text:
+    if text and not (wrap is not None and lazy):
         free = b.state(final=True, structural=False)
         b.edge(free, range(256), free)
         b.loop[free] = True
@@ -119,6 +125,24 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         except RecursionError:
             raise GrammarError(f"tools[{i}].function.parameters is nested too deeply") from None
     return b.build(top)
+
+
+def _watch(b: Builder, top: int, word: bytes, target: int) -> None:
+    """Free text from `top` that goes on at `target` once it has written `word`: each of its states is how much of
+    `word` the text ends with (Knuth-Morris-Pratt's automaton), so the machine stays deterministic."""
+    m = len(word)
+    states = [top] + [b.state(final=True, structural=False) for _ in range(m - 1)]
+    b.final[top], b.structural[top], b.loop[top], b.watch[top] = True, False, True, word[0]
+    dfa = [[0] * 256 for _ in range(m)]
+    dfa[0][word[0]] = 1
+    fallback = 0
+    for j in range(1, m):
+        dfa[j] = dfa[fallback][:]
+        dfa[j][word[j]] = j + 1
+        fallback = dfa[fallback][word[j]]
+    for j in range(m):
+        for c, k in enumerate(dfa[j]):
+            b.edge(states[j], [c], target if k == m else states[k])
 
 
 def _spell(b: Builder, s: int, words: list[bytes]) -> list[int]:

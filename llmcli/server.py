@@ -620,9 +620,11 @@ class _Render:
         last = records[-1]
         text = "".join(r.text for r in records)
         lps = self._logprobs([i for r in records for i in r.logprobs])
-        calls = self.tools.read(text) if self.tools is not None else None
+        calls = None
+        if self.tools is not None:
+            text, calls = self.tools.split(text)
         if calls is not None:
-            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text or None, "refusal": None,
                                               "tool_calls": [self.tool_call(*c) for c in calls]},
                       "logprobs": None, "finish_reason": "tool_calls"}
         elif self.chat:

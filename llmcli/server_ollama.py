@@ -393,10 +393,11 @@ class _Reply:
                       "eval_count": last.generation_tokens, "eval_duration": int(eval_ns)}
 
     def whole(self, records: list[GenerationResponse]) -> dict:
-        text = "".join(r.text for r in records)
-        calls = self.tools.read(text) if self.tools is not None else None
+        text, calls = "".join(r.text for r in records), None
+        if self.tools is not None:
+            text, calls = self.tools.split(text)
         lps = [i for r in records for i in r.logprobs]
-        out = self._obj("" if calls else text, lps, calls)
+        out = self._obj(text, lps, calls)
         return self._done(out, records[-1], [r.token for r in records if r.token is not None])
 
     async def lines(self, job, wake: asyncio.Event) -> AsyncIterator[str]:

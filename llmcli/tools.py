@@ -61,22 +61,36 @@ class ToolChoice:
     several: bool = True  # several calls in one reply: OpenAI's parallel_tool_calls
     syntax: CallSyntax | None = None  # the template's way of writing calls; None: a bare JSON object (or list)
 
+    @property
+    def lazy(self) -> bool:
+        """Calls may come after text: where the template marks where calls begin and the reply may be text (a
+        model may think or say something first; calls then begin wherever the marker comes)."""
+        return not self.required and self.syntax is not None and bool(self.syntax.begin)
+
     def grammar(self) -> Grammar:
         wrap, keys = None, ("name", "arguments")
         if self.syntax is not None:
             x = self.syntax
             wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key)
         return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
-                                 several=self.several, wrap=wrap, keys=keys)
+                                 several=self.several, wrap=wrap, keys=keys, lazy=self.lazy)
 
     def decide(self, text: str) -> bool | None:
-        """Whether a reply that begins with `text` is a call; None while `text` could still turn out either way."""
+        """Whether a reply that begins with `text` is a call; None while `text` could still turn out either way.
+        (With `lazy` calls, where they begin is found by `split`.)"""
         if self.syntax is None or not self.syntax.begin:
             return text.startswith(("{", "[") if self.several and self.syntax is None else "{") if text else None
         begin = self.syntax.begin
         if text.startswith(begin):
             return True
         return None if begin.startswith(text) else False
+
+    def split(self, text: str) -> tuple[str, list[tuple[str, str]] | None]:
+        """A reply -> (its text, its calls): the text before the calls (all of it where no whole calls end the
+        reply, such as calls cut short), and [(name, arguments as JSON text)] or None."""
+        at = text.find(self.syntax.begin) if self.lazy else 0
+        calls = self.read(text[at:]) if at >= 0 else None
+        return (text[:at], calls) if calls is not None else (text, None)
 
     def read(self, text: str) -> list[tuple[str, str]] | None:
         """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
@@ -128,11 +142,20 @@ class CallStream:
 
     def feed(self, text: str) -> str:
         """The next piece of the reply -> the text to send now."""
-        if self.decided:
-            if self.call is None:
-                return text
+        if self.call is not None:
             self.call += text
             return ""
+        if self.decided:
+            return text
+        if self.choice.lazy:  # text until the marker of calls, held back while the text ends with part of it
+            begin, held = self.choice.syntax.begin, self.pending + text
+            at = held.find(begin)
+            if at >= 0:
+                self.call, self.pending = held[at:], ""
+                return held[:at]
+            keep = _ends_with_start(held, begin)
+            self.pending = held[len(held) - keep:]
+            return held[:len(held) - keep]
         self.pending += text
         verdict = self.choice.decide(self.pending)
         if verdict is None:
@@ -147,9 +170,16 @@ class CallStream:
     def finish(self) -> tuple[str, list[tuple[str, str]] | None]:
         """At the end of the reply: (text still to send, the calls or None). Calls cut short come back as text."""
         if self.call is not None:
-            calls = self.choice.read(self.call)
-            return ("", calls) if calls is not None else (self.call, None)
+            return self.choice.split(self.call)
         return self.pending, None
+
+
+def _ends_with_start(text: str, word: str) -> int:
+    """The length of the longest end of `text` that `word` begins with (shorter than `word`)."""
+    for n in range(min(len(word) - 1, len(text)), 0, -1):
+        if word.startswith(text[-n:]):
+            return n
+    return 0
 
 
 _PROBE_TOOL = Tool("probe_weather", "probe tool description", {
