@@ -77,6 +77,10 @@ def test_the_call_syntax_is_read_off_the_template(smollm2, gemma3_path):
     one = TOOLS_CHATML.read_text().replace("{%- if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}",
                                            "{%- if message['content'] or not loop.first %}{{ '\\n--\\n' }}{% endif %}")
     assert call_syntax(_template(gguf, tok, one), tok).between == "\n</tool_call>\n--\n<tool_call>\n"
+    # one call a turn, where the template refuses two (as Llama 3.2's does)
+    refuse = "{% if m['tool_calls'] | length > 1 %}{{ raise_exception('one call at a time') }}{% endif %}"
+    single = BARE_JSON.replace("{% if m['tool_calls'] %}", "{% if m['tool_calls'] %}" + refuse)
+    assert call_syntax(_template(gguf, tok, single), tok) == CallSyntax("", None, "", "name", "parameters")
 
 
 def _calls_text(syntax: CallSyntax, calls: list[tuple[str, dict]], rng: random.Random) -> str:
@@ -172,7 +176,8 @@ def test_with_auto_a_call_may_come_after_text(gemma3_path):
 
     tok = Tokenizer.from_gguf(read_gguf(gemma3_path))
     vocab = vocabulary_bytes(tok, tok.vocab_size)
-    for prefix in ("Hello", "Hello <", "Hello <tool_call>\n", "a <tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}"):
+    for prefix in ("Hello", "Hello <", "Hello <tool_call>\n",
+                   'a <tool_call>\n{"name": "get_time", "arguments": {}}'):
         c = Constraint(loose, vocab, tok.stop_ids)
         assert c.feed(prefix.encode())
         mask = c.mask().copy()
