@@ -2,7 +2,8 @@
 tool call (llmcli/tools.py).
 
 A schema's objects are written with their declared properties in the declared order (as OpenAI's structured
-outputs do), the optional ones skippable; every required property appears. The keywords that constrain a
+outputs do), the optional ones skippable; every required property appears. A string's `pattern` and an integer's
+bounds become machines of their characters and digits (llmcli/automaton.py). The keywords that constrain a
 value and are not enforced here are refused by name rather than ignored, so an output that comes back always
 follows its schema; annotations (title, description, format, examples, ...) are ignored, as JSON Schema allows.
 
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import math
 
+from llmcli.automaton import Nfa, integer_range, pattern
 from llmcli.grammar import Builder, Grammar, GrammarError
 
 MAX_DIGITS = 20
 MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
-MAX_RANGE = 1000  # an integer range of up to this many values is written out as its values
 DIGITS = b"0123456789"
 HEX = b"0123456789abcdefABCDEF"
 # bytes a JSON string holds as they are: printable ASCII but the quote and the backslash; and UTF-8's sequences
@@ -33,10 +34,10 @@ ANNOTATIONS = {"title", "description", "default", "examples", "format", "$schema
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
             "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
-            *BOUNDS}
+            "pattern", *BOUNDS}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 IMPLIED = {"object": {"properties", "required", "additionalProperties"},
-           "array": {"items", "prefixItems", "minItems", "maxItems"}, "string": {"minLength", "maxLength"},
+           "array": {"items", "prefixItems", "minItems", "maxItems"}, "string": {"minLength", "maxLength", "pattern"},
            "number": set(BOUNDS)}
 
 
@@ -478,14 +479,39 @@ class _JsonMachines:
             items = schema.get("items", True)
             return self.array(-1 if items is False else self.value(items, f"{where}.items"), lo, hi, prefix)
         if kind == "string":
+            if "pattern" in schema:
+                return self._pattern(schema, where)
             return self.string(*self._range(schema, "minLength", "maxLength", where))
         if kind in ("number", "integer"):
             return self._numeric(schema, kind, where)
         return self.literal({"boolean": [b"true", b"false"], "null": [b"null"]}[kind])
 
+    def _pattern(self, schema: dict, where: str) -> int:
+        """A string that `pattern` matches (llmcli/automaton.py)."""
+        regex = schema["pattern"]
+        if not isinstance(regex, str):
+            raise GrammarError(f"{where}.pattern must be a string")
+        for key in ("minLength", "maxLength"):
+            if key in schema:
+                raise GrammarError(f"{where}: 'pattern' together with {key!r} is not supported (put the length in "
+                                   f"the pattern)")
+
+        def make() -> int:
+            b = self.b
+            nfa = Nfa()
+            first, last = nfa.state(), nfa.state()
+            pattern(nfa, first, last, regex)
+            start, body, end = b.state(), b.state(structural=False), b.state(final=True)
+            b.edge(start, b'"', body)
+            for s in nfa.write(b, first, last, body, f"{where}.pattern"):
+                b.edge(s, b'"', end)
+            return start
+
+        return self._once(("pattern", regex), make)
+
     def _numeric(self, schema: dict, kind: str, where: str) -> int:
-        """A number or an integer within its bounds: an integer range of at most MAX_RANGE values is spelled out;
-        `minimum` 0 (or 1, for integers) drops the sign (and the zero); other bounds are refused."""
+        """A number or an integer within its bounds: an integer's bounds, any of them, through a machine of its
+        digits (llmcli/automaton.py); a number's only for `minimum` 0 (it drops the sign); others are refused."""
         bounds = {k: schema[k] for k in BOUNDS if k in schema}
         for key, v in bounds.items():
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
@@ -501,15 +527,22 @@ class _JsonMachines:
         highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
         highs += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
         lo, hi = max(lows, default=None), min(highs, default=None)
-        if lo is not None and hi is not None:
-            if lo > hi:
-                raise GrammarError(f"{where}: no integer is within its bounds")
-            if hi - lo < MAX_RANGE:
-                return self.literal([str(i).encode() for i in range(lo, hi + 1)])
-        if hi is None and lo in (0, 1):
-            return self.number(integer=True, negative=False, zero=lo == 0)
-        raise GrammarError(f"{where}: an integer's bounds are followed for ranges of at most {MAX_RANGE} values, "
-                           f"or a 'minimum' of 0 or 1")
+        if lo is not None and hi is not None and lo > hi:
+            raise GrammarError(f"{where}: no integer is within its bounds")
+
+        def make() -> int:
+            nfa = Nfa()
+            first, last = nfa.state(), nfa.state()
+            try:
+                integer_range(nfa, first, last, lo, hi, MAX_DIGITS)
+            except GrammarError as e:
+                raise GrammarError(f"{where}: {e}") from None
+            start = self.b.state()
+            for s in nfa.write(self.b, first, last, start, f"{where}'s bounds"):
+                self.b.final[s] = True
+            return start
+
+        return self._once(("integer", lo, hi), make)
 
     def _range(self, schema: dict, lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:
         """(minimum, maximum or None) of a count."""

@@ -5,6 +5,7 @@ the real models that is the argmax of the allowed tokens and parses."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from llmcli.grammar import Constraint, GrammarError, VocabularyBytes, vocabulary_bytes
-from llmcli.json_schema import MAX_DIGITS, TYPES, json_grammar
+from llmcli.json_schema import BOUNDS, MAX_DIGITS, TYPES, json_grammar
 
 PERSON = {
     "type": "object",
@@ -163,10 +164,11 @@ def test_a_schema_grammar_accepts_valid_instances_and_refuses_invalid_ones():
 
 
 @pytest.mark.parametrize("schema,says", [
-    ({"type": "string", "pattern": "a+"}, "schema: the keyword 'pattern' is not supported"),
+    ({"type": "string", "pattern": "(?=a)"}, "'pattern' '(?=a)': a group (?=...) is not supported"),
+    ({"type": "string", "pattern": "^a", "maxLength": 3}, "'pattern' together with 'maxLength' is not supported"),
+    ({"type": "string", "pattern": '^"+$'}, "matches no string that can be written without escapes"),
     ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
      "schema.properties.n: the keyword 'multipleOf' is not supported"),
-    ({"type": "integer", "minimum": 5}, "ranges of at most 1000 values, or a 'minimum' of 0 or 1"),
     ({"type": "number", "maximum": 5}, "only for 'minimum': 0"),
     ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer is within its bounds"),
     ({"anyOf": [{"type": "object"}, {"type": "object", "properties": {"a": {}}}]}, "both start with b'{'"),
@@ -216,7 +218,8 @@ def _random_schema(rng: random.Random, depth: int = 0):
         "oneOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
         "allOf": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
         "$ref": lambda: rng.choice(["#", "#/$defs/a", "#/properties/a", "x"]),
-        "nullable": lambda: True, "title": lambda: "t", "pattern": lambda: "^a",
+        "nullable": lambda: True, "title": lambda: "t",
+        "pattern": lambda: rng.choice(["^a", "b+", "^[a-c]{1,3}$", "(?=x)", "^\\d+(\\.\\d+)?$", 5, "[é]|z"]),
         "minimum": lambda: rng.choice([0, 1, -3, 2.5, 0.0]), "maximum": lambda: rng.choice([5, 1000, 3.5, -2]),
         "exclusiveMinimum": lambda: rng.choice([0, -1, 0.5]), "exclusiveMaximum": lambda: rng.choice([3, 10**6]),
         "prefixItems": lambda: [_random_schema(rng, depth + 1) for _ in range(rng.randrange(3))],
@@ -274,6 +277,64 @@ def test_bounds_and_tuples():
     assert not g.accepts(b'[1, "a", 2]')
     rest = json_grammar({"type": "array", "prefixItems": [{"type": "boolean"}], "items": {"type": "null"}})
     assert rest.accepts(b"[true, null, null]") and rest.accepts(b"[]") and not rest.accepts(b"[null]")
+
+
+def test_integer_bounds_of_any_size():
+    """Any integer bounds, one side or both, negative or not, exclusive or not, against jsonschema on the values
+    around each bound; random walks of them validate."""
+    rng = random.Random(7)
+    for schema in ({"type": "integer", "minimum": 5}, {"type": "integer", "maximum": -3},
+                   {"type": "integer", "minimum": -1234, "maximum": 98765},
+                   {"type": "integer", "exclusiveMinimum": 99, "exclusiveMaximum": 1001},
+                   {"type": "integer", "minimum": -50.5, "maximum": -7.2}, {"type": "integer", "minimum": 10**15}):
+        g, v = json_grammar(schema), Draft202012Validator(schema)
+        edges = [x for k in BOUNDS if k in schema for x in (math.floor(schema[k]), math.ceil(schema[k]))]
+        for x in {y + d for y in [0, 1, -1, *edges] for d in range(-12, 13)}:
+            assert g.accepts(str(x).encode()) == v.is_valid(x), (schema, x)
+        assert not g.accepts(b"-0") and not g.accepts(b"007") and not g.accepts(b"5.0")
+        for _ in range(50):
+            text = _walk_randomly(g, rng)
+            if text is not None:
+                assert v.is_valid(json.loads(text)), (schema, text)
+
+
+PATTERNS = ["^\\d{3}-\\d{4}$", "abc", "^[A-Z][a-z]+(?: [A-Z][a-z]+)*$", "^(red|green|blue)$",
+            "^[^@\\s]+@[^@\\s]+\\.[a-z]{2,}$", "^\\d{4}-\\d{2}-\\d{2}$", "^.{2,5}$", "^[\\w.-]+$",
+            "^(?P<year>\\d{4})$", "^a{,3}$", "x*y+z?", "^[-+]?\\d*\\.?\\d+$", "^café|thé$", "^[^a-z]$",
+            "^\\u00e9t\\x65$", "^[]a]$", "^a{2}b{1,}$", "^(ab|a)(c|bcd)$", "^\\S+\\s\\S+$", "^[\\d\\-]{3}$", "^{}$"]
+
+
+@pytest.mark.parametrize("regex", PATTERNS)
+def test_a_pattern_against_pythons_re(regex):
+    """`pattern`: what the grammar writes matches the pattern as jsonschema (Python's re.search) reads it; strings
+    near it are accepted exactly when they match (the ones a JSON string holds without escapes)."""
+    import re
+
+    schema = {"type": "string", "pattern": regex}
+    g, v = json_grammar(schema), Draft202012Validator(schema)
+    rng = random.Random(hash(regex) % 1000)
+    written = set()
+    for _ in range(120):
+        text = _walk_randomly(g, rng, limit=80)
+        if text is not None:
+            value = json.loads(text)
+            assert v.is_valid(value), (regex, value)
+            written.add(value)
+    alphabet = ["a", "b", "c", "z", "A", "Z", "0", "5", "9", "-", ".", "@", " ", "_", "é", "+", "x", "y",
+                "{", "}", "]", "(", "ab", "bcd", "red", "café", "thé", "2024", "-12-"]
+    matching = ["555-1234", "xabcx", "New York", "blue", "é@x.org", "2024-01-31", "éé", "a-b.c", "2024", "aa", "y",
+                "-.5", "thé", "Z", "éte", "]", "aab", "abcd", "ab c", "1-2", "{}"]
+    samples = [*written, *matching] + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 7)))
+                                       for _ in range(400)]
+    # \w, \d, \s and their complements are written as their ASCII members: beyond ASCII, what is written matches
+    classes = re.search(r"\\[wdsWDS]", regex) is not None
+    accepted = 0
+    for value in samples:
+        want = re.search(regex, value) is not None
+        got = g.accepts(json.dumps(value, ensure_ascii=False).encode())
+        assert got == want if value.isascii() or not classes else not got or want, (regex, value)
+        accepted += got
+    assert accepted
 
 
 def test_a_recursive_schema_and_a_deep_one():
