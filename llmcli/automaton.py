@@ -102,15 +102,55 @@ class Nfa:
                     grew = True
         if 0 not in live:
             raise GrammarError(f"{what} matches no string that can be written without escapes")
-        states = {0: at}
+        # states that accept the same strings from here on are merged (Moore's partition refinement): what is left
+        # of a match, say, becomes one state that takes any character
+        block = {i: int(final[i]) for i in live}
+        while True:
+            seen: dict[tuple, int] = {}
+            refined = {i: seen.setdefault((block[i], tuple(sorted((c, block[t]) for c, t in moves[i].items()
+                                                                  if t in live))), len(seen)) for i in live}
+            stable = len(seen) == len(set(block.values()))
+            block = refined
+            if stable:
+                break
+        merged: list[dict[int, int]] = [{} for _ in range(len(seen))]
+        ends = [False] * len(seen)
         for i in live:
-            if i != 0:
-                states[i] = b.state(structural=False)
-        for i in live:
-            for byte, t in moves[i].items():
-                if t in live:
-                    b.edge(states[i], [byte], states[t])
-        return [states[i] for i in live if final[i]]
+            merged[block[i]] = {c: block[t] for c, t in moves[i].items() if t in live}
+            ends[block[i]] = final[i]
+        states = {k: (at if k == block[0] else b.state(structural=False)) for k in range(len(merged))}
+        for k, row in enumerate(merged):
+            for c, t in row.items():
+                b.edge(states[k], [c], states[t])
+            # a state every character leaves where it was (the ".*" of an unanchored pattern): the mask kernel
+            # takes every plain token there at once instead of walking each (grammar_kernels.allowed)
+            b.loop[states[k]] = _takes_any_char(merged, k)
+        return [states[k] for k in range(len(merged)) if ends[k]]
+
+
+# UTF-8's multi-byte sequences by first byte: the bytes that may follow, one range per byte (as Python decodes)
+_SEQUENCES = ((range(0xC2, 0xE0), (range(0x80, 0xC0),)),
+              ((0xE0,), (range(0xA0, 0xC0), range(0x80, 0xC0))),
+              ((*range(0xE1, 0xED), 0xEE, 0xEF), (range(0x80, 0xC0),) * 2),
+              ((0xED,), (range(0x80, 0xA0), range(0x80, 0xC0))),
+              ((0xF0,), (range(0x90, 0xC0), *(range(0x80, 0xC0),) * 2)),
+              (range(0xF1, 0xF4), (range(0x80, 0xC0),) * 3),
+              ((0xF4,), (range(0x80, 0x90), *(range(0x80, 0xC0),) * 2)))
+
+
+def _takes_any_char(moves: list[dict[int, int]], i: int) -> bool:
+    """Whether every character a JSON string holds as it is leads deterministic state i back to itself."""
+    if any(moves[i].get(byte) != i for byte in PLAIN):
+        return False
+    for firsts, follows in _SEQUENCES:
+        at = {moves[i].get(byte) for byte in firsts}
+        for allowed in follows:
+            if None in at:
+                return False
+            at = {moves[s].get(byte) for s in at for byte in allowed}
+        if at != {i}:
+            return False
+    return True
 
 
 # --- integer ranges ---------------------------------------------------------------------------------------------

@@ -370,6 +370,15 @@ def test_the_compiled_mask_equals_a_walk_of_every_token(model, smollm2_path, gem
             assert mask[t] == c.allows(t), (cut, t, tok.token_bytes(t))
         assert mask.any()
         assert mask[sorted(tok.stop_ids)].all() == (cut == len(text))
+    # a pattern's states, the ".*" of an unanchored one among them (taken a plain token at a time)
+    g = json_grammar({"type": "object", "properties": {"a": {"type": "string", "pattern": "[0-9]{2}x"},
+                                                       "b": {"type": "string", "pattern": "^[a-z]+ ?"}}})
+    text = '{"a": "é 12x yz", "b": "ab c"}'.encode()
+    for cut in (7, 9, 11, 13, 17, 27, 29):
+        c = Constraint(g, vocab, tok.stop_ids)
+        assert c.feed(text[:cut])
+        mask = c.mask().copy()
+        assert mask.any() and all(mask[t] == c.allows(t) for t in range(0, tok.vocab_size, step))
 
 
 def test_greedy_json_is_the_most_likely_allowed_token_each_step(smollm2_path):
