@@ -4,8 +4,9 @@
   python benchmarks/bench_format.py --models smollm2 --reps 9 --json
 
 Mask: milliseconds per call of Constraint.mask() in states met while writing JSON (between tokens, inside a
-string, after a number), median of 50 calls. Step: what a generation step costs outside the model (sampling,
-mask, detokenizer), on one logits vector replayed, so the forward pass's noise stays out. Decode: one session
+string, after a number, inside a `pattern` and after its match) and a tool reply's text, median of 50 calls
+(--masks-only: only these). Step: what a generation step costs outside the model (sampling, mask,
+detokenizer), on one logits vector replayed, so the forward pass's noise stays out. Decode: one session
 per model, greedy and sampled (temperature 0.8, seed fixed), each repetition alternating free text, --format
 json and a schema; a prompt that asks for a long list so every run reaches max_tokens. Tokens/s is the engine's
 decode rate (first token excluded); the ratio is format / free, median of the repetitions.
@@ -27,6 +28,7 @@ from llmcli.engine import GenerationConfig, Session, encode_chat, load  # noqa: 
 from llmcli.grammar import Constraint, vocabulary_bytes  # noqa: E402
 from llmcli.json_schema import json_grammar  # noqa: E402
 from llmcli.sampling import SamplingConfig  # noqa: E402
+from llmcli.tools import CallSyntax, Tool, ToolChoice  # noqa: E402
 
 MODELS = {"smollm2": REPO / ".test-models" / "models" / "smollm2" / "model.gguf",
           "gemma3": REPO / ".test-models" / "models" / "gemma3" / "model.gguf"}
@@ -35,16 +37,25 @@ SCHEMA = {"type": "object", "properties": {"cities": {"type": "array", "items": 
     "type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
                                      "population": {"type": "integer"}},
     "required": ["name", "country", "population"]}}}, "required": ["cities"]}
-STATES = {"between tokens": b'{"cities": [', "in a string": b'{"cities": [{"name": "Par', "after a number":
-          b'{"cities": [{"name": "Paris", "country": "France", "population": 2102'}
+PATTERNS = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\+?[0-9 ()-]{7,20}$"},
+                                            "note": {"type": "string", "pattern": "urgent"}}}
+# a template's own tool calls (<tool_call> tags), `auto`: text that may go on into a call
+TOOLS = ToolChoice((Tool("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}}}),),
+                   required=False, syntax=CallSyntax("<tool_call>\n", "\n</tool_call>\n<tool_call>\n",
+                                                     "\n</tool_call>"))
+STATES = {"between tokens": ("schema", b'{"cities": ['), "in a string": ("schema", b'{"cities": [{"name": "Par'),
+          "after a number": ("schema", b'{"cities": [{"name": "Paris", "country": "France", "population": 2102'),
+          "in a pattern": ("patterns", b'{"phone": "+33 1'),
+          "after a pattern's match": ("patterns", b'{"phone": "+33 1 23 45 67", "note": "urgent, call'),
+          "tool reply, text": ("tools", b"Let me check"), "tool reply, text after <": ("tools", b"Let me check <")}
 
 
 def mask_ms(lm) -> dict[str, float]:
     vocab = vocabulary_bytes(lm.tokenizer, lm.hparams.n_vocab)
-    g = json_grammar(SCHEMA)
+    grammars = {"schema": json_grammar(SCHEMA), "patterns": json_grammar(PATTERNS), "tools": TOOLS.grammar()}
     out = {}
-    for name, prefix in STATES.items():
-        c = Constraint(g, vocab, lm.tokenizer.stop_ids)
+    for name, (grammar, prefix) in STATES.items():
+        c = Constraint(grammars[grammar], vocab, lm.tokenizer.stop_ids)
         assert c.feed(prefix)
         c.mask()
         times = []
@@ -102,13 +113,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("-n", type=int, default=128, help="tokens per generation")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    ap.add_argument("--masks-only", action="store_true", help="only the mask's milliseconds")
     args = ap.parse_args()
     report = {}
     for name in args.models.split(","):
         lm = load(MODELS[name])
         masks = mask_ms(lm)
-        steps = step_ms(lm, args.n)
-        rates = decode(lm, args.reps, args.n)
+        steps = {} if args.masks_only else step_ms(lm, args.n)
+        rates = {} if args.masks_only else decode(lm, args.reps, args.n)
         report[name] = {"n_vocab": lm.hparams.n_vocab, "mask_ms": masks, "step_ms": steps, "decode": rates}
         print(f"\n{name} ({lm.hparams.n_vocab} tokens), {lm.model.name} backend")
         print("| mask state | ms |\n|---|---:|")

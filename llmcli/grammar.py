@@ -37,7 +37,8 @@ class Builder:
         self.final: list[bool] = []
         self.structural: list[bool] = []
         self.loop: list[bool] = []
-        self.watch: list[int] = []  # a byte free text at this state watches for (only tokens holding it can leave)
+        # free text: the state it stays in while nothing it watches for comes (-1: not free text of that kind)
+        self.watch: list[int] = []
         self._pending: list[tuple[int, int, int]] = []  # (state, start state, return state or -1 for merge)
         self._disjoint: list[tuple[list[int], str]] = []
 
@@ -114,7 +115,7 @@ class Builder:
         _, first, classes = np.unique(columns, axis=0, return_index=True, return_inverse=True)
         return Grammar(np.ascontiguousarray(trans[:, first]), np.ascontiguousarray(push[:, first]),
                        np.asarray(self.final), np.asarray(self.structural), np.asarray(self.loop),
-                       classes.reshape(-1).astype(np.int32), start, np.asarray(self.watch, dtype=np.int16))
+                       classes.reshape(-1).astype(np.int32), start, np.asarray(self.watch, dtype=np.int32))
 
 
 class Grammar:
@@ -124,8 +125,19 @@ class Grammar:
         self.trans, self.push, self.final = trans, push, final
         self.structural, self.loop, self.classes = structural, loop, classes
         self.start = start
-        # loop states of free text that watch for a byte (else loop states are a JSON string's plain run)
-        self.watch = np.full(final.size, -1, dtype=np.int16) if watch is None else watch
+        # free text that watches for something (watch[s]: its home state, where the other bytes keep it): only
+        # the tokens that could leave it are walked; else loop states are a JSON string's plain run
+        self.watch = np.full(final.size, -1, dtype=np.int32) if watch is None else watch
+        self._watched: dict[int, tuple[bytes, bytes]] = {}
+
+    def watched(self, s: int) -> tuple[bytes, bytes]:
+        """For free text at s: (the bytes that take its home state elsewhere, the bytes that take s elsewhere than
+        home). A token that holds none of the first and does not begin with one of the second ends at home."""
+        if s not in self._watched:
+            home = int(self.watch[s])
+            leave = [bytes(c for c in range(256) if self.trans[t, self.classes[c]] != home) for t in (home, s)]
+            self._watched[s] = (leave[0], leave[1])
+        return self._watched[s]
 
     @property
     def tables(self) -> tuple:
@@ -160,17 +172,21 @@ class VocabularyBytes:
         self.plain = np.array([_plain(p) for p in pieces], dtype=np.bool_)
         self.odd = np.flatnonzero(~self.plain)
         self.filled = self.offsets[1:] > self.offsets[:-1]  # tokens with bytes: all but control tokens
-        self._holding: dict[int, np.ndarray] = {}
+        self._holding: dict[tuple[bytes, bytes], np.ndarray] = {}
         kernels = _kernels()
         self.key = np.array([_begins(p, kernels) for p in pieces], dtype=np.uint16)
 
 
-    def holding(self, byte: int) -> np.ndarray:
-        """The ids of the tokens that hold `byte`."""
-        if byte not in self._holding:
-            at = np.flatnonzero(self.data == byte)
-            self._holding[byte] = np.unique(np.searchsorted(self.offsets, at, side="right") - 1)
-        return self._holding[byte]
+    def leaving(self, held: bytes, first: bytes) -> np.ndarray:
+        """The ids of the tokens that hold one of `held` or begin with one of `first`."""
+        key = (held, first)
+        if key not in self._holding:
+            at = np.flatnonzero(np.isin(self.data, np.frombuffer(held, dtype=np.uint8)))
+            ids = np.searchsorted(self.offsets, at, side="right") - 1
+            begins = self.data[np.minimum(self.offsets[:-1], max(self.data.size - 1, 0))]
+            starting = np.flatnonzero(self.filled & np.isin(begins, np.frombuffer(first, dtype=np.uint8)))
+            self._holding[key] = np.union1d(ids, starting)
+        return self._holding[key]
 
 
 def _begins(piece: bytes, k) -> int:
@@ -269,9 +285,8 @@ class Constraint:
 
     def mask(self) -> np.ndarray:
         """(n_vocab,) bool: the tokens that may come next (a view, valid until the next call)."""
-        watch = int(self.g.watch[self.state])
-        if watch >= 0:  # free text that stays free unless a token holds the byte it watches for
-            plain, odd = self.vocab.filled, self.vocab.holding(watch)
+        if self.g.watch[self.state] >= 0:  # free text: only tokens that could take it elsewhere are walked
+            plain, odd = self.vocab.filled, self.vocab.leaving(*self.g.watched(self.state))
         else:
             plain, odd = self.vocab.plain, self.vocab.odd
         self.k.allowed(*self.g.tables, self.g.loop, self.stack, self.depth, self.state, self.blanks,

@@ -133,7 +133,9 @@ def _watch(b: Builder, top: int, word: bytes, target: int) -> None:
     `word` the text ends with (Knuth-Morris-Pratt's automaton), so the machine stays deterministic."""
     m = len(word)
     states = [top] + [b.state(final=True, structural=False) for _ in range(m - 1)]
-    b.final[top], b.structural[top], b.loop[top], b.watch[top] = True, False, True, word[0]
+    b.final[top], b.structural[top] = True, False
+    for s in states:  # free text, at home in `top` (the mask walks only the tokens that could leave it)
+        b.loop[s], b.watch[s] = True, top
     dfa = [[0] * 256 for _ in range(m)]
     dfa[0][word[0]] = 1
     fallback = 0
