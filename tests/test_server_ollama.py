@@ -193,7 +193,7 @@ BAD = [
     ("/api/chat", {"messages": CHAT, "options": {"num_predict": -3}}, 400, "'num_predict' must be >= -2"),
     ("/api/chat", {"messages": CHAT, "options": {"stop": ["x"] * 17}}, 400, "at most 16"),
     ("/api/chat", {"messages": CHAT, "format": "xml"}, 400, "'format' must be \"json\" or a JSON Schema"),
-    ("/api/chat", {"messages": CHAT, "format": {"type": "string", "pattern": "a+"}}, 400, "'pattern'"),
+    ("/api/chat", {"messages": CHAT, "format": {"type": "string", "pattern": "(?=a)"}}, 400, "(?=...) is not"),
     ("/api/chat", {"messages": CHAT, "format": "json", "tools": [WEATHER]}, 400, "'format' together with 'tools'"),
     ("/api/chat", {"messages": CHAT, "tools": [{"function": {"name": "a b"}}]}, 400, "tools[0].function.name"),
     ("/api/chat", {"messages": CHAT, "think": True}, 400, "'think' is not supported"),
