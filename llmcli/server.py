@@ -44,6 +44,7 @@ from llmcli.tools import (
 from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
+MAX_BODY = 32 << 20  # bytes of a request body: far more than a whole context of text
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -361,10 +362,21 @@ class Api:
                            "model", "model_not_found")
 
     async def read_json(self, request: Request) -> dict:
-        """The request's JSON object, once its API key is checked."""
+        """The request's JSON object, once its API key is checked. A body over MAX_BODY is refused as it arrives,
+        before it can fill the memory."""
         self._authorize(request)
+        too_big = ApiError(413, f"The request body is over {MAX_BODY >> 20} MiB.", None, "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_big
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "We could not parse the JSON body of your request.", None, "invalid_json") from None
         except RecursionError:

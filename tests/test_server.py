@@ -204,6 +204,12 @@ def test_malformed_and_unknown_requests_then_the_server_answers_normally(server)
         r = httpx.post(server.base + path, content=content, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     assert httpx.get(server.base + "/v1/nothing").status_code == 404
+    # a body over 32 MiB is refused as it arrives, declared or streamed in chunks
+    big = b'{"prompt": "' + b"a" * (33 << 20) + b'"}'
+    for content in (big, (big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20))):
+        r = httpx.post(server.base + "/v1/completions", content=content, headers={"Content-Type": "application/json"},
+                       timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
