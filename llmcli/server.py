@@ -29,8 +29,8 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
+from llmcli.thinking import ReplyStream, Thinking, thinking
 from llmcli.tools import (
-    CallStream,
     CallSyntax,
     Tool,
     ToolChoice,
@@ -45,6 +45,9 @@ from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
 MAX_BODY = 32 << 20  # bytes of a request body: far more than a whole context of text
+# what a chat template is given by the server: a request's chat_template_kwargs may not set these
+TEMPLATE_NAMES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                  "raise_exception", "strftime_now"}
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -244,6 +247,21 @@ def _tool_choice(body: dict) -> ToolChoice | None:
     return choice
 
 
+def _template_options(body: dict) -> dict:
+    """`chat_template_kwargs` (as vLLM and llama.cpp's server take it): more variables for the chat template, such
+    as Qwen3's `enable_thinking`."""
+    options = body.get("chat_template_kwargs")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+    for key in options:
+        if not key.isidentifier() or key in TEMPLATE_NAMES:
+            raise ApiError(400, f"'chat_template_kwargs' cannot set {key!r}", "chat_template_kwargs",
+                           "invalid_value")
+    return options
+
+
 def _response_format(body: dict) -> str | None:
     """The JSON Schema the reply must follow, as JSON text ("null": any JSON object); None: free text.
     OpenAI's shapes: {"type": "text" | "json_object"} and {"type": "json_schema", "json_schema": {"name",
@@ -284,6 +302,7 @@ class Api:
         self._grammar = functools.lru_cache(maxsize=32)(self._build_grammar)
         # how the model's template writes tool calls, where it does (else tools are told in the system message)
         self.syntax = call_syntax(self.lm.template, self.lm.tokenizer)
+        self.think = thinking(self.lm.template)  # whether replies begin with reasoning
 
     def _build_grammar(self, kind: str, text: str) -> Grammar:
         if kind == "tools":
@@ -401,7 +420,8 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
-        prompt, tools = self.conversation(body, _tool_choice(body))
+        options = _template_options(body)
+        prompt, tools = self.conversation(body, _tool_choice(body), options)
         grammar = await self._format(body, tools)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
@@ -409,11 +429,25 @@ class Api:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
-        return await self._respond(request, body, prompt, config, chat=True, tools=tools)
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools,
+                                   think=self.reasoning(options, grammar, tools))
 
-    def conversation(self, body: dict, tools: ToolChoice | None) -> tuple[list[int], ToolChoice | None]:
+    def reasoning(self, options: dict, grammar: Grammar | None, tools: ToolChoice | None) -> Thinking | None:
+        """How the reply's reasoning is told from its answer; None where there is none to tell: a model that does
+        not think, thinking turned off, or a format that writes the answer from the first token in a prompt that
+        opened the reasoning already."""
+        think = self.think
+        if think is None or options.get("enable_thinking") is False:
+            return None
+        if think.opened and grammar is not None and not (tools is not None and tools.lazy):
+            return None
+        return think
+
+    def conversation(self, body: dict, tools: ToolChoice | None, options: dict | None = None
+                     ) -> tuple[list[int], ToolChoice | None]:
         """The prompt of a chat request's `messages` and the tools it offers, and the tools as the reply may call
-        them: in the template's own way where it has one, else as the system message tells."""
+        them: in the template's own way where it has one, else as the system message tells. `options`: more
+        variables for the template."""
         messages = _chat_messages(body, self.syntax)
         shown = None
         if tools is not None and self.syntax is not None:
@@ -421,13 +455,14 @@ class Api:
             shown = [t.as_dict() for t in tools.tools]
         elif tools is not None:
             messages = with_instructions(messages, tools)
-        return self.chat_prompt(messages, shown), tools
+        return self.chat_prompt(messages, shown, options), tools
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
+                    ) -> list[int]:
         """The messages (and the tools offered) through the model's chat template, as tokens, ready for the
         reply."""
         try:
-            text = self.lm.template.render(messages, add_generation_prompt=True, tools=tools)
+            text = self.lm.template.render(messages, add_generation_prompt=True, tools=tools, options=options)
         except LlmError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         return self.lm.tokenizer.encode(text, add_special=False)
@@ -462,7 +497,7 @@ class Api:
         return await self._respond(request, body, ids, config, chat=False)
 
     async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,
-                       chat: bool, tools: ToolChoice | None = None) -> Response:
+                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
         stream = _bool(body, "stream")
         options = body.get("stream_options")
         if options is not None and (not isinstance(options, dict) or not stream):
@@ -472,7 +507,7 @@ class Api:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         job = self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
-        render = _Render(self, chat, config.logprobs is not None, tools)
+        render = _Render(self, chat, config.logprobs is not None, tools, think)
         if stream:
             return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -493,7 +528,7 @@ class Api:
         try:
             if render.chat:
                 yield _sse(render.chunk({"role": "assistant", "content": ""}, None, [], include_usage))
-            split = CallStream(render.tools)  # calls are sent whole, once complete
+            split = ReplyStream(render.think, render.tools)  # calls are sent whole, once complete
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the headers are out: the error becomes the stream's last event
                     yield _sse({"error": {"message": r.message, "type": r.kind, "param": r.param, "code": r.code}})
@@ -502,12 +537,16 @@ class Api:
                     yield _sse({"error": {"message": "the server is shutting down", "type": "server_error",
                                           "param": None, "code": "server_shutting_down"}})
                     return
-                text = split.feed(r.text)
-                if text or (r.logprobs and split.call is None):
+                reasoning, text = split.feed(r.text)
+                if reasoning:
+                    yield _sse(render.chunk({"reasoning_content": reasoning}, None, [], include_usage))
+                if text or (r.logprobs and not split.in_call):
                     yield _sse(render.chunk(text, None, r.logprobs, include_usage))
                 if r.finish_reason is not None:
                     finish = r.finish_reason
-                    text, calls = split.finish()  # calls cut short by max_tokens come as text
+                    reasoning, text, calls = split.finish()  # calls cut short by max_tokens come as text
+                    if reasoning:
+                        yield _sse(render.chunk({"reasoning_content": reasoning}, None, [], include_usage))
                     if text:
                         yield _sse(render.chunk(text, None, [], include_usage))
                     if calls is not None:
@@ -594,9 +633,11 @@ def token_logprobs(tokenizer, items: list[TokenLogprob]) -> list[dict]:
 class _Render:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, api: Api, chat: bool, logprobs: bool, tools: ToolChoice | None = None):
-        """tools: what the reply may call (llmcli/tools.py tells a call from text)."""
-        self.api, self.chat, self.logprobs, self.tools = api, chat, logprobs, tools
+    def __init__(self, api: Api, chat: bool, logprobs: bool, tools: ToolChoice | None = None,
+                 think: Thinking | None = None):
+        """tools: what the reply may call (llmcli/tools.py tells a call from text); think: how its reasoning is
+        told from its answer (llmcli/thinking.py)."""
+        self.api, self.chat, self.logprobs, self.tools, self.think = api, chat, logprobs, tools, think
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -632,15 +673,14 @@ class _Render:
         last = records[-1]
         text = "".join(r.text for r in records)
         lps = self._logprobs([i for r in records for i in r.logprobs])
-        calls = None
-        if self.tools is not None:
-            text, calls = self.tools.split(text)
+        reasoning, text, calls = ReplyStream(self.think, self.tools).whole(text)
+        thought = {"reasoning_content": reasoning} if reasoning else {}
         if calls is not None:
             choice = {"index": 0, "message": {"role": "assistant", "content": text or None, "refusal": None,
-                                              "tool_calls": [self.tool_call(*c) for c in calls]},
+                                              **thought, "tool_calls": [self.tool_call(*c) for c in calls]},
                       "logprobs": None, "finish_reason": "tool_calls"}
         elif self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None, **thought},
                       "logprobs": lps, "finish_reason": last.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": last.finish_reason}

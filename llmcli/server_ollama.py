@@ -36,7 +36,8 @@ from llmcli.server import (
     generation_config,
     token_logprobs,
 )
-from llmcli.tools import CallStream, ToolChoice
+from llmcli.thinking import ReplyStream, Thinking
+from llmcli.tools import ToolChoice
 
 # ollama's options (its client's `Options`), by what llm does with each
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
@@ -249,7 +250,8 @@ class Ollama:
         return JSONResponse({
             "license": license_ if isinstance(license_, str) else "", "modelfile": modelfile,
             "parameters": parameters, "template": template, "details": self.details(), "model_info": info,
-            "capabilities": ["completion", "tools"], "modified_at": (await self._entry())["modified_at"]})
+            "capabilities": ["completion", "tools", *(["thinking"] if self.api.think else [])],
+            "modified_at": (await self._entry())["modified_at"]})
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -267,11 +269,19 @@ class Ollama:
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top and not want:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        if body.get("think") not in (None, False):
-            raise ApiError(400, "'think' is not supported: the model is run without a thinking phase", "think")
         fields = _options(body, self.api.scheduler.n_ctx)
         return generation_config(fields, self.api.defaults, self.lm.hparams.n_vocab, (top or 0) if want else None,
                                  grammar, MAX_STOPS)
+
+    def _think(self, body: dict) -> dict:
+        """`think` as the chat template's options: false turns thinking off where the template can (Qwen3's
+        `enable_thinking`); true asks for a model that thinks."""
+        think = body.get("think")
+        if think is not None and not isinstance(think, bool):
+            raise ApiError(400, "'think' must be true or false", "think")
+        if think and self.api.think is None:
+            raise ApiError(400, f"'{self.name}' does not think: its chat template writes no reasoning", "think")
+        return {"enable_thinking": False} if think is False else {}
 
     def _loaded(self, chat: bool) -> Response:
         """ollama's answer to a request with nothing to generate: the model is loaded (it always is here)."""
@@ -290,8 +300,9 @@ class Ollama:
         tools_given = body.get("tools")
         if isinstance(tools_given, list):  # ollama's tools may leave out the type: a function is all there is
             tools_given = [{"type": "function"} | t if isinstance(t, dict) else t for t in tools_given]
+        options = self._think(body)
         prompt, tools = self.api.conversation({"messages": _openai_messages(messages)},
-                                              _tool_choice({"tools": tools_given}))
+                                              _tool_choice({"tools": tools_given}), options)
         if tools is not None:
             if _schema(body) is not None:
                 raise ApiError(400, "'format' together with 'tools' is not supported", "format")
@@ -299,7 +310,8 @@ class Ollama:
         else:
             grammar = await self.api.grammar("format", _schema(body))
         config = self._config(body, grammar)
-        return await self._respond(request, prompt, config, stream, chat=True, tools=tools)
+        return await self._respond(request, prompt, config, stream, chat=True, tools=tools,
+                                   think=self.api.reasoning(options, grammar, tools))
 
     async def generate(self, request: Request) -> Response:
         body = await self._body(request)
@@ -321,23 +333,26 @@ class Ollama:
             raise ApiError(400, f"'context' must be a list of token ids in 0..{n_vocab - 1}", "context")
         if not prompt:
             return self._loaded(chat=False)
-        if _bool(body, "raw"):
+        options, raw = self._think(body), _bool(body, "raw")
+        if raw:
             if system:
                 raise ApiError(400, "'system' needs the chat template, which 'raw' leaves out", "system")
             ids = self.lm.tokenizer.encode(prompt, add_special=not context)
         else:
             messages = [{"role": "system", "content": system}] if system else []
-            ids = self.api.chat_prompt(messages + [{"role": "user", "content": prompt}])
-        config = self._config(body, await self.api.grammar("format", _schema(body)))
-        return await self._respond(request, context + ids, config, stream, chat=False)
+            ids = self.api.chat_prompt(messages + [{"role": "user", "content": prompt}], options=options)
+        grammar = await self.api.grammar("format", _schema(body))
+        config = self._config(body, grammar)
+        think = None if raw else self.api.reasoning(options, grammar, None)
+        return await self._respond(request, context + ids, config, stream, chat=False, think=think)
 
     async def _respond(self, request: Request, prompt: list[int], config: GenerationConfig, stream: bool,
-                       chat: bool, tools: ToolChoice | None = None) -> Response:
+                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
         started = time.monotonic_ns()
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         job = self.api.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
-        reply = _Reply(self, chat, config.logprobs is not None, tools, prompt, started)
+        reply = _Reply(self, chat, config.logprobs is not None, tools, prompt, started, think)
         if stream:
             return StreamingResponse(reply.lines(job, wake), media_type="application/x-ndjson")
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -368,17 +383,22 @@ class _Reply:
     tools: ToolChoice | None
     prompt: list[int]
     started_ns: int
+    think: Thinking | None = None
 
-    def _obj(self, text: str, logprobs=None, calls=None) -> dict:
+    def _obj(self, text: str, logprobs=None, calls=None, thinking: str = "") -> dict:
         out = {"model": self.ollama.name, "created_at": _now()}
         if self.chat:
             message = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
             if calls:
                 message["tool_calls"] = [{"function": {"index": i, "name": name, "arguments": json.loads(args)}}
                                          for i, (name, args) in enumerate(calls)]
             out["message"] = message
         else:
             out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
         if self.logprobs and logprobs:
             out["logprobs"] = token_logprobs(self.ollama.lm.tokenizer, logprobs)
         return out | {"done": False}
@@ -393,18 +413,16 @@ class _Reply:
                       "eval_count": last.generation_tokens, "eval_duration": int(eval_ns)}
 
     def whole(self, records: list[GenerationResponse]) -> dict:
-        text, calls = "".join(r.text for r in records), None
-        if self.tools is not None:
-            text, calls = self.tools.split(text)
+        thinking, text, calls = ReplyStream(self.think, self.tools).whole("".join(r.text for r in records))
         lps = [i for r in records for i in r.logprobs]
-        out = self._obj(text, lps, calls)
+        out = self._obj(text, lps, calls, thinking)
         return self._done(out, records[-1], [r.token for r in records if r.token is not None])
 
     async def lines(self, job, wake: asyncio.Event) -> AsyncIterator[str]:
         """The NDJSON stream; whenever it stops early (the client left), the job ends at its next token. A tool
         call is held back until it is whole, then sent as one piece."""
         tokens: list[int] = []
-        split = CallStream(self.tools)
+        split = ReplyStream(self.think, self.tools)
         try:
             async for r in _records_or_error(job, wake):
                 if isinstance(r, ApiError):  # the status is out: the error becomes the stream's last line
@@ -415,13 +433,13 @@ class _Reply:
                     return
                 if r.token is not None:
                     tokens.append(r.token)
-                text = split.feed(r.text)
-                if text or (r.logprobs and split.call is None):
-                    yield _line(self._obj(text, r.logprobs))
+                thinking, text = split.feed(r.text)
+                if thinking or text or (r.logprobs and not split.in_call):
+                    yield _line(self._obj(text, r.logprobs, thinking=thinking))
                 if r.finish_reason is not None:
-                    text, calls = split.finish()  # calls cut short by max_tokens come as text
-                    if text or calls:
-                        yield _line(self._obj(text, None, calls))
+                    thinking, text, calls = split.finish()  # calls cut short by max_tokens come as text
+                    if thinking or text or calls:
+                        yield _line(self._obj(text, None, calls, thinking))
                     yield _line(self._done(self._obj(""), r, tokens))
         finally:
             job.cancel()

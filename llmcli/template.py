@@ -316,12 +316,12 @@ class ChatTemplate:
             return cls(source, origin, bos_token=bos_token, eos_token=eos_token)
         return cls(CHATML, "fallback (ChatML)", is_fallback=True, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
-               ) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               options: dict | None = None) -> str:
         """The prompt text for `messages` ({"role", "content"} dicts; an assistant's may carry `tool_calls`, and a
         `tool` message a result), ending with the assistant's turn opened when `add_generation_prompt`. `tools`:
-        the functions the model may call, as OpenAI and transformers give them. Every failure is one
-        TemplateError."""
+        the functions the model may call, as OpenAI and transformers give them; `options`: more variables for the
+        template (`enable_thinking`: False, say). Every failure is one TemplateError."""
         template = self.compile()
         # transformers leaves a token the model lacks undefined
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
@@ -332,8 +332,9 @@ class ChatTemplate:
         token = _limits.set(limits)
         try:
             out, n = [], 0
-            for chunk in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           tools=tools, documents=None, **special):
+            for chunk in template.generate(**(options or {}), messages=messages,
+                                           add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
+                                           **special):
                 n += len(chunk)
                 if n > limits.max_text:
                     raise _LimitExceeded(f"the prompt grew past {limits.max_text} characters")

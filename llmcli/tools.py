@@ -153,7 +153,7 @@ class CallStream:
             if at >= 0:
                 self.call, self.pending = held[at:], ""
                 return held[:at]
-            keep = _ends_with_start(held, begin)
+            keep = tail_overlap(held, begin)
             self.pending = held[len(held) - keep:]
             return held[:len(held) - keep]
         self.pending += text
@@ -174,7 +174,7 @@ class CallStream:
         return self.pending, None
 
 
-def _ends_with_start(text: str, word: str) -> int:
+def tail_overlap(text: str, word: str) -> int:
     """The length of the longest end of `text` that `word` begins with (shorter than `word`)."""
     for n in range(min(len(word) - 1, len(text)), 0, -1):
         if word.startswith(text[-n:]):
