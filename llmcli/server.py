@@ -504,23 +504,18 @@ class Api:
             raise ApiError(400, "'stream_options' must be an object, and only with 'stream': true",
                            "stream_options", "invalid_value")
         include_usage = bool(options and _bool(options, "include_usage"))
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        job = self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
+        job, wake = self.start(prompt, config)
         render = _Render(self, chat, config.logprobs is not None, tools, think)
         if stream:
             return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-        try:
-            records = [r async for r in _records(job, wake)]
-        finally:
-            watcher.cancel()
-            job.cancel()
-        last = records[-1]
-        if last.finish_reason == "interrupted":
-            raise ApiError(503, "the server is shutting down", None, "server_shutting_down", "server_error")
-        return JSONResponse(render.whole(records))
+        return JSONResponse(render.whole(await whole_reply(request, job, wake)))
+
+    def start(self, prompt: list[int], config: GenerationConfig) -> tuple[Job, asyncio.Event]:
+        """Queue a generation: its job, and the event the scheduler's thread sets after each of its records."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        return self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set)), wake
 
     async def _events(self, job: Job, wake: asyncio.Event, render: _Render, include_usage: bool
                       ) -> AsyncIterator[str]:
@@ -581,6 +576,19 @@ async def _records(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationRes
         if isinstance(item, BaseException):
             raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", None, None, "server_error")
         yield item
+
+
+async def whole_reply(request: Request, job: Job, wake: asyncio.Event) -> list[GenerationResponse]:
+    """All of a job's records; the job ends early if the client goes away, and a shutdown is a 503."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        records = [r async for r in _records(job, wake)]
+    finally:
+        watcher.cancel()
+        job.cancel()
+    if records[-1].finish_reason == "interrupted":
+        raise ApiError(503, "the server is shutting down", None, "server_shutting_down", "server_error")
+    return records
 
 
 async def _records_or_error(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationResponse | ApiError]:

@@ -27,14 +27,13 @@ from llmcli.server import (
     Api,
     ApiError,
     _bool,
-    _cancel_on_disconnect,
     _guard,
     _number,
-    _records,
     _records_or_error,
     _tool_choice,
     generation_config,
     token_logprobs,
+    whole_reply,
 )
 from llmcli.thinking import ReplyStream, Thinking
 from llmcli.tools import ToolChoice
@@ -349,21 +348,11 @@ class Ollama:
     async def _respond(self, request: Request, prompt: list[int], config: GenerationConfig, stream: bool,
                        chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
         started = time.monotonic_ns()
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        job = self.api.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set))
+        job, wake = self.api.start(prompt, config)
         reply = _Reply(self, chat, config.logprobs is not None, tools, prompt, started, think)
         if stream:
             return StreamingResponse(reply.lines(job, wake), media_type="application/x-ndjson")
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-        try:
-            records = [r async for r in _records(job, wake)]
-        finally:
-            watcher.cancel()
-            job.cancel()
-        if records[-1].finish_reason == "interrupted":
-            raise ApiError(503, "the server is shutting down")
-        return JSONResponse(reply.whole(records))
+        return JSONResponse(reply.whole(await whole_reply(request, job, wake)))
 
 
 def _stream(body: dict) -> bool:

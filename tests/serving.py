@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -60,3 +61,39 @@ class Served:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, err
+
+
+def junk_maker(rng, values: list, keys: list):
+    """A maker of random JSON values (`values`, and lists and objects of them keyed by `keys`), nested a little:
+    the fields of a request, wrongly typed."""
+
+    def junk(depth=0):
+        if depth > 2 or rng.random() < 0.5:
+            return rng.choice(values)
+        if rng.random() < 0.5:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(4))}
+
+    return junk
+
+
+def refused_in_words(parse) -> bool:
+    """Whether a request's fields are refused in words: parse() reads them into (the tools it offers, the JSON
+    Schema text of its format), whose grammars are then built. A 4xx ApiError or a GrammarError is a refusal; any
+    other exception is a bug, and goes up."""
+    from llmcli.grammar import GrammarError
+    from llmcli.json_schema import json_grammar
+    from llmcli.server import ApiError
+
+    try:
+        choice, schema = parse()
+        if choice is not None:
+            choice.grammar()
+        if schema is not None:
+            json_grammar(json.loads(schema))
+    except ApiError as e:
+        assert 400 <= e.status < 500
+        return True
+    except GrammarError:
+        return True
+    return False

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 ollama = pytest.importorskip("ollama")
-from serving import KEY, Served  # noqa: E402
+from serving import KEY, Served, junk_maker, refused_in_words  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a haiku about the sea"}]
 GREEDY = {"temperature": 0, "num_predict": 16}
@@ -278,22 +278,14 @@ def test_random_bodies_are_refused_in_words():
     import random
 
     from llmcli.engine import GenerationConfig
-    from llmcli.grammar import GrammarError
-    from llmcli.json_schema import json_grammar
-    from llmcli.server import ApiError, _chat_messages, _tool_choice, generation_config
+    from llmcli.server import _chat_messages, _tool_choice, generation_config
     from llmcli.server_ollama import SAMPLING, _openai_messages, _options, _schema
 
     rng = random.Random(5)
     values = [None, True, 0, -1, -2, 1, 2.5, float("inf"), "", "x", "json", [], {}, ["a"], {"a": 1}, 10**30]
     keys = ["function", "name", "arguments", "type", "role", "content", "tool_calls", "tool_name", "images",
             "properties", "stop", "seed", *SAMPLING, "num_predict", "mirostat", "num_ctx"]
-
-    def junk(depth=0):
-        if depth > 2 or rng.random() < 0.5:
-            return rng.choice(values)
-        if rng.random() < 0.5:
-            return [junk(depth + 1) for _ in range(rng.randrange(3))]
-        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(4))}
+    junk = junk_maker(rng, values, keys)
 
     refused = 0
     for _ in range(3000):
@@ -307,18 +299,12 @@ def test_random_bodies_are_refused_in_words():
                 "format": rng.choice([None, "json", junk(), {"type": "object", "properties": junk()}])}
         if rng.random() < 0.3:
             body["tools"] = rng.choice([junk(), [WEATHER], [WEATHER, junk()]])
-        try:
+
+        def parse(body=body):
             _chat_messages({"messages": _openai_messages(body["messages"])})
             choice = _tool_choice({"tools": body.get("tools")})
-            if choice is not None:
-                choice.grammar()
             generation_config(_options(body, 512), GenerationConfig(), 1000, None)
-            schema = _schema(body)
-            if schema is not None:
-                json_grammar(json.loads(schema))
-        except ApiError as e:
-            assert 400 <= e.status < 500
-            refused += 1
-        except GrammarError:
-            refused += 1
+            return choice, _schema(body)
+
+        refused += refused_in_words(parse)
     assert refused > 1000
