@@ -41,37 +41,58 @@ IMPLIED = {"object": {"properties", "required", "additionalProperties"},
            "number": set(BOUNDS)}
 
 
-def json_grammar(schema: dict | bool | None = None) -> Grammar:
+def json_grammar(schema: dict | bool | None = None, think: str | None = None) -> Grammar:
     """None: any JSON object (OpenAI's json_object); else a value that follows `schema` (GrammarError names the
-    part of it that cannot be followed)."""
+    part of it that cannot be followed). `think`: the reply may reason first (see `_answers`)."""
     j = _JsonMachines(schema)
     b = j.b
     top, end = b.state(), b.state(final=True)  # no blank before or after the value: it is the whole reply
     try:
-        b.call(top, j.free_object(j.any()) if schema is None else j.value(schema, "schema"), end)
+        value = j.free_object(j.any()) if schema is None else j.value(schema, "schema")
     except RecursionError:
         raise GrammarError("the schema is nested too deeply") from None
+    for s in _answers(b, top, think):
+        b.call(s, value, end)
     return b.build(top)
+
+
+REASONING = (b"<think>", b"</think>")
+
+
+def _answers(b: Builder, top: int, think: str | None) -> list[int]:
+    """The states where the answer may begin, for a model that reasons first in <think> ... </think>: with think
+    "closed", at once or after a reasoning block; with "opened" (the prompt opened the block), only after the
+    reasoning it is in; without, at once. Blank lines may come between the reasoning and the answer."""
+    if think is None:
+        return [top]
+    start = top if think == "opened" else _spell(b, top, [REASONING[0]])[0]
+    after = b.state(structural=False)
+    _watch(b, start, REASONING[1], after, final=False)
+    b.edge(after, b"\n", after)
+    return [after] if think == "opened" else [top, after]
 
 
 def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
                       wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments"),
-                      lazy: bool = False) -> Grammar:
+                      lazy: bool = False, think: str | None = None) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
     (`keys` names the two) with the arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
     JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),
     as a chat template writes calls, e.g. <tool_call>{...}</tool_call>. With `text`, or else plain text, which
     then does not begin as a call does ("{" or "[" unwrapped; the whole of what comes before a wrapped call); with
-    `lazy` too, the text may go on into calls wherever it writes what comes before them."""
+    `lazy` too, the text may go on into calls wherever it writes what comes before them. `think`: without text,
+    the model may reason first (see `_answers`); text holds any reasoning already."""
     j = _JsonMachines(None)
     b = j.b
     top = b.state()
     start = b.state()  # a call object
+    answers = [top] if text else _answers(b, top, think)
     if wrap is None:
         end = b.state(final=True)
-        b.call(top, start, end)
-        if several:
-            b.call(top, j.array(start, lo=1), end)
+        for s in answers:
+            b.call(s, start, end)
+            if several:
+                b.call(s, j.array(start, lo=1), end)
         first = b"{[" if several else b"{"
     else:
         between, after = wrap[1], wrap[2]
@@ -80,7 +101,9 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
             begin_at = b.state()
             _watch(b, top, wrap[0].encode(), begin_at)
         else:
-            begin_at = _spell(b, top, [wrap[0].encode()])[0]
+            begin_at = _spell(b, answers[0], [wrap[0].encode()])[0]
+            for s in answers[1:]:
+                _spell(b, s, [wrap[0].encode()], into=begin_at)
         done = b.state()
         b.call(begin_at, start, done)
         ends = _spell(b, done, [after.encode()] + ([] if between is None or not several else [between.encode()]))
@@ -128,12 +151,13 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
     return b.build(top)
 
 
-def _watch(b: Builder, top: int, word: bytes, target: int) -> None:
+def _watch(b: Builder, top: int, word: bytes, target: int, final: bool = True) -> None:
     """Free text from `top` that goes on at `target` once it has written `word`: each of its states is how much of
-    `word` the text ends with (Knuth-Morris-Pratt's automaton), so the machine stays deterministic."""
+    `word` the text ends with (Knuth-Morris-Pratt's automaton), so the machine stays deterministic. `final`: the
+    output may end in the text."""
     m = len(word)
-    states = [top] + [b.state(final=True, structural=False) for _ in range(m - 1)]
-    b.final[top], b.structural[top] = True, False
+    states = [top] + [b.state(final=final, structural=False) for _ in range(m - 1)]
+    b.final[top], b.structural[top] = final, False
     for s in states:  # free text, at home in `top` (the mask walks only the tokens that could leave it)
         b.loop[s], b.watch[s] = True, top
     dfa = [[0] * 256 for _ in range(m)]
@@ -148,13 +172,17 @@ def _watch(b: Builder, top: int, word: bytes, target: int) -> None:
             b.edge(states[j], [c], target if k == m else states[k])
 
 
-def _spell(b: Builder, s: int, words: list[bytes]) -> list[int]:
+def _spell(b: Builder, s: int, words: list[bytes], into: int | None = None) -> list[int]:
     """States spelling each word from s (words that begin alike share their states, and a word may begin
-    another): the state where each word ends."""
+    another): the state where each word ends (`into`: the last byte of a word goes there)."""
     ends = []
     for word in words:
         at = s
-        for c in word:
+        for i, c in enumerate(word):
+            if into is not None and i == len(word) - 1:
+                b.edge(at, [c], into)
+                at = into
+                break
             move = b.moves[at].get(c)
             if move is None:
                 nxt = b.state(structural=False)  # the template's own bytes, blanks included, as they are

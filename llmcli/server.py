@@ -304,22 +304,22 @@ class Api:
         self.syntax = call_syntax(self.lm.template, self.lm.tokenizer)
         self.think = thinking(self.lm.template)  # whether replies begin with reasoning
 
-    def _build_grammar(self, kind: str, text: str) -> Grammar:
+    def _build_grammar(self, kind: str, text: str, think: str | None) -> Grammar:
         if kind == "tools":
             required, several, listed, syntax = json.loads(text)
             grammar = ToolChoice(tuple(Tool(*t) for t in listed), required, several,
-                                 CallSyntax(*syntax) if syntax else None).grammar()
+                                 CallSyntax(*syntax) if syntax else None).grammar(think)
         else:
-            grammar = json_grammar(json.loads(text))
+            grammar = json_grammar(json.loads(text), think)
         # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
         Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab)).mask()
         return grammar
 
-    async def grammar(self, param: str, schema: str | None = None, tools: ToolChoice | None = None
-                      ) -> Grammar | None:
+    async def grammar(self, param: str, schema: str | None = None, tools: ToolChoice | None = None,
+                      think: str | None = None) -> Grammar | None:
         """The grammar of a reply that must follow `schema` (JSON Schema as JSON text, "null": any JSON object) or
-        call `tools`; built off the event loop (a schema can take a while). `param`: the request field a schema
-        that cannot be followed is blamed on."""
+        call `tools`, after any reasoning (`think`, from think_mode); built off the event loop (a schema can take a
+        while). `param`: the request field a schema that cannot be followed is blamed on."""
         if tools is not None:
             key = ("tools", json.dumps(
                 [tools.required, tools.several, [[t.name, t.description, t.parameters] for t in tools.tools],
@@ -329,15 +329,16 @@ class Api:
         else:
             return None
         try:
-            return await asyncio.to_thread(self._grammar, *key)
+            return await asyncio.to_thread(self._grammar, *key, think)
         except GrammarError as e:
             raise ApiError(400, f"'{param}': {e}", param, "invalid_value") from None
 
-    async def _format(self, body: dict, tools: ToolChoice | None = None) -> Grammar | None:
+    async def _format(self, body: dict, tools: ToolChoice | None = None, think: str | None = None
+                      ) -> Grammar | None:
         """The grammar `response_format` or the tools ask for."""
         if tools is not None:
-            return await self.grammar("tools", tools=tools)
-        return await self.grammar("response_format", _response_format(body))
+            return await self.grammar("tools", tools=tools, think=think)
+        return await self.grammar("response_format", _response_format(body), think=think)
 
     def app(self) -> Starlette:
         routes = [
@@ -422,7 +423,7 @@ class Api:
         body = await self._body(request)
         options = _template_options(body)
         prompt, tools = self.conversation(body, _tool_choice(body), options)
-        grammar = await self._format(body, tools)
+        grammar = await self._format(body, tools, self.think_mode(options))
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top is not None and not want_logprobs:
@@ -430,18 +431,18 @@ class Api:
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
         return await self._respond(request, body, prompt, config, chat=True, tools=tools,
-                                   think=self.reasoning(options, grammar, tools))
+                                   think=self.reasoning(options))
 
-    def reasoning(self, options: dict, grammar: Grammar | None, tools: ToolChoice | None) -> Thinking | None:
-        """How the reply's reasoning is told from its answer; None where there is none to tell: a model that does
-        not think, thinking turned off, or a format that writes the answer from the first token in a prompt that
-        opened the reasoning already."""
-        think = self.think
-        if think is None or options.get("enable_thinking") is False:
+    def think_mode(self, options: dict) -> str | None:
+        """Whether a reply reasons first, for its grammar: "opened" (the prompt opened the reasoning), "closed"
+        (the model may open it), None (a model that does not think, or thinking turned off)."""
+        if self.think is None or options.get("enable_thinking") is False:
             return None
-        if think.opened and grammar is not None and not (tools is not None and tools.lazy):
-            return None
-        return think
+        return "opened" if self.think.opened else "closed"
+
+    def reasoning(self, options: dict) -> Thinking | None:
+        """How a reply's reasoning is told from its answer; None where there is none."""
+        return self.think if self.think_mode(options) else None
 
     def conversation(self, body: dict, tools: ToolChoice | None, options: dict | None = None
                      ) -> tuple[list[int], ToolChoice | None]:

@@ -67,13 +67,14 @@ class ToolChoice:
         model may think or say something first; calls then begin wherever the marker comes)."""
         return not self.required and self.syntax is not None and bool(self.syntax.begin)
 
-    def grammar(self) -> Grammar:
+    def grammar(self, think: str | None = None) -> Grammar:
+        """`think`: the model may reason before it calls ("opened" where the prompt opened the reasoning)."""
         wrap, keys = None, ("name", "arguments")
         if self.syntax is not None:
             x = self.syntax
             wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key)
         return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
-                                 several=self.several, wrap=wrap, keys=keys, lazy=self.lazy)
+                                 several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think)
 
     def decide(self, text: str) -> bool | None:
         """Whether a reply that begins with `text` is a call; None while `text` could still turn out either way.

@@ -108,8 +108,13 @@ def test_reasoning_through_the_openai_and_ollama_apis(smollm2_path):
         g = o.generate(model=s.model, prompt=ask["messages"][0]["content"], options=options, stream=False)
         assert g.thinking == reasoning and g.response == ""
         assert "thinking" in o.show(s.model).capabilities
-        # a format written from the first token is the answer, not reasoning
-        r = c.chat.completions.create(**(ask | {"max_tokens": 60}), response_format={"type": "json_object"})
+        # a format comes after the reasoning: SmolLM2 never closes it, so the answer never begins; thinking off,
+        # the format is the answer at once
+        r = c.chat.completions.create(**ask, response_format={"type": "json_object"})
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == ""
+        assert r.choices[0].message.model_extra["reasoning_content"]
+        r = c.chat.completions.create(**(ask | {"max_tokens": 60}), response_format={"type": "json_object"},
+                                      extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     finally:
         s.stop()
@@ -119,3 +124,39 @@ def test_reasoning_through_the_openai_and_ollama_apis(smollm2_path):
 def test_a_reply_without_reasoning_markers_is_all_answer_or_all_reasoning(think):
     reasoning, answer = _stream(think, ["Just", " an answer."])
     assert (reasoning, answer) == (("Just an answer.", "") if think.opened else ("", "Just an answer."))
+
+
+@pytest.mark.parametrize("think", ["closed", "opened"])
+def test_a_format_or_a_required_call_may_come_after_reasoning(think, smollm2_path):
+    """A model that thinks reasons first, then writes the format or the call: the grammar takes a <think> block
+    (or, where the prompt opened it, the rest of one) before the answer, and nothing but the answer after it."""
+    from llmcli.grammar import Constraint, vocabulary_bytes
+    from llmcli.json_schema import json_grammar
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    g = json_grammar(schema, think)
+    lead = "" if think == "opened" else "<think>"
+    for ok in (lead + "\nSo a is 1.\n</think>\n\n{\"a\": 1}", lead + "x < y, </thin> </think>{\"a\": 2}"):
+        assert g.accepts(ok.encode()), ok
+    for bad in (lead + "\nhmm\n</think>\n\nThe answer is 1.", lead + "\nstill thinking", lead + "</think> {\"a\": 1}"):
+        assert not g.accepts(bad.encode()), bad
+    assert g.accepts(b'{"a": 3}') == (think == "closed")  # an answer at once, where the prompt opened nothing
+    call = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>'
+    choice = ToolChoice((Tool("get", "", {"type": "object", "properties": {}, "additionalProperties": False}),),
+                        required=True, syntax=CallSyntax("<tool_call>\n", None, "\n</tool_call>"))
+    tg = choice.grammar(think)
+    assert tg.accepts((lead + "I will call get.</think>\n\n" + call).encode())
+    assert tg.accepts(call.encode()) == (think == "closed")
+    assert not tg.accepts((lead + "I will not call.</think>\n\nNo.").encode())
+    reasoning, text, calls = ReplyStream(OPENS if think == "opened" else CLOSED, choice).whole(
+        lead + "I will call get.</think>\n\n" + call)
+    assert (reasoning, text, calls) == ("I will call get.", "", [("get", "{}")])
+    tok = Tokenizer.from_gguf(read_gguf(smollm2_path))
+    vocab = vocabulary_bytes(tok, tok.vocab_size)
+    for prefix in ("", lead, lead + "Hmm <", lead + "Hmm </think", lead + "Hmm </think>\n"):
+        c = Constraint(tg, vocab, tok.stop_ids)
+        assert c.feed(prefix.encode())
+        mask = c.mask().copy()
+        assert mask.any() and all(mask[t] == c.allows(t) for t in range(tok.vocab_size))
