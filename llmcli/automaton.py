@@ -341,6 +341,14 @@ class _Parser:
                 raise self.refuse("a repetition of a repetition")
             atom = ("rep", atom, lo, hi)
 
+    def counts_at(self, i: int) -> bool:
+        """Whether a count ({n}, {n,m}, ...) is written at i."""
+        here, self.i = self.i, i
+        try:
+            return self.counts(look=True) is not None
+        finally:
+            self.i = here
+
     def counts(self, look: bool = False):
         """{n}, {n,}, {n,m} at the cursor -> (n, m or None), moving past it; None (not moving) where "{" is a
         character, as it is when no count follows."""
@@ -385,7 +393,7 @@ class _Parser:
             return ("set", self.escape(in_class=False))
         if c in ("^", "$"):
             raise self.refuse(f"the anchor {c!r} inside the pattern (anchors begin or end an alternative)")
-        if c in ("*", "+", "?", ")"):
+        if c in ("*", "+", "?", ")") or (c == "{" and self.counts_at(self.i - 1)):
             raise self.refuse(f"{c!r} with nothing before it")
         return ("set", _char(c))
 

@@ -337,6 +337,42 @@ def test_a_pattern_against_pythons_re(regex):
     assert accepted
 
 
+def test_random_patterns_are_refused_by_name_or_followed():
+    """Random regular expressions of the syntax's pieces: either refused (GrammarError) or built into a machine
+    whose random strings Python's re finds, and that agrees with re on random ASCII strings (and on the others,
+    where the pattern has no \\w-like class, which is written as its ASCII members)."""
+    import re
+    import warnings
+
+    pieces = ["a", "b", "x", "0", "9", ".", "\\d", "\\w", "\\s", "\\D", "\\W", "\\S", "\\.", "\\-", "\\\\",
+              "[abc]", "[^abc]", "[a-z]", "[0-9_]", "[-a]", "[a-]", "[\\d.]", "[\\w-]", "[]a]", "[^]a]", "(", ")",
+              "(?:", "|", "*", "+", "?", "{2}", "{1,3}", "{,2}", "{2,}", "{", "}", "^", "$", "é", "\\u00e9",
+              "\\x41", " ", "-", "[", "]", "*?", "(?P<n>", "(?=", "\\b", "\\1", '"', "\\n"]
+    rng = random.Random(17)
+    built = 0
+    for _ in range(600):
+        regex = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        try:
+            g = json_grammar({"type": "string", "pattern": regex})
+        except GrammarError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            compiled = re.compile(regex)  # what is built, Python reads
+        built += 1
+        for _ in range(10):
+            text = _walk_randomly(g, rng, limit=60)
+            if text is not None:
+                assert compiled.search(json.loads(text)), (regex, text)
+        classes = re.search(r"\\[wdsWDS]", regex) is not None
+        for _ in range(30):
+            value = "".join(rng.choice("abx09. -_é{}]A") for _ in range(rng.randrange(0, 6)))
+            got = g.accepts(json.dumps(value, ensure_ascii=False).encode())
+            want = compiled.search(value) is not None
+            assert got == want if value.isascii() or not classes else not got or want, (regex, value)
+    assert built > 150
+
+
 def test_a_recursive_schema_and_a_deep_one():
     tree = {"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {
         "$ref": "#/$defs/node"}}}, "required": ["children"]}}, "$ref": "#/$defs/node"}
