@@ -11,6 +11,7 @@ from rich.console import Console
 
 from llmcli.engine import GenerationConfig, GenerationResponse, Session, encode_chat
 from llmcli.speculative import acceptance_line
+from llmcli.thinking import Thinking, ThinkStream
 from quant.errors import LlmError, PromptError
 
 HELP = """\
@@ -43,18 +44,18 @@ class Conversation:
         self.turns.clear()
         self.first = 0
 
-    def fit(self, session: Session, reserve: int) -> tuple[list[int], int]:
+    def fit(self, session: Session, reserve: int, options: dict | None = None) -> tuple[list[int], int]:
         """Prompt ids for the conversation leaving `reserve` positions for the reply; leaves the oldest turns
         out if needed. Returns (ids, number of messages left out now). A last message that cannot fit even
-        alone is refused before anything is left out."""
+        alone is refused before anything is left out. `options`: more variables for the template."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        alone = encode_chat(session, head + self.turns[-1:])
+        alone = encode_chat(session, head + self.turns[-1:], options)
         if len(alone) + reserve > session.n_ctx:
             raise PromptError(f"the message needs {len(alone)} tokens, and the context holds {session.n_ctx} "
                               f"with {reserve} kept for the reply (raise --ctx or shorten it)")
         dropped = 0
         while True:
-            ids = encode_chat(session, self.messages())
+            ids = encode_chat(session, self.messages(), options)
             if len(ids) + reserve <= session.n_ctx or self.first >= len(self.turns) - 1:
                 return ids, dropped
             # leave out the oldest exchange: a user message and the reply that follows it
@@ -114,11 +115,13 @@ class ChatLoop:
     """The REPL: reads messages and slash commands, streams replies."""
 
     def __init__(self, session: Session, config: GenerationConfig, console: Console, err: Console,
-                 system: str | None = None, context_shift: bool = False):
+                 system: str | None = None, context_shift: bool = False, options: dict | None = None,
+                 reasoning: Thinking | None = None):
         """context_shift: when old turns are dropped, shift the KV cache past them (Session.shift_for) rather
-        than recompute the turns that stay."""
+        than recompute the turns that stay. options: more variables for the template; reasoning: how a thinking
+        model's reasoning is told from its answer (shown dimmed)."""
         self.session, self.config, self.console, self.err = session, config, console, err
-        self.context_shift = context_shift
+        self.context_shift, self.options, self.reasoning = context_shift, options, reasoning
         self.conv = Conversation(system=system)
         self.last: GenerationResponse | None = None
         self.interactive = sys.stdin.isatty()
@@ -192,7 +195,7 @@ class ChatLoop:
     def reply(self, text: str) -> None:
         self.conv.turns.append({"role": "user", "content": text})
         try:
-            ids, dropped = self.conv.fit(self.session, self.reserve())
+            ids, dropped = self.conv.fit(self.session, self.reserve(), self.options)
         except LlmError as e:  # too long, or the template failed: the message is refused, the history kept
             self.conv.turns.pop()
             self.err.print(str(e), style="red", markup=False)
@@ -207,11 +210,12 @@ class ChatLoop:
             self.err.print(f"[yellow]context nearly full: dropped the {dropped} oldest messages from the prompt "
                            f"(the system prompt is kept; /save keeps them all)[/]")
         pieces, interrupted = [], False
+        split = ThinkStream(self.reasoning) if self.reasoning is not None else None
         try:
             for r in self.session.generate(ids, self.config):
                 if r.text:
                     pieces.append(r.text)
-                    self.console.print(r.text, end="", markup=False, highlight=False, soft_wrap=True)
+                    self.show(*(split.feed(r.text) if split is not None else ("", r.text)))
                 if r.finish_reason:
                     self.last = r
                     interrupted = r.finish_reason == "interrupted"
@@ -223,10 +227,19 @@ class ChatLoop:
             self.conv.turns.pop()
             self.session.reset()
             return
+        if split is not None:
+            self.show(*split.finish())
         self.console.print()
         if interrupted:
             self.err.print("[dim](reply stopped)[/]")
         self.conv.turns.append({"role": "assistant", "content": "".join(pieces)})
+
+    def show(self, reasoning: str, text: str) -> None:
+        """A piece of the reply: its reasoning dimmed, its answer as it is."""
+        if reasoning:
+            self.console.print(reasoning, end="", style="dim italic", markup=False, highlight=False, soft_wrap=True)
+        if text:
+            self.console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
     def run(self) -> None:
         self.err.print("[dim]Type a message, /help for commands, Ctrl-D to leave.[/]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -29,13 +30,31 @@ def _gen_config(max_tokens, stop, sampling: dict, fmt: str | None = None):
     return GenerationConfig(**kwargs)
 
 
-def _output_format(fmt: str):
-    """--format: 'json', or a JSON Schema file -> its Grammar."""
+def _thinking(lm, think: bool | None, config, fmt: str | None):
+    """--think / --no-think for the loaded model -> (the template's options, how its reasoning is told from its
+    answer or None, the config with --format's grammar after any reasoning)."""
+    from llmcli.thinking import think_options, thinking
+
+    options, reasoning = think_options(thinking(lm.template), think)
+    if reasoning is not None and fmt is not None:
+        config = dataclasses.replace(config, grammar=_output_format(fmt, reasoning.mode))
+    return options, reasoning, config
+
+
+def _reasoning_out(text: str) -> None:
+    """A thinking model's reasoning, on stderr: dimmed on a terminal."""
+    if text:
+        sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if sys.stderr.isatty() else text)
+        sys.stderr.flush()
+
+
+def _output_format(fmt: str, think: str | None = None):
+    """--format: 'json', or a JSON Schema file -> its Grammar (`think`: after any reasoning, as json_grammar)."""
     from llmcli.grammar import GrammarError
     from llmcli.json_schema import json_grammar
 
     if fmt == "json":
-        return json_grammar()
+        return json_grammar(None, think)
     path = Path(fmt)
     try:
         if path.stat().st_size > MAX_SCHEMA_BYTES:
@@ -48,7 +67,7 @@ def _output_format(fmt: str):
     except (ValueError, RecursionError) as e:
         raise LlmError(f"--format {fmt}: not a JSON file ({e})") from None
     try:
-        return json_grammar(schema)
+        return json_grammar(schema, think)
     except GrammarError as e:
         raise LlmError(f"--format {fmt}: {e}") from None
 
@@ -139,15 +158,16 @@ def run(
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None, fmt: opt.Format = None,
-    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None, think: opt.Think = None,
 ) -> None:
-    """One-shot generation; only the generated text goes to stdout.
+    """One-shot generation; only the generated text goes to stdout (a thinking model's reasoning to stderr).
 
     Example: llm run smollm2 "Write a haiku about the sea" --temperature 0
     """
     from llmcli.engine import Session, encode_chat
     from llmcli.speculative import acceptance_line
     from llmcli.store import resolve_model
+    from llmcli.thinking import ThinkStream
 
     model, prompt = _split_model_and_text(model, prompt)
     if raw and system:
@@ -164,16 +184,24 @@ def run(
     session = Session(lm, ctx, kv_type=kv_type, spec=spec, draft=_open(draft, backend, threads) if draft else None)
     _warn_ctx(session, ctx)
     if raw:
-        ids = lm.tokenizer.encode(prompt)
+        ids, reasoning = lm.tokenizer.encode(prompt), None
     else:
+        options, reasoning, config = _thinking(lm, think, config, fmt)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = encode_chat(session, messages)
+        ids = encode_chat(session, messages, options)
+    split = ThinkStream(reasoning) if reasoning is not None else None
     last = None
     for r in session.generate(ids, config):
         if r.text:
-            sys.stdout.write(r.text)
+            thought, text = split.feed(r.text) if split is not None else ("", r.text)
+            _reasoning_out(thought)
+            sys.stdout.write(text)
             sys.stdout.flush()
         last = r
+    if split is not None:
+        thought, text = split.finish()
+        _reasoning_out(thought)
+        sys.stdout.write(text)
     if not raw or sys.stdout.isatty():
         sys.stdout.write("\n")
     sys.stdout.flush()
@@ -201,9 +229,10 @@ def chat(
         "--context-shift", help="When the context is full, drop the oldest turns and shift the KV cache past them "
         "instead of recomputing the rest.", metavar=opt.FLAG)] = False,
     fmt: opt.Format = None,
-    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
+    lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None, think: opt.Think = None,
 ) -> None:
-    """Chat in the terminal, streaming replies; the KV cache is reused across turns.
+    """Chat in the terminal, streaming replies (a thinking model's reasoning dimmed); the KV cache is reused
+    across turns.
 
     Example: llm chat smollm2 --system "You are terse."
     """
@@ -224,11 +253,13 @@ def chat(
         draft_lm = _open(draft, backend, threads) if draft else None
     session = Session(lm, ctx, kv_type=kv_type, spec=spec, draft=draft_lm)
     _warn_ctx(session, ctx)
+    options, reasoning, config = _thinking(lm, think, config, fmt)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 must not end the conversation
     label = model or DEFAULT_MODEL
     err.print(f"[dim]{label} · {lm.hparams.arch} · {lm.model.name} backend · context {session.n_ctx}[/]")
-    ChatLoop(session, config, Console(highlight=False), err, system=system, context_shift=context_shift).run()
+    ChatLoop(session, config, Console(highlight=False), err, system=system, context_shift=context_shift,
+             options=options, reasoning=reasoning).run()
 
 
 def tokenize(

@@ -103,10 +103,12 @@ def load(path: Path, backend: str | None = None, threads: int | None = None,
     return LoadedModel(gguf, model.hparams, model, tok, tmpl, time.perf_counter() - t0)
 
 
-def encode_chat(session: Session, messages: list[dict]) -> list[int]:
-    """Messages -> prompt ids via the chat template (the template adds BOS itself where the model wants it)."""
+def encode_chat(session: Session, messages: list[dict], options: dict | None = None) -> list[int]:
+    """Messages -> prompt ids via the chat template (the template adds BOS itself where the model wants it);
+    `options`: more variables for the template."""
     lm = session.lm
-    return lm.tokenizer.encode(lm.template.render(messages, add_generation_prompt=True), add_special=False)
+    return lm.tokenizer.encode(lm.template.render(messages, add_generation_prompt=True, options=options),
+                               add_special=False)
 
 
 def context_size(hp: HParams, ctx: int | None) -> int:

@@ -46,6 +46,10 @@ Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.", metavar=FLAG)]
+Think = Annotated[bool | None, typer.Option(
+    "--think/--no-think", help="For a model that reasons first (Qwen3, QwQ, ...): its reasoning goes apart from "
+    "the answer (to stderr, dimmed); --no-think turns thinking off where its template can (Qwen3's "
+    "enable_thinking).", show_default=False)]
 Format = Annotated[str | None, typer.Option(
     "--format", help="The reply's format: 'json' (a JSON object) or a JSON Schema file the reply follows "
     "(its objects' properties in the schema's order).", show_default=False)]

@@ -438,7 +438,7 @@ class Api:
         (the model may open it), None (a model that does not think, or thinking turned off)."""
         if self.think is None or options.get("enable_thinking") is False:
             return None
-        return "opened" if self.think.opened else "closed"
+        return self.think.mode
 
     def reasoning(self, options: dict) -> Thinking | None:
         """How a reply's reasoning is told from its answer; None where there is none."""

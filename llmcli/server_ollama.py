@@ -35,8 +35,9 @@ from llmcli.server import (
     token_logprobs,
     whole_reply,
 )
-from llmcli.thinking import ReplyStream, Thinking
+from llmcli.thinking import ReplyStream, Thinking, think_options
 from llmcli.tools import ToolChoice
+from quant.errors import LlmError
 
 # ollama's options (its client's `Options`), by what llm does with each
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
@@ -278,9 +279,10 @@ class Ollama:
         think = body.get("think")
         if think is not None and not isinstance(think, bool):
             raise ApiError(400, "'think' must be true or false", "think")
-        if think and self.api.think is None:
-            raise ApiError(400, f"'{self.name}' does not think: its chat template writes no reasoning", "think")
-        return {"enable_thinking": False} if think is False else {}
+        try:
+            return think_options(self.api.think, think)[0]
+        except LlmError as e:
+            raise ApiError(400, f"'{self.name}': {e}", "think") from None
 
     def _loaded(self, chat: bool) -> Response:
         """ollama's answer to a request with nothing to generate: the model is loaded (it always is here)."""

@@ -23,6 +23,11 @@ class Thinking:
 
     opened: bool
 
+    @property
+    def mode(self) -> str:
+        """For the grammars (llmcli/json_schema.py): the reply begins inside the reasoning, or may open it."""
+        return "opened" if self.opened else "closed"
+
 
 @lru_cache(maxsize=8)
 def thinking(template) -> Thinking | None:
@@ -110,3 +115,13 @@ class ReplyStream:
         reasoning, answer = self.feed(text)
         more, rest, calls = self.finish()
         return reasoning + more, answer + rest, calls
+
+
+def think_options(think: Thinking | None, wanted: bool | None) -> tuple[dict, Thinking | None]:
+    """A request's wish (True, False or None: the model's own way) -> (the template's options, how its reasoning
+    is told from its answer or None). LlmError where thinking is asked of a model that does not think."""
+    if wanted and think is None:
+        raise LlmError("this model does not think: its chat template writes no reasoning")
+    if wanted is False:
+        return {"enable_thinking": False}, None
+    return {}, think

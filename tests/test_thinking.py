@@ -160,3 +160,31 @@ def test_a_format_or_a_required_call_may_come_after_reasoning(think, smollm2_pat
         assert c.feed(prefix.encode())
         mask = c.mask().copy()
         assert mask.any() and all(mask[t] == c.allows(t) for t in range(tok.vocab_size))
+
+
+def test_llm_run_and_chat_keep_the_reasoning_apart(smollm2_path):
+    """`llm run`: the reasoning on stderr, only the answer on stdout (SmolLM2 never closes the block the template
+    opens: all reasoning); --no-think: the template closes it first, and the reply is the answer; --think on a
+    model that does not think: one error line. `llm chat` shows the reasoning and keeps the turn."""
+    import subprocess
+    import sys
+
+    from serving import ENV
+
+    def llm(*args, input_=""):
+        return subprocess.run([sys.executable, "-m", "llmcli", *args], input=input_, capture_output=True, text=True,
+                              timeout=600, env=ENV)
+
+    base = ["run", str(smollm2_path), "Write a haiku about the sea", "--template", str(THINK_CHATML),
+            "--temperature", "0", "-n", "12"]
+    thought = llm(*base)
+    assert thought.returncode == 0 and thought.stdout == "\n" and len(thought.stderr.split()) >= 3, thought
+    plain = llm(*base, "--no-think")
+    assert plain.returncode == 0 and plain.stdout.strip() and not plain.stderr.strip()
+    assert thought.stderr.strip() != plain.stdout.strip()  # the prompts differ: one opens the reasoning
+    r = llm("run", str(smollm2_path), "Hi", "--think")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: this model does not think: its chat template writes no reasoning"], r.stderr
+    chat = llm("chat", str(smollm2_path), "--template", str(THINK_CHATML), "--temperature", "0", "-n", "12",
+               input_="Write a haiku about the sea\n/stats\n")
+    assert chat.returncode == 0 and thought.stderr.strip() in chat.stdout, chat
