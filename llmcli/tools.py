@@ -94,30 +94,36 @@ class ToolChoice:
         return (text[:at], calls) if calls is not None else (text, None)
 
     def read(self, text: str) -> list[tuple[str, str]] | None:
-        """[(name, arguments as JSON text)] when the reply is a whole call or list of calls; None for text (or calls
-        cut short). The grammar wrote it, so a call that parses has the call's shape."""
+        """[(name, arguments as JSON text)] when the reply is a whole call or list of calls of these tools; None
+        for text (or calls cut short). Where the grammar wrote the reply, a call that parses has the call's shape;
+        an answer after a model's reasoning is looked at as any text is."""
         if not self.decide(text):
             return None
+        keys = ("name", "arguments") if self.syntax is None else (self.syntax.name_key, self.syntax.args_key)
         if self.syntax is None:
             try:
                 calls = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
-            return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-                    for c in (calls if isinstance(calls, list) else [calls])]
-        x, decoder, out = self.syntax, json.JSONDecoder(), []
-        at = len(x.begin)
-        while True:
-            try:
-                call, at = decoder.raw_decode(text, at)
-            except ValueError:
-                return None
-            out.append((call[x.name_key], json.dumps(call[x.args_key], ensure_ascii=False)))
-            if text[at:] == x.end:
-                return out
-            if x.between is None or not text.startswith(x.between, at):
-                return None
-            at += len(x.between)
+            calls = calls if isinstance(calls, list) else [calls]
+        else:
+            x, decoder, calls = self.syntax, json.JSONDecoder(), []
+            at = len(x.begin)
+            while True:
+                try:
+                    call, at = decoder.raw_decode(text, at)
+                except (ValueError, RecursionError):
+                    return None
+                calls.append(call)
+                if text[at:] == x.end:
+                    break
+                if x.between is None or not text.startswith(x.between, at):
+                    return None
+                at += len(x.between)
+        names = {t.name for t in self.tools}
+        if not calls or not all(isinstance(c, dict) and c.get(keys[0]) in names and keys[1] in c for c in calls):
+            return None
+        return [(c[keys[0]], json.dumps(c[keys[1]], ensure_ascii=False)) for c in calls]
 
     def instructions(self) -> str:
         """What the system message tells a model whose template does not show tools."""

@@ -188,3 +188,13 @@ def test_llm_run_and_chat_keep_the_reasoning_apart(smollm2_path):
     chat = llm("chat", str(smollm2_path), "--template", str(THINK_CHATML), "--temperature", "0", "-n", "12",
                input_="Write a haiku about the sea\n/stats\n")
     assert chat.returncode == 0 and thought.stderr.strip() in chat.stdout, chat
+
+
+def test_an_answer_after_reasoning_is_a_call_only_when_it_is_one():
+    """After the reasoning, an answer the grammar did not write (tools offered without the template's own way,
+    auto) is read as calls only when it is calls of the tools offered; any other JSON is text."""
+    choice = ToolChoice((Tool("get", "", {"type": "object"}),), required=False)
+    for answer in ('{"foo": 1}', "[1, 2]", '{"name": "other", "arguments": {}}', '{"name": "get"}', "{bad", "[]"):
+        assert ReplyStream(CLOSED, choice).whole("<think>hm</think>\n\n" + answer) == ("hm", answer, None), answer
+    assert ReplyStream(CLOSED, choice).whole('<think>hm</think>{"name": "get", "arguments": {"a": 1}}') == (
+        "hm", "", [("get", '{"a": 1}')])
