@@ -52,7 +52,12 @@ def serve(
     scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
-    app = Api(scheduler, model_id, defaults, api_key).app()
+    api = Api(scheduler, model_id, defaults, api_key)
+    app = api.app()
+    # what a client of tools and reasoning should know about this model's template
+    notes = [f"tool calls as its template writes them ({api.syntax.begin.strip() or 'JSON'})" if api.syntax
+             else "tool calls as JSON told in the system message", *(["reasoning apart from answers"] if api.think
+                                                                     else [])]
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C / SIGTERM: requests in flight end now, not at max_tokens
@@ -64,7 +69,7 @@ def serve(
             if self.started:
                 print(f"llm serve: {model_id} ({lm.model.name} backend, {parallel} slots of {scheduler.n_ctx} "
                       f"tokens) on http://{host}:{port}/v1 (OpenAI) and /api (ollama)"
-                      + (" (API key required)" if api_key else ""),
+                      + (" (API key required)" if api_key else "") + "; " + ", ".join(notes),
                       file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
