@@ -300,7 +300,9 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
     from llmcli.engine import context_size
     from llmcli.store import resolve_model
     from llmcli.template import ChatTemplate
+    from llmcli.thinking import thinking
     from llmcli.tokenizer import Tokenizer
+    from llmcli.tools import call_syntax
     from quant.gguf_file import read_gguf
     from quant.kvtypes import check_kv_type
 
@@ -326,6 +328,10 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
         "special_tokens": special,
         "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
+        # what `llm serve` makes of the template: how tool calls are written (None: told in the system message,
+        # as JSON), and whether replies reason first
+        "tool_calls": dataclasses.asdict(syntax) if (syntax := call_syntax(tmpl, tok)) else None,
+        "thinking": dataclasses.asdict(think) if (think := thinking(tmpl)) else None,
         # keys and values stored as kv_type at the chosen context (numba's rotating cache), and if every layer
         # kept all
         "kv_cache": {"context": n_ctx, "type": kv_type, "bytes": kv_cache_bytes(hp, n_ctx, kv_type=kv_type),
@@ -364,6 +370,12 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx
     ct = info["chat_template"]
     note = " (the model has none)" if ct["fallback"] else ""
     table.add_row("chat template", ct["origin"] + note)
+    calls = info["tool_calls"]
+    table.add_row("tool calls", f"as the template writes them: {calls['begin'].strip() or 'JSON'}" if calls
+                  else "as JSON, told in the system message")
+    if info["thinking"] is not None:
+        table.add_row("thinking", "reasons first (<think>), " + ("opened by the prompt" if info["thinking"]["opened"]
+                                                                 else "opened by the model"))
     console.print(table)
     console.rule("chat template", style="dim")
     console.print(ct["source"], markup=False)

@@ -95,6 +95,14 @@ def test_show_json(smollm2_path):
     assert 130e6 < info["parameters"] < 140e6
     assert info["chat_template"]["origin"] == "model" and not info["chat_template"]["fallback"]
     assert info["special_tokens"]["eos"] == "<|im_end|>"
+    assert info["tool_calls"] is None and info["thinking"] is None  # SmolLM2's template shows no tools, no <think>
+    here = Path(__file__).parent / "data"
+    r = llm("show", str(smollm2_path), "--json", "--template", str(here / "tools_chatml.jinja"))
+    assert json.loads(r.stdout)["tool_calls"] == {"begin": "<tool_call>\n", "between": "\n</tool_call>\n<tool_call>\n",
+                                                  "end": "\n</tool_call>", "name_key": "name",
+                                                  "args_key": "arguments", "results": True}
+    r = llm("show", str(smollm2_path), "--template", str(here / "think_chatml.jinja"))
+    assert "reasons first (<think>), opened by the prompt" in r.stdout and "told in the system message" in r.stdout
 
 
 def test_show_says_when_chatml_is_the_fallback(tmp_path, smollm2_gguf):
