@@ -37,7 +37,7 @@ def _thinking(lm, think: bool | None, config, fmt: str | None):
 
     options, reasoning = think_options(thinking(lm.template), think)
     if reasoning is not None and fmt is not None:
-        config = dataclasses.replace(config, grammar=_output_format(fmt, reasoning.mode))
+        config = dataclasses.replace(config, grammar=_output_format(fmt, reasoning))
     return options, reasoning, config
 
 
@@ -48,7 +48,7 @@ def _reasoning_out(text: str) -> None:
         sys.stderr.flush()
 
 
-def _output_format(fmt: str, think: str | None = None):
+def _output_format(fmt: str, think=None):
     """--format: 'json', or a JSON Schema file -> its Grammar (`think`: after any reasoning, as json_grammar)."""
     from llmcli.grammar import GrammarError
     from llmcli.json_schema import json_grammar

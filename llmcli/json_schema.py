@@ -41,7 +41,7 @@ IMPLIED = {"object": {"properties", "required", "additionalProperties"},
            "number": set(BOUNDS)}
 
 
-def json_grammar(schema: dict | bool | None = None, think: str | None = None) -> Grammar:
+def json_grammar(schema: dict | bool | None = None, think=None) -> Grammar:
     """None: any JSON object (OpenAI's json_object); else a value that follows `schema` (GrammarError names the
     part of it that cannot be followed). `think`: the reply may reason first (see `_answers`)."""
     j = _JsonMachines(schema)
@@ -56,25 +56,23 @@ def json_grammar(schema: dict | bool | None = None, think: str | None = None) ->
     return b.build(top)
 
 
-REASONING = (b"<think>", b"</think>")
-
-
-def _answers(b: Builder, top: int, think: str | None) -> list[int]:
-    """The states where the answer may begin, for a model that reasons first in <think> ... </think>: with think
-    "closed", at once or after a reasoning block; with "opened" (the prompt opened the block), only after the
-    reasoning it is in; without, at once. Blank lines may come between the reasoning and the answer."""
+def _answers(b: Builder, top: int, think) -> list[int]:
+    """The states where the answer may begin, for a model that reasons first (`think`, llmcli/thinking.Thinking:
+    its tags, and whether the prompt opened the block): at once or after a reasoning block; where the prompt
+    opened the block, only after the reasoning it is in. Without `think`, at once. Blank lines may come between
+    the reasoning and the answer."""
     if think is None:
         return [top]
-    start = top if think == "opened" else _spell(b, top, [REASONING[0]])[0]
+    start = top if think.opened else _spell(b, top, [think.open.encode()])[0]
     after = b.state(structural=False)
-    _watch(b, start, REASONING[1], after, final=False)
+    _watch(b, start, think.close.encode(), after, final=False)
     b.edge(after, b"\n", after)
-    return [after] if think == "opened" else [top, after]
+    return [after] if think.opened else [top, after]
 
 
 def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
                       wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments"),
-                      lazy: bool = False, think: str | None = None) -> Grammar:
+                      lazy: bool = False, think=None) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
     (`keys` names the two) with the arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
     JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),

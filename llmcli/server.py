@@ -304,7 +304,7 @@ class Api:
         self.syntax = call_syntax(self.lm.template, self.lm.tokenizer)
         self.think = thinking(self.lm.template)  # whether replies begin with reasoning
 
-    def _build_grammar(self, kind: str, text: str, think: str | None) -> Grammar:
+    def _build_grammar(self, kind: str, text: str, think: Thinking | None) -> Grammar:
         if kind == "tools":
             required, several, listed, syntax = json.loads(text)
             grammar = ToolChoice(tuple(Tool(*t) for t in listed), required, several,
@@ -316,9 +316,9 @@ class Api:
         return grammar
 
     async def grammar(self, param: str, schema: str | None = None, tools: ToolChoice | None = None,
-                      think: str | None = None) -> Grammar | None:
+                      think: Thinking | None = None) -> Grammar | None:
         """The grammar of a reply that must follow `schema` (JSON Schema as JSON text, "null": any JSON object) or
-        call `tools`, after any reasoning (`think`, from think_mode); built off the event loop (a schema can take a
+        call `tools`, after any reasoning (`think`, from `reasoning`); built off the event loop (a schema can take a
         while). `param`: the request field a schema that cannot be followed is blamed on."""
         if tools is not None:
             key = ("tools", json.dumps(
@@ -333,7 +333,7 @@ class Api:
         except GrammarError as e:
             raise ApiError(400, f"'{param}': {e}", param, "invalid_value") from None
 
-    async def _format(self, body: dict, tools: ToolChoice | None = None, think: str | None = None
+    async def _format(self, body: dict, tools: ToolChoice | None = None, think: Thinking | None = None
                       ) -> Grammar | None:
         """The grammar `response_format` or the tools ask for."""
         if tools is not None:
@@ -423,26 +423,20 @@ class Api:
         body = await self._body(request)
         options = _template_options(body)
         prompt, tools = self.conversation(body, _tool_choice(body), options)
-        grammar = await self._format(body, tools, self.think_mode(options))
+        think = self.reasoning(options)
+        grammar = await self._format(body, tools, think)
         want_logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if top is not None and not want_logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
-        return await self._respond(request, body, prompt, config, chat=True, tools=tools,
-                                   think=self.reasoning(options))
-
-    def think_mode(self, options: dict) -> str | None:
-        """Whether a reply reasons first, for its grammar: "opened" (the prompt opened the reasoning), "closed"
-        (the model may open it), None (a model that does not think, or thinking turned off)."""
-        if self.think is None or options.get("enable_thinking") is False:
-            return None
-        return self.think.mode
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools, think=think)
 
     def reasoning(self, options: dict) -> Thinking | None:
-        """How a reply's reasoning is told from its answer; None where there is none."""
-        return self.think if self.think_mode(options) else None
+        """Whether a reply reasons first, for its grammar and to tell its reasoning from its answer: None for a
+        model that does not think, or where the template's options turn thinking off."""
+        return None if options.get("enable_thinking") is False else self.think
 
     def conversation(self, body: dict, tools: ToolChoice | None, options: dict | None = None
                      ) -> tuple[list[int], ToolChoice | None]:

@@ -307,9 +307,9 @@ class Ollama:
         if tools is not None:
             if _schema(body) is not None:
                 raise ApiError(400, "'format' together with 'tools' is not supported", "format")
-            grammar = await self.api.grammar("tools", tools=tools, think=self.api.think_mode(options))
+            grammar = await self.api.grammar("tools", tools=tools, think=self.api.reasoning(options))
         else:
-            grammar = await self.api.grammar("format", _schema(body), think=self.api.think_mode(options))
+            grammar = await self.api.grammar("format", _schema(body), think=self.api.reasoning(options))
         config = self._config(body, grammar)
         return await self._respond(request, prompt, config, stream, chat=True, tools=tools,
                                    think=self.api.reasoning(options))
@@ -342,10 +342,9 @@ class Ollama:
         else:
             messages = [{"role": "system", "content": system}] if system else []
             ids = self.api.chat_prompt(messages + [{"role": "user", "content": prompt}], options=options)
-        mode = None if raw else self.api.think_mode(options)  # a raw prompt is the caller's: no reasoning assumed
-        grammar = await self.api.grammar("format", _schema(body), think=mode)
+        think = None if raw else self.api.reasoning(options)  # a raw prompt is the caller's: no reasoning assumed
+        grammar = await self.api.grammar("format", _schema(body), think=think)
         config = self._config(body, grammar)
-        think = self.api.reasoning(options) if mode else None
         return await self._respond(request, context + ids, config, stream, chat=False, think=think)
 
     async def _respond(self, request: Request, prompt: list[int], config: GenerationConfig, stream: bool,

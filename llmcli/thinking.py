@@ -10,36 +10,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 from llmcli.tools import CallStream, ToolChoice, tail_overlap
 from quant.errors import LlmError
 
-OPEN, CLOSE = "<think>", "</think>"
-
 
 @dataclass(frozen=True)
 class Thinking:
-    """How a model's template thinks: `opened`, its prompt for a reply ends inside a <think> block already."""
+    """How a model's template thinks: `opened`, its prompt for a reply ends inside a <think> block already. The
+    grammars (llmcli/json_schema.py) read the tags from here too."""
 
     opened: bool
-
-    @property
-    def mode(self) -> str:
-        """For the grammars (llmcli/json_schema.py): the reply begins inside the reasoning, or may open it."""
-        return "opened" if self.opened else "closed"
+    open: ClassVar[str] = "<think>"
+    close: ClassVar[str] = "</think>"
 
 
 @lru_cache(maxsize=8)
 def thinking(template) -> Thinking | None:
     """Whether replies through `template` (a ChatTemplate) begin with reasoning; None for a model that does not
     think (its template writes no </think>)."""
-    if CLOSE not in template.source:
+    if Thinking.close not in template.source:
         return None
     try:
         prompt = template.render([{"role": "user", "content": "probe"}], add_generation_prompt=True)
     except LlmError:
         return None
-    return Thinking(opened=prompt.rstrip().endswith(OPEN))
+    return Thinking(opened=prompt.rstrip().endswith(Thinking.open))
 
 
 class ThinkStream:
@@ -56,20 +53,20 @@ class ThinkStream:
         reasoning = answer = ""
         if self.state == "start":
             lead = text.lstrip()
-            if lead.startswith(OPEN):
-                self.state, text = "inside", lead[len(OPEN):]
-            elif OPEN.startswith(lead):  # blanks, or part of the tag: not known yet
+            if lead.startswith(Thinking.open):
+                self.state, text = "inside", lead[len(Thinking.open):]
+            elif Thinking.open.startswith(lead):  # blanks, or part of the tag: not known yet
                 self.held = text
                 return "", ""
             else:
                 self.state = "answer"
         if self.state == "inside":
-            at = text.find(CLOSE)
+            at = text.find(Thinking.close)
             if at < 0:
-                keep = tail_overlap(text, CLOSE)
+                keep = tail_overlap(text, Thinking.close)
                 self.held = text[len(text) - keep:]
                 return text[:len(text) - keep], ""
-            reasoning, text = text[:at], text[at + len(CLOSE):].lstrip("\n")
+            reasoning, text = text[:at], text[at + len(Thinking.close):].lstrip("\n")
             self.state = "answer" if text else "after"
             if not text:
                 return reasoning, ""

@@ -67,8 +67,8 @@ class ToolChoice:
         model may think or say something first; calls then begin wherever the marker comes)."""
         return not self.required and self.syntax is not None and bool(self.syntax.begin)
 
-    def grammar(self, think: str | None = None) -> Grammar:
-        """`think`: the model may reason before it calls ("opened" where the prompt opened the reasoning)."""
+    def grammar(self, think=None) -> Grammar:
+        """`think` (llmcli/thinking.Thinking): the model may reason before it calls."""
         wrap, keys = None, ("name", "arguments")
         if self.syntax is not None:
             x = self.syntax

@@ -126,7 +126,7 @@ def test_a_reply_without_reasoning_markers_is_all_answer_or_all_reasoning(think)
     assert (reasoning, answer) == (("Just an answer.", "") if think.opened else ("", "Just an answer."))
 
 
-@pytest.mark.parametrize("think", ["closed", "opened"])
+@pytest.mark.parametrize("think", [CLOSED, OPENS])
 def test_a_format_or_a_required_call_may_come_after_reasoning(think, smollm2_path):
     """A model that thinks reasons first, then writes the format or the call: the grammar takes a <think> block
     (or, where the prompt opened it, the rest of one) before the answer, and nothing but the answer after it."""
@@ -137,20 +137,20 @@ def test_a_format_or_a_required_call_may_come_after_reasoning(think, smollm2_pat
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     g = json_grammar(schema, think)
-    lead = "" if think == "opened" else "<think>"
+    lead = "" if think.opened else "<think>"
     for ok in (lead + "\nSo a is 1.\n</think>\n\n{\"a\": 1}", lead + "x < y, </thin> </think>{\"a\": 2}"):
         assert g.accepts(ok.encode()), ok
     for bad in (lead + "\nhmm\n</think>\n\nThe answer is 1.", lead + "\nstill thinking", lead + "</think> {\"a\": 1}"):
         assert not g.accepts(bad.encode()), bad
-    assert g.accepts(b'{"a": 3}') == (think == "closed")  # an answer at once, where the prompt opened nothing
+    assert g.accepts(b'{"a": 3}') == (not think.opened)  # an answer at once, where the prompt opened nothing
     call = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>'
     choice = ToolChoice((Tool("get", "", {"type": "object", "properties": {}, "additionalProperties": False}),),
                         required=True, syntax=CallSyntax("<tool_call>\n", None, "\n</tool_call>"))
     tg = choice.grammar(think)
     assert tg.accepts((lead + "I will call get.</think>\n\n" + call).encode())
-    assert tg.accepts(call.encode()) == (think == "closed")
+    assert tg.accepts(call.encode()) == (not think.opened)
     assert not tg.accepts((lead + "I will not call.</think>\n\nNo.").encode())
-    reasoning, text, calls = ReplyStream(OPENS if think == "opened" else CLOSED, choice).whole(
+    reasoning, text, calls = ReplyStream(think, choice).whole(
         lead + "I will call get.</think>\n\n" + call)
     assert (reasoning, text, calls) == ("I will call get.", "", [("get", "{}")])
     tok = Tokenizer.from_gguf(read_gguf(smollm2_path))
