@@ -48,16 +48,7 @@ class Nfa:
         well-formed UTF-8 sequence."""
         if ascii_:
             self.edge(s, PLAIN, t)
-        cont = {}
-        for name, after, allowed in (("1", None, range(0x80, 0xC0)), ("2", "1", range(0x80, 0xC0)),
-                                     ("3", "2", range(0x80, 0xC0)), ("E0", "1", range(0xA0, 0xC0)),
-                                     ("ED", "1", range(0x80, 0xA0)), ("F0", "2", range(0x90, 0xC0)),
-                                     ("F4", "2", range(0x80, 0x90))):
-            cont[name] = self.state()
-            self.edge(cont[name], allowed, t if after is None else cont[after])
-        for first, name in ((range(0xC2, 0xE0), "1"), ([0xE0], "E0"), ([*range(0xE1, 0xED), 0xEE, 0xEF], "2"),
-                            ([0xED], "ED"), ([0xF0], "F0"), (range(0xF1, 0xF4), "3"), ([0xF4], "F4")):
-            self.edge(s, first, cont[name])
+        utf8_sequences(self.state, self.edge, s, t)
 
     def _closure(self, states) -> frozenset[int]:
         seen, todo = set(states), list(states)
@@ -129,20 +120,40 @@ class Nfa:
 
 
 # UTF-8's multi-byte sequences by first byte: the bytes that may follow, one range per byte (as Python decodes)
-_SEQUENCES = ((range(0xC2, 0xE0), (range(0x80, 0xC0),)),
-              ((0xE0,), (range(0xA0, 0xC0), range(0x80, 0xC0))),
-              ((*range(0xE1, 0xED), 0xEE, 0xEF), (range(0x80, 0xC0),) * 2),
-              ((0xED,), (range(0x80, 0xA0), range(0x80, 0xC0))),
-              ((0xF0,), (range(0x90, 0xC0), *(range(0x80, 0xC0),) * 2)),
-              (range(0xF1, 0xF4), (range(0x80, 0xC0),) * 3),
-              ((0xF4,), (range(0x80, 0x90), *(range(0x80, 0xC0),) * 2)))
+UTF8_SEQUENCES = ((range(0xC2, 0xE0), (range(0x80, 0xC0),)),
+                  ((0xE0,), (range(0xA0, 0xC0), range(0x80, 0xC0))),
+                  ((*range(0xE1, 0xED), 0xEE, 0xEF), (range(0x80, 0xC0),) * 2),
+                  ((0xED,), (range(0x80, 0xA0), range(0x80, 0xC0))),
+                  ((0xF0,), (range(0x90, 0xC0), *(range(0x80, 0xC0),) * 2)),
+                  (range(0xF1, 0xF4), (range(0x80, 0xC0),) * 3),
+                  ((0xF4,), (range(0x80, 0x90), *(range(0x80, 0xC0),) * 2)))
+
+
+def utf8_sequences(state, edge, s: int, t: int) -> None:
+    """Every well-formed multi-byte UTF-8 sequence from s to t, through states made by state() and moves made by
+    edge(from, bytes, to) (an Nfa's or a grammar Builder's). Sequences that end alike share their states: seven
+    in all."""
+    made: dict[tuple, int] = {}
+
+    def before(follows: tuple) -> int:
+        """The state from which the bytes `follows` lead to t."""
+        if not follows:
+            return t
+        key = tuple((r.start, r.stop) for r in follows)
+        if key not in made:
+            made[key] = state()
+            edge(made[key], follows[0], before(follows[1:]))
+        return made[key]
+
+    for firsts, follows in UTF8_SEQUENCES:
+        edge(s, firsts, before(follows))
 
 
 def _takes_any_char(moves: list[dict[int, int]], i: int) -> bool:
     """Whether every character a JSON string holds as it is leads deterministic state i back to itself."""
     if any(moves[i].get(byte) != i for byte in PLAIN):
         return False
-    for firsts, follows in _SEQUENCES:
+    for firsts, follows in UTF8_SEQUENCES:
         at = {moves[i].get(byte) for byte in firsts}
         for allowed in follows:
             if None in at:

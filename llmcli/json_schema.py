@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import math
 
-from llmcli.automaton import Nfa, integer_range, pattern
+from llmcli.automaton import PLAIN, Nfa, integer_range, pattern, utf8_sequences
 from llmcli.grammar import Builder, Grammar, GrammarError
 
 MAX_DIGITS = 20
 MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
 DIGITS = b"0123456789"
 HEX = b"0123456789abcdefABCDEF"
-# bytes a JSON string holds as they are: printable ASCII but the quote and the backslash; and UTF-8's sequences
-ASCII_PLAIN = bytes(b for b in range(0x20, 0x80) if b not in b'"\\')
-FOLLOWS = bytes(range(0x80, 0xC0))  # a UTF-8 sequence's continuation bytes
 
 # Keywords that only describe (JSON Schema lets a validator ignore them), and the ones built into the grammar.
 # OpenAPI's `nullable` is among them: JSON Schema ignores it, so leaving null out is valid under both.
@@ -251,7 +248,7 @@ class _JsonMachines:
         """One character of a string from s to nxt: a plain ASCII byte, an escape, or a whole UTF-8 sequence (a
         token may hold part of one; the walk goes on with the next token)."""
         b = self.b
-        b.edge(s, ASCII_PLAIN, nxt)
+        b.edge(s, PLAIN, nxt)
         b.loop[s] = nxt == s
         esc, *hexes = [b.state(structural=False) for _ in range(5)]
         b.edge(s, b"\\", esc)
@@ -259,16 +256,8 @@ class _JsonMachines:
         b.edge(esc, b"u", hexes[0])
         for h, h_next in zip(hexes, [*hexes[1:], nxt], strict=True):
             b.edge(h, HEX, h_next)
-        # a well-formed UTF-8 sequence (as Python decodes): after its first byte, the bytes that may follow
-        conts = {}
-        for name, after, allowed in (("1", nxt, FOLLOWS), ("2", "1", FOLLOWS), ("3", "2", FOLLOWS),
-                                     ("E0", "1", bytes(range(0xA0, 0xC0))), ("ED", "1", bytes(range(0x80, 0xA0))),
-                                     ("F0", "2", bytes(range(0x90, 0xC0))), ("F4", "2", bytes(range(0x80, 0x90)))):
-            conts[name] = b.state(structural=False)
-            b.edge(conts[name], allowed, conts[after] if isinstance(after, str) else after)
-        for first, cont in ((range(0xC2, 0xE0), "1"), ([0xE0], "E0"), ([*range(0xE1, 0xED), 0xEE, 0xEF], "2"),
-                            ([0xED], "ED"), ([0xF0], "F0"), (range(0xF1, 0xF4), "3"), ([0xF4], "F4")):
-            b.edge(s, bytes(first), conts[cont])
+        # a well-formed UTF-8 sequence (as Python decodes)
+        utf8_sequences(lambda: b.state(structural=False), b.edge, s, nxt)
 
     def number(self, integer: bool, negative: bool = True, zero: bool = True) -> int:
         """A JSON number (an integer when `integer`); not negative / not zero when those are False."""
