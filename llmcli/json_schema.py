@@ -180,7 +180,7 @@ def _spell(b: Builder, s: int, words: list[bytes], into: int | None = None) -> l
                 break
             move = b.moves[at].get(c)
             if move is None:
-                nxt = b.state(structural=False)  # the template's own bytes, blanks included, as they are
+                nxt = b.state(structural=False)  # the word's own bytes, blanks included, as they are
                 b.edge(at, [c], nxt)
                 at = nxt
             else:
@@ -323,16 +323,9 @@ class _JsonMachines:
     def name(self, opened: int, name: str) -> int:
         """The state after `name` (a key, a tool's name) and its closing quote, from `opened` (after the opening
         quote). The names spelled from one state share it as a trie: the bytes where they differ choose."""
-        b = self.b
-        spelled = json.dumps(name, ensure_ascii=False)[1:].encode()
-        s = opened
-        for i in range(len(spelled)):
-            nxt = b.moves[s].get(spelled[i], (None,))[0]
-            if nxt is None:  # the state after the closing quote is between tokens again
-                nxt = b.state(structural=i == len(spelled) - 1)
-                b.edge(s, spelled[i:i + 1], nxt)
-            s = nxt
-        return s
+        end = _spell(self.b, opened, [json.dumps(name, ensure_ascii=False)[1:].encode()])[0]
+        self.b.structural[end] = True  # after the closing quote: between tokens again
+        return end
 
     def _string_body(self, body: int, close: int) -> None:
         """Any string's characters at `body`, its closing quote going to `close`."""
