@@ -172,21 +172,20 @@ class VocabularyBytes:
         self.plain = np.array([_plain(p) for p in pieces], dtype=np.bool_)
         self.odd = np.flatnonzero(~self.plain)
         self.filled = self.offsets[1:] > self.offsets[:-1]  # tokens with bytes: all but control tokens
-        self._holding: dict[tuple[bytes, bytes], np.ndarray] = {}
+        self._leaving: dict[tuple[bytes, bytes], np.ndarray] = {}
         kernels = _kernels()
         self.key = np.array([_begins(p, kernels) for p in pieces], dtype=np.uint16)
-
 
     def leaving(self, held: bytes, first: bytes) -> np.ndarray:
         """The ids of the tokens that hold one of `held` or begin with one of `first`."""
         key = (held, first)
-        if key not in self._holding:
+        if key not in self._leaving:
             at = np.flatnonzero(np.isin(self.data, np.frombuffer(held, dtype=np.uint8)))
             ids = np.searchsorted(self.offsets, at, side="right") - 1
             begins = self.data[np.minimum(self.offsets[:-1], max(self.data.size - 1, 0))]
             starting = np.flatnonzero(self.filled & np.isin(begins, np.frombuffer(first, dtype=np.uint8)))
-            self._holding[key] = np.union1d(ids, starting)
-        return self._holding[key]
+            self._leaving[key] = np.union1d(ids, starting)
+        return self._leaving[key]
 
 
 def _begins(piece: bytes, k) -> int:

@@ -29,6 +29,7 @@ from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
 from llmcli.scheduler import _END, Job, Scheduler
+from llmcli.template import TEMPLATE_GIVES
 from llmcli.thinking import ReplyStream, Thinking, thinking
 from llmcli.tools import (
     CallSyntax,
@@ -45,9 +46,6 @@ from quant.errors import FieldError, LlmError
 
 MAX_STOPS = 4  # as OpenAI
 MAX_BODY = 32 << 20  # bytes of a request body: far more than a whole context of text
-# what a chat template is given by the server: a request's chat_template_kwargs may not set these
-TEMPLATE_NAMES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
-                  "raise_exception", "strftime_now"}
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -256,7 +254,7 @@ def _template_options(body: dict) -> dict:
     if not isinstance(options, dict):
         raise ApiError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
     for key in options:
-        if not key.isidentifier() or key in TEMPLATE_NAMES:
+        if not key.isidentifier() or key in TEMPLATE_GIVES:
             raise ApiError(400, f"'chat_template_kwargs' cannot set {key!r}", "chat_template_kwargs",
                            "invalid_value")
     return options

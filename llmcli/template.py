@@ -261,6 +261,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+# the names a template is given by `render` and by its environment: options may not set them
+TEMPLATE_GIVES = frozenset({"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                            "raise_exception", "strftime_now"})
+
+
 class ChatTemplate:
     """A chat template, compiled on first use: a template that does not parse fails the renders, not the
     commands that never render (`--raw`, `show`, `tokenize`). Build with `ChatTemplate.from_gguf`."""
