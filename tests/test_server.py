@@ -384,7 +384,7 @@ def test_random_messages_tools_and_formats_are_refused_in_words():
     exception (the server would answer 500)."""
     import random
 
-    from llmcli.server import _chat_messages, _response_format, _tool_choice
+    from llmcli.server import _chat_messages, _response_format, _template_options, _tool_choice
 
     rng = random.Random(5)
     values = [None, True, 0, -1, 1.5, "", "x", "auto", "none", "required", [], {}, [1], {"a": 1}, [None], [{}],
@@ -403,9 +403,13 @@ def test_random_messages_tools_and_formats_are_refused_in_words():
             if rng.random() < 0.4:
                 body[key] = rng.choice([junk(), TOOLS, [TOOLS[0], junk()],
                                         {"type": "json_schema", "json_schema": {"name": "n", "schema": junk()}}])
+        if rng.random() < 0.3:
+            body["chat_template_kwargs"] = rng.choice([junk(), {"enable_thinking": junk()}, {"messages": junk()},
+                                                       {"not an identifier": 1}])
 
         def parse(body=body):
             _chat_messages(body)
+            _template_options(body)
             return _tool_choice(body), _response_format(body)
 
         refused += refused_in_words(parse)
