@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -204,20 +205,26 @@ class Ollama:
                 self._digest = await asyncio.to_thread(sha256)
         return self._digest
 
-    def details(self) -> dict:
+    @functools.cached_property
+    def parameters(self) -> int:
         from backends.base import count_params
+
+        return count_params(self.lm.gguf)
+
+    def details(self) -> dict:
         from llmcli.bench import quant_name
 
         arch = self.lm.hparams.arch
         return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
-                "parameter_size": _parameter_size(count_params(self.lm.gguf)),
-                "quantization_level": quant_name(self.lm.gguf)}
+                "parameter_size": _parameter_size(self.parameters), "quantization_level": quant_name(self.lm.gguf)}
+
+    def _modified(self) -> str:
+        modified = datetime.datetime.fromtimestamp(self.lm.gguf.path.stat().st_mtime, datetime.timezone.utc)
+        return modified.isoformat().replace("+00:00", "Z")
 
     async def _entry(self) -> dict:
-        gguf = self.lm.gguf
-        modified = datetime.datetime.fromtimestamp(gguf.path.stat().st_mtime, datetime.timezone.utc)
-        return {"name": self.name, "model": self.name, "modified_at": modified.isoformat().replace("+00:00", "Z"),
-                "size": gguf.file_size, "digest": await self.digest(), "details": self.details()}
+        return {"name": self.name, "model": self.name, "modified_at": self._modified(),
+                "size": self.lm.gguf.file_size, "digest": await self.digest(), "details": self.details()}
 
     async def tags(self, request: Request) -> Response:
         self.api._authorize(request)
@@ -237,7 +244,7 @@ class Ollama:
         gguf, d = self.lm.gguf, self.api.defaults
         s = d.sampling
         info = {k: _plain(v) for k, v in gguf.metadata.items()}
-        info["general.parameter_count"] = self.details()["parameter_size"]
+        info["general.parameter_count"] = self.parameters  # a count, as ollama gives it
         params = [("temperature", s.temperature), ("top_k", s.top_k), ("top_p", s.top_p), ("min_p", s.min_p),
                   ("repeat_penalty", s.repeat_penalty), ("repeat_last_n", s.repeat_last_n),
                   ("num_predict", d.max_tokens), ("num_ctx", self.api.scheduler.n_ctx),
@@ -251,7 +258,7 @@ class Ollama:
             "license": license_ if isinstance(license_, str) else "", "modelfile": modelfile,
             "parameters": parameters, "template": template, "details": self.details(), "model_info": info,
             "capabilities": ["completion", "tools", *(["thinking"] if self.api.think else [])],
-            "modified_at": (await self._entry())["modified_at"]})
+            "modified_at": self._modified()})
 
     # --- generation ---------------------------------------------------------------------------------------
 

@@ -171,6 +171,7 @@ def test_list_show_ps_version(server, smollm2_path):
     s = c.show(server.name)
     assert s.details == d and "tools" in s.capabilities and "{{" in s.template
     assert s.modelinfo["general.architecture"] == "llama" and s.modelinfo["llama.block_count"] == 30
+    assert 130e6 < s.modelinfo["general.parameter_count"] < 140e6  # a count, as ollama gives it
     assert "temperature" in s.parameters and "num_ctx" in s.parameters
     (p,) = c.ps().models
     assert p.model == server.name and p.context_length == 512
