@@ -78,9 +78,11 @@ class Model(Protocol):
         that many past its window). The library's default kv_type is the exact f32; the engine's, per backend,
         is backends.default_kv_type."""
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         """Run `tokens` (int32, (T,)) at positions cache.offset.. and advance the cache.
-        Returns float32 logits: (T, n_vocab) if all_logits else (n_vocab,) for the last token."""
+        Returns float32 logits: (T, n_vocab) if all_logits else (n_vocab,) for the last token; with `hidden`,
+        the output norm's states in their place, (T, n_embd) or (n_embd,): what embeddings are pooled from."""
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights read to decode one token (for bandwidth figures)."""

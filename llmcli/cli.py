@@ -102,6 +102,7 @@ app = typer.Typer(
 # commands (all of them cost `llm run` ~25 ms); anything else (help, a typo) gets every command, in this order.
 _MODULES = ("cli_core", "cli_store", "cli_quantize", "cli_bench", "cli_serve")
 _COMMAND_MODULE = {"run": "cli_core", "chat": "cli_core", "tokenize": "cli_core", "show": "cli_core",
+                   "embed": "cli_core",
                    "pull": "cli_store", "list": "cli_store", "rm": "cli_store", "quantize": "cli_quantize",
                    "perplexity": "cli_quantize", "bench": "cli_bench", "serve": "cli_serve"}
 

@@ -292,6 +292,43 @@ def tokenize(
     Console().print(table)
 
 
+def embed(
+    model: opt.ModelArg = None,
+    text: Annotated[str | None, typer.Argument(
+        help="The text to embed (default: each line of stdin, one embedding per line).", show_default=False)] = None,
+    pooling: opt.Pooling = None,
+    normalize: Annotated[bool, typer.Option(
+        "--normalize/--no-normalize", help="Scale each embedding to length 1, as OpenAI's and ollama's are.")] = True,
+    backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
+) -> None:
+    """Embeddings: one JSON array of floats per line, for TEXT or for each line of stdin (as `llm serve` gives them
+    at /v1/embeddings and /api/embed).
+
+    Example: cat sentences.txt | llm embed Qwen/Qwen3-Embedding-0.6B-GGUF > vectors.jsonl
+    """
+    from llmcli.engine import Session, embedding_pooling, normalized
+    from llmcli.store import resolve_model
+
+    model, text = _split_model_and_text(model, text)
+    path = resolve_model(model)
+    if text is not None:
+        texts = [text]
+    else:
+        piped = _piped_stdin()
+        if piped is None:
+            raise PromptError("no text: give it as an argument, or lines on stdin")
+        texts = [line for line in piped.splitlines() if line.strip()]
+    if not texts or not all(t.strip() for t in texts):
+        raise PromptError("the text is empty")
+    lm = _open(path, backend, threads)
+    how = embedding_pooling(lm.hparams, pooling)
+    session = Session(lm, ctx, kv_type=kv_type)
+    _warn_ctx(session, ctx)
+    for t in texts:
+        v = session.embed(lm.tokenizer.encode(t), how)
+        print(json.dumps((normalized(v) if normalize else v).tolist()), flush=True)
+
+
 def describe(model: str | None, template: Path | None = None, ctx: int | None = None,
              kv_type: str | None = None) -> dict:
     """What `llm show` prints, as a dict."""
@@ -323,6 +360,7 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
         "context_length": hp.n_ctx_train,
         "embedding_length": hp.n_embd, "layers": hp.n_layers, "heads": hp.n_heads, "kv_heads": hp.n_kv_heads,
         "vocab_size": hp.n_vocab, "rope_base": hp.rope_base, "tied_embeddings": hp.tied_embeddings,
+        "pooling": hp.pooling or None,  # the file's: an embedding model's (`llm embed` pools by it)
         "tensor_types": dict(Counter(t.qtype.name for t in gguf.tensors.values()).most_common()),
         "file_size": gguf.file_size,
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
@@ -373,6 +411,8 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx
     calls = info["tool_calls"]
     table.add_row("tool calls", f"as the template writes them: {calls['begin'].strip() or 'JSON'}" if calls
                   else "as JSON, told in the system message")
+    if info["pooling"] is not None:
+        table.add_row("embeddings", f"{info['pooling']} pooling (the file's)")
     if info["thinking"] is not None:
         table.add_row("thinking", "reasons first (<think>), " + ("opened by the prompt" if info["thinking"]["opened"]
                                                                  else "opened by the model"))
@@ -385,5 +425,6 @@ def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(chat)
     app.command()(tokenize)
+    app.command()(embed)
     app.command()(show)
 

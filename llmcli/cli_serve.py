@@ -21,7 +21,7 @@ def serve(
         "--api-key", envvar="LLM_API_KEY",
         help="Require 'Authorization: Bearer KEY' on every /v1 and /api request.",
         show_default=False)] = None,
-    template: opt.Template = None,
+    template: opt.Template = None, pooling: opt.Pooling = None,
     backend: opt.Backend = None, threads: opt.Threads = None, ctx: opt.Ctx = None, kv_type: opt.KvType = None,
     temperature: opt.Temperature = None, top_k: opt.TopK = None, top_p: opt.TopP = None, min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None, repeat_last_n: opt.RepeatLastN = None,
@@ -29,15 +29,16 @@ def serve(
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
-    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and ollama's
-    (/api/chat, /api/generate, /api/tags, ...). The sampling options are the defaults of requests that do not set
-    them.
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) and
+    ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The sampling options are the defaults of
+    requests that do not set them.
 
     Example: llm serve smollm2 --port 8080 --parallel 4
     """
     import uvicorn
 
     from llmcli.cli_core import _gen_config, _open, _spec_config
+    from llmcli.engine import embedding_pooling
     from llmcli.scheduler import Scheduler
     from llmcli.server import Api
     from llmcli.store import DEFAULT_MODEL
@@ -49,10 +50,12 @@ def serve(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
     spec = _spec_config(lookup, draft, draft_max)
     lm = _open(model, backend, threads, template)
+    if pooling is not None:
+        embedding_pooling(lm.hparams, pooling)  # a pooling that is not one is refused before the server starts
     scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
-    api = Api(scheduler, model_id, defaults, api_key)
+    api = Api(scheduler, model_id, defaults, api_key, pooling)
     app = api.app()
     # what a client of tools and reasoning should know about this model's template
     notes = [f"tool calls as its template writes them ({api.syntax.begin.strip() or 'JSON'})" if api.syntax

@@ -111,6 +111,28 @@ def encode_chat(session: Session, messages: list[dict], options: dict | None = N
                                add_special=False)
 
 
+POOLINGS = ("mean", "cls", "last")  # how a text's token states make its embedding (llama.cpp's names)
+
+
+def embedding_pooling(hp: HParams, wanted: str | None = None) -> str:
+    """The pooling of this model's embeddings: `wanted` (the `pooling` field), else what the file says (an
+    embedding model's GGUF names it: Qwen3-Embedding "last"), else "mean" (a chat model's states, averaged)."""
+    if wanted is not None:
+        if wanted not in POOLINGS:
+            raise FieldError("pooling", f"must be one of {', '.join(POOLINGS)}, got {wanted!r}")
+        return wanted
+    if hp.pooling == "rank":
+        raise LlmError("this model is a reranker (the file's pooling type is rank): it scores pairs, it does not "
+                       "embed texts (choose a pooling to embed with its states anyway)")
+    return hp.pooling or "mean"
+
+
+def normalized(v: np.ndarray) -> np.ndarray:
+    """v scaled to length 1 (as OpenAI's and ollama's embeddings are); zeros stay zeros."""
+    norm = float(np.linalg.norm(v.astype(np.float64)))
+    return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
+
+
 def context_size(hp: HParams, ctx: int | None) -> int:
     """--ctx, or the model's context length capped at DEFAULT_CTX_CAP."""
     if ctx is None:
@@ -372,6 +394,9 @@ class Session:
         if len(prompt) >= self.n_ctx:
             raise PromptError(f"the prompt has {len(prompt)} tokens, the context holds {self.n_ctx} "
                               f"(raise --ctx or shorten the prompt)")
+        self._check_ids(prompt)
+
+    def _check_ids(self, prompt: Sequence[int]) -> None:
         n_vocab = self.lm.hparams.n_vocab
         if min(prompt) < 0 or max(prompt) >= n_vocab:
             # a tokenizer vocabulary larger than the embedding table spells ids the model has no row for
@@ -391,6 +416,41 @@ class Session:
                 logits = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache)
             self.tokens.extend(chunk)
         return logits
+
+    def check_input(self, tokens: Sequence[int]) -> None:
+        """A text to embed fits: not empty, at most the context, ids the model has."""
+        if not tokens:
+            raise PromptError("the input is empty")
+        if len(tokens) > self.n_ctx:
+            raise PromptError(f"the input has {len(tokens)} tokens, the context holds {self.n_ctx}")
+        self._check_ids(tokens)
+
+    def embed(self, tokens: Sequence[int], pooling: str) -> np.ndarray:
+        """The embedding of `tokens` as a text of its own: the output norm's states pooled as `pooling` (POOLINGS;
+        "cls" is the first token's), float32 (n_embd,), not normalized. The cache keeps the text's tokens; with
+        "last" pooling the next text reuses their common prefix (an instruction every query starts with)."""
+        self.check_input(tokens)
+        if pooling == "cls":  # causal: the first token's state is the same with or without the rest
+            tokens = tokens[:1]
+        if pooling == "last":
+            start = self._sync_cache(tokens)
+        else:
+            self.reset()
+            start = 0
+        total, last = np.zeros(self.lm.hparams.n_embd, dtype=np.float64), None
+        for i in range(start, len(tokens), PREFILL_CHUNK):
+            chunk = list(tokens[i:i + PREFILL_CHUNK])
+            with broken_model_math():
+                states = self.lm.model.forward(np.asarray(chunk, dtype=np.int32), self.cache,
+                                               all_logits=pooling == "mean", hidden=True)
+            self.tokens.extend(chunk)
+            if pooling == "mean":
+                total += states.sum(axis=0, dtype=np.float64)
+            last = states
+        v = (total / len(tokens)).astype(np.float32) if pooling == "mean" else np.asarray(last, np.float32).ravel()
+        if not np.isfinite(v).all():
+            raise ModelFileError("the model's states are not finite numbers: its weights or parameters are broken")
+        return v
 
     def feed(self, token: int) -> np.ndarray:
         """Run one sampled token; return the logits for the next."""

@@ -46,6 +46,9 @@ Template = Annotated[Path | None, typer.Option(
     "--template", help="A Jinja chat template file that overrides the model's.", show_default=False)]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.", metavar=FLAG)]
+Pooling = Annotated[str | None, typer.Option(
+    "--pooling", help="How an embedding pools the token states: mean, cls (the first token's) or last. Default: "
+    "what the model file says (an embedding model's), else mean.", show_default=False)]
 Think = Annotated[bool | None, typer.Option(
     "--think/--no-think", help="For a model that reasons first (Qwen3, QwQ, ...): its reasoning goes apart from "
     "the answer (to stderr, dimmed); --no-think turns thinking off where its template can (Qwen3's "

@@ -45,12 +45,14 @@ from quant.errors import LlmError
 _END = object()  # the record that closes a job's stream
 
 
-@dataclass
-class Job:
-    """One request: its prompt and settings, and the stream of records the worker hands back."""
+class Closing(LlmError):
+    """The server is shutting down: no new request is taken, and those waiting end with this."""
 
-    prompt: list[int]
-    config: GenerationConfig
+
+@dataclass(kw_only=True)
+class _Stream:
+    """What the worker hands back to a front end, record by record."""
+
     records: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     notify: Callable[[], None] | None = None  # called (on the worker thread) after each record is queued
@@ -65,7 +67,7 @@ class Job:
         """End the generation at its next token (a client went away); its slot is freed."""
         self.cancelled.set()
 
-    def __iter__(self) -> Iterator[GenerationResponse]:
+    def __iter__(self) -> Iterator:
         """Records as they come (blocking); an error the worker met is raised here."""
         while True:
             item = self.records.get()
@@ -74,6 +76,24 @@ class Job:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+@dataclass
+class Job(_Stream):
+    """A generation: its prompt and settings; its records are GenerationResponse."""
+
+    prompt: list[int]
+    config: GenerationConfig
+
+
+@dataclass
+class EmbedJob(_Stream):
+    """Texts to embed (token ids each), pooled as `pooling`; its records are one float32 vector per text, in
+    order (not normalized)."""
+
+    inputs: list[list[int]]
+    pooling: str
+    done: int = 0  # texts embedded so far
 
 
 @dataclass
@@ -107,6 +127,9 @@ class Scheduler:
         caches = (new_caches(parallel, n_ctx, kv_type=kv_type, slack=slack) if new_caches is not None
                   else [lm.model.new_cache(n_ctx, kv_type=kv_type, slack=slack) for _ in range(parallel)])
         self.slots = [Session(lm, n_ctx, cache, spec=spec, draft=draft) for cache in caches]
+        self._kv_type = kv_type
+        self._embedder: Session | None = None  # embeddings' own cache, made on the first request for one
+        self._embeds: deque[EmbedJob] = deque()
         self.n_ctx = self.slots[0].n_ctx
         self._active: dict[int, _Active] = {}  # slot index -> its generation
         self._last_used = [0.0] * parallel
@@ -127,8 +150,25 @@ class Scheduler:
         job = Job(list(prompt), config, notify=notify)
         with self._cond:
             if self._closing:
-                raise LlmError("the server is shutting down")
+                raise Closing("the server is shutting down")
             self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def submit_embed(self, inputs: Sequence[Sequence[int]], pooling: str,
+                     notify: Callable[[], None] | None = None) -> EmbedJob:
+        """Queue texts to embed; one that cannot be embedded (empty, longer than the context) raises PromptError
+        here. The worker embeds one text per turn of its loop, between the decode steps of the generations."""
+        with self._cond:
+            if self._embedder is None:
+                self._embedder = Session(self.lm, self.n_ctx, kv_type=self._kv_type)
+        for tokens in inputs:
+            self._embedder.check_input(tokens)
+        job = EmbedJob(inputs=[list(t) for t in inputs], pooling=pooling, notify=notify)
+        with self._cond:
+            if self._closing:
+                raise Closing("the server is shutting down")
+            self._embeds.append(job)
             self._cond.notify()
         return job
 
@@ -151,15 +191,18 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._active and not self._waiting:
+                while not self._closing and not self._active and not self._waiting and not self._embeds:
                     self._cond.wait()
                 if self._closing:
                     break
                 admit = []
                 while self._waiting and len(self._active) + len(admit) < len(self.slots):
                     admit.append(self._waiting.popleft())
+                embed = self._embeds[0] if self._embeds else None
             for job in admit:
                 self._admit(job)
+            if embed is not None:
+                self._embed_one(embed)
             self._drop_cancelled()
             if self._active:
                 self._decode_step()
@@ -167,8 +210,29 @@ class Scheduler:
             self._end(i, "interrupted")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            embeds, self._embeds = list(self._embeds), deque()
         for job in waiting:
             job.put(GenerationResponse("", None, "interrupted", prompt_tokens=len(job.prompt)))
+            job.put(_END)
+        for job in embeds:
+            job.put(Closing("the server is shutting down"))
+            job.put(_END)
+
+    def _embed_one(self, job: EmbedJob) -> None:
+        """The next text of the first embedding request; the request leaves the queue after its last."""
+        finished = job.cancelled.is_set()
+        if not finished:
+            try:
+                job.put(self._embedder.embed(job.inputs[job.done], job.pooling))
+                job.done += 1
+                finished = job.done == len(job.inputs)
+            except Exception as e:  # LlmError, or a bug: this request ends with it, the worker goes on
+                self._embedder.reset()
+                job.put(e)
+                finished = True
+        if finished:
+            with self._cond:
+                self._embeds.popleft()
             job.put(_END)
 
     def _pick_slot(self, prompt: list[int]) -> int:

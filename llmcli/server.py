@@ -1,4 +1,4 @@
-"""`llm serve`: the OpenAI HTTP API (chat completions, completions, models) over the scheduler.
+"""`llm serve`: the OpenAI HTTP API (chat completions, completions, embeddings, models) over the scheduler.
 
 Starlette routes parse and check each request into the engine's GenerationConfig, submit it to the
 Scheduler (which runs the model on its own thread) and render its records as OpenAI's JSON or as
@@ -9,6 +9,7 @@ and a 4xx status; the engine's own errors (FieldError names the request field) b
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import json
@@ -19,16 +20,24 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse, TokenLogprob
+from llmcli.engine import (
+    MAX_TOP_LOGPROBS,
+    GenerationConfig,
+    GenerationResponse,
+    TokenLogprob,
+    embedding_pooling,
+    normalized,
+)
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
 from llmcli.json_schema import json_grammar
-from llmcli.scheduler import _END, Job, Scheduler
+from llmcli.scheduler import _END, Closing, EmbedJob, Job, Scheduler
 from llmcli.template import TEMPLATE_GIVES
 from llmcli.thinking import ReplyStream, Thinking, thinking
 from llmcli.tools import (
@@ -48,6 +57,7 @@ MAX_STOPS = 4  # as OpenAI
 MAX_BODY = 32 << 20  # bytes of a request body: far more than a whole context of text
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs`
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_INPUTS = 2048  # texts per embeddings request, as OpenAI
 
 
 class ApiError(Exception):
@@ -292,8 +302,10 @@ class Api:
     """The routes, over one scheduler and the model it serves."""
 
     def __init__(self, scheduler: Scheduler, model_id: str, defaults: GenerationConfig,
-                 api_key: str | None = None):
+                 api_key: str | None = None, pooling: str | None = None):
+        """pooling: how embeddings are pooled (engine.POOLINGS); None: as the model file says."""
         self.scheduler, self.model_id, self.defaults, self.api_key = scheduler, model_id, defaults, api_key
+        self.pooling = pooling
         self.lm = scheduler.lm
         self.created = int(time.time())
         # a format's JSON text (a schema, "null" for any object; or the tools offered) -> its Grammar
@@ -345,6 +357,7 @@ class Api:
             Route("/v1/models/{model:path}", _guard(self.model), methods=["GET"]),
             Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
             Route("/v1/completions", _guard(self.completions), methods=["POST"]),
+            Route("/v1/embeddings", _guard(self.embeddings), methods=["POST"]),
         ]
         from llmcli.server_ollama import Ollama  # it builds on this module
 
@@ -414,8 +427,65 @@ class Api:
         try:
             return self.scheduler.submit(prompt, config, notify)
         except LlmError as e:  # the prompt does not fit the context, or the server is closing
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise ApiError(400, str(e), "messages" if code else None, code) from None
+            raise _submit_error(e, "messages") from None
+
+    def token_ids(self, value, param: str) -> list[int]:
+        """A text as tokens (the model's own leading and trailing special tokens included), or a list of token
+        ids as they are."""
+        if isinstance(value, str):
+            if not value:
+                raise ApiError(400, f"'{param}' is an empty string", param, "invalid_value")
+            return self.lm.tokenizer.encode(value)
+        if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            if not all(0 <= t < self.lm.hparams.n_vocab for t in value):
+                raise ApiError(400, f"'{param}' token ids must be in 0..{self.lm.hparams.n_vocab - 1}", param,
+                               "invalid_value")
+            return list(value)
+        raise ApiError(400, f"'{param}' must be a string or a list of token ids", param, "invalid_type")
+
+    async def embed(self, request: Request, inputs: list[list[int]], param: str) -> list[np.ndarray]:
+        """The embeddings of `inputs` (tokens each), pooled as the server says, not normalized; computed by the
+        scheduler's thread between decode steps, and given up if the client goes away."""
+        try:
+            pooling = embedding_pooling(self.lm.hparams, self.pooling)
+        except LlmError as e:
+            raise ApiError(400, str(e), None, "unsupported_model") from None
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        try:
+            job = self.scheduler.submit_embed(inputs, pooling, lambda: loop.call_soon_threadsafe(wake.set))
+        except LlmError as e:
+            raise _submit_error(e, param) from None
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            return [v async for v in _records(job, wake)]
+        finally:
+            watcher.cancel()
+            job.cancel()
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._body(request)
+        value = body.get("input")
+        many = isinstance(value, list) and bool(value) and (all(isinstance(v, str) for v in value)
+                                                            or all(isinstance(v, list) for v in value))
+        if isinstance(value, list) and not value:
+            raise ApiError(400, "'input' is an empty list", "input", "invalid_value")
+        if many and len(value) > MAX_INPUTS:
+            raise ApiError(400, f"'input' has {len(value)} texts, at most {MAX_INPUTS} are taken", "input",
+                           "invalid_value")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format", "invalid_value")
+        dims = _number(body, "dimensions", 1, self.lm.hparams.n_embd, integer=True)
+        items = value if many else [value]
+        inputs = await asyncio.to_thread(
+            lambda: [self.token_ids(v, f"input[{i}]" if many else "input") for i, v in enumerate(items)])
+        vectors = await self.embed(request, inputs, "input")
+        n = sum(map(len, inputs))
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(normalized(v[:dims]), fmt)}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": self.model_id,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
@@ -549,11 +619,27 @@ class Api:
             job.cancel()
 
 
+def _submit_error(e: LlmError, param: str) -> ApiError:
+    """A request the scheduler refused: it does not fit the context (400), or the server is closing (503)."""
+    if isinstance(e, Closing):
+        return ApiError(503, str(e), None, "server_shutting_down", "server_error")
+    code = "context_length_exceeded" if "context" in str(e) else None
+    return ApiError(400, str(e), param if code else None, code)
+
+
+def _encoded(v: np.ndarray, fmt: str):
+    """An embedding as OpenAI sends it: a list of floats, or base64 of its little-endian float32 bytes (what the
+    `openai` client asks for by default)."""
+    if fmt == "base64":
+        return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+    return v.tolist()
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _records(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationResponse]:
+async def _records(job: Job | EmbedJob, wake: asyncio.Event) -> AsyncIterator:
     """The job's records, awaited without a thread: the worker sets `wake` after each one."""
     while True:
         wake.clear()
@@ -564,6 +650,8 @@ async def _records(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationRes
             continue
         if item is _END:
             return
+        if isinstance(item, Closing):
+            raise ApiError(503, str(item), None, "server_shutting_down", "server_error")
         if isinstance(item, LlmError):
             raise ApiError(400, str(item), getattr(item, "field", None), "invalid_value")
         if isinstance(item, BaseException):
@@ -592,7 +680,7 @@ async def _records_or_error(job: Job, wake: asyncio.Event) -> AsyncIterator[Gene
         yield e
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+async def _cancel_on_disconnect(request: Request, job: Job | EmbedJob) -> None:
     """Wait for the client to go away (the body is read already, so the next message is the disconnect)."""
     while True:
         message = await request.receive()

@@ -1,9 +1,10 @@
-"""`llm serve`'s ollama API, for the tools written against ollama: /api/chat, /api/generate, /api/tags, /api/show,
-/api/ps and /api/version, on the same scheduler, grammars and request checks as the OpenAI routes (server.py).
+"""`llm serve`'s ollama API, for the tools written against ollama: /api/chat, /api/generate, /api/embed (and the
+older /api/embeddings), /api/tags, /api/show, /api/ps and /api/version, on the same scheduler, grammars and request
+checks as the OpenAI routes (server.py).
 
 ollama's shapes: replies stream by default, one JSON object per line; sampling settings come in `options`;
-durations are nanoseconds; an error is {"error": message}. Managing models (pull, create, delete, ...) and
-embeddings are not served, and each of those routes says so."""
+durations are nanoseconds; an error is {"error": message}. Managing models (pull, create, delete, ...) is not
+served, and each of those routes says so."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 import llmcli
-from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse
+from llmcli.engine import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResponse, normalized
 from llmcli.server import (
+    MAX_INPUTS,
     Api,
     ApiError,
     _bool,
@@ -57,8 +59,6 @@ UNSERVED = {
     "/api/create": "llm serve does not create models: `llm quantize` writes GGUF files",
     "/api/copy": "llm serve does not copy models",
     "/api/delete": "llm serve does not delete models: `llm rm` does",
-    "/api/embed": "llm serve does not compute embeddings",
-    "/api/embeddings": "llm serve does not compute embeddings",
 }
 
 
@@ -172,6 +172,8 @@ class Ollama:
             Route("/api/show", g(self.show), methods=["POST"]),
             Route("/api/chat", g(self.chat), methods=["POST"]),
             Route("/api/generate", g(self.generate), methods=["POST"]),
+            Route("/api/embed", g(self.embed), methods=["POST"]),
+            Route("/api/embeddings", g(self.embeddings), methods=["POST"]),
             *(Route(path, g(self.unserved), methods=["POST", "DELETE"]) for path in UNSERVED),
         ]
 
@@ -257,7 +259,8 @@ class Ollama:
         return JSONResponse({
             "license": license_ if isinstance(license_, str) else "", "modelfile": modelfile,
             "parameters": parameters, "template": template, "details": self.details(), "model_info": info,
-            "capabilities": ["completion", "tools", *(["thinking"] if self.api.think else [])],
+            "capabilities": ["completion", "tools", *(["thinking"] if self.api.think else []),
+                             *(["embedding"] if self.lm.hparams.pooling else [])],  # the file says it embeds
             "modified_at": self._modified()})
 
     # --- generation ---------------------------------------------------------------------------------------
@@ -354,6 +357,44 @@ class Ollama:
         config = self._config(body, grammar)
         return await self._respond(request, context + ids, config, stream, chat=False, think=think)
 
+    # --- embeddings -----------------------------------------------------------------------------------------
+
+    async def embed(self, request: Request) -> Response:
+        """/api/embed: normalized embeddings of one text or several; `truncate` (default true) cuts a text to the
+        context, else a text that does not fit is refused; `dimensions` keeps the first ones (normalized again)."""
+        started = time.monotonic_ns()
+        body = await self._body(request)
+        texts = _texts(body.get("input"))
+        truncate = body.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ApiError(400, "'truncate' must be a boolean", "truncate")
+        dims = _number(body, "dimensions", 1, self.lm.hparams.n_embd, integer=True)
+        _options(body, self.api.scheduler.n_ctx)  # checked like a generation's; none of them changes an embedding
+        if not texts:
+            return JSONResponse({"model": self.name, "embeddings": []})
+        n_ctx = self.api.scheduler.n_ctx
+        inputs = await asyncio.to_thread(lambda: [self.lm.tokenizer.encode(t) for t in texts])
+        if truncate:
+            inputs = [ids[:n_ctx] for ids in inputs]
+        vectors = await self.api.embed(request, inputs, "input")
+        return JSONResponse({"model": self.name, "embeddings": [normalized(v[:dims]).tolist() for v in vectors],
+                             "total_duration": time.monotonic_ns() - started, "load_duration": 0,
+                             "prompt_eval_count": sum(map(len, inputs))})
+
+    async def embeddings(self, request: Request) -> Response:
+        """/api/embeddings, ollama's older route: one `prompt`, its embedding as the model gives it (not
+        normalized, as ollama's)."""
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        _options(body, self.api.scheduler.n_ctx)
+        if not prompt:
+            return JSONResponse({"embedding": []})
+        ids = await asyncio.to_thread(self.lm.tokenizer.encode, prompt)
+        vector, = await self.api.embed(request, [ids], "prompt")
+        return JSONResponse({"embedding": vector.tolist()})
+
     async def _respond(self, request: Request, prompt: list[int], config: GenerationConfig, stream: bool,
                        chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
         started = time.monotonic_ns()
@@ -362,6 +403,22 @@ class Ollama:
         if stream:
             return StreamingResponse(reply.lines(job, wake), media_type="application/x-ndjson")
         return JSONResponse(reply.whole(await whole_reply(request, job, wake)))
+
+
+def _texts(value) -> list[str]:
+    """/api/embed's `input`: a text or a list of texts; nothing (absent, "" or []) is ollama's "load"."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(value) > MAX_INPUTS:
+            raise ApiError(400, f"'input' has {len(value)} texts, at most {MAX_INPUTS} are taken", "input")
+        empty = next((i for i, v in enumerate(value) if not v), None)
+        if empty is not None:
+            raise ApiError(400, f"'input[{empty}]' is an empty string", "input")
+        return value
+    raise ApiError(400, "'input' must be a string or a list of strings", "input")
 
 
 def _stream(body: dict) -> bool:

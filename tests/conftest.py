@@ -46,6 +46,28 @@ def smollm2_gguf(smollm2_path):
     return read_gguf(smollm2_path)
 
 
+def rewritten_gguf(gguf, out: Path, drop: tuple[str, ...] = (), add: dict | None = None) -> Path:
+    """A copy of a read GGUF file at `out`, its metadata keys `drop` left out and `add` ({key: (value, GGUFValueType)})
+    written after the rest; the tensors as they are."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    w = GGUFWriter(str(out), gguf.metadata["general.architecture"])
+    for key, value in gguf.metadata.items():
+        if key in drop or key == "general.architecture":
+            continue
+        vtype, sub = gguf.types[key]
+        w.add_key_value(key, value, GGUFValueType(vtype), sub_type=None if sub is None else GGUFValueType(sub))
+    for key, (value, vtype) in (add or {}).items():
+        w.add_key_value(key, value, vtype)
+    for t in gguf.tensors.values():
+        w.add_tensor(t.name, t.data, raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def sigint_default() -> None:
     """preexec_fn for a child the test interrupts with SIGINT: a shell starts background jobs with SIGINT ignored,
     and the child would inherit that (Python then never raises KeyboardInterrupt), so a Ctrl-C test would depend on

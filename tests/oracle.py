@@ -32,6 +32,15 @@ def hf_logits(path: Path, ids: list[int]):
         return hf_model(path)(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def hf_states(path: Path, ids: list[int]):
+    """(T, n_embd) float32 numpy states of transformers' last layer, after the output norm (its
+    `last_hidden_state`): what embeddings are pooled from."""
+    import torch
+
+    with torch.no_grad():
+        return hf_model(path).model(torch.tensor([ids])).last_hidden_state[0].float().numpy()
+
+
 def hf_greedy(path: Path, ids: list[int], n: int) -> list[int]:
     import torch
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import sigint_default
+from conftest import rewritten_gguf, sigint_default
 from test_gguf_file import write_tiny
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -106,21 +106,8 @@ def test_show_json(smollm2_path):
 
 
 def test_show_says_when_chatml_is_the_fallback(tmp_path, smollm2_gguf):
-    from gguf import GGUFValueType, GGUFWriter
-
     # SmolLM2 rewritten without its chat template
-    w = GGUFWriter(str(tmp_path / "notemplate.gguf"), "llama")
-    for key, value in smollm2_gguf.metadata.items():
-        if key in ("general.architecture", "tokenizer.chat_template"):
-            continue
-        vtype, sub = smollm2_gguf.types[key]
-        w.add_key_value(key, value, GGUFValueType(vtype), sub_type=None if sub is None else GGUFValueType(sub))
-    for t in smollm2_gguf.tensors.values():
-        w.add_tensor(t.name, t.data, raw_dtype=t.qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewritten_gguf(smollm2_gguf, tmp_path / "notemplate.gguf", drop=("tokenizer.chat_template",))
     r = llm("show", str(tmp_path / "notemplate.gguf"))
     assert r.returncode == 0, r.stderr
     assert "fallback (ChatML)" in r.stdout and "the model has none" in r.stdout

@@ -144,7 +144,8 @@ def test_pull_checks_the_quantization_type_before_the_network(tmp_path):
     assert_one_line_error(llm("pull", "some/repo", "-q", "foo", env=env), "unknown quantization type 'foo'")
 
 
-COMMANDS = ("run", "chat", "tokenize", "show", "pull", "list", "rm", "quantize", "perplexity", "bench", "serve")
+COMMANDS = ("run", "chat", "tokenize", "embed", "show", "pull", "list", "rm", "quantize", "perplexity", "bench",
+            "serve")
 
 
 def all_help() -> dict[str, str]:

@@ -168,8 +168,10 @@ class MlxModel:
             return layer.down(g * mx.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u)
         return layer.down(g * mx.sigmoid(g) * u)
 
-    def logits(self, tokens: mx.array, cache: MlxKVCache, all_logits: bool = False) -> mx.array:
-        """The lazy graph of forward(): tokens (T,) int32 -> (T, n_vocab) or (n_vocab,); advances cache."""
+    def logits(self, tokens: mx.array, cache: MlxKVCache, all_logits: bool = False,
+               hidden: bool = False) -> mx.array:
+        """The lazy graph of forward(): tokens (T,) int32 -> (T, n_vocab) or (n_vocab,) (the output norm's
+        states, n_embd wide, with `hidden`); advances cache."""
         hp = self.hparams
         T = tokens.shape[0]
         cache.reserve(T)
@@ -192,19 +194,23 @@ class MlxModel:
         cache.offset += T
         if not all_logits:
             x = x[-1]
-        logits = self.output(mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)).astype(mx.float32)
+        x = mx.fast.rms_norm(x, self.output_norm, hp.norm_eps)
+        if hidden:
+            return x.astype(mx.float32)
+        logits = self.output(x).astype(mx.float32)
         if hp.logit_softcap:
             logits = hp.logit_softcap * mx.tanh(logits / hp.logit_softcap)
         return logits
 
     # -- the interface the engine uses -------------------------------------------------------------
 
-    def forward(self, tokens: np.ndarray, cache: MlxKVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: MlxKVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.hparams.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.hparams.n_vocab}), got {tokens.min()}..."
                              f"{tokens.max()}")
-        logits = self.logits(mx.array(tokens), cache, all_logits)
+        logits = self.logits(mx.array(tokens), cache, all_logits, hidden)
         mx.eval(logits, cache.state())
         return np.array(logits, copy=True)
 

@@ -363,12 +363,13 @@ class NumbaModel:
         L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                         self._inv_freq(caches[0]), tokens, positions, slots, pool.k.view(np.uint8),
                         pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, len(tokens), pool.scratch,
-                        logits, numba.get_num_threads())
+                        logits, False, numba.get_num_threads())
         for c in caches:
             c.offset += 1
         return logits
 
-    def forward(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         T, start = len(tokens), cache.offset
         if T == 0:
@@ -382,17 +383,18 @@ class NumbaModel:
         scratch = self._scratch_of(cache)
         if T >= (self.gemm_min_t if _gemm_path_loaded else max(self.gemm_min_t, opts.gemm_min_t_cold)):
             with threadpool_limits(1, user_api="blas"):  # in case another backend in this process raised it
-                logits = self._forward_gemm(tokens, cache, all_logits, scratch)
+                logits = self._forward_gemm(tokens, cache, all_logits, scratch, hidden)
             _gemm_path_loaded = True
         else:
-            logits = np.empty((T if all_logits else 1, self.hparams.n_vocab), dtype=np.float32)
+            width = self.hparams.n_embd if hidden else self.hparams.n_vocab
+            logits = np.empty((T if all_logits else 1, width), dtype=np.float32)
 
             def stack():
                 for c0 in range(0, T, opts.small_t):  # only the last chunk's last logits unless all_logits
                     chunk = tokens[c0:c0 + opts.small_t]
                     outputs = len(chunk) if all_logits else int(c0 + len(chunk) == T)
                     out = logits[c0:c0 + len(chunk)] if all_logits else logits
-                    L.forward_stack(*self._stack_args(cache, chunk, start + c0, outputs, scratch, out))
+                    L.forward_stack(*self._stack_args(cache, chunk, start + c0, outputs, scratch, out, hidden))
 
             self.governor.run(stack) if T == 1 else stack()  # decode: all threads, or one on a busy machine
         cache.offset = start + T
@@ -519,7 +521,7 @@ class NumbaModel:
         return out
 
     def _forward_gemm(self, tokens: np.ndarray, cache: RingKVCache, all_logits: bool,
-                      scratch: RunScratch) -> np.ndarray:
+                      scratch: RunScratch, hidden: bool = False) -> np.ndarray:
         hp = self.hparams
         T, start = len(tokens), cache.offset
         E, H, KVH, D, F = hp.n_embd, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.n_ff
@@ -564,20 +566,22 @@ class NumbaModel:
             x += self._post_norm(self._products(ff, [(lt[L.DOWN], E)], scratch), lt[L.POST_FFN_NORM])
 
         L.rms_norm(x, f32, self.glob_tab[L.OUT_NORM, 0], eps, h)
+        if hidden:
+            return h
         logits = self._products(h, [(self.glob_tab[L.OUTPUT], hp.n_vocab)], scratch)
         if hp.logit_softcap:
             L.softcap(logits, np.float32(hp.logit_softcap))
         return logits
 
     def _stack_args(self, cache: RingKVCache, tokens: np.ndarray, start: int, outputs: int,
-                    scratch: RunScratch, out: np.ndarray) -> tuple:
+                    scratch: RunScratch, out: np.ndarray, hidden: bool = False) -> tuple:
         """forward_stack's arguments for tokens at positions start.. of one conversation's cache (the one row of a
         pool, as bytes)."""
         n = len(tokens)
         return (self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt, self._inv_freq(cache),
                 tokens, np.arange(start, start + n, dtype=np.int64), np.zeros(n, dtype=np.int64),
                 cache.k.view(np.uint8)[None], cache.v.view(np.uint8)[None], cache.byte_layout, cache.kv_code,
-                outputs, scratch.stack, out, numba.get_num_threads())
+                outputs, scratch.stack, out, hidden, numba.get_num_threads())
 
     def _inv_freq(self, cache: RingKVCache) -> np.ndarray:
         """The RoPE frequency sets for this cache's context (LongRoPE: long factors past the original one)."""

@@ -382,12 +382,13 @@ def _rows(xb, a, b):
 
 @njit(cache=True, fastmath=True)
 def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, tokens, positions, slots, k_pool,
-                  v_pool, kv_layout, kvt, outputs, scratch, logits, threads):
+                  v_pool, kv_layout, kvt, outputs, scratch, logits, hidden, threads):
     """All layers for T tokens with the quantized matvec kernels: token t is at position positions[t] of the
     cache in row slots[t] of k_pool, v_pool (one conversation's run of tokens: one row, consecutive positions; a
     batched decode step: a token from each of several conversations, every weight row read once for all of them).
     Writes K/V into the caches and the logits of the last `outputs` tokens: (outputs, n_vocab); T for all of them,
-    0 for none (a prompt's chunk before its last). scratch: tuple of buffers sized for T (see
+    0 for none (a prompt's chunk before its last); with `hidden`, their output-norm states (outputs, n_embd)
+    instead, for embeddings. scratch: tuple of buffers sized for T (see
     NumbaModel._make_scratch); inv_freq: (G, rope_dim/2), the RoPE frequency sets that layer_opt[:, L_ROPE] picks
     from. k_pool, v_pool: (n_slots, cache bytes) uint8; in each row layer i's keys are (n_kv_heads, S, row bytes)
     from byte kv_layout[i, 0], with S = kv_layout[i, 1] slots, position p in slot p % S (a ring of the last S
@@ -478,6 +479,9 @@ def forward_stack(wv, layer_tab, glob_tab, dims, fparams, layer_opt, inv_freq, t
         x += tmp
 
     rms_norm(x, f32, glob_tab[OUT_NORM, 0], eps, h)
+    if hidden:
+        logits[:] = h
+        return
     prepare(h, xs_e)
     matvec(wv, glob_tab[OUTPUT, 1], glob_tab[OUTPUT, 0], dims[D_VOCAB], h, xs_e, logits)
     if fparams[F_SOFTCAP] > 0:

@@ -178,7 +178,8 @@ class NumpyModel:
             g, u = self.matmul(h, lw["gate"]), self.matmul(h, lw["up"])
         return self.matmul(ACTIVATIONS[hp.act](g) * u, lw["down"])
 
-    def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: SimpleKVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         hp = self.hparams
         tokens = np.asarray(tokens, dtype=np.int64)
         T, start = len(tokens), cache.offset
@@ -200,6 +201,8 @@ class NumpyModel:
 
         cache.offset = start + T
         x = rms_norm(x if all_logits else x[-1:], self.w(self.globals["out_norm"]), eps)
+        if hidden:
+            return x.astype(np.float32) if all_logits else x[0].astype(np.float32)
         logits = self.matmul(x, self.globals["output"]).astype(np.float32)
         if hp.logit_softcap:
             logits = np.float32(hp.logit_softcap) * np.tanh(logits / np.float32(hp.logit_softcap))

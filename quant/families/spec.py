@@ -19,6 +19,7 @@ MAX_LAYERS = 4096  # a bound on block_count before anything is sized by it
 MAX_DIM = 1 << 20  # embedding, feed-forward and head sizes
 MAX_HEADS = 1 << 14
 MAX_CTX = 1 << 24
+POOLING_TYPES = ("", "mean", "cls", "last", "rank")  # llama.cpp's enum llama_pooling_type, from 0 (none)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class HParams:
     rope_long: bool = False
     rope_orig_ctx: int = 0
     rope_attn_factor: float = 1.0
+    # how the file says its token states make one embedding (llama.cpp's pooling type): "mean", "cls", "last",
+    # "rank" (a reranker's head, which this engine does not run); "" where it says none
+    pooling: str = ""
 
     @property
     def scale(self) -> float:
@@ -227,12 +231,13 @@ def read_common(gguf: GGUFFile, arch: str, scaling_types: tuple[str, ...] = (), 
         raise ModelFileError(f"{path}: metadata {key('vocab_size')} = {n_vocab} differs from the "
                              f"{embd.shape[0]} rows of {GLOBAL_NAMES['embd']}")
     window = gguf.get_int(key("attention.sliding_window"), 0, lo=1, hi=MAX_CTX)  # 0: absent, full attention
+    pooling = POOLING_TYPES[gguf.get_int(key("pooling_type"), 0, lo=0, hi=len(POOLING_TYPES) - 1)]
     fields = dict(
         arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
         head_dim=head_dim, n_ff=n_ff, n_ctx_train=n_ctx, norm_eps=eps, rope_base=rope_base, rope_dim=rope_dim,
         rope_neox=False, rope_scale=rope_scale, tied_embeddings=GLOBAL_NAMES["output"] not in gguf.tensors,
         qkv_bias=False, qk_norm=False, has_rope_freqs=GLOBAL_NAMES["rope_freqs"] in gguf.tensors,
-        windows=(window,) * n_layers if window else (),
+        windows=(window,) * n_layers if window else (), pooling=pooling,
     )
     fields.update(options)
     return HParams(**fields)
