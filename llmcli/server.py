@@ -358,6 +358,9 @@ class Api:
             Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
             Route("/v1/completions", _guard(self.completions), methods=["POST"]),
             Route("/v1/embeddings", _guard(self.embeddings), methods=["POST"]),
+            # llama.cpp's server's, which its clients call to count and cut text
+            Route("/tokenize", _guard(self.tokenize), methods=["POST"]),
+            Route("/detokenize", _guard(self.detokenize), methods=["POST"]),
         ]
         from llmcli.server_ollama import Ollama  # it builds on this module
 
@@ -462,6 +465,39 @@ class Api:
         finally:
             watcher.cancel()
             job.cancel()
+
+    async def tokenize(self, request: Request) -> Response:
+        """llama.cpp's /tokenize: `content` as token ids (`add_special`: the model's leading and trailing special
+        tokens too; control-token text becomes its id either way); `with_pieces`: each with its text, or its byte
+        values where they are not whole UTF-8 characters."""
+        body = await self.read_json(request)
+        content = body.get("content", "")
+        if not isinstance(content, str):
+            raise ApiError(400, "'content' must be a string", "content", "invalid_type")
+        tok = self.lm.tokenizer
+        ids = await asyncio.to_thread(tok.encode, content, _bool(body, "add_special"))
+        if not _bool(body, "with_pieces"):
+            return JSONResponse({"tokens": ids})
+
+        def piece(t: int):
+            raw = tok.token_bytes(t)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return list(raw)
+
+        return JSONResponse({"tokens": [{"id": t, "piece": piece(t)} for t in ids]})
+
+    async def detokenize(self, request: Request) -> Response:
+        """llama.cpp's /detokenize: the text of `tokens` (control tokens as their text)."""
+        body = await self.read_json(request)
+        tokens = body.get("tokens", [])
+        n_vocab = self.lm.hparams.n_vocab
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in tokens):
+            raise ApiError(400, f"'tokens' must be a list of token ids in 0..{n_vocab - 1}", "tokens",
+                           "invalid_value")
+        return JSONResponse({"content": self.lm.tokenizer.decode(tokens)})
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._body(request)

@@ -226,6 +226,34 @@ def test_malformed_and_unknown_requests_then_the_server_answers_normally(server)
     assert r.choices[0].message.content and r.usage.completion_tokens == 4
 
 
+def test_tokenize_and_detokenize_as_llama_cpp_serves_them(server, smollm2_path):
+    """/tokenize gives what `llm tokenize` gives (with `add_special`; control-token text is its id), with pieces
+    as text or, where a token is part of a character, its bytes; /detokenize gives the text back."""
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    tok = Tokenizer.from_gguf(read_gguf(smollm2_path))
+    text = "<|im_start|>user\nThe café costs 5€ 🤗"
+    r = httpx.post(server.base + "/tokenize", json={"content": text})
+    assert r.status_code == 200 and r.json() == {"tokens": tok.encode(text, add_special=False)}
+    ids = r.json()["tokens"]
+    assert ids[0] == tok.encode("<|im_start|>", add_special=False)[0]
+    assert httpx.post(server.base + "/tokenize", json={"content": text, "add_special": True}
+                      ).json()["tokens"] == tok.encode(text)
+    pieces = httpx.post(server.base + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids
+    assert b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces
+                    ) == text.encode()
+    assert any(isinstance(p["piece"], list) for p in pieces)  # the emoji's bytes come in more than one token
+    assert httpx.post(server.base + "/detokenize", json={"tokens": ids}).json() == {"content": text}
+    assert httpx.post(server.base + "/tokenize", json={}).json() == {"tokens": []}
+    for path, body in (("/tokenize", {"content": 5}), ("/tokenize", {"content": "a", "with_pieces": "yes"}),
+                       ("/detokenize", {"tokens": [1, -1]}), ("/detokenize", {"tokens": "1 2"}),
+                       ("/detokenize", {"tokens": [49152]})):
+        r = httpx.post(server.base + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("content", "with_pieces", "tokens"), r.text
+
+
 def test_json_mode_and_structured_outputs_through_the_openai_client(server):
     """response_format json_object gives a JSON object, streamed or not (the same text); json_schema, as the
     client's own `parse` sends it from a pydantic model, gives an instance of that model."""
