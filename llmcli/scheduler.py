@@ -147,13 +147,7 @@ class Scheduler:
         """Queue a generation; a prompt that cannot fit raises PromptError here, before anything runs.
         `notify` is called from the worker thread after each record (an event loop's wake-up)."""
         self.slots[0].check_prompt(prompt)
-        job = Job(list(prompt), config, notify=notify)
-        with self._cond:
-            if self._closing:
-                raise Closing("the server is shutting down")
-            self._waiting.append(job)
-            self._cond.notify()
-        return job
+        return self._queue(Job(list(prompt), config, notify=notify), self._waiting)
 
     def submit_embed(self, inputs: Sequence[Sequence[int]], pooling: str,
                      notify: Callable[[], None] | None = None) -> EmbedJob:
@@ -164,11 +158,14 @@ class Scheduler:
                 self._embedder = Session(self.lm, self.n_ctx, kv_type=self._kv_type)
         for tokens in inputs:
             self._embedder.check_input(tokens)
-        job = EmbedJob(inputs=[list(t) for t in inputs], pooling=pooling, notify=notify)
+        return self._queue(EmbedJob(inputs=[list(t) for t in inputs], pooling=pooling, notify=notify), self._embeds)
+
+    def _queue(self, job, line: deque):
+        """Put `job` at the end of `line` and wake the worker (refused once the server is closing)."""
         with self._cond:
             if self._closing:
                 raise Closing("the server is shutting down")
-            self._embeds.append(job)
+            line.append(job)
             self._cond.notify()
         return job
 
