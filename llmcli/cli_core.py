@@ -365,7 +365,8 @@ def describe(model: str | None, template: Path | None = None, ctx: int | None = 
         "file_size": gguf.file_size,
         "tokenizer": gguf.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.get("tokenizer.ggml.pre"),
         "special_tokens": special,
-        "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source},
+        "chat_template": {"origin": tmpl.origin, "fallback": tmpl.is_fallback, "source": tmpl.source,
+                          "tool_use": tmpl.tool_use.source if tmpl.tool_use is not None else None},
         # what `llm serve` makes of the template: how tool calls are written (None: told in the system message,
         # as JSON), and whether replies reason first
         "tool_calls": dataclasses.asdict(syntax) if (syntax := call_syntax(tmpl, tok)) else None,
@@ -407,6 +408,7 @@ def show(model: opt.ModelArg = None, template: opt.Template = None, ctx: opt.Ctx
     table.add_row("special tokens", f"bos {sp['bos']!r}, eos {sp['eos']!r}, stop {sp['stop']}, add_bos {sp['add_bos']}")
     ct = info["chat_template"]
     note = " (the model has none)" if ct["fallback"] else ""
+    note += ", and its tool_use template for requests that offer tools" if ct["tool_use"] is not None else ""
     table.add_row("chat template", ct["origin"] + note)
     calls = info["tool_calls"]
     table.add_row("tool calls", f"as the template writes them: {calls['begin'].strip() or 'JSON'}" if calls

@@ -179,6 +179,7 @@ def _chat_messages(body: dict, syntax: CallSyntax | None = None) -> list[dict]:
         raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
     out = []
     called: dict[str, str] = {}  # tool call id -> function name
+    results = 0  # tool results just before, told as one user turn (templates want user and assistant in turn)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -205,7 +206,14 @@ def _chat_messages(body: dict, syntax: CallSyntax | None = None) -> list[dict]:
             if syntax is not None and syntax.results:
                 out.append({"role": "tool", "content": content, "name": name, "tool_call_id": call_id})
                 continue
-            role, content = "user", result_text(name, content)
+            text = result_text(name, content)
+            if results:
+                out[-1]["content"] += "\n\n" + text
+            else:
+                out.append({"role": "user", "content": text})
+            results += 1
+            continue
+        results = 0
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 

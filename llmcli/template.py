@@ -271,11 +271,14 @@ class ChatTemplate:
     commands that never render (`--raw`, `show`, `tokenize`). Build with `ChatTemplate.from_gguf`."""
 
     def __init__(self, source: str, origin: str, is_fallback: bool = False,
-                 bos_token: str | None = None, eos_token: str | None = None):
+                 bos_token: str | None = None, eos_token: str | None = None, tool_use: ChatTemplate | None = None):
+        """tool_use: the model's second template for requests that offer tools (Hermes' GGUFs carry one as
+        `tokenizer.chat_template.tool_use`), which transformers and llama.cpp render those with."""
         self.source = source
         self.origin = origin  # "model", "file <path>" or "fallback (ChatML)"
         self.is_fallback = is_fallback
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.tool_use = tool_use
         self._template: jinja2.Template | None = None
 
     def _fail(self, detail: str) -> TemplateError:
@@ -314,8 +317,11 @@ class ChatTemplate:
                 raise TemplateError(f"template file {override} is empty")
             return cls(source, f"file {override}", bos_token=bos_token, eos_token=eos_token)
         source = gguf.get("tokenizer.chat_template")
+        tools = gguf.get("tokenizer.chat_template.tool_use")
+        tool_use = (cls(tools, "model (tool_use)", bos_token=bos_token, eos_token=eos_token)
+                    if isinstance(tools, str) and tools.strip() else None)
         if isinstance(source, str) and source.strip():
-            return cls(source, "model", bos_token=bos_token, eos_token=eos_token)
+            return cls(source, "model", bos_token=bos_token, eos_token=eos_token, tool_use=tool_use)
         if gguf.get("general.architecture") in BUILT_IN:
             origin, source = BUILT_IN[gguf.get("general.architecture")]
             return cls(source, origin, bos_token=bos_token, eos_token=eos_token)
@@ -327,6 +333,8 @@ class ChatTemplate:
         `tool` message a result), ending with the assistant's turn opened when `add_generation_prompt`. `tools`:
         the functions the model may call, as OpenAI and transformers give them; `options`: more variables for the
         template (`enable_thinking`: False, say). Every failure is one TemplateError."""
+        if tools and self.tool_use is not None:
+            return self.tool_use.render(messages, add_generation_prompt, tools, options)
         template = self.compile()
         # transformers leaves a token the model lacks undefined
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}

@@ -83,6 +83,62 @@ def test_the_call_syntax_is_read_off_the_template(smollm2, gemma3_path):
     assert call_syntax(_template(gguf, tok, single), tok) == CallSyntax("", None, "", "name", "parameters")
 
 
+def test_a_models_tool_use_template_renders_requests_with_tools(smollm2, tmp_path):
+    """A GGUF may carry a second template for requests that offer tools (`tokenizer.chat_template.tool_use`, as
+    Hermes' do): requests with tools render through it, and the call syntax is read off it; without tools, the
+    default one."""
+    from conftest import rewritten_gguf
+    from gguf import GGUFValueType
+
+    from quant.gguf_file import read_gguf
+
+    gguf, tok = smollm2
+    path = rewritten_gguf(gguf, tmp_path / "tool_use.gguf",
+                          add={"tokenizer.chat_template.tool_use": (TOOLS_CHATML.read_text(), GGUFValueType.STRING)})
+    both = _template(read_gguf(path), tok)
+    plain, hermes = _template(gguf, tok), _template(gguf, tok, path=TOOLS_CHATML)
+    assert both.tool_use is not None and both.source == plain.source
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = [t.as_dict() for t in TOOLS]
+    assert both.render(messages) == plain.render(messages)
+    assert both.render(messages, tools=tools) == hermes.render(messages, tools=tools) != plain.render(messages)
+    assert call_syntax(both, tok) == HERMES
+    from test_cli import llm
+
+    shown = llm("show", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["chat_template"]["tool_use"] == TOOLS_CHATML.read_text()
+    assert info["tool_calls"]["begin"] == "<tool_call>\n"
+    assert "its tool_use template" in llm("show", str(path)).stdout
+    # a --template given by the user replaces both
+    assert _template(read_gguf(path), tok, path=TOOLS_CHATML).tool_use is None
+
+
+def test_tool_results_told_in_words_are_one_user_turn(gemma3_path):
+    """Where results are told as user turns (the template shows no tools), the results of parallel calls make one
+    user turn: Gemma 3's template, which insists that user and assistant take turns, renders them."""
+    from llmcli.server import _chat_messages
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
+
+    gemma = read_gguf(gemma3_path)
+    tok = Tokenizer.from_gguf(gemma)
+    calls = [{"id": f"call{i}", "type": "function", "function": {"name": "get", "arguments": json.dumps(
+        {"city": city})}} for i, city in enumerate(("Paris", "Rome"))]
+    body = {"messages": [{"role": "user", "content": "Weather in Paris and Rome?"},
+                         {"role": "assistant", "content": None, "tool_calls": calls},
+                         {"role": "tool", "tool_call_id": "call0", "content": "sunny"},
+                         {"role": "tool", "tool_call_id": "call1", "content": "rain"},
+                         {"role": "assistant", "content": "Sunny in Paris, rain in Rome."},
+                         {"role": "user", "content": "Thanks"}]}
+    messages = _chat_messages(body)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert "sunny" in messages[2]["content"] and "rain" in messages[2]["content"]
+    text = ChatTemplate.from_gguf(gemma, bos_token=tok.bos_token, eos_token=tok.eos_token).render(messages)
+    assert text.count("<start_of_turn>user") == 3
+
+
 def _calls_text(syntax: CallSyntax, calls: list[tuple[str, dict]], rng: random.Random) -> str:
     """Calls written as the template writes them, with JSON's whitespace varied."""
     def obj(name, args):
