@@ -155,7 +155,7 @@ def test_llm_embed(smollm2_path):
     assert np.allclose(raw, session.embed(lm.tokenizer.encode(TEXTS[0]), "cls"), rtol=1e-5, atol=1e-5)
     assert_one_line_error(llm("embed", str(smollm2_path), "x", "--pooling", "max"), "--pooling", "mean, cls, last")
     assert_one_line_error(llm("embed", str(smollm2_path), input="\n \n"), "empty")
-    assert_one_line_error(llm("embed", str(smollm2_path), "x " * 600, "--ctx", "64"), "context holds 64")
+    assert_one_line_error(llm("embed", str(smollm2_path), "x " * 600, "--ctx", "64"), "context holds 64", "--ctx")
 
 
 # ---- llm serve -------------------------------------------------------------------------------------------------
