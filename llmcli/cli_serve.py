@@ -42,7 +42,7 @@ def serve(
     from llmcli.scheduler import Scheduler
     from llmcli.server import Api
     from llmcli.store import DEFAULT_MODEL
-    from quant.errors import LlmError
+    from quant.errors import FieldError, LlmError
 
     if not 0 <= port <= 65535:
         raise LlmError(f"--port must be in 0..65535, got {port}")
@@ -50,8 +50,12 @@ def serve(
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed))
     spec = _spec_config(lookup, draft, draft_max)
     lm = _open(model, backend, threads, template)
-    if pooling is not None:
-        embedding_pooling(lm.hparams, pooling)  # a pooling that is not one is refused before the server starts
+    try:
+        pooled = f"embeddings by {embedding_pooling(lm.hparams, pooling)} pooling"
+    except FieldError:  # a --pooling that is not one is refused before the server starts
+        raise
+    except LlmError:  # a reranker's file: each embeddings request is refused, saying why
+        pooled = "no embeddings (a reranker: --pooling chooses a pooling)"
     scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
@@ -60,7 +64,7 @@ def serve(
     # what a client of tools and reasoning should know about this model's template
     notes = [f"tool calls as its template writes them ({api.syntax.begin.strip() or 'JSON'})" if api.syntax
              else "tool calls as JSON told in the system message", *(["reasoning apart from answers"] if api.think
-                                                                     else [])]
+                                                                     else []), pooled]
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C / SIGTERM: requests in flight end now, not at max_tokens

@@ -133,6 +133,30 @@ def test_the_files_pooling_type(tmp_path, smollm2_gguf, smollm2_path):
     assert_one_line_error(llm("embed", str(with_pooling(9)), TEXTS[1]), "pooling_type", "9")
 
 
+def test_a_rerankers_server_refuses_embeddings_and_chats(tmp_path, smollm2_gguf):
+    """A server started on a reranker's file (pooling type rank) says at start that it gives no embeddings, refuses
+    them in words, and serves everything else; --pooling makes it embed."""
+    path = rewritten_gguf(smollm2_gguf, tmp_path / "rank.gguf", add={"llama.pooling_type": (4, GGUFValueType.UINT32)})
+    s = Served(path, "--parallel", "1")
+    try:
+        r = httpx.post(s.base + "/v1/embeddings", json={"input": "a"})
+        assert r.status_code == 400 and "reranker" in r.json()["error"]["message"]
+        r = httpx.post(s.base + "/api/embed", json={"model": s.model, "input": "a"})
+        assert r.status_code == 400 and "reranker" in r.json()["error"]
+        r = httpx.post(s.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        code, err = s.stop()
+    assert "no embeddings (a reranker" in err and "Traceback" not in err
+    s = Served(path, "--parallel", "1", "--pooling", "last")
+    try:
+        r = httpx.post(s.base + "/v1/embeddings", json={"input": "a"})
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 576
+    finally:
+        code, err = s.stop()
+    assert "embeddings by last pooling" in err
+
+
 def test_llm_embed(smollm2_path):
     """`llm embed`: an argument, or each line of stdin, as one JSON array per line; normalized unless
     --no-normalize; bad input in one line."""
