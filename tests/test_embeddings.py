@@ -308,6 +308,21 @@ def test_ollama_embed(server, reference):
     assert o.embeddings(model=name, prompt="").embedding == []
 
 
+def test_a_client_that_leaves_cancels_its_embeddings(server):
+    """A client that goes away mid-request gives up the rest of its texts: the next request is answered at once,
+    not after them."""
+    import time
+
+    texts = [f"{i} " + "word " * 400 for i in range(100)]  # ~100 x 0.5 s of work
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base + "/v1/embeddings", json={"input": texts},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(60, read=1.0))
+    t = time.monotonic()
+    r = httpx.post(server.base + "/v1/embeddings", json={"input": "a"}, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=60)
+    assert r.status_code == 200 and time.monotonic() - t < 10
+
+
 def test_random_bodies_get_embeddings_or_a_4xx(server):
     """Wrongly typed and out-of-range fields on the three embedding routes: each answer is embeddings of the
     route's shape, or a 4xx with the route's error body; never a 500."""
