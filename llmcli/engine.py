@@ -225,7 +225,7 @@ class Generation:
         self.sampler = Sampler(config.sampling)
         self.constraint = None
         if config.grammar is not None:
-            vocab = vocabulary_bytes(tokenizer, n_vocab or tokenizer.vocab_size)
+            vocab = vocabulary_bytes(tokenizer, n_vocab or tokenizer.vocab_size, config.grammar.specials)
             self.constraint = Constraint(config.grammar, vocab, tokenizer.stop_ids)
         self.bias = None
         if config.logit_bias:

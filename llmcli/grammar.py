@@ -129,6 +129,7 @@ class Grammar:
         # the tokens that could leave it are walked; else loop states are a JSON string's plain run
         self.watch = np.full(final.size, -1, dtype=np.int32) if watch is None else watch
         self._watched: dict[int, tuple[bytes, bytes]] = {}
+        self.specials: tuple[int, ...] = ()  # control tokens it writes as their text (a template's call marker)
 
     def watched(self, s: int) -> tuple[bytes, bytes]:
         """For free text at s: (the bytes that take its home state elsewhere, the bytes that take s elsewhere than
@@ -214,10 +215,11 @@ def _plain(piece: bytes) -> bool:
 
 
 @lru_cache(maxsize=4)
-def vocabulary_bytes(tokenizer, n_vocab: int) -> VocabularyBytes:
-    """A tokenizer's VocabularyBytes for n_vocab logits, built once (a 262k vocabulary takes ~0.5 s)."""
-    return VocabularyBytes([b"" if i >= tokenizer.vocab_size or tokenizer.is_special(i) else tokenizer.token_bytes(i)
-                            for i in range(n_vocab)])
+def vocabulary_bytes(tokenizer, n_vocab: int, specials: tuple[int, ...] = ()) -> VocabularyBytes:
+    """A tokenizer's VocabularyBytes for n_vocab logits, built once (a 262k vocabulary takes ~0.5 s). Control
+    tokens have no bytes but `specials` (a grammar's own, Grammar.specials), which have their text."""
+    return VocabularyBytes([b"" if i >= tokenizer.vocab_size or (tokenizer.is_special(i) and i not in specials)
+                            else tokenizer.token_bytes(i) for i in range(n_vocab)])
 
 
 class Constraint:

@@ -330,7 +330,7 @@ class Api:
         else:
             grammar = json_grammar(json.loads(text), think)
         # the vocabulary's bytes and the compiled walk are made here, not on the thread that runs every request
-        Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab)).mask()
+        Constraint(grammar, vocabulary_bytes(self.lm.tokenizer, self.lm.hparams.n_vocab, grammar.specials)).mask()
         return grammar
 
     async def grammar(self, param: str, schema: str | None = None, tools: ToolChoice | None = None,

@@ -14,6 +14,7 @@ does is a call and any other is text.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,7 +43,8 @@ class Tool:
 class CallSyntax:
     """How a chat template writes tool calls: `begin`, then call objects {name_key: ..., args_key: {...}}
     separated by `between` (None: one call a reply), then `end`. `results`: the template renders `tool` messages
-    (else a result goes back as a user turn)."""
+    (else a result goes back as a user turn). `specials`: the control tokens those pieces hold (Hermes' GGUFs mark
+    <tool_call> so), which the grammar writes as their text."""
 
     begin: str
     between: str | None
@@ -50,6 +52,7 @@ class CallSyntax:
     name_key: str = "name"
     args_key: str = "arguments"
     results: bool = True
+    specials: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,10 @@ class ToolChoice:
         if self.syntax is not None:
             x = self.syntax
             wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key)
-        return tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
-                                 several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think)
+        grammar = tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
+                                    several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think)
+        grammar.specials = tuple(self.syntax.specials) if self.syntax is not None else ()
+        return grammar
 
     def decide(self, text: str) -> bool | None:
         """Whether a reply that begins with `text` is a call; None while `text` could still turn out either way.
@@ -203,7 +208,7 @@ def _probe_call(i: int) -> dict:
 def call_syntax(template, tokenizer) -> CallSyntax | None:
     """How `template` (a ChatTemplate) writes tool calls, read off a probe conversation; None where it does not show
     tools, writes calls in a shape this cannot follow (ids or other keys inside a call, arguments as a string), or
-    spells calls with control tokens (the grammar only writes text)."""
+    ends them with a token that stops the reply."""
     tools = [_PROBE_TOOL.as_dict()]
     user = {"role": "user", "content": "probe question"}
 
@@ -229,24 +234,23 @@ def call_syntax(template, tokenizer) -> CallSyntax | None:
     if not all(t.startswith(base) for t in texts) or "probe answer" not in texts[0][len(base):]:
         return None
     # what the template writes around any reply, text or calls: e.g. an empty <think> block before it, <|im_end|>
-    # after it
-    lead, turn_end = texts[0][len(base):].split("probe answer", 1)
-    parts = []
-    for n, t in enumerate(texts[1:], 1):
-        body = t[len(base):]
-        ok = body.startswith(lead) and body.endswith(turn_end)
-        parts.append(_find_calls(body[len(lead):len(body) - len(turn_end)], n) if ok else None)
+    # after it (a text reply's own lead, such as Mistral's space after [/INST], is the reply's)
+    bodies = [t[len(base):] for t in texts]
+    lead, turn_end = bodies[0].split("probe answer", 1)
+    lead = os.path.commonprefix([lead, *bodies[1:]])
+    turn_end = os.path.commonprefix([turn_end[::-1], *(b[::-1] for b in bodies[1:])])[::-1]
+    parts = [_find_calls(body[len(lead):len(body) - len(turn_end)], n) for n, body in enumerate(bodies[1:], 1)]
     if parts[0] is None:
         return None
     (begin, end, keys, _), two = parts[0], parts[1] if len(parts) > 1 else None
     between = None  # one call a turn, unless two calls are written as one is, with something between them
     if two is not None and two[0] == begin and two[1] == end and two[2] == keys:
         between = two[3]
-    syntax = CallSyntax(begin, between, end, *keys, results="probe result" in result)
-    for piece in (begin, between or "", end):
-        if any(tokenizer.is_special(t) for t in tokenizer.encode(piece, add_special=False)):
-            return None
-    return syntax
+    specials = sorted({t for piece in (begin, between or "", end) for t in tokenizer.encode(piece, add_special=False)
+                       if tokenizer.is_special(t)})
+    if set(specials) & set(tokenizer.stop_ids):
+        return None
+    return CallSyntax(begin, between, end, *keys, results="probe result" in result, specials=tuple(specials))
 
 
 def _find_calls(body: str, n: int):

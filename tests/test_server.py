@@ -406,6 +406,31 @@ def test_tool_calls_in_the_templates_own_way(smollm2_path):
         s.stop()
 
 
+def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
+    """A template whose calls begin with a control token (Mistral's way; test_tools.MARKED): the reply's calls come
+    back as tool_calls, whole and streamed, the token's text nowhere in the content."""
+    from test_tools import MARKED
+
+    template_path = tmp_path / "marked.jinja"
+    template_path.write_text(MARKED)
+    s = Served(smollm2_path, "--parallel", "1", "--template", str(template_path))
+    try:
+        c = s.client()
+        ask = {"model": s.model, "temperature": 0, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required",
+               "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+        r = c.chat.completions.create(**ask)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls and not r.choices[0].message.content
+        assert all(call.function.name in ("get_weather", "get_time") for call in calls)
+        chunks = [ch for ch in c.chat.completions.create(**ask, stream=True) if ch.choices]
+        streamed = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, d.function.arguments) for d in streamed] == [
+            (call.function.name, call.function.arguments) for call in calls]
+        assert "<repo_name>" not in "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    finally:
+        s.stop()
+
+
 def test_random_messages_tools_and_formats_are_refused_in_words():
     """Bodies with values of every wrong type in messages, tool calls, tools, tool_choice and response_format are
     read by the server's own parsing (as each request is): a 4xx ApiError or a grammar's refusal, never another

@@ -61,16 +61,16 @@ def test_the_call_syntax_is_read_off_the_template(smollm2, gemma3_path):
 
     gemma = read_gguf(gemma3_path)
     assert call_syntax(ChatTemplate.from_gguf(gemma), Tokenizer.from_gguf(gemma)) is None
-    # calls the grammar cannot write that way: an id inside each call; a call begun with a control token;
-    # arguments given as a string; a template that fails on tool calls
+    # calls the grammar cannot write that way: an id inside each call; a call begun with the token that ends the
+    # reply; arguments given as a string; a template that fails on tool calls
     with_id = TOOLS_CHATML.read_text().replace(
         "{'name': call['function']['name'],", "{'id': call['id'], 'name': call['function']['name'],")
-    control = TOOLS_CHATML.read_text().replace("'<tool_call>\\n' +", "'<|im_start|>\\n' +")
+    stopping = TOOLS_CHATML.read_text().replace("'<tool_call>\\n' +", "'<|im_end|>\\n' +")
     as_string = TOOLS_CHATML.read_text().replace("'arguments': call['function']['arguments']",
                                                  "'arguments': call['function']['arguments'] | tojson")
     failing = TOOLS_CHATML.read_text().replace("{%- for call in message['tool_calls'] or [] %}",
                                                "{{ raise_exception('no calls') }}{%- for call in [] %}")
-    for source in (with_id, control, as_string, failing):
+    for source in (with_id, stopping, as_string, failing):
         assert source != TOOLS_CHATML.read_text()
         assert call_syntax(_template(gguf, tok, source), tok) is None
     # one call a reply where the template writes a second call in another shape
@@ -81,6 +81,45 @@ def test_the_call_syntax_is_read_off_the_template(smollm2, gemma3_path):
     refuse = "{% if m['tool_calls'] | length > 1 %}{{ raise_exception('one call at a time') }}{% endif %}"
     single = BARE_JSON.replace("{% if m['tool_calls'] %}", "{% if m['tool_calls'] %}" + refuse)
     assert call_syntax(_template(gguf, tok, single), tok) == CallSyntax("", None, "", "name", "parameters")
+
+
+# A template in the way of Mistral's (written for the tests): a text reply begins with a space, calls with a
+# control token (SmolLM2's <repo_name> stands in for [TOOL_CALLS]) and a JSON list of them.
+MARKED = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}[INST] {% if tools and loop.first %}[TOOLS]{{ tools | tojson }}[/TOOLS] {% endif %}"
+    "{{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'assistant' %}{% if m['tool_calls'] %}<repo_name> ["
+    "{% for c in m['tool_calls'] %}{% if not loop.first %}, {% endif %}"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}{% endfor %}]"
+    "{% else %} {{ m['content'] }}{% endif %}<|endoftext|>"
+    "{% elif m['role'] == 'tool' %}[RESULTS] {{ m['content'] }}[/RESULTS]{% endif %}{% endfor %}")
+
+
+def test_calls_begun_by_a_control_token(smollm2):
+    """A template whose calls begin with a control token (Mistral's [TOOL_CALLS]; Hermes' GGUFs mark <tool_call>
+    so): the syntax names the token, the grammar's vocabulary gives it its text, so the reply may begin with it,
+    and the reply reads back as calls; the token that ends a reply cannot begin calls."""
+    gguf, tok = smollm2
+    marker = tok.encode("<repo_name>", add_special=False)
+    assert len(marker) == 1 and tok.is_special(marker[0]) and marker[0] not in tok.stop_ids
+    syntax = call_syntax(_template(gguf, tok, MARKED), tok)
+    assert syntax == CallSyntax("<repo_name> [", ", ", "]", specials=tuple(marker))
+    choice = ToolChoice(TOOLS, required=True, syntax=syntax)
+    grammar = choice.grammar()
+    assert grammar.specials == tuple(marker)
+    c = Constraint(grammar, vocabulary_bytes(tok, tok.vocab_size, grammar.specials), tok.stop_ids)
+    assert c.mask()[marker[0]] and not c.mask()[tok.encode("<|im_start|>", add_special=False)[0]]
+    reply = [*marker, *tok.encode(' [{"name": "get", "arguments": {"city": "Paris"}}, {"name": "get_time", '
+                                  '"arguments": {}}]', add_special=False)]
+    for t in reply:
+        assert c.allows(t), tok.piece(t)
+        c.take(t)
+    assert c.complete
+    assert choice.read(tok.decode(reply)) == [("get", '{"city": "Paris"}'), ("get_time", "{}")]
+    # without the grammar's own vocabulary the token has no text, and the reply cannot begin with it
+    assert not Constraint(grammar, vocabulary_bytes(tok, tok.vocab_size), tok.stop_ids).allows(marker[0])
+    assert call_syntax(_template(gguf, tok, MARKED.replace("<repo_name>", "<|endoftext|>")), tok) is None
 
 
 def test_a_models_tool_use_template_renders_requests_with_tools(smollm2, tmp_path):
