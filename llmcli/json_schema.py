@@ -19,6 +19,7 @@ import math
 from llmcli.automaton import PLAIN, Nfa, integer_range, pattern, utf8_sequences
 from llmcli.grammar import Builder, Grammar, GrammarError
 
+_ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # the characters of a call's id
 MAX_DIGITS = 20
 MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
 DIGITS = b"0123456789"
@@ -68,10 +69,11 @@ def _answers(b: Builder, top: int, think) -> list[int]:
 
 
 def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
-                      wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, str] = ("name", "arguments"),
-                      lazy: bool = False, think=None) -> Grammar:
+                      wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, ...] = ("name", "arguments"),
+                      lazy: bool = False, think=None, id_length: int = 0) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
-    (`keys` names the two) with the arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
+    (`keys` names the two; a third, the call's id of `id_length` ASCII letters and digits, after them) with the
+    arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
     JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),
     as a chat template writes calls, e.g. <tool_call>{...}</tool_call>. With `text`, or else plain text, which
     then does not begin as a call does ("{" or "[" unwrapped; the whole of what comes before a wrapped call); with
@@ -127,8 +129,23 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         b.blanks(s)
         return s
 
-    name_key, args_key = (json.dumps(k).encode() for k in keys)
+    name_key, args_key = (json.dumps(k).encode() for k in keys[:2])
     call_done = b.state(final=True)
+
+    def close(s: int) -> None:
+        """From after the arguments: the id where the call has one, then the call's end."""
+        if len(keys) > 2:
+            s = fixed(fixed(fixed(s, b","), json.dumps(keys[2]).encode()), b":")
+            for chars in [b'"'] + [_ALNUM] * id_length:
+                nxt = b.state(structural=False)
+                b.edge(s, chars, nxt)
+                s = nxt
+            nxt = b.state()
+            b.edge(s, b'"', nxt)
+            s = nxt
+            b.blanks(s)
+        b.edge(s, b"}", call_done)
+
     name_quote = b.state(structural=False)
     b.edge(fixed(fixed(fixed(start, b"{"), name_key), b":"), b'"', name_quote)
     for i, (name, parameters) in enumerate(tools):
@@ -137,7 +154,7 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         colon = fixed(fixed(fixed(s, b","), args_key), b":")
         after = b.state()
         b.blanks(after)
-        b.edge(after, b"}", call_done)
+        close(after)
         j.root = parameters
         try:
             b.call(colon, j.value(parameters, f"tools[{i}].function.parameters"), after)

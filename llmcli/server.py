@@ -44,11 +44,13 @@ from llmcli.tools import (
     CallSyntax,
     Tool,
     ToolChoice,
+    call_id,
     call_syntax,
     calls_text,
     parse_tools,
     result_text,
     template_calls,
+    template_id,
     with_instructions,
 )
 from quant.errors import FieldError, LlmError
@@ -180,6 +182,7 @@ def _chat_messages(body: dict, syntax: CallSyntax | None = None) -> list[dict]:
     out = []
     called: dict[str, str] = {}  # tool call id -> function name
     results = 0  # tool results just before, told as one user turn (templates want user and assistant in turn)
+    ids = syntax is not None and syntax.id_key is not None  # ids in the template's shape (Mistral's)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -192,19 +195,25 @@ def _chat_messages(body: dict, syntax: CallSyntax | None = None) -> list[dict]:
         if role == "assistant" and m.get("tool_calls"):
             calls = _calls(m["tool_calls"], f"{where}.tool_calls", called)
             if syntax is not None:
+                if ids:
+                    calls = [(name, args, template_id(c, j)) for j, (name, args, c) in enumerate(calls)]
                 out.append({"role": "assistant", "content": content, "tool_calls": template_calls(calls)})
+                results = 0
                 continue
             written = calls_text([call[:2] for call in calls])
             content = f"{content}\n{written}" if content else written
         elif role == "tool":
-            call_id = m.get("tool_call_id")
-            if call_id is not None and not isinstance(call_id, str):
+            answers = m.get("tool_call_id")
+            if answers is not None and not isinstance(answers, str):
                 raise ApiError(400, f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id",
                                "invalid_type")
             # which function returned it: the call it answers, else its `name` (ollama's tool_name, read as that)
-            name = called.get(call_id) or (m.get("name") if isinstance(m.get("name"), str) else None)
+            name = called.get(answers) or (m.get("name") if isinstance(m.get("name"), str) else None)
             if syntax is not None and syntax.results:
-                out.append({"role": "tool", "content": content, "name": name, "tool_call_id": call_id})
+                # a result without an id answers the call in its place (the first result the first call)
+                out.append({"role": "tool", "content": content, "name": name,
+                            "tool_call_id": template_id(answers, results) if ids else answers})
+                results += 1
                 continue
             text = result_text(name, content)
             if results:
@@ -834,7 +843,7 @@ class _Render:
         return out
 
     def tool_call(self, name: str, arguments: str, index: int | None = None) -> dict:
-        call = {"id": "call_" + secrets.token_hex(12), "type": "function",
+        call = {"id": call_id(self.tools.syntax if self.tools is not None else None), "type": "function",
                 "function": {"name": name, "arguments": arguments}}
         return call if index is None else {"index": index} | call
 

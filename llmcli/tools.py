@@ -13,9 +13,11 @@ does is a call and any other is text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -53,6 +55,8 @@ class CallSyntax:
     args_key: str = "arguments"
     results: bool = True
     specials: tuple[int, ...] = ()
+    id_key: str | None = None  # a key for the call's id after the arguments (Mistral's), the id ID_LENGTH letters
+    # and digits
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,10 @@ class ToolChoice:
         wrap, keys = None, ("name", "arguments")
         if self.syntax is not None:
             x = self.syntax
-            wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key)
+            wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key, *([x.id_key] if x.id_key else []))
         grammar = tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
-                                    several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think)
+                                    several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think,
+                                    id_length=ID_LENGTH)
         grammar.specials = tuple(self.syntax.specials) if self.syntax is not None else ()
         return grammar
 
@@ -198,6 +203,26 @@ _PROBE_TOOL = Tool("probe_weather", "probe tool description", {
     "type": "object", "properties": {"probe_city": {"type": "string"}}, "required": ["probe_city"]})
 
 
+ID_LENGTH = 9  # letters and digits of a call id where the template writes ids inside calls (Mistral's insist on 9)
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def call_id(syntax: CallSyntax | None) -> str:
+    """A new call's id: OpenAI's shape, or the template's where it writes ids inside calls."""
+    if syntax is not None and syntax.id_key:
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(ID_LENGTH))
+    return "call_" + secrets.token_hex(12)
+
+
+def template_id(call_id: str | None, n: int) -> str:
+    """A call's id as a template that writes ids inside calls takes it: the id itself where it has that shape, else
+    one made from it (the same for the call and its result; the n-th call's where there is none)."""
+    if call_id is not None and len(call_id) == ID_LENGTH and call_id.isascii() and call_id.isalnum():
+        return call_id
+    digest = hashlib.sha256((call_id if call_id is not None else f"call {n}").encode()).digest()
+    return "".join(_ID_CHARS[b % len(_ID_CHARS)] for b in digest[:ID_LENGTH])
+
+
 def _probe_call(i: int) -> dict:
     # ids of 9 letters and digits: some templates (Mistral's) insist on that shape
     return {"id": f"probe{i:04d}", "type": "function",
@@ -246,16 +271,19 @@ def call_syntax(template, tokenizer) -> CallSyntax | None:
     between = None  # one call a turn, unless two calls are written as one is, with something between them
     if two is not None and two[0] == begin and two[1] == end and two[2] == keys:
         between = two[3]
+    keys, id_key = keys[:2], keys[2] if len(keys) > 2 else None
     specials = sorted({t for piece in (begin, between or "", end) for t in tokenizer.encode(piece, add_special=False)
                        if tokenizer.is_special(t)})
     if set(specials) & set(tokenizer.stop_ids):
         return None
-    return CallSyntax(begin, between, end, *keys, results="probe result" in result, specials=tuple(specials))
+    return CallSyntax(begin, between, end, *keys, results="probe result" in result, specials=tuple(specials),
+                      id_key=id_key)
 
 
 def _find_calls(body: str, n: int):
-    """The probe's n calls in an assistant turn -> (text before them, after them, (name key, arguments key), text
-    between the first two); None where they are not n plain JSON objects of two keys."""
+    """The probe's n calls in an assistant turn -> (text before them, after them, (name key, arguments key[, id
+    key]), text between the first two); None where they are not n plain JSON objects of those keys, in that order
+    (the id last)."""
     decoder, found = json.JSONDecoder(), []
     at = 0
     for i in range(n):
@@ -272,8 +300,9 @@ def _find_calls(body: str, n: int):
                 break
             at += 1
         keys = [k for k, v in obj.items() if v == _PROBE_TOOL.name] + [
-            k for k, v in obj.items() if v == {"probe_city": f"probe_city_{i}"}]
-        if len(obj) != 2 or len(keys) != 2 or list(obj) != keys:
+            k for k, v in obj.items() if v == {"probe_city": f"probe_city_{i}"}] + [
+            k for k, v in obj.items() if v == _probe_call(i)["id"]]
+        if len(keys) != len(obj) or list(obj) != keys or len(obj) not in (2, 3):
             return None
         found.append((at, stop, tuple(keys)))
         at = stop

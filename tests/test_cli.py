@@ -100,7 +100,8 @@ def test_show_json(smollm2_path):
     r = llm("show", str(smollm2_path), "--json", "--template", str(here / "tools_chatml.jinja"))
     assert json.loads(r.stdout)["tool_calls"] == {"begin": "<tool_call>\n", "between": "\n</tool_call>\n<tool_call>\n",
                                                   "end": "\n</tool_call>", "name_key": "name",
-                                                  "args_key": "arguments", "results": True, "specials": []}
+                                                  "args_key": "arguments", "results": True, "specials": [],
+                                                  "id_key": None}
     r = llm("show", str(smollm2_path), "--template", str(here / "think_chatml.jinja"))
     assert "reasons first (<think>), opened by the prompt" in r.stdout and "told in the system message" in r.stdout
 

@@ -407,17 +407,18 @@ def test_tool_calls_in_the_templates_own_way(smollm2_path):
 
 
 def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
-    """A template whose calls begin with a control token (Mistral's way; test_tools.MARKED): the reply's calls come
-    back as tool_calls, whole and streamed, the token's text nowhere in the content."""
-    from test_tools import MARKED
+    """A template whose calls begin with a control token and hold their ids (Mistral's way; test_tools.MARKED_IDS):
+    the reply's calls come back as tool_calls, whole and streamed, the token's text nowhere in the content, their
+    ids in the template's shape, and the conversation goes on with them."""
+    from test_tools import MARKED_IDS
 
     template_path = tmp_path / "marked.jinja"
-    template_path.write_text(MARKED)
+    template_path.write_text(MARKED_IDS)
     s = Served(smollm2_path, "--parallel", "1", "--template", str(template_path))
     try:
         c = s.client()
-        ask = {"model": s.model, "temperature": 0, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required",
-               "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+        ask = {"model": s.model, "temperature": 0, "max_tokens": 120, "tools": TOOLS, "tool_choice": "required",
+               "parallel_tool_calls": False, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
         r = c.chat.completions.create(**ask)
         calls = r.choices[0].message.tool_calls
         assert r.choices[0].finish_reason == "tool_calls" and calls and not r.choices[0].message.content
@@ -427,6 +428,13 @@ def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
         assert [(d.function.name, d.function.arguments) for d in streamed] == [
             (call.function.name, call.function.arguments) for call in calls]
         assert "<repo_name>" not in "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        # ids in the template's shape (it refuses others), so the conversation goes on with the call and its result
+        assert all(len(call.id) == 9 and call.id.isalnum() for call in calls)
+        history = ask["messages"] + [{"role": "assistant", "content": None,
+                                      "tool_calls": [call.model_dump() for call in calls]},
+                                     *({"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in calls)]
+        r = c.chat.completions.create(**(ask | {"messages": history, "tool_choice": "none", "max_tokens": 4}))
+        assert r.choices[0].message.content and r.usage.completion_tokens <= 4
     finally:
         s.stop()
 

@@ -96,6 +96,52 @@ MARKED = (
     "{% elif m['role'] == 'tool' %}[RESULTS] {{ m['content'] }}[/RESULTS]{% endif %}{% endfor %}")
 
 
+# MARKED with an id inside each call and each result, of 9 letters and digits or the template fails (as Mistral's)
+MARKED_IDS = MARKED.replace(
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}",
+    "{% if c['id'] | length != 9 %}{{ raise_exception('ids of 9') }}{% endif %}"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments'], 'id': c['id']} | tojson }}").replace(
+    "[RESULTS] {{ m['content'] }}[/RESULTS]",
+    "{% if m['tool_call_id'] | length != 9 %}{{ raise_exception('ids of 9') }}{% endif %}"
+    "[RESULTS] {{ {'content': m['content'], 'call_id': m['tool_call_id']} | tojson }}[/RESULTS]")
+
+
+def test_calls_with_ids_inside(smollm2):
+    """A template that writes each call's id inside it, after the arguments, and insists on 9 letters and digits
+    (Mistral's): the grammar writes such ids, the reply reads back, and a conversation's ids of any shape (OpenAI's,
+    or none, as ollama's) reach the template in its shape, each result with its call's."""
+    from llmcli.server import _chat_messages
+
+    gguf, tok = smollm2
+    assert MARKED_IDS != MARKED
+    template = _template(gguf, tok, MARKED_IDS)
+    syntax = call_syntax(template, tok)
+    assert syntax == CallSyntax("<repo_name> [", ", ", "]", specials=(3,), id_key="id")
+    choice = ToolChoice(TOOLS, required=True, syntax=syntax)
+    grammar = choice.grammar()
+    call = '{"name": "get", "arguments": {"city": "Paris"}, "id": "%s"}'
+    assert grammar.accepts(("<repo_name> [" + call % "a1B2c3D4e" + "]").encode())
+    for bad in ("a1B2c3D4", "a1B2c3D4e5", "a1B2c3-4e", ""):
+        assert not grammar.accepts(("<repo_name> [" + call % bad + "]").encode()), bad
+    assert not grammar.accepts(b'<repo_name> [{"name": "get", "arguments": {"city": "Paris"}}]')
+    assert choice.read("<repo_name> [" + call % "a1B2c3D4e" + "]") == [("get", '{"city": "Paris"}')]
+
+    for first, second, results in ((f"call_{'0' * 24}", f"call_{'1' * 24}", ("call_" + "1" * 24, "call_" + "0" * 24)),
+                                   (None, None, (None, None))):
+        calls = [{"type": "function", "function": {"name": "get", "arguments": json.dumps({"city": city})}}
+                 | ({"id": i} if i else {}) for i, city in ((first, "Paris"), (second, "Rome"))]
+        body = {"messages": [{"role": "user", "content": "Weather in Paris and Rome?"},
+                             {"role": "assistant", "content": None, "tool_calls": calls},
+                             *({"role": "tool", "content": f"result {k}"} | ({"tool_call_id": r} if r else {})
+                               for k, r in enumerate(results))]}
+        messages = _chat_messages(body, syntax)
+        ids = [c["id"] for c in messages[1]["tool_calls"]]
+        assert all(len(i) == 9 and i.isalnum() for i in ids) and ids[0] != ids[1]
+        answered = [m["tool_call_id"] for m in messages[2:]]
+        assert answered == (ids[::-1] if first else ids)  # by id where given, else in order
+        template.render(messages, tools=[t.as_dict() for t in TOOLS])  # the template takes them
+
+
 def test_calls_begun_by_a_control_token(smollm2):
     """A template whose calls begin with a control token (Mistral's [TOOL_CALLS]; Hermes' GGUFs mark <tool_call>
     so): the syntax names the token, the grammar's vocabulary gives it its text, so the reply may begin with it,
