@@ -351,6 +351,14 @@ def test_tool_calls_through_the_openai_client(server):
     assert follow.usage.prompt_tokens - bare.usage.prompt_tokens > first.usage.completion_tokens + 8
 
 
+def _ask_for_a_call(s: Served, max_tokens: int):
+    """A greedy request that must call one of TOOLS, once: (the client, the request, the reply)."""
+    c = s.client()
+    ask = {"model": s.model, "temperature": 0, "max_tokens": max_tokens, "tools": TOOLS, "tool_choice": "required",
+           "parallel_tool_calls": False, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    return c, ask, c.chat.completions.create(**ask)
+
+
 def test_tool_calls_in_the_templates_own_way(smollm2_path):
     """A template that shows tools and writes calls (<tool_call> tags here): the model gets the tools, its past
     calls and their results as the template writes them, and writes its calls that way; they come back as
@@ -364,10 +372,7 @@ def test_tool_calls_in_the_templates_own_way(smollm2_path):
     template_path = Path(__file__).parent / "data" / "tools_chatml.jinja"
     s = Served(smollm2_path, "--parallel", "2", "--template", str(template_path))
     try:
-        c = s.client()
-        ask = {"model": s.model, "temperature": 0, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required",
-               "parallel_tool_calls": False, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
-        r = c.chat.completions.create(**ask)
+        c, ask, r = _ask_for_a_call(s, 60)
         (call,) = r.choices[0].message.tool_calls
         assert r.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
         assert json.loads(call.function.arguments)["city"]
@@ -416,10 +421,7 @@ def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
     template_path.write_text(MARKED_IDS)
     s = Served(smollm2_path, "--parallel", "1", "--template", str(template_path))
     try:
-        c = s.client()
-        ask = {"model": s.model, "temperature": 0, "max_tokens": 120, "tools": TOOLS, "tool_choice": "required",
-               "parallel_tool_calls": False, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
-        r = c.chat.completions.create(**ask)
+        c, ask, r = _ask_for_a_call(s, 120)
         calls = r.choices[0].message.tool_calls
         assert r.choices[0].finish_reason == "tool_calls" and calls and not r.choices[0].message.content
         assert all(call.function.name in ("get_weather", "get_time") for call in calls)
