@@ -19,7 +19,6 @@ import math
 from llmcli.automaton import PLAIN, Nfa, integer_range, pattern, utf8_sequences
 from llmcli.grammar import Builder, Grammar, GrammarError
 
-_ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # the characters of a call's id
 MAX_DIGITS = 20
 MAX_COUNT = 256  # minItems / maxItems / minLength / maxLength are unrolled into states up to this
 DIGITS = b"0123456789"
@@ -70,9 +69,9 @@ def _answers(b: Builder, top: int, think) -> list[int]:
 
 def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool = False,
                       wrap: tuple[str, str | None, str] | None = None, keys: tuple[str, ...] = ("name", "arguments"),
-                      lazy: bool = False, think=None, id_length: int = 0) -> Grammar:
+                      lazy: bool = False, think=None, id_shape: tuple[bytes, int] = (b"", 0)) -> Grammar:
     """A reply that calls one of `tools` ((name, JSON Schema of its arguments)): {"name": ..., "arguments": ...}
-    (`keys` names the two; a third, the call's id of `id_length` ASCII letters and digits, after them) with the
+    (`keys` names the two; a third, the call's id, after them: `id_shape` (its characters, how many)) with the
     arguments that tool takes. Without `wrap`, a bare call; with `several`, or a
     JSON list of calls. With `wrap` (before the calls, between two of them or None for one call only, after them),
     as a chat template writes calls, e.g. <tool_call>{...}</tool_call>. With `text`, or else plain text, which
@@ -136,7 +135,7 @@ def tool_call_grammar(tools: list[tuple[str, object]], text: bool, several: bool
         """From after the arguments: the id where the call has one, then the call's end."""
         if len(keys) > 2:
             s = fixed(fixed(fixed(s, b","), json.dumps(keys[2]).encode()), b":")
-            for chars in [b'"'] + [_ALNUM] * id_length:
+            for chars in [b'"'] + [id_shape[0]] * id_shape[1]:
                 nxt = b.state(structural=False)
                 b.edge(s, chars, nxt)
                 s = nxt

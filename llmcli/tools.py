@@ -55,8 +55,7 @@ class CallSyntax:
     args_key: str = "arguments"
     results: bool = True
     specials: tuple[int, ...] = ()
-    id_key: str | None = None  # a key for the call's id after the arguments (Mistral's), the id ID_LENGTH letters
-    # and digits
+    id_key: str | None = None  # the key of the call's id, after the arguments (Mistral's): ID_LENGTH of ID_CHARS
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class ToolChoice:
             wrap, keys = (x.begin, x.between, x.end), (x.name_key, x.args_key, *([x.id_key] if x.id_key else []))
         grammar = tool_call_grammar([(t.name, t.parameters) for t in self.tools], text=not self.required,
                                     several=self.several, wrap=wrap, keys=keys, lazy=self.lazy, think=think,
-                                    id_length=ID_LENGTH)
+                                    id_shape=(ID_CHARS.encode(), ID_LENGTH))
         grammar.specials = tuple(self.syntax.specials) if self.syntax is not None else ()
         return grammar
 
@@ -204,13 +203,13 @@ _PROBE_TOOL = Tool("probe_weather", "probe tool description", {
 
 
 ID_LENGTH = 9  # letters and digits of a call id where the template writes ids inside calls (Mistral's insist on 9)
-_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def call_id(syntax: CallSyntax | None) -> str:
     """A new call's id: OpenAI's shape, or the template's where it writes ids inside calls."""
     if syntax is not None and syntax.id_key:
-        return "".join(secrets.choice(_ID_CHARS) for _ in range(ID_LENGTH))
+        return "".join(secrets.choice(ID_CHARS) for _ in range(ID_LENGTH))
     return "call_" + secrets.token_hex(12)
 
 
@@ -220,7 +219,7 @@ def template_id(call_id: str | None, n: int) -> str:
     if call_id is not None and len(call_id) == ID_LENGTH and call_id.isascii() and call_id.isalnum():
         return call_id
     digest = hashlib.sha256((call_id if call_id is not None else f"call {n}").encode()).digest()
-    return "".join(_ID_CHARS[b % len(_ID_CHARS)] for b in digest[:ID_LENGTH])
+    return "".join(ID_CHARS[b % len(ID_CHARS)] for b in digest[:ID_LENGTH])
 
 
 def _probe_call(i: int) -> dict:
