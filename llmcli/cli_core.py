@@ -325,11 +325,7 @@ def embed(
     session = Session(lm, ctx, kv_type=kv_type)
     _warn_ctx(session, ctx)
     for t in texts:
-        ids = lm.tokenizer.encode(t)
-        if len(ids) > session.n_ctx:
-            raise PromptError(f"a text has {len(ids)} tokens, the context holds {session.n_ctx} (raise --ctx, up to "
-                              f"the model's {lm.hparams.n_ctx_train}, or shorten the text)")
-        v = session.embed(ids, how)
+        v = session.embed(lm.tokenizer.encode(t), how)
         print(json.dumps((normalized(v) if normalize else v).tolist()), flush=True)
 
 

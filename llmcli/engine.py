@@ -422,7 +422,8 @@ class Session:
         if not tokens:
             raise PromptError("the input is empty")
         if len(tokens) > self.n_ctx:
-            raise PromptError(f"the input has {len(tokens)} tokens, the context holds {self.n_ctx}")
+            raise PromptError(f"the input has {len(tokens)} tokens, the context holds {self.n_ctx} (raise --ctx, up "
+                              f"to the model's {self.lm.hparams.n_ctx_train}, or shorten the text)")
         self._check_ids(tokens)
 
     def embed(self, tokens: Sequence[int], pooling: str) -> np.ndarray:
