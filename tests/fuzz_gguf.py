@@ -1,4 +1,5 @@
-"""A structure-aware fuzzer for the model loader: hostile GGUF files through load, one token and the template.
+"""A structure-aware fuzzer for the model loader: hostile GGUF files through load, one token, the template and an
+embedding.
 
 The seed is a tiny valid model written with gguf.GGUFWriter (a 2-layer llama, a byte-level vocabulary of 262
 tokens with merges, a ChatML template). It is read back into a structure (metadata fields with their types,
@@ -9,7 +10,7 @@ boundaries.
 
 Each case runs in a worker process under a memory cap (RLIMIT_AS) that handles many cases; the parent gives
 every case a time limit and restarts a worker that died or hung. Outcomes:
-  ok          loaded, generated a token, rendered the template
+  ok          loaded, generated a token, rendered the template, probed its tool calls, embedded a text
   error       an LlmError with one printable line
   bad-error   an LlmError whose message has a raw control character or several lines
   traceback   any other exception (a bug: a file must only ever give an LlmError)
@@ -245,7 +246,8 @@ HPARAM_KEYS = ["llama.block_count", "llama.context_length", "llama.embedding_len
                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.attention.key_length",
                "llama.vocab_size", "general.alignment", "llama.rope.scaling.type", "llama.rope.scaling.factor",
                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
-               "tokenizer.ggml.model", "tokenizer.ggml.pre", "general.architecture", "tokenizer.chat_template"]
+               "tokenizer.ggml.model", "tokenizer.ggml.pre", "general.architecture", "tokenizer.chat_template",
+               "llama.pooling_type", "tokenizer.chat_template.tool_use"]
 HOSTILE_TEMPLATES = [
     "{{ 10 ** 100000000 }}", "{{ 'x' * 10**10 }}", "{% for i in range(99999) %}{% for j in range(99999) %}"
     "{% endfor %}{% endfor %}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "{{ 1/0 }}",
@@ -289,7 +291,7 @@ def _set(m: Model, key: str, vtype: int, value) -> None:
 
 def mutate_hparam(m: Model, rnd: random.Random) -> str:
     key = rnd.choice(HPARAM_KEYS)
-    if key == "tokenizer.chat_template":
+    if key.startswith("tokenizer.chat_template"):
         _set(m, key, STRING, rnd.choice(HOSTILE_TEMPLATES))
         return "template"
     if rnd.random() < 0.6:
@@ -450,8 +452,9 @@ def run_case(path: str, backend: str) -> dict:
     """Load, one token, the template: the outcome of one file."""
     import traceback
 
-    from llmcli.engine import GenerationConfig, Session, encode_chat, load
+    from llmcli.engine import GenerationConfig, Session, embedding_pooling, encode_chat, load
     from llmcli.sampling import SamplingConfig
+    from llmcli.tools import call_syntax
     from quant.errors import LlmError
 
     try:
@@ -467,6 +470,13 @@ def run_case(path: str, backend: str) -> dict:
         # and a prompt long enough for the batched prompt path (its own kernels)
         for _ in session.generate(lm.tokenizer.encode("hello " * 24)[:40], config):
             pass
+        # what `llm serve` reads at start (how the templates write tool calls) and an embedding by the file's pooling
+        call_syntax(lm.template, lm.tokenizer)
+        try:
+            pooling = embedding_pooling(lm.hparams)
+        except LlmError:  # a reranker's file: embeddings are refused, its states still pool
+            pooling = "last"
+        session.embed(lm.tokenizer.encode("hello"), pooling)
         return {"outcome": "ok"}
     except LlmError as e:
         msg = str(e)
