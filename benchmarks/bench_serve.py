@@ -6,8 +6,9 @@ banned through logit_bias so every request decodes exactly -n tokens):
 - aggregate decode tok/s of C concurrent streaming clients (C = 1 and --clients): the decode tokens of all
   clients (each one's tokens after its first) over the time from the first client's first token to the last
   client's last token; the ratio C ÷ 1 is what batching buys;
-- follow-up TTFT: a chat with --history tokens of history (one turn already answered), then the next user turn:
-  request sent -> first streamed token; against a fresh 20-token raw prompt's (words in an order no slot holds);
+- follow-up TTFT: a chat with --history tokens of history (one turn already answered), then, --pause seconds
+  after the answer (a user reading it and typing; 0: at once, as an agent does), the next user turn: request sent
+  -> first streamed token; against a fresh 20-token raw prompt's (words in an order no slot holds);
 - one client's decode tok/s through the server against `llm run --verbose`'s on the same prompt and model.
 
 Every figure is a median over -r repetitions (min..max beside it). Models: SmolLM2-135M Q4_0 and the 1B-shape
@@ -156,32 +157,39 @@ def history_messages(tokens: int) -> list[dict]:
     return [{"role": "user", "content": "Summarize this text.\n\n" + text}]
 
 
-def followup_ttft(server: Server, history: int, reps: int) -> tuple[list[float], list[float], int, list[int]]:
-    """(follow-up TTFTs, fresh-prompt TTFTs, prompt tokens of the follow-up, tokens the follow-up prefilled: the
-    rest came from the cache)."""
-    follow, fresh, n_prompt, prefilled = [], [], 0, []
+def followup_ttft(server: Server, history: int, reps: int, pause: float) -> dict:
+    """Follow-up and fresh-prompt TTFTs, each sent at once after the server's last reply ("now") and after `pause`
+    seconds of quiet ("paused": a user reading and typing; the first request after quiet also pays for waking the
+    server's threads, which the fresh prompt then pays as well). Also the prompt tokens of the follow-up, and the
+    tokens each follow-up prefilled (the rest came from the cache)."""
+    out: dict = {"now": [], "paused": [], "fresh_now": [], "fresh_paused": [], "prefilled_now": [],
+                 "prefilled_paused": [], "prompt_tokens": 0}
     for r in range(reps):
-        msgs = history_messages(history)
-        msgs[0]["content"] = f"[{r}] " + msgs[0]["content"]  # a new conversation each repetition
-        first = client().post(server.base + "/v1/chat/completions", json={
-            "model": server.model, "messages": msgs, "max_tokens": 8, "temperature": 0}).json()
-        n_prompt = first["usage"]["prompt_tokens"]
-        msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
-                 {"role": "user", "content": "And what happened next?"}]
-        usage: dict = {}
-        t0, t1, _, _ = stream(server.base, "/v1/chat/completions",
-                              {"model": server.model, "messages": msgs, "max_tokens": 2, "temperature": 0}, usage)
-        follow.append(t1 - t0)
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        if cached is not None:
-            prefilled.append(usage["prompt_tokens"] - cached)
-        # a fresh prompt of 20 tokens that no slot holds (raw: the chat template's system prompt would be cached)
-        words = FRESH_WORDS[r % len(FRESH_WORDS):] + FRESH_WORDS[:r % len(FRESH_WORDS)]
-        fresh_prompt = " ".join(words)
-        t0, t1, _, _ = stream(server.base, "/v1/completions", {"model": server.model, "prompt": fresh_prompt,
-                                                               "max_tokens": 2, "temperature": 0})
-        fresh.append(t1 - t0)
-    return follow, fresh, n_prompt, prefilled
+        for wait, key in ((0.0, "now"), (pause, "paused")):
+            time.sleep(pause)  # every conversation starts on a quiet server
+            msgs = history_messages(history)
+            msgs[0]["content"] = f"[{r}, {wait}] " + msgs[0]["content"]  # a new conversation each time
+            first = client().post(server.base + "/v1/chat/completions", json={
+                "model": server.model, "messages": msgs, "max_tokens": 8, "temperature": 0}).json()
+            out["prompt_tokens"] = first["usage"]["prompt_tokens"]
+            msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And what happened next?"}]
+            time.sleep(wait)
+            usage: dict = {}
+            t0, t1, _, _ = stream(server.base, "/v1/chat/completions",
+                                  {"model": server.model, "messages": msgs, "max_tokens": 2, "temperature": 0}, usage)
+            out[key].append(t1 - t0)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                out["prefilled_" + key].append(usage["prompt_tokens"] - cached)
+            # a fresh prompt of 20 tokens that no slot holds (raw: the chat template's system prompt would be cached)
+            words = FRESH_WORDS[r % len(FRESH_WORDS):] + FRESH_WORDS[:r % len(FRESH_WORDS)]
+            words = words if key == "now" else words[::-1]
+            time.sleep(wait)
+            t0, t1, _, _ = stream(server.base, "/v1/completions", {"model": server.model, "prompt": " ".join(words),
+                                                                   "max_tokens": 2, "temperature": 0})
+            out["fresh_" + key].append(t1 - t0)
+    return out
 
 
 def llm_run_decode(model: Path, threads: int, n: int) -> float:
@@ -208,13 +216,11 @@ def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
             one.append(aggregate_decode(server, 1, args.n, ban))
             many.append(aggregate_decode(server, args.clients, args.n, ban))
         skip = args.skip_ttft or path.name in args.skip_ttft_for.split(",")
-        follow, fresh, n_hist, prefilled = (followup_ttft(server, args.history, args.reps) if not skip
-                                            else ([], [], 0, []))
+        ttft = followup_ttft(server, args.history, args.reps, args.pause) if not skip else {}
     finally:
         server.stop()
     return {"model": name, "server": kind, "threads": args.threads, "n": args.n, "clients": args.clients,
-            "one_tps": one, "many_tps": many, "followup_ttft_s": follow, "fresh_ttft_s": fresh,
-            "history_tokens": n_hist, "followup_prefilled_tokens": prefilled}
+            "one_tps": one, "many_tps": many, "pause_s": args.pause, "ttft_s": ttft}
 
 
 def main() -> None:
@@ -225,6 +231,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--history", type=int, default=2000, help="tokens of history for the follow-up TTFT")
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="seconds between an answer and its paused follow-up (a user reading and typing)")
     ap.add_argument("--models", default="smollm2,1b", help="comma list of smollm2, 1b")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
@@ -264,15 +272,18 @@ def main() -> None:
     print(f"\nthreads {args.threads}, {args.n} tokens per request (1B: {args.n1b or args.n}), {args.clients} clients, "
           f"medians of {args.reps} (min..max), load average {os.getloadavg()[0]:.1f}\n")
     print(f"| model | server | 1 client tok/s | {args.clients} clients tok/s (sum) | ratio | follow-up TTFT s "
-          f"| fresh TTFT s | ratio | `llm run` tok/s | server ÷ run |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| fresh TTFT s | ratio | after {args.pause:g} s: follow-up | fresh | ratio | `llm run` tok/s "
+          f"| server ÷ run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         one, many = statistics.median(r["one_tps"]), statistics.median(r["many_tps"])
-        fol = statistics.median(r["followup_ttft_s"]) if r["followup_ttft_s"] else float("nan")
-        fre = statistics.median(r["fresh_ttft_s"]) if r["fresh_ttft_s"] else float("nan")
+        t = {k: statistics.median(v) if v else float("nan") for k, v in r["ttft_s"].items()
+             if k in ("now", "paused", "fresh_now", "fresh_paused")} or dict.fromkeys(
+                 ("now", "paused", "fresh_now", "fresh_paused"), float("nan"))
         run = statistics.median(r["llm_run_tps"]) if r.get("llm_run_tps") else None
         print(f"| {r['model']} | {r['server']} | {med(r['one_tps'])} | {med(r['many_tps'])} | {many / one:.2f} | "
-              f"{fol:.3f} | {fre:.3f} | {fol / fre:.2f} | "
+              f"{t['now']:.3f} | {t['fresh_now']:.3f} | {t['now'] / t['fresh_now']:.2f} | {t['paused']:.3f} | "
+              f"{t['fresh_paused']:.3f} | {t['paused'] / t['fresh_paused']:.2f} | "
               + (f"{med(r['llm_run_tps'])} | {one / run:.2f} |" if run else "– | – |"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

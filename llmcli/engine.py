@@ -133,6 +133,16 @@ def normalized(v: np.ndarray) -> np.ndarray:
     return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def context_size(hp: HParams, ctx: int | None) -> int:
     """--ctx, or the model's context length capped at DEFAULT_CTX_CAP."""
     if ctx is None:
@@ -348,12 +358,7 @@ class Session:
 
     def common_prefix(self, prompt: Sequence[int]) -> int:
         """How many leading tokens of `prompt` the cache holds already."""
-        n = 0
-        for a, b in zip(self.tokens, prompt, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, prompt)
 
     def _sync_cache(self, prompt: Sequence[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one token is left to run); return its length."""

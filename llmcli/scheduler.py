@@ -13,6 +13,10 @@ already reads each weight once for every slot, and a verification pass per slot 
 again, whereas the batched step costs little more than one token's. Either step keeps the distribution, so a
 generation may change from one to the other between steps; each slot's draft length adapts across its steps.
 
+When nothing else waits, a finished chat's slot runs ahead: the start of the conversation's next request (the
+turn's end and the next user turn's header, which every follow-up repeats) is prefilled while the user reads and
+types, so a follow-up's first token costs only what its user wrote.
+
 Front ends talk to it through `submit`, which returns a Job: an iterator of GenerationResponse records
 (pieces of text, then a last record with the finish reason and counts), and `cancel` to end it early.
 """
@@ -43,6 +47,10 @@ from llmcli.speculative import DraftLength, SpeculativeConfig
 from quant.errors import LlmError
 
 _END = object()  # the record that closes a job's stream
+AHEAD_MOST = 64  # the most tokens a slot runs ahead of its conversation's next request; a guess that differs more
+# from what the slot holds (a template that rewrites earlier turns) is left to the request itself
+AHEAD_AFTER = 0.05  # seconds the worker stays idle before running ahead: a request that comes at once (an agent's,
+# another client's) does not wait behind a guess, while a person's next turn comes seconds later
 
 
 class Closing(LlmError):
@@ -84,6 +92,8 @@ class Job(_Stream):
 
     prompt: list[int]
     config: GenerationConfig
+    # the reply's text -> the tokens the conversation's next request starts with ([] where no guess holds)
+    next_turn: Callable[[str], list[int]] | None = None
 
 
 @dataclass
@@ -106,6 +116,7 @@ class _Active:
     n_prefilled: int
     t_first: float
     length: DraftLength | None = None  # speculative decoding: this generation's draft length
+    text: list[str] = field(default_factory=list)  # the pieces handed out
 
 
 class Scheduler:
@@ -133,6 +144,8 @@ class Scheduler:
         self.n_ctx = self.slots[0].n_ctx
         self._active: dict[int, _Active] = {}  # slot index -> its generation
         self._last_used = [0.0] * parallel
+        self._ahead: dict[int, tuple[Callable[[str], list[int]], str]] = {}  # slot -> its chat's next turn, reply
+        self._idle_since = 0.0  # when the last generation ended
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -143,11 +156,14 @@ class Scheduler:
     # --- front end side -----------------------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], config: GenerationConfig,
-               notify: Callable[[], None] | None = None) -> Job:
+               notify: Callable[[], None] | None = None,
+               next_turn: Callable[[str], list[int]] | None = None) -> Job:
         """Queue a generation; a prompt that cannot fit raises PromptError here, before anything runs.
-        `notify` is called from the worker thread after each record (an event loop's wake-up)."""
+        `notify` is called from the worker thread after each record (an event loop's wake-up); `next_turn`, for a
+        chat, gives from the reply's text the tokens its conversation's next request will start with, which the
+        slot runs ahead when the worker is idle (called on the worker thread)."""
         self.slots[0].check_prompt(prompt)
-        return self._queue(Job(list(prompt), config, notify=notify), self._waiting)
+        return self._queue(Job(list(prompt), config, next_turn, notify=notify), self._waiting)
 
     def submit_embed(self, inputs: Sequence[Sequence[int]], pooling: str,
                      notify: Callable[[], None] | None = None) -> EmbedJob:
@@ -189,17 +205,27 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._closing and not self._active and not self._waiting and not self._embeds:
-                    self._cond.wait()
+                    if not self._ahead:
+                        self._cond.wait()
+                        continue
+                    due = self._idle_since + AHEAD_AFTER - time.monotonic()
+                    if due <= 0:
+                        break
+                    self._cond.wait(due)
                 if self._closing:
                     break
                 admit = []
                 while self._waiting and len(self._active) + len(admit) < len(self.slots):
                     admit.append(self._waiting.popleft())
                 embed = self._embeds[0] if self._embeds else None
+                idle = not admit and embed is None and not self._active
             for job in admit:
                 self._admit(job)
             if embed is not None:
                 self._embed_one(embed)
+            if idle and self._ahead:  # the newest finished chat first: its user is the likeliest to come back
+                i, (next_turn, reply) = self._ahead.popitem()
+                self._run_ahead(i, next_turn, reply)
             self._drop_cancelled()
             if self._active:
                 self._decode_step()
@@ -242,6 +268,7 @@ class Scheduler:
             job.put(_END)
             return
         i = self._pick_slot(job.prompt)
+        self._ahead.pop(i, None)  # the slot changes hands or goes on: a guess for it is stale
         slot = self.slots[i]
         try:
             gen = slot.start(job.prompt, job.config)
@@ -267,6 +294,7 @@ class Scheduler:
         token, text = a.gen.step(logits)
         a.token = token
         if text:
+            a.text.append(text)
             a.job.put(GenerationResponse(text, token, logprobs=a.gen.take_logprobs()))
         if a.gen.finish is not None:
             self._end(i, a.gen.finish)
@@ -278,6 +306,24 @@ class Scheduler:
         a.job.put(finish_record(a.gen, tail, a.n_prefilled, a.job.t_submit, a.t_first,
                                         time.perf_counter()))
         a.job.put(_END)
+        self._last_used[i] = self._idle_since = time.monotonic()
+        if a.job.next_turn is not None and finish in ("stop", "length"):
+            self._ahead[i] = (a.job.next_turn, "".join(a.text) + tail)
+
+    def _run_ahead(self, i: int, next_turn: Callable[[str], list[int]], reply: str) -> None:
+        """Prefill in slot i what its chat's next request will start with, where the slot holds all but at most
+        AHEAD_MOST of those tokens. A guess that fails costs nothing but the time: the request runs what it needs."""
+        slot = self.slots[i]
+        try:
+            tokens = next_turn(reply)
+        except Exception:  # noqa: BLE001 - a template that cannot render the guess: the request will say why
+            return
+        if not 0 < len(tokens) - slot.common_prefix(tokens) <= AHEAD_MOST or len(tokens) >= self.n_ctx:
+            return
+        try:
+            slot.prefill(tokens)
+        except Exception:  # noqa: BLE001 - the next request on this slot starts afresh and meets the error itself
+            slot.reset()
         self._last_used[i] = time.monotonic()
 
     def _drop_cancelled(self) -> None:
@@ -316,6 +362,7 @@ class Scheduler:
         for token, text in self.slots[i].speculate(a.gen, a.token, a.length):
             a.token = token
             if text:
+                a.text.append(text)
                 a.job.put(GenerationResponse(text, token, logprobs=a.gen.take_logprobs()))
         if a.gen.finish is not None:
             self._end(i, a.gen.finish)

@@ -18,7 +18,7 @@ import queue
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from starlette.applications import Starlette
@@ -32,6 +32,7 @@ from llmcli.engine import (
     GenerationConfig,
     GenerationResponse,
     TokenLogprob,
+    common_prefix,
     embedding_pooling,
     normalized,
 )
@@ -443,9 +444,10 @@ class Api:
         self._check_model(body.get("model"))
         return body
 
-    def submit(self, prompt: list[int], config: GenerationConfig, notify) -> Job:
+    def submit(self, prompt: list[int], config: GenerationConfig, notify,
+               next_turn: Callable[[str], list[int]] | None = None) -> Job:
         try:
-            return self.scheduler.submit(prompt, config, notify)
+            return self.scheduler.submit(prompt, config, notify, next_turn)
         except LlmError as e:  # the prompt does not fit the context, or the server is closing
             raise _submit_error(e, "messages") from None
 
@@ -543,7 +545,7 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
         options = _template_options(body)
-        prompt, tools = self.conversation(body, _tool_choice(body), options)
+        prompt, tools, next_turn = self.conversation(body, _tool_choice(body), options)
         think = self.reasoning(options)
         grammar = await self._format(body, tools, think)
         want_logprobs = _bool(body, "logprobs")
@@ -552,7 +554,8 @@ class Api:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         config = generation_config(body, self.defaults, self.lm.hparams.n_vocab,
                                    (top or 0) if want_logprobs else None, grammar)
-        return await self._respond(request, body, prompt, config, chat=True, tools=tools, think=think)
+        return await self._respond(request, body, prompt, config, chat=True, tools=tools, think=think,
+                                   next_turn=next_turn)
 
     def reasoning(self, options: dict) -> Thinking | None:
         """Whether a reply reasons first, for its grammar and to tell its reasoning from its answer: None for a
@@ -560,10 +563,13 @@ class Api:
         return None if options.get("enable_thinking") is False else self.think
 
     def conversation(self, body: dict, tools: ToolChoice | None, options: dict | None = None
-                     ) -> tuple[list[int], ToolChoice | None]:
+                     ) -> tuple[list[int], ToolChoice | None, Callable[[str], list[int]]]:
         """The prompt of a chat request's `messages` and the tools it offers, and the tools as the reply may call
         them: in the template's own way where it has one, else as the system message tells. `options`: more
-        variables for the template."""
+        variables for the template. Third, the guess at the conversation's next request for the scheduler to run
+        ahead: from the reply's text, the tokens of the history with the reply as clients send it back, then what
+        the template writes before any next user message (where two unlike probes agree); none after tool calls,
+        which a tool's result follows."""
         messages = _chat_messages(body, self.syntax)
         shown = None
         if tools is not None and self.syntax is not None:
@@ -571,7 +577,18 @@ class Api:
             shown = [t.as_dict() for t in tools.tools]
         elif tools is not None:
             messages = with_instructions(messages, tools)
-        return self.chat_prompt(messages, shown, options), tools
+        think = self.reasoning(options or {})
+
+        def next_turn(reply: str) -> list[int]:
+            _, text, calls = ReplyStream(think, tools).whole(reply)
+            if calls is not None:
+                return []
+            history = messages + [{"role": "assistant", "content": text}]
+            a, b = (self.chat_prompt(history + [{"role": "user", "content": probe}], shown, options)
+                    for probe in ("A", "1"))
+            return a[:common_prefix(a, b)]
+
+        return self.chat_prompt(messages, shown, options), tools, next_turn
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
                     ) -> list[int]:
@@ -613,25 +630,28 @@ class Api:
         return await self._respond(request, body, ids, config, chat=False)
 
     async def _respond(self, request: Request, body: dict, prompt: list[int], config: GenerationConfig,
-                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
+                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None,
+                       next_turn: Callable[[str], list[int]] | None = None) -> Response:
         stream = _bool(body, "stream")
         options = body.get("stream_options")
         if options is not None and (not isinstance(options, dict) or not stream):
             raise ApiError(400, "'stream_options' must be an object, and only with 'stream': true",
                            "stream_options", "invalid_value")
         include_usage = bool(options and _bool(options, "include_usage"))
-        job, wake = self.start(prompt, config)
+        job, wake = self.start(prompt, config, next_turn)
         render = _Render(self, chat, config.logprobs is not None, tools, think)
         if stream:
             return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(render.whole(await whole_reply(request, job, wake)))
 
-    def start(self, prompt: list[int], config: GenerationConfig) -> tuple[Job, asyncio.Event]:
-        """Queue a generation: its job, and the event the scheduler's thread sets after each of its records."""
+    def start(self, prompt: list[int], config: GenerationConfig,
+              next_turn: Callable[[str], list[int]] | None = None) -> tuple[Job, asyncio.Event]:
+        """Queue a generation: its job, and the event the scheduler's thread sets after each of its records.
+        `next_turn`: a chat's guess at its next request (Api.conversation)."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        return self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set)), wake
+        return self.submit(prompt, config, lambda: loop.call_soon_threadsafe(wake.set), next_turn), wake
 
     async def _events(self, job: Job, wake: asyncio.Event, render: _Render, include_usage: bool
                       ) -> AsyncIterator[str]:

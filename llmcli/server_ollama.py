@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -312,7 +312,7 @@ class Ollama:
         if isinstance(tools_given, list):  # ollama's tools may leave out the type: a function is all there is
             tools_given = [{"type": "function"} | t if isinstance(t, dict) else t for t in tools_given]
         options = self._think(body)
-        prompt, tools = self.api.conversation({"messages": _openai_messages(messages)},
+        prompt, tools, next_turn = self.api.conversation({"messages": _openai_messages(messages)},
                                               _tool_choice({"tools": tools_given}), options)
         if tools is not None:
             if _schema(body) is not None:
@@ -322,7 +322,7 @@ class Ollama:
             grammar = await self.api.grammar("format", _schema(body), think=self.api.reasoning(options))
         config = self._config(body, grammar)
         return await self._respond(request, prompt, config, stream, chat=True, tools=tools,
-                                   think=self.api.reasoning(options))
+                                   think=self.api.reasoning(options), next_turn=next_turn)
 
     async def generate(self, request: Request) -> Response:
         body = await self._body(request)
@@ -396,9 +396,10 @@ class Ollama:
         return JSONResponse({"embedding": vector.tolist()})
 
     async def _respond(self, request: Request, prompt: list[int], config: GenerationConfig, stream: bool,
-                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None) -> Response:
+                       chat: bool, tools: ToolChoice | None = None, think: Thinking | None = None,
+                       next_turn: Callable[[str], list[int]] | None = None) -> Response:
         started = time.monotonic_ns()
-        job, wake = self.api.start(prompt, config)
+        job, wake = self.api.start(prompt, config, next_turn)
         reply = _Reply(self, chat, config.logprobs is not None, tools, prompt, started, think)
         if stream:
             return StreamingResponse(reply.lines(job, wake), media_type="application/x-ndjson")

@@ -98,7 +98,10 @@ def test_last_pooling_reuses_a_shared_prefix(smollm2_path):
     v = session.embed(second, "last")
     alone = Session(lm, 512).embed(second, "last")
     assert session.tokens == second
-    np.testing.assert_allclose(v, alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    # the new tokens take the decode stack, a fresh text the prompt path: the same numbers summed in other orders
+    # (on VNNI hosts the two differ by up to ~3e-4 of the largest state)
+    np.testing.assert_allclose(v, alone, rtol=1e-3, atol=1e-3 * np.abs(alone).max())
+    assert v @ alone / (np.linalg.norm(v) * np.linalg.norm(alone)) > 0.99999
     # mean pooling needs every state, so it runs the whole text
     np.testing.assert_allclose(session.embed(second, "mean"), Session(lm, 512).embed(second, "mean"), atol=1e-5)
 

@@ -79,6 +79,33 @@ def test_a_follow_up_turn_prefills_only_what_is_new(server):
     assert first.usage.prompt_tokens <= cached < follow.usage.prompt_tokens
 
 
+@pytest.mark.slow
+def test_while_its_user_types_a_chat_runs_ahead_to_the_next_turn(server1, smollm2_path):
+    """After a reply, the idle slot prefills the turn's end and the next user header (ChatML's
+    `<|im_end|>\n<|im_start|>user\n`): the follow-up then prefills only what its user wrote and the reply's header,
+    and says the same as when no slot holds any of it. A reply cut by max_tokens and one ended by the model both."""
+    from oracle import hf_tokenizer
+
+    hf = hf_tokenizer(smollm2_path)
+    c = server1.client()
+    for n in (12, 200):
+        msgs = [{"role": "user", "content": f"[{n}] In one short sentence: what is a river?"}]
+        first = c.chat.completions.create(model=server1.model, messages=msgs, temperature=0, max_tokens=n)
+        assert first.choices[0].finish_reason == ("length" if n == 12 else "stop")
+        msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And a lake?"}]
+        time.sleep(1.0)  # the user reads and types
+        follow = c.chat.completions.create(model=server1.model, messages=msgs, temperature=0, max_tokens=8)
+        own = hf.encode("And a lake?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        u = follow.usage
+        assert u.prompt_tokens - u.prompt_tokens_details.cached_tokens == len(own)
+        # a raw prompt takes the one slot, so the same follow-up runs from nothing
+        c.completions.create(model=server1.model, prompt="Lakes", temperature=0, max_tokens=1)
+        again = c.chat.completions.create(model=server1.model, messages=msgs, temperature=0, max_tokens=8)
+        assert again.usage.prompt_tokens_details.cached_tokens == 0
+        assert again.choices[0].message.content == follow.choices[0].message.content
+
+
 def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
     c = server.client()
     whole = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12)
