@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from llmcli.engine import GenerationConfig, GenerationResponse, Session, encode_chat
+from llmcli.engine import GenerationConfig, GenerationResponse, Session, encode_chat, next_turn_start
 from llmcli.speculative import acceptance_line
 from llmcli.thinking import Thinking, ThinkStream
 from quant.errors import LlmError, PromptError
@@ -125,13 +126,32 @@ class ChatLoop:
         self.conv = Conversation(system=system)
         self.last: GenerationResponse | None = None
         self.interactive = sys.stdin.isatty()
+        self._ahead: threading.Thread | None = None  # prefilling the next turn's start while the user types
 
     def reserve(self) -> int:
         """Positions kept free for a reply: max tokens, but never more than half the context."""
         return min(self.config.max_tokens, self.session.n_ctx // 2)
 
+    def run_ahead(self) -> None:
+        """After a reply, prefill the turn's end and the next user header (Session.run_ahead) on a thread of its
+        own while the user reads and types: the next message then prefills only what they wrote."""
+        try:
+            tokens = next_turn_start(lambda m: encode_chat(self.session, m, self.options), self.conv.messages())
+        except LlmError:  # the next message will say why the template fails
+            return
+        self._ahead = threading.Thread(target=self.session.run_ahead, args=(tokens,), name="llm-run-ahead",
+                                       daemon=True)
+        self._ahead.start()
+
+    def settle(self) -> None:
+        """Wait for the run ahead: the session is the main thread's again."""
+        if self._ahead is not None:
+            self._ahead.join()
+            self._ahead = None
+
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
+        self.settle()
         name, _, arg = line.strip().partition(" ")
         arg = arg.strip()
         if name in ("/exit", "/bye", "/quit"):
@@ -193,6 +213,7 @@ class ChatLoop:
                 self.err.print(acceptance_line(r.draft_tokens, r.accepted_tokens))
 
     def reply(self, text: str) -> None:
+        self.settle()
         self.conv.turns.append({"role": "user", "content": text})
         try:
             ids, dropped = self.conv.fit(self.session, self.reserve(), self.options)
@@ -233,6 +254,7 @@ class ChatLoop:
         if interrupted:
             self.err.print("[dim](reply stopped)[/]")
         self.conv.turns.append({"role": "assistant", "content": "".join(pieces)})
+        self.run_ahead()
 
     def show(self, reasoning: str, text: str) -> None:
         """A piece of the reply: its reasoning dimmed, its answer as it is."""
@@ -252,6 +274,7 @@ class ChatLoop:
                 continue
             if text is None:
                 self.console.print()
+                self.settle()
                 return
             if not text.strip():
                 continue

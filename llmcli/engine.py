@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from quant.gguf_file import GGUFFile, read_gguf
 DEFAULT_CTX_CAP = 4096
 MAX_CTX = 1 << 24  # positions: past any model's training context (a cache this long would take terabytes)
 PREFILL_CHUNK = 512  # tokens per batched prefill pass: bounds the activation memory of long prompts
+AHEAD_MOST = 64  # the most tokens a session runs ahead of its next prompt (Session.run_ahead)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def next_turn_start(encode: Callable[[list[dict]], list[int]], messages: list[dict]) -> list[int]:
+    """The tokens a conversation's next prompt starts with: `messages` (ending with the reply as it will be sent
+    back), then what the chat template writes before any next user message, where two unlike probe messages agree
+    (ChatML's `<|im_end|>\\n<|im_start|>user\\n`). encode: messages -> the prompt's tokens."""
+    a, b = (encode(messages + [{"role": "user", "content": probe}]) for probe in ("A", "1"))
+    return a[:common_prefix(a, b)]
 
 
 def context_size(hp: HParams, ctx: int | None) -> int:
@@ -392,6 +401,17 @@ class Session:
         self.cache.trim(len(self.tokens) - (start + best_m))
         del self.tokens[self.cache.offset:]
         return best_n
+
+    def run_ahead(self, tokens: Sequence[int]) -> None:
+        """Prefill `tokens`, a guess at the next prompt (next_turn_start), while its user reads and types: only
+        where the cache holds all but at most AHEAD_MOST of them (a template that rewrites earlier turns is left
+        to the prompt itself). A guess that fails costs only its time: the cache is emptied, the prompt runs all."""
+        if not 0 < len(tokens) - self.common_prefix(tokens) <= AHEAD_MOST or len(tokens) >= self.n_ctx:
+            return
+        try:
+            self.prefill(tokens)
+        except Exception:  # noqa: BLE001 - the next prompt meets the error itself, and says it
+            self.reset()
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:

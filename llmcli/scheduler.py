@@ -47,8 +47,6 @@ from llmcli.speculative import DraftLength, SpeculativeConfig
 from quant.errors import LlmError
 
 _END = object()  # the record that closes a job's stream
-AHEAD_MOST = 64  # the most tokens a slot runs ahead of its conversation's next request; a guess that differs more
-# from what the slot holds (a template that rewrites earlier turns) is left to the request itself
 AHEAD_AFTER = 0.05  # seconds the worker stays idle before running ahead: a request that comes at once (an agent's,
 # another client's) does not wait behind a guess, while a person's next turn comes seconds later
 
@@ -311,19 +309,12 @@ class Scheduler:
             self._ahead[i] = (a.job.next_turn, "".join(a.text) + tail)
 
     def _run_ahead(self, i: int, next_turn: Callable[[str], list[int]], reply: str) -> None:
-        """Prefill in slot i what its chat's next request will start with, where the slot holds all but at most
-        AHEAD_MOST of those tokens. A guess that fails costs nothing but the time: the request runs what it needs."""
-        slot = self.slots[i]
+        """Prefill in slot i what its chat's next request will start with (Session.run_ahead)."""
         try:
             tokens = next_turn(reply)
         except Exception:  # noqa: BLE001 - a template that cannot render the guess: the request will say why
             return
-        if not 0 < len(tokens) - slot.common_prefix(tokens) <= AHEAD_MOST or len(tokens) >= self.n_ctx:
-            return
-        try:
-            slot.prefill(tokens)
-        except Exception:  # noqa: BLE001 - the next request on this slot starts afresh and meets the error itself
-            slot.reset()
+        self.slots[i].run_ahead(tokens)
         self._last_used[i] = time.monotonic()
 
     def _drop_cancelled(self) -> None:

@@ -32,8 +32,8 @@ from llmcli.engine import (
     GenerationConfig,
     GenerationResponse,
     TokenLogprob,
-    common_prefix,
     embedding_pooling,
+    next_turn_start,
     normalized,
 )
 from llmcli.grammar import Constraint, Grammar, GrammarError, vocabulary_bytes
@@ -567,9 +567,8 @@ class Api:
         """The prompt of a chat request's `messages` and the tools it offers, and the tools as the reply may call
         them: in the template's own way where it has one, else as the system message tells. `options`: more
         variables for the template. Third, the guess at the conversation's next request for the scheduler to run
-        ahead: from the reply's text, the tokens of the history with the reply as clients send it back, then what
-        the template writes before any next user message (where two unlike probes agree); none after tool calls,
-        which a tool's result follows."""
+        ahead: from the reply's text, the history with the reply as clients send it back, and the next user turn's
+        start (engine.next_turn_start); none after tool calls, which a tool's result follows."""
         messages = _chat_messages(body, self.syntax)
         shown = None
         if tools is not None and self.syntax is not None:
@@ -583,10 +582,8 @@ class Api:
             _, text, calls = ReplyStream(think, tools).whole(reply)
             if calls is not None:
                 return []
-            history = messages + [{"role": "assistant", "content": text}]
-            a, b = (self.chat_prompt(history + [{"role": "user", "content": probe}], shown, options)
-                    for probe in ("A", "1"))
-            return a[:common_prefix(a, b)]
+            return next_turn_start(lambda m: self.chat_prompt(m, shown, options),
+                                   messages + [{"role": "assistant", "content": text}])
 
         return self.chat_prompt(messages, shown, options), tools, next_turn
 

@@ -138,6 +138,20 @@ def test_chat_session_with_commands(tmp_path, smollm2_path):
     assert "loaded 4 messages" in r.stderr and "/clear" in r.stdout
 
 
+def test_chat_runs_ahead_to_the_next_turn_while_its_user_types(smollm2_path):
+    """After each reply `llm chat` prefills the turn's end and the next user header while it waits for input: the
+    next message prefills only what its user wrote and the reply's header (what /stats counts as new)."""
+    from oracle import hf_tokenizer
+
+    script = "What is the capital of France?\nAnd of Italy?\n/stats\n"
+    r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "24", input=script)
+    assert r.returncode == 0, r.stderr
+    own = hf_tokenizer(smollm2_path).encode("And of Italy?<|im_end|>\n<|im_start|>assistant\n",
+                                             add_special_tokens=False)
+    assert f"({len(own)} new," in r.stderr, r.stderr
+    assert "Rome" in r.stdout
+
+
 def test_chat_drops_the_oldest_turns_visibly_when_the_context_fills(smollm2_path):
     msgs = [f"Tell me one fact about the number {i}." for i in range(6)]
     r = llm("chat", str(smollm2_path), "--temperature", "0", "-n", "24", "--ctx", "160", "--system", "Be brief.",

@@ -4,6 +4,7 @@ lacks (NeoX RoPE with Q/K/V biases, Q/K norms)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,12 +128,22 @@ def test_cache_trim_reset_and_threads(models, smollm2_path):
     np.testing.assert_array_equal(fast.forward(tokens, cache), first)
     import numba
 
-    before = numba.get_num_threads()  # numba's thread count is per process
+    before = numba.get_num_threads()  # numba's thread count is the calling thread's
     try:
         one = load_model(read_gguf(smollm2_path), "numba", threads=1)
         c1 = one.new_cache(32)
         np.testing.assert_array_equal(one.forward(tokens, c1), first)
         np.testing.assert_array_equal(one.forward(np.array([42]), c1), nxt)
+        seen = []
+
+        def elsewhere():  # a server's worker, a chat running ahead: numba starts a new thread at every core
+            one.forward(tokens, one.new_cache(32))
+            seen.append(numba.get_num_threads())
+
+        worker = threading.Thread(target=elsewhere)
+        worker.start()
+        worker.join()
+        assert seen == [1]
     finally:
         numba.set_num_threads(before)
     assert not jit_cache_is_cold()

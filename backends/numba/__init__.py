@@ -360,6 +360,7 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         logits = np.empty((len(tokens), self.hparams.n_vocab), dtype=np.float32)
+        numba.set_num_threads(self.threads)
         L.forward_stack(self.wv, self.layer_tab, self.glob_tab, self.dims, self.fparams, self.layer_opt,
                         self._inv_freq(caches[0]), tokens, positions, slots, pool.k.view(np.uint8),
                         pool.v.view(np.uint8), caches[0].byte_layout, caches[0].kv_code, len(tokens), pool.scratch,
@@ -379,6 +380,9 @@ class NumbaModel:
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise PromptError(f"token id out of range 0..{self.hparams.n_vocab - 1}")
         global _gemm_path_loaded
+        # numba's thread count belongs to the calling thread, and a new one (a server's worker, a chat running
+        # ahead) starts at every core: --threads holds on any of them
+        numba.set_num_threads(self.threads)
         opts = self.options
         scratch = self._scratch_of(cache)
         if T >= (self.gemm_min_t if _gemm_path_loaded else max(self.gemm_min_t, opts.gemm_min_t_cold)):
