@@ -110,11 +110,12 @@ def _cpu_has_vnni() -> bool:
 
 
 def load(gguf: GGUFFile, hp: HParams, threads: int, options: NumbaOptions | None = None) -> NumbaModel:
-    # Idle OpenMP workers spin briefly, then sleep (unless the user chose a policy): decode runs ~150 short
-    # parallel regions per token, which a sleeping pool slows, while long spinning starves BLAS during prefill
-    # (benchmarks/RESULTS.md). Read when numba starts its pool.
+    # Idle OpenMP workers spin a few milliseconds, then sleep (unless the user chose a policy): decode runs ~150
+    # short parallel regions per token, which a sleeping pool slows, and after 1000 spins the first prompt after a
+    # pause ran 2.3x slower; endless spinning starves the prompt path's threads (benchmarks/RESULTS.md). Read when
+    # numba starts its pool.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = "1000"
+        os.environ["GOMP_SPINCOUNT"] = "300000"
     use_kernel_cache()
     if threads > numba.config.NUMBA_NUM_THREADS:
         raise BackendError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads numba "
