@@ -144,10 +144,14 @@ class ChatLoop:
         self._ahead.start()
 
     def settle(self) -> None:
-        """Wait for the run ahead: the session is the main thread's again."""
-        if self._ahead is not None:
-            self._ahead.join()
-            self._ahead = None
+        """Wait for the run ahead: the session is the main thread's again. It is a few tokens long, so a Ctrl-C
+        meanwhile waits for it too (leaving the chat would be more than the user asked)."""
+        while self._ahead is not None:
+            try:
+                self._ahead.join()
+                self._ahead = None
+            except KeyboardInterrupt:
+                continue
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
