@@ -277,9 +277,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         one, many = statistics.median(r["one_tps"]), statistics.median(r["many_tps"])
-        t = {k: statistics.median(v) if v else float("nan") for k, v in r["ttft_s"].items()
-             if k in ("now", "paused", "fresh_now", "fresh_paused")} or dict.fromkeys(
-                 ("now", "paused", "fresh_now", "fresh_paused"), float("nan"))
+        t = {k: statistics.median(r["ttft_s"][k]) if r["ttft_s"].get(k) else float("nan")
+             for k in ("now", "paused", "fresh_now", "fresh_paused")}
         run = statistics.median(r["llm_run_tps"]) if r.get("llm_run_tps") else None
         print(f"| {r['model']} | {r['server']} | {med(r['one_tps'])} | {med(r['many_tps'])} | {many / one:.2f} | "
               f"{t['now']:.3f} | {t['fresh_now']:.3f} | {t['now'] / t['fresh_now']:.2f} | {t['paused']:.3f} | "
