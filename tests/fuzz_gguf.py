@@ -10,7 +10,8 @@ boundaries.
 
 Each case runs in a worker process under a memory cap (RLIMIT_AS) that handles many cases; the parent gives
 every case a time limit and restarts a worker that died or hung. Outcomes:
-  ok          loaded, generated a token, rendered the template, probed its tool calls, embedded a text
+  ok          loaded, generated a token, rendered the template, ran ahead to a next turn, probed its tool
+              calls, embedded a text
   error       an LlmError with one printable line
   bad-error   an LlmError whose message has a raw control character or several lines
   traceback   any other exception (a bug: a file must only ever give an LlmError)
@@ -452,7 +453,7 @@ def run_case(path: str, backend: str) -> dict:
     """Load, one token, the template: the outcome of one file."""
     import traceback
 
-    from llmcli.engine import GenerationConfig, Session, embedding_pooling, encode_chat, load
+    from llmcli.engine import GenerationConfig, Session, embedding_pooling, encode_chat, load, next_turn_start
     from llmcli.sampling import SamplingConfig
     from llmcli.tools import call_syntax
     from quant.errors import LlmError
@@ -470,6 +471,13 @@ def run_case(path: str, backend: str) -> dict:
         # and a prompt long enough for the batched prompt path (its own kernels)
         for _ in session.generate(lm.tokenizer.encode("hello " * 24)[:40], config):
             pass
+        # what `llm chat` and `llm serve` run ahead after a reply: the next turn's start, through the template
+        try:
+            guess = next_turn_start(lambda m: encode_chat(session, m), [{"role": "user", "content": "hello"},
+                                                                       {"role": "assistant", "content": "hi"}])
+        except LlmError:  # both leave the guess out, and the next message says why
+            guess = []
+        session.run_ahead(guess)
         # what `llm serve` reads at start (how the templates write tool calls) and an embedding by the file's pooling
         call_syntax(lm.template, lm.tokenizer)
         try:
