@@ -33,6 +33,11 @@ def unit(v) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def same_direction(got, want) -> bool:
+    """`got` is a unit vector along `want`, as far as the numba backend's paths agree with each other."""
+    return bool(np.allclose(got, unit(want), atol=1e-3) and cosines(got, want)[0] > 0.99999)
+
+
 @pytest.fixture(scope="module")
 def long_ids(smollm2_path):
     """A text of ~90 tokens: past the numba backend's decode stack, on its prompt path."""
@@ -171,15 +176,15 @@ def test_llm_embed(smollm2_path):
     r = llm("embed", str(smollm2_path), TEXTS[0])
     assert r.returncode == 0, r.stderr
     one = json.loads(r.stdout)
-    # a new process runs short texts on the decode stack until its prompt path is loaded, and this one has loaded
-    # it: the same numbers summed in other orders (on VNNI hosts up to ~1e-5 of these unit vectors)
-    assert len(one) == lm.hparams.n_embd and np.allclose(one, unit(want[0]), atol=1e-4)
+    # CI saw this process and a new one give a short text's vector by different paths (the decode stack, the
+    # integer GEMM, BLAS: up to 2.3e-4 apart on SmolLM2's unit vectors, measured on Zen 4)
+    assert len(one) == lm.hparams.n_embd and same_direction(one, want[0])
     # the third text has a line break of its own: stdin is one text per line
     r = llm("embed", str(smollm2_path), input="\n".join(TEXTS[:2]) + "\n\n")
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 2, r.stderr
     for line, w in zip(lines, want, strict=False):
-        assert np.allclose(json.loads(line), unit(w), atol=1e-4)
+        assert same_direction(json.loads(line), w)
     raw = json.loads(llm("embed", str(smollm2_path), TEXTS[0], "--no-normalize", "--pooling", "cls").stdout)
     assert np.allclose(raw, session.embed(lm.tokenizer.encode(TEXTS[0]), "cls"), rtol=1e-5, atol=1e-5)
     assert_one_line_error(llm("embed", str(smollm2_path), "x", "--pooling", "max"), "--pooling", "mean, cls, last")
