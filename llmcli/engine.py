@@ -144,11 +144,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def next_turn_start(encode: Callable[[list[dict]], list[int]], messages: list[dict]) -> list[int]:
+def next_turn_start(encode: Callable[[list[dict]], list[int]], messages: list[dict],
+                    then: Callable[[str], dict] = lambda text: {"role": "user", "content": text}) -> list[int]:
     """The tokens a conversation's next prompt starts with: `messages` (ending with the reply as it will be sent
-    back), then what the chat template writes before any next user message, where two unlike probe messages agree
-    (ChatML's `<|im_end|>\\n<|im_start|>user\\n`). encode: messages -> the prompt's tokens."""
-    a, b = (encode(messages + [{"role": "user", "content": probe}]) for probe in ("A", "1"))
+    back), then what the chat template writes before any next message `then(text)` (a user's; a tool's result),
+    where two unlike probe messages agree (ChatML's `<|im_end|>\\n<|im_start|>user\\n`). encode: messages -> the
+    prompt's tokens."""
+    a, b = (encode(messages + [then(probe)]) for probe in ("A", "1"))
     return a[:common_prefix(a, b)]
 
 

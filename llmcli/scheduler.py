@@ -14,8 +14,9 @@ again, whereas the batched step costs little more than one token's. Either step 
 generation may change from one to the other between steps; each slot's draft length adapts across its steps.
 
 When nothing else waits, a finished chat's slot runs ahead: the start of the conversation's next request (the
-turn's end and the next user turn's header, which every follow-up repeats) is prefilled while the user reads and
-types, so a follow-up's first token costs only what its user wrote.
+turn's end and the next user turn's header, which every follow-up repeats; after tool calls, the calls and a
+tool result's lead) is prefilled while the user reads and types or the tool runs, so a follow-up's first token
+costs only what its user or the tool wrote.
 
 Front ends talk to it through `submit`, which returns a Job: an iterator of GenerationResponse records
 (pieces of text, then a last record with the finish reason and counts), and `cancel` to end it early.

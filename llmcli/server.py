@@ -567,25 +567,36 @@ class Api:
         """The prompt of a chat request's `messages` and the tools it offers, and the tools as the reply may call
         them: in the template's own way where it has one, else as the system message tells. `options`: more
         variables for the template. Third, the guess at the conversation's next request for the scheduler to run
-        ahead: from the reply's text, the history with the reply as clients send it back, and the next user turn's
-        start (engine.next_turn_start); none after tool calls, which a tool's result follows."""
-        messages = _chat_messages(body, self.syntax)
+        ahead: from the reply's text, the history with the reply as clients send it back, and the start of the next
+        user turn, or of the first tool's result after calls (engine.next_turn_start). None where the template
+        writes the calls' ids, which the response makes up later."""
         shown = None
         if tools is not None and self.syntax is not None:
             tools = dataclasses.replace(tools, syntax=self.syntax)
             shown = [t.as_dict() for t in tools.tools]
-        elif tools is not None:
-            messages = with_instructions(messages, tools)
+
+        def prompt(sent: list[dict]) -> list[int]:
+            messages = _chat_messages({"messages": sent}, self.syntax)
+            if tools is not None and self.syntax is None:
+                messages = with_instructions(messages, tools)
+            return self.chat_prompt(messages, shown, options)
+
         think = self.reasoning(options or {})
+        sent = body["messages"]
 
         def next_turn(reply: str) -> list[int]:
             _, text, calls = ReplyStream(think, tools).whole(reply)
-            if calls is not None:
+            if calls is None:
+                return next_turn_start(prompt, sent + [{"role": "assistant", "content": text}])
+            if self.syntax is not None and self.syntax.id_key is not None:
                 return []
-            return next_turn_start(lambda m: self.chat_prompt(m, shown, options),
-                                   messages + [{"role": "assistant", "content": text}])
+            ids = [f"call_{j}" for j in range(len(calls))]
+            made = [{"id": i, "type": "function", "function": {"name": name, "arguments": arguments}}
+                    for i, (name, arguments) in zip(ids, calls, strict=True)]
+            return next_turn_start(prompt, sent + [{"role": "assistant", "content": text or None, "tool_calls": made}],
+                                   lambda result: {"role": "tool", "tool_call_id": ids[0], "content": result})
 
-        return self.chat_prompt(messages, shown, options), tools, next_turn
+        return prompt(sent), tools, next_turn
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
                     ) -> list[int]:

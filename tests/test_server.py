@@ -106,6 +106,35 @@ def test_while_its_user_types_a_chat_runs_ahead_to_the_next_turn(server1, smollm
         assert again.choices[0].message.content == follow.choices[0].message.content
 
 
+def test_after_a_tool_call_the_slot_runs_ahead_to_the_tools_result(server1, smollm2_path):
+    """After a reply that calls a tool, the idle slot prefills the call as the client sends it back and what the
+    template writes before a tool's result (SmolLM2, tools in the system message: a user turn that begins "The
+    function get_weather returned:"): the request with the result prefills only the result and the reply's header,
+    and says the same as when no slot holds any of it."""
+    from oracle import hf_tokenizer
+
+    c = server1.client()
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    ask = dict(model=server1.model, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64)
+    first = c.chat.completions.create(messages=msgs, **ask)
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    msgs += [first.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 18 degrees"}]
+    time.sleep(1.0)  # the tool runs
+    follow = c.chat.completions.create(messages=msgs, **ask)
+    own = hf_tokenizer(smollm2_path).encode(" Sunny, 18 degrees<|im_end|>\n<|im_start|>assistant\n",
+                                            add_special_tokens=False)
+    u = follow.usage
+    assert u.prompt_tokens - u.prompt_tokens_details.cached_tokens == len(own)
+    c.completions.create(model=server1.model, prompt="Lakes", temperature=0, max_tokens=1)
+    again = c.chat.completions.create(messages=msgs, **ask)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    calls = [[(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls]
+             for r in (follow, again)]
+    assert calls[0] == calls[1]
+
+
 def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
     c = server.client()
     whole = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12)
@@ -389,7 +418,8 @@ def _ask_for_a_call(s: Served, max_tokens: int):
 def test_tool_calls_in_the_templates_own_way(smollm2_path):
     """A template that shows tools and writes calls (<tool_call> tags here): the model gets the tools, its past
     calls and their results as the template writes them, and writes its calls that way; they come back as
-    tool_calls, whole or streamed, through the OpenAI and the ollama APIs."""
+    tool_calls, whole or streamed, through the OpenAI and the ollama APIs. While the tool runs, the slot prefills
+    the call as the client sends it back and the result's lead (`<tool_response>\n`)."""
     import ollama
 
     from llmcli.template import ChatTemplate
@@ -412,9 +442,12 @@ def test_tool_calls_in_the_templates_own_way(smollm2_path):
         # the prompt is the template's rendering of the tools, the call and its result
         history = ask["messages"] + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                                      {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+        time.sleep(1.0)  # the tool runs
         r = c.chat.completions.create(**(ask | {"messages": history, "tool_choice": "auto", "max_tokens": 4}))
         gguf = read_gguf(smollm2_path)
         tok = Tokenizer.from_gguf(gguf)
+        own = tok.encode("sunny, 24 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n", add_special=False)
+        assert r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens == len(own)
         template = ChatTemplate.from_gguf(gguf, override=template_path, bos_token=tok.bos_token,
                                           eos_token=tok.eos_token)
         arguments = json.loads(call.function.arguments)
