@@ -9,7 +9,9 @@ banned through logit_bias so every request decodes exactly -n tokens):
 - follow-up TTFT: a chat with --history tokens of history (one turn already answered), then, --pause seconds
   after the answer (a user reading it and typing; 0: at once, as an agent does), the next user turn: request sent
   -> first streamed token; against a fresh 20-token raw prompt's (words in an order no slot holds);
-- one client's decode tok/s through the server against `llm run --verbose`'s on the same prompt and model.
+- one client's decode tok/s through the server against `llm run --verbose`'s on the same prompt and model;
+- tool-result TTFT (`llm serve` only): a chat whose reply must call a tool, then, --pause seconds later (the tool
+  running), the request with the tool's result: sent -> its one-token reply, and the tokens it prefilled.
 
 Every figure is a median over -r repetitions (min..max beside it). Models: SmolLM2-135M Q4_0 and the 1B-shape
 random Q4_0 model (made by bench_decode.prepare_models into .test-models/numba/ on first use).
@@ -192,6 +194,34 @@ def followup_ttft(server: Server, history: int, reps: int, pause: float) -> dict
     return out
 
 
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+def tool_result_ttft(server: Server, reps: int, pause: float) -> dict:
+    """Per repetition, after a reply that calls TOOL and `pause` seconds: the time of a one-token reply to the
+    request that carries the tool's result, and the tokens it prefilled."""
+    out: dict = {"tool": [], "prefilled_tool": [], "prompt_tokens_tool": 0}
+    ask = {"model": server.model, "tools": [TOOL], "temperature": 0, "parallel_tool_calls": False,
+           "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    for r in range(reps):
+        time.sleep(pause)
+        msgs = [{"role": "user", "content": f"[{r}] What is the weather in Paris right now?"}]
+        reply = client().post(server.base + "/v1/chat/completions",
+                              json={**ask, "messages": msgs, "max_tokens": 64}).json()["choices"][0]["message"]
+        msgs += [reply, {"role": "tool", "tool_call_id": reply["tool_calls"][0]["id"], "content": "Sunny, 18 degrees"}]
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        usage = client().post(server.base + "/v1/chat/completions",
+                              json={**ask, "messages": msgs, "max_tokens": 1}).json()["usage"]
+        out["tool"].append(time.perf_counter() - t0)
+        out["prefilled_tool"].append(usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"])
+        out["prompt_tokens_tool"] = usage["prompt_tokens"]
+    return out
+
+
 def llm_run_decode(model: Path, threads: int, n: int) -> float:
     """`llm run --raw --verbose`'s decode tok/s for PROMPTS[0] (it cannot ban EOS: -n small enough)."""
     r = subprocess.run([sys.executable, "-m", "llmcli", "run", str(model), PROMPTS[0], "--raw", "--temperature", "0",
@@ -217,6 +247,8 @@ def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
             many.append(aggregate_decode(server, args.clients, args.n, ban))
         skip = args.skip_ttft or path.name in args.skip_ttft_for.split(",")
         ttft = followup_ttft(server, args.history, args.reps, args.pause) if not skip else {}
+        if kind == "llm" and not skip:
+            ttft |= tool_result_ttft(server, args.reps, args.pause)
     finally:
         server.stop()
     return {"model": name, "server": kind, "threads": args.threads, "n": args.n, "clients": args.clients,
@@ -284,6 +316,14 @@ def main() -> None:
               f"{t['now']:.3f} | {t['fresh_now']:.3f} | {t['now'] / t['fresh_now']:.2f} | {t['paused']:.3f} | "
               f"{t['fresh_paused']:.3f} | {t['paused'] / t['fresh_paused']:.2f} | "
               + (f"{med(r['llm_run_tps'])} | {one / run:.2f} |" if run else "– | – |"))
+    tools = [r for r in results if r["ttft_s"].get("tool")]
+    if tools:
+        print(f"\nAfter a reply that calls a tool and {args.pause:g} s, the request with its result:\n")
+        print("| model | one-token reply s | prefilled tokens | prompt tokens |\n|---|---:|---:|---:|")
+        for r in tools:
+            t = r["ttft_s"]["tool"]
+            print(f"| {r['model']} | {statistics.median(t):.3f} ({min(t):.3f}..{max(t):.3f}) | "
+                  f"{statistics.median(r['ttft_s']['prefilled_tool']):.0f} | {r['ttft_s']['prompt_tokens_tool']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
