@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -120,6 +121,8 @@ def _register_commands(command: str | None = None) -> None:
     for info in app.registered_commands:  # app.command() gave each the plain TyperCommand
         if info.cls in (None, TyperCommand):
             info.cls = _Command
+        if info.short_help is None and info.callback.__doc__:  # the list of commands keeps a docstring's line breaks
+            info.short_help = " ".join(inspect.cleandoc(info.callback.__doc__).split("\n\n")[0].split())
 
 
 def _command_name(info) -> str:
