@@ -42,6 +42,7 @@ from llmcli.scheduler import _END, Closing, EmbedJob, Job, Scheduler
 from llmcli.template import TEMPLATE_GIVES
 from llmcli.thinking import ReplyStream, Thinking, thinking
 from llmcli.tools import (
+    CallIds,
     CallSyntax,
     Tool,
     ToolChoice,
@@ -568,12 +569,14 @@ class Api:
         them: in the template's own way where it has one, else as the system message tells. `options`: more
         variables for the template. Third, the guess at the conversation's next request for the scheduler to run
         ahead: from the reply's text, the history with the reply as clients send it back, and the start of the next
-        user turn, or of the first tool's result after calls (engine.next_turn_start). None where the template
-        writes the calls' ids, which the response makes up later."""
+        user turn, or of the first tool's result after calls (engine.next_turn_start), with the ids the response
+        gives the calls."""
         shown = None
         if tools is not None and self.syntax is not None:
             tools = dataclasses.replace(tools, syntax=self.syntax)
             shown = [t.as_dict() for t in tools.tools]
+        if tools is not None:
+            tools = dataclasses.replace(tools, ids=CallIds(tools.syntax))
 
         def prompt(sent: list[dict]) -> list[int]:
             messages = _chat_messages({"messages": sent}, self.syntax)
@@ -588,13 +591,10 @@ class Api:
             _, text, calls = ReplyStream(think, tools).whole(reply)
             if calls is None:
                 return next_turn_start(prompt, sent + [{"role": "assistant", "content": text}])
-            if self.syntax is not None and self.syntax.id_key is not None:
-                return []
-            ids = [f"call_{j}" for j in range(len(calls))]
-            made = [{"id": i, "type": "function", "function": {"name": name, "arguments": arguments}}
-                    for i, (name, arguments) in zip(ids, calls, strict=True)]
+            made = [{"id": tools.ids[j], "type": "function", "function": {"name": name, "arguments": arguments}}
+                    for j, (name, arguments) in enumerate(calls)]
             return next_turn_start(prompt, sent + [{"role": "assistant", "content": text or None, "tool_calls": made}],
-                                   lambda result: {"role": "tool", "tool_call_id": ids[0], "content": result})
+                                   lambda result: {"role": "tool", "tool_call_id": tools.ids[0], "content": result})
 
         return prompt(sent), tools, next_turn
 
@@ -689,7 +689,7 @@ class Api:
                     if text:
                         yield _sse(render.chunk(text, None, [], include_usage))
                     if calls is not None:
-                        deltas = [render.tool_call(*c, index=i) for i, c in enumerate(calls)]
+                        deltas = [render.tool_call(i, *c, streamed=True) for i, c in enumerate(calls)]
                         yield _sse(render.chunk({"tool_calls": deltas}, None, [], include_usage))
                         finish = "tool_calls"
                     yield _sse(render.chunk(None, finish, [], include_usage))
@@ -846,8 +846,9 @@ class _Render:
         reasoning, text, calls = ReplyStream(self.think, self.tools).whole(text)
         thought = {"reasoning_content": reasoning} if reasoning else {}
         if calls is not None:
+            made = [self.tool_call(i, *c) for i, c in enumerate(calls)]
             choice = {"index": 0, "message": {"role": "assistant", "content": text or None, "refusal": None,
-                                              **thought, "tool_calls": [self.tool_call(*c) for c in calls]},
+                                              **thought, "tool_calls": made},
                       "logprobs": None, "finish_reason": "tool_calls"}
         elif self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None, **thought},
@@ -870,10 +871,11 @@ class _Render:
             out["usage"] = None
         return out
 
-    def tool_call(self, name: str, arguments: str, index: int | None = None) -> dict:
-        call = {"id": call_id(self.tools.syntax if self.tools is not None else None), "type": "function",
-                "function": {"name": name, "arguments": arguments}}
-        return call if index is None else {"index": index} | call
+    def tool_call(self, index: int, name: str, arguments: str, streamed: bool = False) -> dict:
+        """The reply's call number `index`, whole or as a streamed delta."""
+        made = self.tools.ids[index] if self.tools.ids is not None else call_id(self.tools.syntax)
+        call = {"id": made, "type": "function", "function": {"name": name, "arguments": arguments}}
+        return {"index": index} | call if streamed else call
 
     def usage_chunk(self, last: GenerationResponse) -> dict:
         obj = self.object + ".chunk" if self.chat else self.object

@@ -18,7 +18,8 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from llmcli.grammar import Grammar
@@ -66,6 +67,7 @@ class ToolChoice:
     required: bool
     several: bool = True  # several calls in one reply: OpenAI's parallel_tool_calls
     syntax: CallSyntax | None = None  # the template's way of writing calls; None: a bare JSON object (or list)
+    ids: CallIds | None = field(default=None, compare=False)  # the reply's call ids (llm serve)
 
     @property
     def lazy(self) -> bool:
@@ -211,6 +213,21 @@ def call_id(syntax: CallSyntax | None) -> str:
     if syntax is not None and syntax.id_key:
         return "".join(secrets.choice(ID_CHARS) for _ in range(ID_LENGTH))
     return "call_" + secrets.token_hex(12)
+
+
+class CallIds:
+    """One reply's call ids, each made when first asked for: `llm serve` gives them in its response and writes them
+    into its guess at the conversation's next request, which must agree where the template writes ids inside calls.
+    The two ask from different threads."""
+
+    def __init__(self, syntax: CallSyntax | None):
+        self.syntax, self._ids, self._lock = syntax, [], threading.Lock()
+
+    def __getitem__(self, j: int) -> str:
+        with self._lock:
+            while len(self._ids) <= j:
+                self._ids.append(call_id(self.syntax))
+            return self._ids[j]
 
 
 def template_id(call_id: str | None, n: int) -> str:

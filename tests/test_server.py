@@ -474,8 +474,12 @@ def test_tool_calls_in_the_templates_own_way(smollm2_path):
 def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
     """A template whose calls begin with a control token and hold their ids (Mistral's way; test_tools.MARKED_IDS):
     the reply's calls come back as tool_calls, whole and streamed, the token's text nowhere in the content, their
-    ids in the template's shape, and the conversation goes on with them."""
+    ids in the template's shape, and the conversation goes on with them. While the tools run, the slot prefills the
+    calls with the ids the response gave them and the first result's lead."""
     from test_tools import MARKED_IDS
+
+    from llmcli.tokenizer import Tokenizer
+    from quant.gguf_file import read_gguf
 
     template_path = tmp_path / "marked.jinja"
     template_path.write_text(MARKED_IDS)
@@ -490,11 +494,19 @@ def test_tool_calls_begun_by_a_control_token(smollm2_path, tmp_path):
         assert [(d.function.name, d.function.arguments) for d in streamed] == [
             (call.function.name, call.function.arguments) for call in calls]
         assert "<repo_name>" not in "".join(ch.choices[0].delta.content or "" for ch in chunks)
-        # ids in the template's shape (it refuses others), so the conversation goes on with the call and its result
-        assert all(len(call.id) == 9 and call.id.isalnum() for call in calls)
-        history = ask["messages"] + [{"role": "assistant", "content": None,
-                                      "tool_calls": [call.model_dump() for call in calls]},
-                                     *({"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in calls)]
+        # ids in the template's shape (it refuses others), so the conversation goes on with the calls and results
+        assert all(len(call.id) == 9 and call.id.isalnum() for call in calls + streamed)
+        made = [{"id": d.id, "type": "function",
+                 "function": {"name": d.function.name, "arguments": d.function.arguments}} for d in streamed]
+        history = ask["messages"] + [{"role": "assistant", "content": None, "tool_calls": made},
+                                     *({"role": "tool", "tool_call_id": d.id, "content": "sunny"} for d in streamed)]
+        time.sleep(1.0)  # the tools run
+        r = c.chat.completions.create(**(ask | {"messages": history, "max_tokens": 1}))
+        # what is left after the lead `[RESULTS] {"content": "`, the same whatever the result says
+        results = "".join(f'[RESULTS] {{"content": "sunny", "call_id": "{d.id}"}}[/RESULTS]' for d in streamed)
+        own = Tokenizer.from_gguf(read_gguf(smollm2_path)).encode(results[len('[RESULTS] {"content": "'):],
+                                                                  add_special=False)
+        assert r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens == len(own)
         r = c.chat.completions.create(**(ask | {"messages": history, "tool_choice": "none", "max_tokens": 4}))
         assert r.choices[0].message.content and r.usage.completion_tokens <= 4
     finally:
