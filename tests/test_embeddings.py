@@ -185,6 +185,9 @@ def test_llm_embed(smollm2_path):
     assert r.returncode == 0 and len(lines) == 2, r.stderr
     for line, w in zip(lines, want, strict=False):
         assert same_direction(json.loads(line), w)
+    # a new process takes the same path for each: a line is its text alone, exactly, whatever came before it
+    second = json.loads(llm("embed", str(smollm2_path), TEXTS[1]).stdout)
+    assert np.allclose(json.loads(lines[0]), one, atol=1e-7) and np.allclose(json.loads(lines[1]), second, atol=1e-7)
     raw = json.loads(llm("embed", str(smollm2_path), TEXTS[0], "--no-normalize", "--pooling", "cls").stdout)
     assert np.allclose(raw, session.embed(lm.tokenizer.encode(TEXTS[0]), "cls"), rtol=1e-5, atol=1e-5)
     assert_one_line_error(llm("embed", str(smollm2_path), "x", "--pooling", "max"), "--pooling", "mean, cls, last")
