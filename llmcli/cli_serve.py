@@ -29,9 +29,9 @@ def serve(
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
 ) -> None:
-    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) and
-    ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The sampling options are the defaults of
-    requests that do not set them.
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings,
+    /v1/models) and ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The sampling options are the
+    defaults of requests that do not set them.
 
     Example: llm serve smollm2 --port 8080 --parallel 4
     """

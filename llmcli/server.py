@@ -381,9 +381,10 @@ class Api:
             Route("/tokenize", _guard(self.tokenize), methods=["POST"]),
             Route("/detokenize", _guard(self.detokenize), methods=["POST"]),
         ]
-        from llmcli.server_ollama import Ollama  # it builds on this module
+        from llmcli.server_ollama import Ollama  # they build on this module
+        from llmcli.server_responses import Responses
 
-        routes += Ollama(self).routes()
+        routes += Responses(self).routes() + Ollama(self).routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     def _authorize(self, request: Request) -> None:
