@@ -46,7 +46,6 @@ from llmcli.tools import (
     CallSyntax,
     Tool,
     ToolChoice,
-    call_id,
     call_syntax,
     calls_text,
     parse_tools,
@@ -874,8 +873,7 @@ class _Render:
 
     def tool_call(self, index: int, name: str, arguments: str, streamed: bool = False) -> dict:
         """The reply's call number `index`, whole or as a streamed delta."""
-        made = self.tools.ids[index] if self.tools.ids is not None else call_id(self.tools.syntax)
-        call = {"id": made, "type": "function", "function": {"name": name, "arguments": arguments}}
+        call = {"id": self.tools.ids[index], "type": "function", "function": {"name": name, "arguments": arguments}}
         return {"index": index} | call if streamed else call
 
     def usage_chunk(self, last: GenerationResponse) -> dict:

@@ -31,7 +31,7 @@ from llmcli.server import (
     whole_reply,
 )
 from llmcli.thinking import ReplyStream
-from llmcli.tools import ToolChoice, call_id
+from llmcli.tools import ToolChoice
 
 UNSTORED = "responses are not stored by llm serve: send the whole conversation in 'input'"
 # Fields that ask for what this server does not do, and why; fields not named here nor read are ignored, as
@@ -47,12 +47,12 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 AS_CHAT = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
 
 
-def _renamed(param: str | None) -> str | None:
-    """A chat request's field as this request names it."""
+def _named_as_ours(e: ApiError) -> None:
+    """A chat request's error, its field (and its message's mention of it) named as this request names it."""
     for chat, ours in AS_CHAT.items():
-        if param is not None and (param == chat or param.startswith((chat + ".", chat + "["))):
-            return ours
-    return param
+        if e.param is not None and (e.param == chat or e.param.startswith((chat + ".", chat + "["))):
+            e.message, e.param = e.message.replace(f"'{chat}", f"'{ours}", 1), ours
+            return
 
 
 def _new_id(prefix: str) -> str:
@@ -223,10 +223,7 @@ class Responses:
             config = generation_config(chat, api.defaults, api.lm.hparams.n_vocab, None, grammar)
             job, wake = api.start(prompt, config, next_turn)
         except ApiError as e:
-            named = _renamed(e.param)
-            if named != e.param:
-                e.message = e.message.replace(f"'{e.param.split('.')[0].split('[')[0]}", f"'{named}", 1)
-                e.param = named
+            _named_as_ours(e)
             raise
         reply = _Reply(self.api, body, tools, think)
         if _bool(body, "stream"):
@@ -279,7 +276,7 @@ class _Reply:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def call_item(self, index: int, name: str, arguments: str) -> dict:
-        made = self.tools.ids[index] if self.tools.ids is not None else call_id(self.tools.syntax)
+        made = self.tools.ids[index]  # Api.conversation gave the request its ids
         return {"type": "function_call", "id": "fc_" + made.removeprefix("call_"), "call_id": made, "name": name,
                 "arguments": arguments, "status": "completed"}
 
