@@ -106,6 +106,22 @@ class EmbedJob(_Stream):
 
 
 @dataclass
+class Counters:
+    """What the worker has done since it started, for `llm serve`'s /metrics; only the worker writes them."""
+
+    requests: int = 0  # generations ended
+    prompt_tokens: int = 0  # prompt tokens run (a slot's cache held the others)
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_steps: int = 0  # model calls after the prompts' (one step serves every active slot)
+    decode_seconds: float = 0.0  # their time, sampling included
+    decoded_tokens: int = 0  # the tokens they gave (a generation's first comes from its prompt's call)
+    busy_slots: int = 0  # summed over the decode steps
+    embedded_texts: int = 0
+    embedded_tokens: int = 0
+
+
+@dataclass
 class _Active:
     """A slot's generation in flight."""
 
@@ -149,6 +165,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._batched = getattr(lm.model, "forward_batch", None)
+        self.counters = Counters()
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
         self._thread.start()
 
@@ -198,6 +215,16 @@ class Scheduler:
     def busy(self) -> int:
         return len(self._active)
 
+    @property
+    def waiting(self) -> int:
+        """Generations queued for a free slot."""
+        return len(self._waiting)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions the slots' KV caches hold."""
+        return sum(len(slot.tokens) for slot in self.slots)
+
     # --- worker side -------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -246,6 +273,8 @@ class Scheduler:
         if not finished:
             try:
                 job.put(self._embedder.embed(job.inputs[job.done], job.pooling))
+                self.counters.embedded_texts += 1
+                self.counters.embedded_tokens += len(job.inputs[job.done])
                 job.done += 1
                 finished = job.done == len(job.inputs)
             except Exception as e:  # LlmError, or a bug: this request ends with it, the worker goes on
@@ -269,6 +298,7 @@ class Scheduler:
         i = self._pick_slot(job.prompt)
         self._ahead.pop(i, None)  # the slot changes hands or goes on: a guess for it is stale
         slot = self.slots[i]
+        t0 = time.perf_counter()
         try:
             gen = slot.start(job.prompt, job.config)
             logits = slot.prefill(job.prompt)
@@ -284,6 +314,8 @@ class Scheduler:
         self._last_used[i] = time.monotonic()
         active = _Active(job, gen, 0, len(job.prompt) - slot.reused, time.perf_counter(),
                          DraftLength(slot.drafter.n_max) if slot.drafter is not None else None)
+        self.counters.prompt_tokens += active.n_prefilled
+        self.counters.prompt_seconds += active.t_first - t0
         self._active[i] = active
         self._take(i, logits)
 
@@ -305,6 +337,8 @@ class Scheduler:
         a.job.put(finish_record(a.gen, tail, a.n_prefilled, a.job.t_submit, a.t_first,
                                         time.perf_counter()))
         a.job.put(_END)
+        self.counters.requests += 1
+        self.counters.generated_tokens += a.gen.n_gen
         self._last_used[i] = self._idle_since = time.monotonic()
         if a.job.next_turn is not None and finish in ("stop", "length"):
             self._ahead[i] = (a.job.next_turn, "".join(a.text) + tail)
@@ -327,9 +361,10 @@ class Scheduler:
         alone takes a speculative step where the server drafts."""
         order = sorted(self._active)
         tokens = [self._active[i].token for i in order]
+        t0 = time.perf_counter()
         try:
             if len(order) == 1 and self._active[order[0]].length is not None:
-                self._speculate(order[0])
+                self._counted(1, self._speculate(order[0]), t0)
                 return
             if self._batched is not None and len(order) > 1:
                 with broken_model_math():
@@ -347,14 +382,22 @@ class Scheduler:
             return
         for row, i in enumerate(order):
             self._take(i, logits[row])
+        self._counted(len(order), len(order), t0)
 
-    def _speculate(self, i: int) -> None:
-        """A speculative step of slot i: hand out the text of every token it took."""
-        a = self._active[i]
+    def _counted(self, slots: int, tokens: int, t0: float) -> None:
+        c = self.counters
+        c.decode_steps, c.busy_slots = c.decode_steps + 1, c.busy_slots + slots
+        c.decoded_tokens += tokens
+        c.decode_seconds += time.perf_counter() - t0
+
+    def _speculate(self, i: int) -> int:
+        """A speculative step of slot i: hand out the text of every token it took; how many it took."""
+        a, taken = self._active[i], 0
         for token, text in self.slots[i].speculate(a.gen, a.token, a.length):
-            a.token = token
+            a.token, taken = token, taken + 1
             if text:
                 a.text.append(text)
                 a.job.put(GenerationResponse(text, token, logprobs=a.gen.take_logprobs()))
         if a.gen.finish is not None:
             self._end(i, a.gen.finish)
+        return taken

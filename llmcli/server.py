@@ -24,7 +24,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmcli.engine import (
@@ -371,6 +371,7 @@ class Api:
     def app(self) -> Starlette:
         routes = [
             Route("/health", _guard(self.health), methods=["GET"]),
+            Route("/metrics", _guard(self.metrics), methods=["GET"]),
             Route("/v1/models", _guard(self.models), methods=["GET"]),
             Route("/v1/models/{model:path}", _guard(self.model), methods=["GET"]),
             Route("/v1/chat/completions", _guard(self.chat), methods=["POST"]),
@@ -393,6 +394,10 @@ class Api:
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
                            None, "invalid_api_key")
+
+    async def metrics(self, request: Request) -> Response:
+        self._authorize(request)
+        return PlainTextResponse(metrics_text(self.scheduler), media_type="text/plain; version=0.0.4")
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "slots": len(self.scheduler.slots), "busy": self.scheduler.busy})
@@ -698,6 +703,35 @@ class Api:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
+
+
+def metrics_text(scheduler: Scheduler) -> str:
+    """The scheduler's counters in Prometheus' text format, named as llama.cpp's server names its metrics (with
+    `llm:` for `llamacpp:`), so that the same dashboards read them; the requests and embeddings ones are ours."""
+    c, slots = scheduler.counters, len(scheduler.slots)
+    rows = [
+        ("counter", "prompt_tokens_total", "Prompt tokens run (those a slot's cache held are not).", c.prompt_tokens),
+        ("counter", "prompt_seconds_total", "Time spent running prompts.", c.prompt_seconds),
+        ("counter", "tokens_predicted_total", "Tokens generated.", c.generated_tokens),
+        ("counter", "tokens_predicted_seconds_total", "Time spent in decode steps.", c.decode_seconds),
+        ("counter", "n_decode_total", "Decode steps (one step decodes every active slot).", c.decode_steps),
+        ("gauge", "n_busy_slots_per_decode", "Average active slots per decode step.",
+         c.busy_slots / max(c.decode_steps, 1)),
+        ("gauge", "prompt_tokens_seconds", "Average prompt throughput in tokens/s.",
+         c.prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0),
+        ("gauge", "predicted_tokens_seconds", "Average decode throughput in tokens/s, all slots together.",
+         c.decoded_tokens / c.decode_seconds if c.decode_seconds else 0.0),
+        ("gauge", "kv_cache_usage_ratio", "Share of the slots' KV cache positions in use.",
+         scheduler.cached_tokens / (slots * scheduler.n_ctx)),
+        ("gauge", "kv_cache_tokens", "KV cache positions in use.", scheduler.cached_tokens),
+        ("gauge", "requests_processing", "Generations in flight.", scheduler.busy),
+        ("gauge", "requests_deferred", "Generations waiting for a free slot.", scheduler.waiting),
+        ("counter", "requests_total", "Generations ended.", c.requests),
+        ("counter", "embedding_texts_total", "Texts embedded.", c.embedded_texts),
+        ("counter", "embedding_tokens_total", "Tokens of the texts embedded.", c.embedded_tokens),
+    ]
+    return "".join(f"# HELP llm:{name} {text}\n# TYPE llm:{name} {kind}\nllm:{name} {value}\n"
+                   for kind, name, text, value in rows)
 
 
 def _submit_error(e: LlmError, param: str) -> ApiError:

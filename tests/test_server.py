@@ -135,6 +135,38 @@ def test_after_a_tool_call_the_slot_runs_ahead_to_the_tools_result(server1, smol
     assert calls[0] == calls[1]
 
 
+def test_metrics_count_what_the_server_did(smollm2_path):
+    """/metrics (Prometheus' text format, llama.cpp's server's names): the prompt tokens run, tokens generated,
+    decode steps and requests of the generations made, and the texts embedded, as their usage says; behind the
+    API key."""
+    s = Served(smollm2_path, "--parallel", "2", "--api-key", KEY)
+    try:
+        c = s.client()
+        replies = [c.chat.completions.create(model=s.model, messages=CHAT, temperature=0, max_tokens=n)
+                   for n in (5, 9)]
+        replies.append(c.completions.create(model=s.model, prompt=PROMPTS[0], temperature=0, max_tokens=7))
+        c.embeddings.create(model=s.model, input=PROMPTS[:2])
+        r = httpx.get(s.base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        lines = r.text.splitlines()
+        values = {line.split()[0]: float(line.split()[1]) for line in lines if not line.startswith("#")}
+        assert all(f"# TYPE {name} " in r.text and f"# HELP {name} " in r.text for name in values)
+        usage = [x.usage for x in replies]
+        assert values["llm:prompt_tokens_total"] == sum(
+            u.prompt_tokens - (u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0)
+            for u in usage)
+        assert values["llm:tokens_predicted_total"] == sum(u.completion_tokens for u in usage) == 21
+        # one request at a time: a step per token after each one's first, one slot busy in each
+        assert values["llm:n_decode_total"] == 21 - 3 and values["llm:n_busy_slots_per_decode"] == 1
+        assert values["llm:requests_total"] == 3 and values["llm:embedding_texts_total"] == 2
+        assert values["llm:requests_processing"] == values["llm:requests_deferred"] == 0
+        assert values["llm:prompt_tokens_seconds"] > 0 and values["llm:predicted_tokens_seconds"] > 0
+        assert 0 < values["llm:kv_cache_tokens"] == values["llm:kv_cache_usage_ratio"] * 2 * 512
+        assert httpx.get(s.base + "/metrics", timeout=60).status_code == 401
+    finally:
+        s.stop()
+
+
 def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
     c = server.client()
     whole = c.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=12)
