@@ -28,6 +28,9 @@ def serve(
     frequency_penalty: opt.FrequencyPenalty = None, presence_penalty: opt.PresencePenalty = None,
     seed: opt.Seed = None, max_tokens: opt.MaxTokens = None, stop: opt.Stop = None,
     lookup: opt.Lookup = None, draft: opt.Draft = None, draft_max: opt.DraftMax = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="A line on stderr for each generation: its tokens, time to first token, speed.")
+    ] = False,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings,
     /v1/models) and ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The sampling options are the
@@ -56,7 +59,8 @@ def serve(
         raise
     except LlmError:  # a reranker's file: each embeddings request is refused, saying why
         pooled = "no embeddings (a reranker: --pooling chooses a pooling)"
-    scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None)
+    log = (lambda line: print(f"llm serve: {line}", file=sys.stderr, flush=True)) if verbose else None
+    scheduler = Scheduler(lm, parallel, ctx, kv_type, spec, _open(draft, backend, threads) if draft else None, log)
     ref = model or DEFAULT_MODEL
     model_id = Path(ref).name if ref.endswith(".gguf") else ref
     api = Api(scheduler, model_id, defaults, api_key, pooling)

@@ -138,9 +138,10 @@ class Scheduler:
     """Runs up to `parallel` generations at once on `lm`, each in its own slot; more wait in a queue."""
 
     def __init__(self, lm: LoadedModel, parallel: int = 4, ctx: int | None = None, kv_type: str | None = None,
-                 spec: SpeculativeConfig | None = None, draft: LoadedModel | None = None):
+                 spec: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
+                 log: Callable[[str], None] | None = None):
         """kv_type: as in Session; `spec`, `draft`: speculative decoding as in Session (each slot gets its own
-        draft session)."""
+        draft session); `log`: given a line about each generation as it ends."""
         if parallel < 1:
             raise LlmError(f"--parallel must be at least 1, got {parallel}")
         self.lm = lm
@@ -166,6 +167,7 @@ class Scheduler:
         self._closing = False
         self._batched = getattr(lm.model, "forward_batch", None)
         self.counters = Counters()
+        self._log = log
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
         self._thread.start()
 
@@ -334,9 +336,13 @@ class Scheduler:
         a = self._active.pop(i)
         a.gen.finish = finish
         tail = a.gen.tail()
-        a.job.put(finish_record(a.gen, tail, a.n_prefilled, a.job.t_submit, a.t_first,
-                                        time.perf_counter()))
+        last = finish_record(a.gen, tail, a.n_prefilled, a.job.t_submit, a.t_first, time.perf_counter())
+        a.job.put(last)
         a.job.put(_END)
+        if self._log is not None:
+            self._log(f"slot {i}: {last.prompt_tokens} prompt tokens ({last.prompt_tokens - last.prefilled_tokens} "
+                      f"cached), first token after {last.ttft_s:.3f} s; {last.generation_tokens} generated at "
+                      f"{last.generation_tps:.1f} tok/s; {finish}")
         self.counters.requests += 1
         self.counters.generated_tokens += a.gen.n_gen
         self._last_used[i] = self._idle_since = time.monotonic()

@@ -138,8 +138,8 @@ def test_after_a_tool_call_the_slot_runs_ahead_to_the_tools_result(server1, smol
 def test_metrics_count_what_the_server_did(smollm2_path):
     """/metrics (Prometheus' text format, llama.cpp's server's names): the prompt tokens run, tokens generated,
     decode steps and requests of the generations made, and the texts embedded, as their usage says; behind the
-    API key."""
-    s = Served(smollm2_path, "--parallel", "2", "--api-key", KEY)
+    API key. With --verbose, each generation's line on stderr."""
+    s = Served(smollm2_path, "--parallel", "2", "--api-key", KEY, "--verbose")
     try:
         c = s.client()
         replies = [c.chat.completions.create(model=s.model, messages=CHAT, temperature=0, max_tokens=n)
@@ -164,7 +164,10 @@ def test_metrics_count_what_the_server_did(smollm2_path):
         assert 0 < values["llm:kv_cache_tokens"] == values["llm:kv_cache_usage_ratio"] * 2 * 512
         assert httpx.get(s.base + "/metrics", timeout=60).status_code == 401
     finally:
-        s.stop()
+        _, err = s.stop()
+    # --verbose: a line for each generation
+    logged = [line for line in err.splitlines() if line.startswith("llm serve: slot ")]
+    assert len(logged) == 3 and "; 5 generated at " in logged[0] and logged[2].endswith("; length")
 
 
 def test_streamed_deltas_concatenate_to_the_whole_text_and_usage_adds_up(server):
