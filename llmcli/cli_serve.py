@@ -33,8 +33,8 @@ def serve(
     ] = False,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings,
-    /v1/models) and ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The sampling options are the
-    defaults of requests that do not set them.
+    /v1/models), Anthropic's (/v1/messages) and ollama's (/api/chat, /api/generate, /api/embed, /api/tags, ...). The
+    sampling options are the defaults of requests that do not set them.
 
     Example: llm serve smollm2 --port 8080 --parallel 4
     """
@@ -79,7 +79,7 @@ def serve(
             await super().startup(sockets)
             if self.started:
                 print(f"llm serve: {model_id} ({lm.model.name} backend, {parallel} slots of {scheduler.n_ctx} "
-                      f"tokens) on http://{host}:{port}/v1 (OpenAI) and /api (ollama)"
+                      f"tokens) on http://{host}:{port}/v1 (OpenAI, Anthropic) and /api (ollama)"
                       + (" (API key required)" if api_key else "") + "; " + ", ".join(notes),
                       file=sys.stderr, flush=True)
 

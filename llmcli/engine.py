@@ -81,6 +81,7 @@ class GenerationResponse:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens behind `text` (with config.logprobs)
     draft_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them the model kept
     accepted_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the text, on the last record
 
 
 @dataclass
@@ -187,6 +188,7 @@ class StopMatcher:
 
     def __init__(self, stops: Sequence[str]):
         self.stops, self.pending = list(stops), ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """-> (text safe to emit, stopped)."""
@@ -194,8 +196,9 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             out, self.pending = self.pending[:cut], ""
             return out, True
         hold = 0  # longest tail of pending that is a prefix of some stop string
@@ -616,5 +619,5 @@ def finish_record(gen: Generation, tail: str, n_prefilled: int, t0: float, t_fir
         prompt_tps=n_prefilled / max(t_first - t0, 1e-9),
         generation_tps=decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         logprobs=gen.take_logprobs(),
-        draft_tokens=gen.n_drafted, accepted_tokens=gen.n_accepted,
+        draft_tokens=gen.n_drafted, accepted_tokens=gen.n_accepted, stop_sequence=gen.stops.matched,
     )

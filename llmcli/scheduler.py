@@ -93,6 +93,7 @@ class Job(_Stream):
     config: GenerationConfig
     # the reply's text -> the tokens the conversation's next request starts with ([] where no guess holds)
     next_turn: Callable[[str], list[int]] | None = None
+    prefilled: int | None = None  # prompt tokens run once admitted (a slot's cache held the others)
 
 
 @dataclass
@@ -316,6 +317,7 @@ class Scheduler:
         self._last_used[i] = time.monotonic()
         active = _Active(job, gen, 0, len(job.prompt) - slot.reused, time.perf_counter(),
                          DraftLength(slot.drafter.n_max) if slot.drafter is not None else None)
+        job.prefilled = active.n_prefilled  # before its first record
         self.counters.prompt_tokens += active.n_prefilled
         self.counters.prompt_seconds += active.t_first - t0
         self._active[i] = active

@@ -78,6 +78,16 @@ class ApiError(Exception):
     def ollama_response(self) -> JSONResponse:
         return JSONResponse({"error": self.message}, status_code=self.status)
 
+    def anthropic_response(self) -> JSONResponse:
+        kind = ANTHROPIC_ERRORS.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
+                            status_code=self.status)
+
+
+# Anthropic's error types by status (its API's error body names the kind, not the field)
+ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
 
 # --- request fields ---------------------------------------------------------------------------------------
 
@@ -381,19 +391,22 @@ class Api:
             Route("/tokenize", _guard(self.tokenize), methods=["POST"]),
             Route("/detokenize", _guard(self.detokenize), methods=["POST"]),
         ]
-        from llmcli.server_ollama import Ollama  # they build on this module
+        from llmcli.server_anthropic import Messages  # they build on this module
+        from llmcli.server_ollama import Ollama
         from llmcli.server_responses import Responses
 
-        routes += Responses(self).routes() + Ollama(self).routes()
+        routes += Responses(self).routes() + Messages(self).routes() + Ollama(self).routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
+        if "x-api-key" in request.headers:  # Anthropic's clients send the key on its own
+            given = "Bearer " + request.headers["x-api-key"]
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer)",
-                           None, "invalid_api_key")
+            raise ApiError(401, "Incorrect API key provided" if given else
+                           "Missing API key (Authorization: Bearer, or x-api-key)", None, "invalid_api_key")
 
     async def metrics(self, request: Request) -> Response:
         self._authorize(request)
@@ -809,19 +822,20 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return error.ollama_response() if request.url.path.startswith("/api/") else error.response()
 
 
-def _guard(handler, ollama: bool = False):
-    """The route's ApiError as its response (OpenAI's error body, or ollama's with `ollama`); any other exception
-    (a bug, not bad input) as a 500 and one line on the server's stderr, never a traceback."""
+def _guard(handler, api: str = "openai"):
+    """The route's ApiError as its response, in the error body of its `api` (openai, ollama or anthropic); any
+    other exception (a bug, not bad input) as a 500 and one line on the server's stderr, never a traceback."""
+    shaped = {"openai": ApiError.response, "ollama": ApiError.ollama_response,
+              "anthropic": ApiError.anthropic_response}[api]
 
     async def route(request: Request) -> Response:
         try:
             return await handler(request)
         except ApiError as e:
-            return e.ollama_response() if ollama else e.response()
+            return shaped(e)
         except Exception as e:
             print(f"llm serve: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
-            error = ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error")
-            return error.ollama_response() if ollama else error.response()
+            return shaped(ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error"))
 
     return route
 

@@ -163,7 +163,7 @@ class Ollama:
         self._digest: str | None = None
 
     def routes(self) -> list[Route]:
-        g = lambda handler: _guard(handler, ollama=True)  # noqa: E731
+        g = lambda handler: _guard(handler, "ollama")  # noqa: E731
         return [
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route("/api/version", g(self.version), methods=["GET"]),
