@@ -110,6 +110,14 @@ def _number(body: dict, name: str, lo: float | None = None, hi: float | None = N
     return value
 
 
+def list_field(body: dict, name: str, message: str) -> list | None:
+    """body[name] when it is a list, None when absent; else a 400 with `message`."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, list):
+        raise ApiError(400, message, name, "invalid_type")
+    return value
+
+
 def _bool(body: dict, name: str) -> bool:
     value = body.get(name)
     if value is None:
@@ -667,9 +675,20 @@ class Api:
         job, wake = self.start(prompt, config, next_turn)
         render = _Render(self, chat, config.logprobs is not None, tools, think)
         if stream:
-            return StreamingResponse(self._events(job, wake, render, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(self._events(job, wake, render, include_usage))
         return JSONResponse(render.whole(await whole_reply(request, job, wake)))
+
+    async def start_chat(self, chat: dict, options: dict) -> tuple[Job, asyncio.Event, ToolChoice | None,
+                                                                    Thinking | None, int]:
+        """Queue a chat completions request given as a dict (another API's request, translated), with the chat
+        template's `options`: its job and wake event (Api.start), the tools it offers (with its calls' ids), how
+        its reply reasons (Api.reasoning), and its prompt's length."""
+        prompt, tools, next_turn = self.conversation(chat, _tool_choice(chat), options)
+        think = self.reasoning(options)
+        grammar = await self._format(chat, tools, think)
+        config = generation_config(chat, self.defaults, self.lm.hparams.n_vocab, None, grammar)
+        job, wake = self.start(prompt, config, next_turn)
+        return job, wake, tools, think, len(prompt)
 
     def start(self, prompt: list[int], config: GenerationConfig,
               next_turn: Callable[[str], list[int]] | None = None) -> tuple[Job, asyncio.Event]:
@@ -761,6 +780,19 @@ def _encoded(v: np.ndarray, fmt: str):
     if fmt == "base64":
         return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
     return v.tolist()
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, sent as they come (no proxy buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def reply_with(request: Request, stream: bool, reply, job: Job, wake: asyncio.Event) -> Response:
+    """A generation's response: `reply.events` streamed, or `reply.whole` of all its records."""
+    if stream:
+        return event_stream(reply.events(job, wake))
+    return JSONResponse(reply.whole(await whole_reply(request, job, wake)))
 
 
 def _sse(obj: dict) -> str:

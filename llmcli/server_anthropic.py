@@ -14,20 +14,11 @@ import secrets
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmcli.engine import GenerationResponse
-from llmcli.server import (
-    Api,
-    ApiError,
-    _bool,
-    _guard,
-    _records_or_error,
-    _tool_choice,
-    generation_config,
-    whole_reply,
-)
+from llmcli.server import Api, ApiError, _bool, _guard, _records_or_error, _tool_choice, list_field, reply_with
 from llmcli.thinking import ReplyStream
 from llmcli.tools import ToolChoice
 
@@ -98,11 +89,10 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _tools(body: dict) -> list | None:
-    tools = body.get("tools")
+    """Custom tools, from Anthropic's shape to chat completions'."""
+    tools = list_field(body, "tools", "tools: must be a list")
     if tools is None:
         return None
-    if not isinstance(tools, list):
-        raise ApiError(400, "tools: must be a list", "tools")
     out = []
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
@@ -165,29 +155,18 @@ class Messages:
         return [Route("/v1/messages", _guard(self.create, "anthropic"), methods=["POST"]),
                 Route("/v1/messages/count_tokens", _guard(self.count_tokens, "anthropic"), methods=["POST"])]
 
-    def _prompt(self, body: dict) -> tuple[dict, dict, list[int], ToolChoice | None, object]:
-        chat, options = chat_body(body), _options(body)
-        prompt, tools, next_turn = self.api.conversation(chat, _tool_choice(chat), options)
-        return chat, options, prompt, tools, next_turn
-
     async def count_tokens(self, request: Request) -> Response:
         body = await self.api._body(request)
         body.setdefault("max_tokens", 1)  # not part of this request
-        _, _, prompt, _, _ = self._prompt(body)
+        chat = chat_body(body)
+        prompt, _, _ = self.api.conversation(chat, _tool_choice(chat), _options(body))
         return JSONResponse({"input_tokens": len(prompt)})
 
     async def create(self, request: Request) -> Response:
-        api, body = self.api, await self.api._body(request)
-        chat, options, prompt, tools, next_turn = self._prompt(body)
-        think = api.reasoning(options)
-        grammar = await api._format(chat, tools, think)
-        config = generation_config(chat, api.defaults, api.lm.hparams.n_vocab, None, grammar)
-        job, wake = api.start(prompt, config, next_turn)
-        reply = _Reply(api, tools, think, len(prompt))
-        if _bool(body, "stream"):
-            return StreamingResponse(reply.events(job, wake), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(reply.whole(await whole_reply(request, job, wake)))
+        body = await self.api._body(request)
+        job, wake, tools, think, prompt_tokens = await self.api.start_chat(chat_body(body), _options(body))
+        return await reply_with(request, _bool(body, "stream"), _Reply(self.api, tools, think, prompt_tokens), job,
+                                wake)
 
 
 class _Reply:

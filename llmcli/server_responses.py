@@ -16,20 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from llmcli.engine import GenerationResponse
-from llmcli.server import (
-    Api,
-    ApiError,
-    _bool,
-    _guard,
-    _records_or_error,
-    _tool_choice,
-    generation_config,
-    whole_reply,
-)
+from llmcli.server import Api, ApiError, _bool, _guard, _records_or_error, list_field, reply_with
 from llmcli.thinking import ReplyStream
 from llmcli.tools import ToolChoice
 
@@ -125,11 +116,9 @@ def _messages(body: dict) -> list[dict]:
 
 def _tools(body: dict) -> list | None:
     """Function tools, from the Responses API's flat shape to chat completions'."""
-    tools = body.get("tools")
+    tools = list_field(body, "tools", "'tools' must be a list")
     if tools is None:
         return None
-    if not isinstance(tools, list):
-        raise ApiError(400, "'tools' must be a list", "tools", "invalid_type")
     out = []
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type") != "function":
@@ -214,22 +203,13 @@ class Responses:
 
     async def create(self, request: Request) -> Response:
         body = await self.api._body(request)
-        api, chat = self.api, chat_body(body)
         options = _reasoning_options(body.get("reasoning"))
         try:  # the chat request's checks, their errors named by this request's fields
-            prompt, tools, next_turn = api.conversation(chat, _tool_choice(chat), options)
-            think = api.reasoning(options)
-            grammar = await api._format(chat, tools, think)
-            config = generation_config(chat, api.defaults, api.lm.hparams.n_vocab, None, grammar)
-            job, wake = api.start(prompt, config, next_turn)
+            job, wake, tools, think, _ = await self.api.start_chat(chat_body(body), options)
         except ApiError as e:
             _named_as_ours(e)
             raise
-        reply = _Reply(self.api, body, tools, think)
-        if _bool(body, "stream"):
-            return StreamingResponse(reply.events(job, wake), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(reply.whole(await whole_reply(request, job, wake)))
+        return await reply_with(request, _bool(body, "stream"), _Reply(self.api, body, tools, think), job, wake)
 
 
 class _Reply:
