@@ -3,9 +3,10 @@ of chat completions.
 
 A request's `instructions` and `input` items (messages, function calls and their outputs) become a chat request
 that runs on the same scheduler, grammars and checks as /v1/chat/completions (server.py); the reply comes back as
-output items (reasoning, a message, function calls), whole or as the API's stream of typed events. Responses are
-not stored, so `previous_response_id` and the routes that read stored responses are refused in words: a client
-sends the whole conversation each time, as with chat completions (`store` is taken and answered false).
+output items (reasoning, a message, function calls), whole or as the API's stream of typed events. The server
+keeps its newest responses in memory (`store`, true by default, as OpenAI's): a request may go on from one
+(`previous_response_id`: its input and output come before the new input, its instructions do not), and a client
+may read or delete one; they are gone with the server.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmcli.engine import GenerationResponse
@@ -24,12 +26,12 @@ from llmcli.server import Api, ApiError, _bool, _guard, _records_or_error, list_
 from llmcli.thinking import ReplyStream
 from llmcli.tools import ToolChoice
 
-UNSTORED = "responses are not stored by llm serve: send the whole conversation in 'input'"
+MAX_STORED, MAX_STORED_BYTES = 1000, 64 << 20  # responses kept, and their items' JSON at most: the newest
+KEPT = f"llm serve keeps its newest {MAX_STORED} responses, in memory, while it runs"
 # Fields that ask for what this server does not do, and why; fields not named here nor read are ignored, as
 # OpenAI's own optional ones (metadata, user, service_tier, truncation, ...).
 REFUSED = {
-    "previous_response_id": UNSTORED,
-    "conversation": UNSTORED,
+    "conversation": "conversations are not supported: use 'previous_response_id', or send the whole conversation",
     "prompt": "stored prompts are not supported: send 'instructions' and 'input'",
     "background": "background responses are not supported",
 }
@@ -66,23 +68,28 @@ def _text(content, where: str) -> str:
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", where, "invalid_type")
 
 
-def _messages(body: dict) -> list[dict]:
-    """`instructions` and `input` as chat messages: a run of function calls becomes one assistant turn with
-    tool_calls (joined to the assistant message just before it), each output a tool message; reasoning items
-    clients send back are left out, as chat clients leave out reasoning."""
-    out: list[dict] = []
-    instructions = body.get("instructions")
-    if instructions is not None:
-        if not isinstance(instructions, str):
-            raise ApiError(400, "'instructions' must be a string", "instructions", "invalid_type")
-        out.append({"role": "system", "content": instructions})
+def input_items(body: dict) -> list:
+    """The request's `input` as a list of items (a text is one user message)."""
     given = body.get("input")
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
     if not isinstance(given, list) or not given:
         raise ApiError(400, "'input' must be a string or a non-empty list of items", "input", "invalid_value")
-    for i, item in enumerate(given):
-        where = f"input[{i}]"
+    return given
+
+
+def _messages(instructions, items: list, earlier: int = 0) -> list[dict]:
+    """`instructions` and input items as chat messages: a run of function calls becomes one assistant turn with
+    tool_calls (joined to the assistant message just before it), each output a tool message; reasoning items
+    clients send back are left out, as chat clients leave out reasoning. The first `earlier` items come from
+    stored responses (an error names the request's own items)."""
+    out: list[dict] = []
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise ApiError(400, "'instructions' must be a string", "instructions", "invalid_type")
+        out.append({"role": "system", "content": instructions})
+    for i, item in enumerate(items):
+        where = f"input[{i - earlier}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"'{where}' must be an object", where, "invalid_type")
         kind = item.get("type", "message")
@@ -166,12 +173,14 @@ def _reasoning_options(reasoning) -> dict:
     return {"enable_thinking": False} if reasoning.get("effort") == "none" else {}
 
 
-def chat_body(body: dict) -> dict:
-    """A Responses API request as the chat completions request it asks for."""
+def chat_body(body: dict, earlier: list | None = None) -> dict:
+    """A Responses API request as the chat completions request it asks for; `earlier`: the items of the stored
+    responses it goes on from (previous_response_id), oldest first."""
     for name, why in REFUSED.items():
         if body.get(name) not in (None, False):
             raise ApiError(400, f"'{name}' is not supported: {why}", name, "unsupported_parameter")
-    out = {"messages": _messages(body)}
+    earlier = earlier or []
+    out = {"messages": _messages(body.get("instructions"), earlier + input_items(body), len(earlier))}
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "max_tokens"),
                          ("parallel_tool_calls", "parallel_tool_calls")):
         if body.get(ours) is not None:
@@ -187,36 +196,109 @@ def chat_body(body: dict) -> dict:
     return out
 
 
+def _as_item(item: dict) -> dict:
+    """An input item as OpenAI lists it: a message with a type, its text as a part."""
+    if item.get("type", "message") != "message":
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": part, "text": content}]
+    return {"type": "message"} | item | {"content": content}
+
+
+class Stored:
+    """The newest responses (MAX_STORED, MAX_STORED_BYTES of items), each with the items that led to it and its
+    output items, and the response it went on from. Only the event loop's thread reads and writes them."""
+
+    def __init__(self):
+        self.kept: OrderedDict[str, tuple[str | None, list, dict, int]] = OrderedDict()  # previous, items, ...
+        self.size = 0
+
+    def put(self, response: dict, previous: str | None, items: list) -> None:
+        size = len(json.dumps(items))
+        self.kept[response["id"]] = (previous, items + response["output"], response, size)
+        self.size += size
+        while len(self.kept) > MAX_STORED or (self.size > MAX_STORED_BYTES and len(self.kept) > 1):
+            self.size -= self.kept.popitem(last=False)[1][3]
+
+    def get(self, response_id: str) -> tuple[str | None, list, dict, int]:
+        if response_id not in self.kept:
+            raise ApiError(404, f"No response with id '{response_id}' is stored ({KEPT})", None, "not_found")
+        return self.kept[response_id]
+
+    def delete(self, response_id: str) -> None:
+        self.size -= self.get(response_id)[3]
+        del self.kept[response_id]
+
+    def history(self, response_id) -> list:
+        """The items of the conversation up to and including response `response_id`'s output, oldest first."""
+        if not isinstance(response_id, str):
+            raise ApiError(400, "'previous_response_id' must be a string", "previous_response_id", "invalid_type")
+        chain, seen = [], set()
+        while response_id is not None and response_id not in seen:
+            seen.add(response_id)
+            if response_id not in self.kept:
+                raise ApiError(400, f"Previous response with id '{response_id}' not found ({KEPT})",
+                               "previous_response_id", "previous_response_not_found")
+            response_id, items, _, _ = self.kept[response_id]
+            chain.append(items)
+        return [item for items in reversed(chain) for item in items]
+
+
 class Responses:
-    """/v1/responses over an Api (its scheduler, model, defaults and API key)."""
+    """/v1/responses over an Api (its scheduler, model, defaults and API key), and the responses it keeps."""
 
     def __init__(self, api: Api):
-        self.api = api
+        self.api, self.stored = api, Stored()
 
     def routes(self) -> list[Route]:
         return [Route("/v1/responses", _guard(self.create), methods=["POST"]),
-                Route("/v1/responses/{rest:path}", _guard(self.unstored), methods=["GET", "POST", "DELETE"])]
+                Route("/v1/responses/{id}", _guard(self.one), methods=["GET", "DELETE"]),
+                Route("/v1/responses/{id}/input_items", _guard(self.input_items), methods=["GET"])]
 
-    async def unstored(self, request: Request) -> Response:
+    async def one(self, request: Request) -> Response:
         self.api._authorize(request)
-        raise ApiError(404, UNSTORED, None, "not_found")
+        response_id = request.path_params["id"]
+        if request.method == "DELETE":
+            self.stored.delete(response_id)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(self.stored.get(response_id)[2])
+
+    async def input_items(self, request: Request) -> Response:
+        """The items that led to a stored response, newest first (as OpenAI lists them), each with an id."""
+        self.api._authorize(request)
+        response_id = request.path_params["id"]
+        previous, items, response, _ = self.stored.get(response_id)
+        given = items[:len(items) - len(response["output"])]
+        earlier = self.stored.history(previous) if previous is not None else []
+        data = [{"id": f"item_{i}"} | _as_item(item) for i, item in enumerate(earlier + given)][::-1]
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": False})
 
     async def create(self, request: Request) -> Response:
         body = await self.api._body(request)
         options = _reasoning_options(body.get("reasoning"))
+        previous = body.get("previous_response_id")
+        earlier = self.stored.history(previous) if previous is not None else []
         try:  # the chat request's checks, their errors named by this request's fields
-            job, wake, tools, think, _ = await self.api.start_chat(chat_body(body), options)
+            job, wake, tools, think, _ = await self.api.start_chat(chat_body(body, earlier), options)
         except ApiError as e:
             _named_as_ours(e)
             raise
-        return await reply_with(request, _bool(body, "stream"), _Reply(self.api, body, tools, think), job, wake)
+        keep = None
+        if body.get("store", True) is not False:
+            keep = lambda response: self.stored.put(response, previous, input_items(body))  # noqa: E731
+        return await reply_with(request, _bool(body, "stream"), _Reply(self.api, body, tools, think, keep), job,
+                                wake)
 
 
 class _Reply:
     """One response's objects: the response itself, its output items, and its stream's events."""
 
-    def __init__(self, api: Api, body: dict, tools: ToolChoice | None, think):
-        self.api, self.body, self.tools, self.think = api, body, tools, think
+    def __init__(self, api: Api, body: dict, tools: ToolChoice | None, think, keep=None):
+        """keep: given the finished response, to store it (None: not stored)."""
+        self.api, self.body, self.tools, self.think, self.keep = api, body, tools, think, keep
         self.id, self.created = _new_id("resp"), int(time.time())
         self.message_id, self.reasoning_id = _new_id("msg"), _new_id("rs")
         self.sequence = 0
@@ -229,7 +311,8 @@ class _Reply:
                "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
                "temperature": b.get("temperature"), "top_p": b.get("top_p"), "tools": b.get("tools") or [],
                "tool_choice": b.get("tool_choice") or "auto", "parallel_tool_calls": b.get("parallel_tool_calls", True),
-               "previous_response_id": None, "reasoning": None, "store": False, "truncation": "disabled",
+               "previous_response_id": b.get("previous_response_id"), "reasoning": None,
+               "store": self.keep is not None, "truncation": "disabled",
                "text": b.get("text") or {"format": {"type": "text"}}, "metadata": b.get("metadata") or {},
                "usage": None}
         if last is not None:
@@ -270,7 +353,12 @@ class _Reply:
         last = records[-1]
         reasoning, text, calls = ReplyStream(self.think, self.tools).whole("".join(r.text for r in records))
         status = "incomplete" if last.finish_reason == "length" and calls is None else "completed"
-        return self.response(status, self.output(reasoning, text, calls, status), last)
+        return self.finished(self.response(status, self.output(reasoning, text, calls, status), last))
+
+    def finished(self, response: dict) -> dict:
+        if self.keep is not None:
+            self.keep(response)
+        return response
 
     def _event(self, kind: str, **fields) -> str:
         self.sequence += 1
@@ -299,7 +387,7 @@ class _Reply:
                 status = "incomplete" if r.finish_reason == "length" and calls is None else "completed"
                 for e in stream.text(reasoning, text) + stream.end(calls, status):
                     yield e
-                yield self._event(f"response.{status}", response=self.response(status, stream.items, r))
+                yield self._event(f"response.{status}", response=self.finished(self.response(status, stream.items, r)))
         finally:
             job.cancel()
 

@@ -42,7 +42,7 @@ def test_a_reply_whole_and_streamed_is_the_chat_reply(server):
                max_output_tokens=120)
     r = c.responses.create(**ask)
     assert r.object == "response" and r.id.startswith("resp_") and r.model == server.model
-    assert r.status == "completed" and r.incomplete_details is None and r.store is False
+    assert r.status == "completed" and r.incomplete_details is None and r.store is True
     assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
     assert r.output_text == chat.choices[0].message.content and r.output_text
     assert r.usage.input_tokens == chat.usage.prompt_tokens
@@ -168,8 +168,9 @@ def test_a_structured_output(server):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
-    ({"input": "hi", "conversation": "conv_1"}, "conversation", "not stored"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "with id 'resp_1' not found"),
+    ({"input": "hi", "previous_response_id": 5}, "previous_response_id", "must be a string"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "hi", "background": True}, "background", "not supported"),
     ({}, "input", "'input' must be"),
     ({"input": []}, "input", "'input' must be"),
@@ -198,13 +199,48 @@ def test_what_it_does_not_do_is_refused_in_words(server, body, param, words):
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
 
 
-def test_stored_responses_and_keys(server):
-    """Nothing is stored, so reading a response is a 404 that says so; the API key is asked for as elsewhere."""
+def test_stored_responses_go_on_and_can_be_read_and_deleted(server):
+    """A response is kept (store defaults to true): the next request goes on from it by previous_response_id, as
+    the chat completions conversation of both turns; it is read back whole, its input items listed (newest first),
+    and deleted; one stored false, or deleted, is not found; a streamed one is kept too. The API key is asked for
+    as elsewhere."""
     c = server.client()
-    with pytest.raises(openai.NotFoundError, match="not stored"):
-        c.responses.retrieve("resp_123")
+    first = c.responses.create(model=server.model, input="My name is Ada. Say hello to me.", temperature=0,
+                               max_output_tokens=30)
+    assert first.store is True and first.previous_response_id is None
+    second = c.responses.create(model=server.model, previous_response_id=first.id, input="What is my name?",
+                                temperature=0, max_output_tokens=30)
+    assert second.previous_response_id == first.id
+    turns = [{"role": "user", "content": "My name is Ada. Say hello to me."},
+             {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]
+    chat = c.chat.completions.create(model=server.model, messages=turns, temperature=0, max_tokens=30)
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    # the slot held the first turn: the second prefilled only what follows it
+    assert second.usage.input_tokens_details.cached_tokens > first.usage.input_tokens
+
+    again = c.responses.retrieve(first.id)
+    assert (again.id, again.output_text, again.status) == (first.id, first.output_text, first.status)
+    listed = c.responses.input_items.list(second.id)
+    assert [(i.role, i.content[0].text) for i in listed.data] == [
+        ("user", "What is my name?"), ("assistant", first.output_text), ("user", "My name is Ada. Say hello to me.")]
+
+    deleted = c.responses.delete(first.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    with pytest.raises(openai.NotFoundError, match="is stored"):
+        c.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        c.responses.create(model=server.model, previous_response_id=first.id, input="Hi", max_output_tokens=2)
+    unkept = c.responses.create(model=server.model, input="Hi", store=False, max_output_tokens=2)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unkept.id)
+    streamed = list(c.responses.create(model=server.model, input="Hi", max_output_tokens=4, stream=True))[-1]
+    assert c.responses.retrieve(streamed.response.id).output_text == streamed.response.output_text
+
     r = httpx.post(server.base + "/v1/responses", json={"model": server.model, "input": "hi"}, timeout=60)
     assert r.status_code == 401
+    assert httpx.get(server.base + f"/v1/responses/{second.id}", timeout=60).status_code == 401
 
 
 def test_random_inputs_tools_and_formats_are_refused_in_words():
