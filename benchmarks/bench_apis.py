@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_serve import Server, client  # noqa: E402
+from bench_serve import Server, client, med  # noqa: E402
 
 SYSTEM = "You are a storyteller."
 USER = "Tell me a long story about a lighthouse keeper and the sea."
@@ -103,8 +102,7 @@ def main() -> None:
     print("| route | time to first text, s | decode tok/s | tokens |\n|---|---:|---:|---:|")
     for api, route in zip(apis, ("/v1/chat/completions", "/v1/responses", "/v1/messages"), strict=True):
         t, d = [r["ttft_s"] for r in runs[api]], [r["tps"] for r in runs[api]]
-        print(f"| {route} | {statistics.median(t):.3f} ({min(t):.3f}..{max(t):.3f}) | {statistics.median(d):.1f} "
-              f"({min(d):.1f}..{max(d):.1f}) | {runs[api][0]['tokens']} |")
+        print(f"| {route} | {med(t, 3)} | {med(d, 1)} | {runs[api][0]['tokens']} |")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
 

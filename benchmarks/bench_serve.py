@@ -233,8 +233,9 @@ def llm_run_decode(model: Path, threads: int, n: int) -> float:
     return float(m.group(2))
 
 
-def med(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}..{max(xs):.2f})"
+def med(xs: list[float], digits: int = 2) -> str:
+    """The median (min..max)."""
+    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}..{max(xs):.{digits}f})"
 
 
 def bench_model(name: str, path: Path, kind: str, args, ban: dict) -> dict:
@@ -321,9 +322,9 @@ def main() -> None:
         print(f"\nAfter a reply that calls a tool and {args.pause:g} s, the request with its result:\n")
         print("| model | one-token reply s | prefilled tokens | prompt tokens |\n|---|---:|---:|---:|")
         for r in tools:
-            t = r["ttft_s"]["tool"]
-            print(f"| {r['model']} | {statistics.median(t):.3f} ({min(t):.3f}..{max(t):.3f}) | "
-                  f"{statistics.median(r['ttft_s']['prefilled_tool']):.0f} | {r['ttft_s']['prompt_tokens_tool']} |")
+            t = r["ttft_s"]
+            print(f"| {r['model']} | {med(t['tool'], 3)} | {statistics.median(t['prefilled_tool']):.0f} | "
+                  f"{t['prompt_tokens_tool']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
