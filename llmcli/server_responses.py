@@ -26,7 +26,7 @@ from llmcli.server import Api, ApiError, _bool, _guard, _records_or_error, list_
 from llmcli.thinking import ReplyStream
 from llmcli.tools import ToolChoice
 
-MAX_STORED, MAX_STORED_BYTES = 1000, 64 << 20  # responses kept, and their items' JSON at most: the newest
+MAX_STORED, MAX_STORED_BYTES = 1000, 64 << 20  # responses kept, and their JSON at most: the newest
 KEPT = f"llm serve keeps its newest {MAX_STORED} responses, in memory, while it runs"
 # Fields that ask for what this server does not do, and why; fields not named here nor read are ignored, as
 # OpenAI's own optional ones (metadata, user, service_tier, truncation, ...).
@@ -208,7 +208,7 @@ def _as_item(item: dict) -> dict:
 
 
 class Stored:
-    """The newest responses (MAX_STORED, MAX_STORED_BYTES of items), each with the items that led to it and its
+    """The newest responses (MAX_STORED, MAX_STORED_BYTES of JSON), each with the items that led to it and its
     output items, and the response it went on from. Only the event loop's thread reads and writes them."""
 
     def __init__(self):
@@ -216,7 +216,7 @@ class Stored:
         self.size = 0
 
     def put(self, response: dict, previous: str | None, items: list) -> None:
-        size = len(json.dumps(items))
+        size = len(json.dumps(items)) + len(json.dumps(response))  # the output is the response's
         self.kept[response["id"]] = (previous, items + response["output"], response, size)
         self.size += size
         while len(self.kept) > MAX_STORED or (self.size > MAX_STORED_BYTES and len(self.kept) > 1):
