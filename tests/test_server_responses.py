@@ -279,3 +279,25 @@ def test_random_inputs_tools_and_formats_are_refused_in_words():
 
         refused += refused_in_words(parse)
     assert refused > 1000
+
+
+def test_the_store_keeps_the_newest():
+    """The server keeps MAX_STORED responses, and MAX_STORED_BYTES of them at most: the oldest go first, and a
+    conversation that went on from one that is gone is refused in words."""
+    from llmcli.server import ApiError
+    from llmcli.server_responses import MAX_STORED, MAX_STORED_BYTES, Stored
+
+    store = Stored()
+    previous = None
+    for i in range(MAX_STORED + 2):
+        response = {"id": f"resp_{i}", "output": [{"type": "message", "role": "assistant", "content": "ok"}]}
+        store.put(response, previous, [{"role": "user", "content": f"turn {i}"}])
+        previous = response["id"]
+    assert len(store.kept) == MAX_STORED and "resp_0" not in store.kept and "resp_2" in store.kept
+    with pytest.raises(ApiError, match="'resp_1' not found"):
+        store.history(previous)  # its chain reaches back to an evicted response
+    big = "x" * (MAX_STORED_BYTES // 3)
+    for i in range(4):
+        store.put({"id": f"big_{i}", "output": []}, None, [{"role": "user", "content": big}])
+    assert store.size <= MAX_STORED_BYTES and "big_3" in store.kept and "big_0" not in store.kept
+    assert [item["content"] for item in store.history("big_3")] == [big]
