@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -424,11 +425,15 @@ class Api:
         return JSONResponse({"status": "ok", "slots": len(self.scheduler.slots), "busy": self.scheduler.busy})
 
     def _model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llm"}
+        """The model as OpenAI's and Anthropic's clients list it (each reads its own fields)."""
+        created = datetime.datetime.fromtimestamp(self.created, datetime.UTC).isoformat().replace("+00:00", "Z")
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llm",
+                "type": "model", "display_name": self.model_id, "created_at": created}
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [self._model_card()], "has_more": False,
+                             "first_id": self.model_id, "last_id": self.model_id})
 
     async def model(self, request: Request) -> Response:
         self._authorize(request)

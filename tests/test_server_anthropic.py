@@ -67,6 +67,14 @@ def test_a_reply_whole_and_streamed_is_the_chat_reply(server):
     assert stopped.content[0].text == m.content[0].text[:m.content[0].text.index(word)]
 
 
+def test_the_model_is_listed(server):
+    """Anthropic's client lists and reads the model through /v1/models (OpenAI's list, with Anthropic's fields)."""
+    listed = server.anthropic.models.list()
+    assert [m.id for m in listed.data] == [server.model] and listed.data[0].type == "model"
+    assert server.anthropic.models.retrieve(server.model).display_name == server.model
+    assert [m.id for m in server.client().models.list().data] == [server.model]
+
+
 def test_count_tokens_is_the_prompt(server):
     a = server.anthropic
     counted = a.messages.count_tokens(model=server.model, system="Be brief.", messages=QUESTION)
