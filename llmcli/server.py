@@ -745,7 +745,7 @@ class Api:
 def metrics_text(scheduler: Scheduler) -> str:
     """The scheduler's counters in Prometheus' text format, named as llama.cpp's server names its metrics (with
     `llm:` for `llamacpp:`), so that the same dashboards read them; the requests and embeddings ones are ours."""
-    c, slots = scheduler.counters, len(scheduler.slots)
+    c, slots, cached = scheduler.counters, len(scheduler.slots), scheduler.cached_tokens
     rows = [
         ("counter", "prompt_tokens_total", "Prompt tokens run (those a slot's cache held are not).", c.prompt_tokens),
         ("counter", "prompt_seconds_total", "Time spent running prompts.", c.prompt_seconds),
@@ -759,8 +759,8 @@ def metrics_text(scheduler: Scheduler) -> str:
         ("gauge", "predicted_tokens_seconds", "Average decode throughput in tokens/s, all slots together.",
          c.decoded_tokens / c.decode_seconds if c.decode_seconds else 0.0),
         ("gauge", "kv_cache_usage_ratio", "Share of the slots' KV cache positions in use.",
-         scheduler.cached_tokens / (slots * scheduler.n_ctx)),
-        ("gauge", "kv_cache_tokens", "KV cache positions in use.", scheduler.cached_tokens),
+         cached / (slots * scheduler.n_ctx)),
+        ("gauge", "kv_cache_tokens", "KV cache positions in use.", cached),
         ("gauge", "requests_processing", "Generations in flight.", scheduler.busy),
         ("gauge", "requests_deferred", "Generations waiting for a free slot.", scheduler.waiting),
         ("counter", "requests_total", "Generations ended.", c.requests),
