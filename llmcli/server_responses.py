@@ -173,6 +173,14 @@ def _reasoning_options(reasoning) -> dict:
     return {"enable_thinking": False} if reasoning.get("effort") == "none" else {}
 
 
+def _store(body: dict) -> bool:
+    """Whether the response is kept: `store`, true unless the request says false (as OpenAI's)."""
+    store = body.get("store", True)
+    if not isinstance(store, bool):
+        raise ApiError(400, "'store' must be a boolean", "store", "invalid_type")
+    return store
+
+
 def chat_body(body: dict, earlier: list | None = None) -> dict:
     """A Responses API request as the chat completions request it asks for; `earlier`: the items of the stored
     responses it goes on from (previous_response_id), oldest first."""
@@ -278,7 +286,7 @@ class Responses:
 
     async def create(self, request: Request) -> Response:
         body = await self.api._body(request)
-        options = _reasoning_options(body.get("reasoning"))
+        options, store = _reasoning_options(body.get("reasoning")), _store(body)
         previous = body.get("previous_response_id")
         earlier = self.stored.history(previous) if previous is not None else []
         try:  # the chat request's checks, their errors named by this request's fields
@@ -287,7 +295,7 @@ class Responses:
             _named_as_ours(e)
             raise
         keep = None
-        if body.get("store", True) is not False:
+        if store:
             keep = lambda response: self.stored.put(response, previous, input_items(body))  # noqa: E731
         return await reply_with(request, _bool(body, "stream"), _Reply(self.api, body, tools, think, keep), job,
                                 wake)

@@ -184,6 +184,7 @@ def test_a_structured_output(server):
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
     ({"input": "hi", "instructions": 3}, "instructions", "must be a string"),
     ({"input": "hi", "reasoning": "high"}, "reasoning", "must be an object"),
+    ({"input": "hi", "store": "no"}, "store", "must be a boolean"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", ""),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "n",
                                          "schema": {"type": "string", "pattern": "(?!a)"}}}},
@@ -252,7 +253,7 @@ def test_random_inputs_tools_and_formats_are_refused_in_words():
     from serving import junk_maker, refused_in_words
 
     from llmcli.server import _chat_messages, _response_format, _tool_choice
-    from llmcli.server_responses import _reasoning_options, chat_body
+    from llmcli.server_responses import _reasoning_options, _store, chat_body
 
     rng = random.Random(35)
     values = [None, True, 0, -1, 1.5, "", "x", "auto", "none", "required", [], {}, [1], {"a": 1}, [None], [{}],
@@ -266,13 +267,14 @@ def test_random_inputs_tools_and_formats_are_refused_in_words():
                                      [{"type": rng.choice(values), "role": junk(), "content": junk(),
                                        "call_id": junk(), "name": junk(), "arguments": junk(), "output": junk()}]])}
         for key in ("instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning",
-                    "max_output_tokens", "previous_response_id"):
+                    "max_output_tokens", "previous_response_id", "store"):
             if rng.random() < 0.3:
                 body[key] = rng.choice([junk(), TOOLS, [TOOLS[0], junk()], {"format": junk()},
                                         {"format": {"type": "json_schema", "name": "n", "schema": junk()}}])
 
         def parse(body=body):
             _reasoning_options(body.get("reasoning"))
+            _store(body)
             chat = chat_body(body)
             _chat_messages(chat)
             return _tool_choice(chat), _response_format(chat)
