@@ -77,6 +77,15 @@ def junk_maker(rng, values: list, keys: list):
     return junk
 
 
+def read_as_chat(chat: dict):
+    """A chat completions request's fields read as the server reads them: its messages checked, then (the tools it
+    offers, the JSON Schema text of its format), for refused_in_words. Other APIs' requests, translated, end here."""
+    from llmcli.server import _chat_messages, _response_format, _tool_choice
+
+    _chat_messages(chat)
+    return _tool_choice(chat), _response_format(chat)
+
+
 def refused_in_words(parse) -> bool:
     """Whether a request's fields are refused in words: parse() reads them into (the tools it offers, the JSON
     Schema text of its format), whose grammars are then built. A 4xx ApiError or a GrammarError is a refusal; any

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
-from serving import ENV, KEY, Served, junk_maker, refused_in_words  # noqa: E402
+from serving import ENV, KEY, Served, junk_maker, read_as_chat, refused_in_words  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a haiku about the sea"}]
 TOOLS = [{"type": "function", "function": {
@@ -554,7 +554,7 @@ def test_random_messages_tools_and_formats_are_refused_in_words():
     exception (the server would answer 500)."""
     import random
 
-    from llmcli.server import _chat_messages, _response_format, _template_options, _tool_choice
+    from llmcli.server import _template_options
 
     rng = random.Random(5)
     values = [None, True, 0, -1, 1.5, "", "x", "auto", "none", "required", [], {}, [1], {"a": 1}, [None], [{}],
@@ -578,9 +578,8 @@ def test_random_messages_tools_and_formats_are_refused_in_words():
                                                        {"not an identifier": 1}])
 
         def parse(body=body):
-            _chat_messages(body)
             _template_options(body)
-            return _tool_choice(body), _response_format(body)
+            return read_as_chat(body)
 
         refused += refused_in_words(parse)
     assert refused > 1000

@@ -190,9 +190,8 @@ def test_random_messages_and_tools_are_refused_in_words():
     another exception (the server would answer 500)."""
     import random
 
-    from serving import junk_maker, refused_in_words
+    from serving import junk_maker, read_as_chat, refused_in_words
 
-    from llmcli.server import _chat_messages, _response_format, _tool_choice
     from llmcli.server_anthropic import _options, chat_body
 
     rng = random.Random(35)
@@ -214,9 +213,7 @@ def test_random_messages_and_tools_are_refused_in_words():
 
         def parse(body=body):
             _options(body)
-            chat = chat_body(body)
-            _chat_messages(chat)
-            return _tool_choice(chat), _response_format(chat)
+            return read_as_chat(chat_body(body))
 
         refused += refused_in_words(parse)
     assert refused > 1000

@@ -250,9 +250,8 @@ def test_random_inputs_tools_and_formats_are_refused_in_words():
     refusal, never another exception (the server would answer 500)."""
     import random
 
-    from serving import junk_maker, refused_in_words
+    from serving import junk_maker, read_as_chat, refused_in_words
 
-    from llmcli.server import _chat_messages, _response_format, _tool_choice
     from llmcli.server_responses import _reasoning_options, _store, chat_body
 
     rng = random.Random(35)
@@ -275,9 +274,7 @@ def test_random_inputs_tools_and_formats_are_refused_in_words():
         def parse(body=body):
             _reasoning_options(body.get("reasoning"))
             _store(body)
-            chat = chat_body(body)
-            _chat_messages(chat)
-            return _tool_choice(chat), _response_format(chat)
+            return read_as_chat(chat_body(body))
 
         refused += refused_in_words(parse)
     assert refused > 1000
